@@ -1,0 +1,186 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/jetmail/jetmail/policy"
+	"github.com/jetmail/jetmail/smtpgw"
+	"github.com/jetmail/jetmail/spool"
+)
+
+// gatewayFlags are the flags every role that runs the SMTP ingress shares.
+type gatewayFlags struct {
+	smtpListen     string
+	metricsListen  string
+	configPaths    []string
+	hostname       string
+	tlsCert        string
+	tlsKey         string
+	proxyProtocol  bool
+	dupWindow      time.Duration
+	publishTimeout time.Duration
+	shutdownGrace  time.Duration
+	maxLineLength  int
+	logFormat      string
+}
+
+func (f *gatewayFlags) register(cmd *cobra.Command, defaultLog string) {
+	host, _ := os.Hostname()
+	fl := cmd.Flags()
+	fl.StringVar(&f.smtpListen, "smtp-listen", "127.0.0.1:2525", "SMTP listen address")
+	fl.StringVar(&f.metricsListen, "metrics-listen", "127.0.0.1:9090", "address for /metrics, /healthz and /readyz (empty: off)")
+	fl.StringArrayVarP(&f.configPaths, "file", "f", nil, "configuration file or folder of YAML objects (RelayPolicy, Secret); repeatable")
+	fl.StringVar(&f.hostname, "hostname", host, "host name in the SMTP greeting and Received: headers")
+	fl.StringVar(&f.tlsCert, "tls-cert", "", "PEM certificate for STARTTLS (reloaded when the file changes)")
+	fl.StringVar(&f.tlsKey, "tls-key", "", "PEM private key for STARTTLS")
+	fl.BoolVar(&f.proxyProtocol, "proxy-protocol", false, "require a PROXY protocol v1/v2 header on every SMTP connection")
+	fl.DurationVar(&f.dupWindow, "duplicate-window", 24*time.Hour, "how long after delivery a retransmitted message is still recognised")
+	fl.DurationVar(&f.publishTimeout, "publish-timeout", 10*time.Second, "bound on storing one message in JetStream before answering 451")
+	fl.DurationVar(&f.shutdownGrace, "shutdown-grace", 30*time.Second, "on SIGTERM, time for transactions in flight to finish")
+	fl.IntVar(&f.maxLineLength, "max-line-length", 64<<10, "longest input line accepted (RFC 5321 limits are always accepted)")
+	fl.StringVar(&f.logFormat, "log-format", defaultLog, "log format: console or json")
+}
+
+func newLogger(format string) (*zap.Logger, error) {
+	var cfg zap.Config
+	switch format {
+	case "json":
+		cfg = zap.NewProductionConfig()
+	case "console":
+		cfg = zap.NewDevelopmentConfig()
+		cfg.EncoderConfig.EncodeLevel = zapcore.CapitalColorLevelEncoder
+		cfg.Development = false
+		cfg.DisableStacktrace = true
+		cfg.Level = zap.NewAtomicLevelAt(zap.InfoLevel)
+	default:
+		return nil, fmt.Errorf("unknown log format %q (console or json)", format)
+	}
+	cfg.EncoderConfig.TimeKey = "ts"
+	cfg.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
+	return cfg.Build()
+}
+
+func loadPolicy(paths []string) (*policy.Relay, error) {
+	if len(paths) == 0 {
+		return policy.Default(), nil
+	}
+	objs, err := policy.LoadFiles(paths)
+	if err != nil {
+		return nil, err
+	}
+	return objs.Compile()
+}
+
+func (f *gatewayFlags) tlsConfig(log *zap.Logger, selfSignedFallback bool) (*smtpgw.Config, error) {
+	cfg := &smtpgw.Config{
+		Hostname:      f.hostname,
+		ProxyProtocol: f.proxyProtocol,
+		MaxLineLength: f.maxLineLength,
+		ShutdownGrace: f.shutdownGrace,
+	}
+	switch {
+	case f.tlsCert != "" || f.tlsKey != "":
+		r, err := smtpgw.NewCertReloader(f.tlsCert, f.tlsKey, log)
+		if err != nil {
+			return nil, err
+		}
+		cfg.TLS = r.TLSConfig()
+	case selfSignedFallback:
+		t, err := smtpgw.SelfSigned(f.hostname)
+		if err != nil {
+			return nil, err
+		}
+		cfg.TLS = t
+		log.Warn("no --tls-cert given: STARTTLS uses a generated self-signed certificate", zap.String("hostname", f.hostname))
+	}
+	return cfg, nil
+}
+
+func (f *gatewayFlags) spoolConfig(base spool.Config) spool.Config {
+	base.DuplicateWindow = f.dupWindow
+	base.PublishTimeout = f.publishTimeout
+	return base
+}
+
+// serveMetrics runs /metrics, /healthz (the process runs) and /readyz
+// (JetStream answers) until ctx ends.
+func serveMetrics(ctx context.Context, addr string, reg *prometheus.Registry, ready func(context.Context) error, log *zap.Logger) error {
+	if addr == "" {
+		return nil
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		rctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := ready(rctx); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server", zap.Error(err))
+		}
+	}()
+	log.Info("metrics listening", zap.String("addr", l.Addr().String()))
+	return nil
+}
+
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// runGateway serves SMTP on the listen address until ctx ends, then shuts
+// down gracefully.
+func runGateway(ctx context.Context, f *gatewayFlags, sp *spool.Spool, pol *policy.Relay, gwCfg *smtpgw.Config, reg *prometheus.Registry, log *zap.Logger) error {
+	gw := smtpgw.New(*gwCfg, sp, pol, log.Named("smtp"), reg)
+	l, err := net.Listen("tcp", f.smtpListen)
+	if err != nil {
+		return fmt.Errorf("SMTP listener: %w", err)
+	}
+	log.Info("SMTP listening", zap.String("addr", l.Addr().String()), zap.Strings("policy", pol.Sources))
+	errc := make(chan error, 1)
+	go func() { errc <- gw.Serve(l) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down: no new connections, finishing transactions in flight", zap.Duration("grace", f.shutdownGrace))
+	sctx, cancel := context.WithTimeout(context.Background(), f.shutdownGrace+10*time.Second)
+	defer cancel()
+	if err := gw.Shutdown(sctx); err != nil {
+		log.Warn("shutdown grace period ran out, connections closed", zap.Error(err))
+	}
+	<-errc
+	return nil
+}

@@ -1,0 +1,24 @@
+// Command jetmail is the clustered mail transfer agent: one binary, one
+// subcommand per role.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	root := &cobra.Command{
+		Use:           "jetmail",
+		Short:         "jetmail: a Kubernetes-native clustered mail transfer agent on NATS JetStream",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(serveCmd(), gatewayCmd())
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "jetmail:", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,130 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/nats-io/nats.go"
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+
+	"github.com/jetmail/jetmail/spool"
+)
+
+func serveCmd() *cobra.Command {
+	var (
+		f          gatewayFlags
+		dataDir    string
+		natsListen string
+		noSync     bool
+	)
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run everything in one process on an embedded JetStream server",
+		Long: `serve runs the SMTP gateway on an embedded NATS JetStream server whose store
+lives in --data-dir and survives restarts. Every accepted message is fsynced
+before the 250 reply unless --no-sync is given. With no RelayPolicy, clients on
+loopback may relay and nobody else may send anywhere.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(f.logFormat)
+			if err != nil {
+				return err
+			}
+			defer log.Sync()
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+
+			pol, err := loadPolicy(f.configPaths)
+			if err != nil {
+				return err
+			}
+			gwCfg, err := f.tlsConfig(log, true)
+			if err != nil {
+				return err
+			}
+			if err := os.MkdirAll(dataDir, 0o750); err != nil {
+				return err
+			}
+			ns, err := spool.RunEmbedded(spool.EmbeddedOptions{DataDir: dataDir, Listen: natsListen, NoSync: noSync})
+			if err != nil {
+				return err
+			}
+			defer ns.Shutdown()
+			log.Info("embedded JetStream started", zap.String("data_dir", dataDir),
+				zap.Bool("fsync_before_ack", !noSync), zap.String("nats_listen", natsListen))
+			nc, err := nats.Connect("", nats.InProcessServer(ns), nats.Name("jetmail-serve"))
+			if err != nil {
+				return err
+			}
+			defer nc.Close()
+			sp, err := spool.Open(ctx, nc, f.spoolConfig(spool.DefaultConfig()))
+			if err != nil {
+				return err
+			}
+			reg := newRegistry()
+			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
+				return err
+			}
+			return runGateway(ctx, &f, sp, pol, gwCfg, reg, log)
+		},
+	}
+	f.register(cmd, "console")
+	cmd.Flags().StringVar(&dataDir, "data-dir", "./jetmail-data", "where the embedded JetStream keeps the queue")
+	cmd.Flags().StringVar(&natsListen, "nats-listen", "127.0.0.1:4222", "NATS client address of the embedded server (empty: in-process only)")
+	cmd.Flags().BoolVar(&noSync, "no-sync", false, "do not fsync before acknowledging (faster; a power loss can lose recently accepted mail)")
+	return cmd
+}
+
+func gatewayCmd() *cobra.Command {
+	var (
+		f        gatewayFlags
+		natsURL  string
+		replicas int
+	)
+	cmd := &cobra.Command{
+		Use:   "gateway",
+		Short: "Run the SMTP ingress against an external NATS JetStream cluster",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(f.logFormat)
+			if err != nil {
+				return err
+			}
+			defer log.Sync()
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			pol, err := loadPolicy(f.configPaths)
+			if err != nil {
+				return err
+			}
+			gwCfg, err := f.tlsConfig(log, false)
+			if err != nil {
+				return err
+			}
+			nc, err := nats.Connect(natsURL, nats.Name("jetmail-gateway"), nats.MaxReconnects(-1))
+			if err != nil {
+				return fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
+			}
+			defer nc.Close()
+			cfg := f.spoolConfig(spool.ClusterConfig())
+			cfg.Replicas = replicas
+			sp, err := spool.Open(ctx, nc, cfg)
+			if err != nil {
+				return err
+			}
+			reg := newRegistry()
+			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
+				return err
+			}
+			return runGateway(ctx, &f, sp, pol, gwCfg, reg, log)
+		},
+	}
+	f.register(cmd, "json")
+	cmd.Flags().StringVar(&natsURL, "nats-url", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated")
+	cmd.Flags().IntVar(&replicas, "replicas", 3, "JetStream replicas for the queue streams")
+	return cmd
+}

@@ -1,0 +1,148 @@
+package policy
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/jetmail/jetmail/api/v1alpha1"
+)
+
+// Objects is a set of configuration objects as read from files.
+type Objects struct {
+	RelayPolicies []v1alpha1.RelayPolicy
+	Secrets       []corev1.Secret
+}
+
+// readFile is a seam so tests need no files; it is os.ReadFile.
+var readFile = os.ReadFile
+
+// LoadFiles reads every YAML document of every file named, descending into
+// folders (files ending in .yaml, .yml or .json, in lexical order). Documents
+// are Kubernetes objects: jetmail kinds of mail.jetmail.io/v1alpha1, and
+// v1 Secrets that RelayPolicy auth may reference.
+func LoadFiles(paths []string) (*Objects, error) {
+	objs := &Objects{}
+	for _, p := range paths {
+		files, err := expand(p)
+		if err != nil {
+			return nil, err
+		}
+		for _, f := range files {
+			data, err := readFile(f)
+			if err != nil {
+				return nil, err
+			}
+			if err := objs.add(f, data); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return objs, nil
+}
+
+func expand(p string) ([]string, error) {
+	st, err := os.Stat(p)
+	if err != nil {
+		return nil, err
+	}
+	if !st.IsDir() {
+		return []string{p}, nil
+	}
+	var files []string
+	err = filepath.WalkDir(p, func(path string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		switch strings.ToLower(filepath.Ext(path)) {
+		case ".yaml", ".yml", ".json":
+			if !d.IsDir() {
+				files = append(files, path)
+			}
+		}
+		return nil
+	})
+	sort.Strings(files)
+	return files, err
+}
+
+func (o *Objects) add(file string, data []byte) error {
+	for i, doc := range splitYAML(data) {
+		var meta struct {
+			APIVersion string `json:"apiVersion"`
+			Kind       string `json:"kind"`
+		}
+		if err := yaml.Unmarshal(doc, &meta); err != nil {
+			return fmt.Errorf("%s: document %d: %w", file, i+1, err)
+		}
+		where := fmt.Sprintf("%s: document %d (%s)", file, i+1, meta.Kind)
+		switch {
+		case meta.Kind == "" && meta.APIVersion == "":
+			continue // empty document
+		case meta.APIVersion == v1alpha1.GroupVersion.String() && meta.Kind == "RelayPolicy":
+			var rp v1alpha1.RelayPolicy
+			if err := yaml.UnmarshalStrict(doc, &rp); err != nil {
+				return fmt.Errorf("%s: %w", where, err)
+			}
+			if rp.Name == "" {
+				return fmt.Errorf("%s: metadata.name is required", where)
+			}
+			o.RelayPolicies = append(o.RelayPolicies, rp)
+		case meta.APIVersion == "v1" && meta.Kind == "Secret":
+			var s corev1.Secret
+			if err := yaml.UnmarshalStrict(doc, &s); err != nil {
+				return fmt.Errorf("%s: %w", where, err)
+			}
+			o.Secrets = append(o.Secrets, s)
+		default:
+			return fmt.Errorf("%s: unsupported apiVersion/kind %s/%s", where, meta.APIVersion, meta.Kind)
+		}
+	}
+	return nil
+}
+
+// splitYAML splits a multi-document YAML stream at "---" lines.
+func splitYAML(data []byte) [][]byte {
+	var docs [][]byte
+	var cur bytes.Buffer
+	for _, line := range bytes.SplitAfter(data, []byte("\n")) {
+		if t := bytes.TrimRight(line, " \t\r\n"); bytes.Equal(t, []byte("---")) {
+			docs = append(docs, bytes.Clone(cur.Bytes()))
+			cur.Reset()
+			continue
+		}
+		cur.Write(line)
+	}
+	return append(docs, cur.Bytes())
+}
+
+// SecretLookup resolves Secret keys among the loaded objects, the way the
+// API server would: data (base64 in YAML, already decoded) or stringData.
+func (o *Objects) SecretLookup() Secrets {
+	return func(ns, name, key string) ([]byte, error) {
+		for _, s := range o.Secrets {
+			if s.Name != name || (s.Namespace != ns && !(s.Namespace == "" || ns == "")) {
+				continue
+			}
+			if v, ok := s.StringData[key]; ok {
+				return []byte(v), nil
+			}
+			if v, ok := s.Data[key]; ok {
+				return v, nil
+			}
+			return nil, fmt.Errorf("Secret %s has no key %q", name, key)
+		}
+		return nil, fmt.Errorf("Secret %s not found", name)
+	}
+}
+
+// Compile turns the loaded objects into the running configuration.
+func (o *Objects) Compile() (*Relay, error) {
+	return CompileRelay(o.RelayPolicies, o.SecretLookup())
+}

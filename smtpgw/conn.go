@@ -1,0 +1,325 @@
+package smtpgw
+
+import (
+	"bytes"
+	"crypto/tls"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// conn wraps every accepted connection underneath go-smtp (and underneath
+// TLS, once STARTTLS has run). It is where the limits that go-smtp has no
+// hook for are enforced:
+//
+//   - hard deadlines: every read deadline go-smtp or the session sets is
+//     clamped to the session's wall-clock deadline (and, during DATA, to the
+//     data deadline), so no amount of trickling keeps a connection past it;
+//   - connection limits, checked when go-smtp writes the greeting, so a
+//     refused client gets 421 4.7.0 instead of a silent close;
+//   - the error budget and reply accounting, on plaintext replies;
+//   - the CRLF.CR smuggling pattern that go-smtp's dot-unstuffing would
+//     otherwise hide (plaintext only; see smuggled).
+type conn struct {
+	net.Conn
+	g *Gateway
+
+	mu             sync.Mutex
+	ip             netip.Addr
+	registered     bool
+	closed         bool
+	sessionEnd     time.Time // hard wall-clock deadline of the connection
+	dataEnd        time.Time // hard deadline of the DATA phase, zero outside it
+	clamped        bool      // the last read deadline was cut by a hard deadline
+	inTransaction  bool
+	draining       bool
+	tlsStarted     bool
+	errors         int
+	maxErrors      int
+	smuggleHits    int
+	tail           [4]byte // last bytes read, for patterns across reads
+	tailLen        int
+	startedAt      time.Time
+	bytesInCounted int64
+}
+
+func newConn(c net.Conn, g *Gateway, sessionTimeout time.Duration, maxErrors int) *conn {
+	now := time.Now()
+	return &conn{Conn: c, g: g, sessionEnd: now.Add(sessionTimeout), maxErrors: maxErrors, startedAt: now}
+}
+
+// unwrapConn finds our conn under whatever go-smtp hands a session.
+func unwrapConn(nc net.Conn) *conn {
+	if tc, ok := nc.(*tls.Conn); ok {
+		nc = tc.NetConn()
+	}
+	c, _ := nc.(*conn)
+	return c
+}
+
+// hardDeadline is the earliest of the wall-clock deadlines in force.
+// Lock must be held.
+func (c *conn) hardDeadline() time.Time {
+	d := c.sessionEnd
+	if !c.dataEnd.IsZero() && c.dataEnd.Before(d) {
+		d = c.dataEnd
+	}
+	return d
+}
+
+// SetReadDeadline clamps t to the hard deadline.
+func (c *conn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	hd := c.hardDeadline()
+	c.clamped = t.IsZero() || hd.Before(t)
+	if c.clamped {
+		t = hd
+	}
+	c.mu.Unlock()
+	return c.Conn.SetReadDeadline(t)
+}
+
+// SetDeadline clamps the read half like SetReadDeadline.
+func (c *conn) SetDeadline(t time.Time) error {
+	if err := c.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return c.Conn.SetWriteDeadline(t)
+}
+
+// hardDeadlinePassed reports whether a read timeout was the wall clock's
+// doing rather than idleness.
+func (c *conn) hardDeadlinePassed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !time.Now().Before(c.hardDeadline())
+}
+
+func (c *conn) startData(limit time.Duration) {
+	c.mu.Lock()
+	c.dataEnd = time.Now().Add(limit)
+	c.mu.Unlock()
+}
+
+func (c *conn) endData() {
+	c.mu.Lock()
+	c.dataEnd = time.Time{}
+	c.mu.Unlock()
+}
+
+func (c *conn) setTransaction(on bool) {
+	c.mu.Lock()
+	c.inTransaction = on
+	c.mu.Unlock()
+}
+
+// Read passes bytes through, watching plaintext for CR LF "." CR followed by
+// anything but LF. go-smtp's DATA reader drops such a ".\r" silently, so the
+// bare CR would never reach the session's checks; counting it here lets the
+// session refuse the transaction like any other bare CR.
+func (c *conn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if n > 0 {
+		c.g.metrics.bytesIn.Add(float64(n))
+		c.mu.Lock()
+		if !c.tlsStarted {
+			c.scanSmuggle(b[:n])
+		}
+		c.mu.Unlock()
+	}
+	return n, err
+}
+
+const crlfDotCRLen = 4
+
+var crlfDotCR = []byte("\r\n.\r")
+
+// scanSmuggle counts "\r\n.\r" followed by anything but "\n", including
+// occurrences that straddle two reads. Lock must be held.
+func (c *conn) scanSmuggle(p []byte) {
+	if c.tailLen > 0 {
+		// Matches that start in the previous read's tail.
+		var w [2 * crlfDotCRLen]byte
+		n := copy(w[:], c.tail[:c.tailLen])
+		n += copy(w[n:], p)
+		c.smuggleHits += countSmuggle(w[:n], c.tailLen)
+	}
+	c.smuggleHits += countSmuggle(p, len(p))
+	// A match whose deciding byte has not arrived yet starts within the
+	// last four bytes: keep them for the next read.
+	if len(p) >= len(c.tail) {
+		c.tailLen = copy(c.tail[:], p[len(p)-len(c.tail):])
+		return
+	}
+	keep := append(c.tail[:c.tailLen:c.tailLen], p...)
+	if len(keep) > len(c.tail) {
+		keep = keep[len(keep)-len(c.tail):]
+	}
+	c.tailLen = copy(c.tail[:], keep)
+}
+
+// countSmuggle counts matches in b that start before maxStart and whose
+// deciding byte is in b.
+func countSmuggle(b []byte, maxStart int) int {
+	hits := 0
+	for i := 0; i < maxStart; {
+		j := bytes.Index(b[i:], crlfDotCR)
+		if j < 0 || i+j >= maxStart {
+			break
+		}
+		k := i + j + len(crlfDotCR)
+		if k >= len(b) {
+			break
+		}
+		if b[k] != '\n' {
+			hits++
+		}
+		i += j + 1
+	}
+	return hits
+}
+
+func (c *conn) smuggled() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.smuggleHits
+}
+
+// Write inspects plaintext replies on their way out: the greeting runs the
+// connection limits, every reply code is counted, a 421 closes the
+// connection, and more than maxErrors error replies end the session.
+func (c *conn) Write(b []byte) (int, error) {
+	c.mu.Lock()
+	plain := !c.tlsStarted
+	first := !c.registered
+	c.mu.Unlock()
+	if first {
+		if refusal := c.register(); refusal != "" {
+			c.Conn.Write([]byte(refusal))
+			c.Close()
+			return 0, net.ErrClosed
+		}
+	}
+	if !plain || len(b) < 4 {
+		return c.Conn.Write(b)
+	}
+	code := string(b[:3])
+	if code == "421" {
+		b = c.rewrite421(b)
+	}
+	if bytes.HasPrefix(b, []byte("220 2.0.0 Ready to start TLS")) {
+		c.mu.Lock()
+		c.tlsStarted = true
+		c.mu.Unlock()
+	}
+	n, err := c.Conn.Write(b)
+	if err != nil {
+		return n, err
+	}
+	switch {
+	case code == "421":
+		c.Close()
+	case b[0] == '4' || b[0] == '5':
+		if c.countError() {
+			c.Conn.Write([]byte("421 4.7.0 Too many errors, closing connection\r\n"))
+			c.Close()
+		}
+	}
+	return n, err
+}
+
+// rewrite421 gives go-smtp's generic idle-timeout reply the real reason when
+// it was the session deadline or a shutdown.
+func (c *conn) rewrite421(b []byte) []byte {
+	if !bytes.HasPrefix(b, []byte("421 4.4.2 Idle timeout")) {
+		return b
+	}
+	c.mu.Lock()
+	draining, clamped := c.draining, c.clamped && !time.Now().Before(c.hardDeadline())
+	c.mu.Unlock()
+	switch {
+	case draining:
+		return []byte("421 4.3.2 Service shutting down, try again later\r\n")
+	case clamped:
+		return []byte("421 4.4.2 Session time limit exceeded, closing connection\r\n")
+	}
+	return b
+}
+
+// countError adds one error reply and reports whether the budget is spent.
+func (c *conn) countError() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.errors++
+	return c.errors > c.maxErrors
+}
+
+// register runs the connection limits when the greeting is about to go
+// out. It returns the refusal to send instead, or "".
+func (c *conn) register() string {
+	c.mu.Lock()
+	c.registered = true
+	c.mu.Unlock()
+	ip := addrIP(c.RemoteAddr())
+	c.mu.Lock()
+	c.ip = ip
+	c.mu.Unlock()
+	if refusal := c.g.admit(c, ip); refusal != "" {
+		return refusal
+	}
+	return ""
+}
+
+// Close closes once and releases the connection's slot.
+func (c *conn) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	registered := c.registered
+	c.mu.Unlock()
+	err := c.Conn.Close()
+	if registered {
+		c.g.release(c)
+	}
+	return err
+}
+
+// drain asks the connection to finish: an idle one is woken at once (its
+// pending read fails and go-smtp answers 421), one inside a transaction may
+// finish it until grace runs out.
+func (c *conn) drain(grace time.Duration) {
+	c.mu.Lock()
+	c.draining = true
+	end := time.Now()
+	if c.inTransaction {
+		end = end.Add(grace)
+	}
+	if end.Before(c.sessionEnd) {
+		c.sessionEnd = end
+	}
+	hd := c.hardDeadline()
+	c.mu.Unlock()
+	c.Conn.SetReadDeadline(hd)
+}
+
+func (c *conn) isDraining() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.draining
+}
+
+func addrIP(a net.Addr) netip.Addr {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ip, _ := netip.AddrFromSlice(ta.IP)
+		return ip.Unmap()
+	}
+	ap, err := netip.ParseAddrPort(a.String())
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr().Unmap()
+}

@@ -1,0 +1,64 @@
+package smtpgw
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+type metrics struct {
+	connections     *prometheus.CounterVec
+	connectionsOpen prometheus.Gauge
+	transactions    *prometheus.CounterVec
+	bytesIn         prometheus.Counter
+	messageBytes    prometheus.Counter
+	replies         *prometheus.CounterVec
+	duplicates      prometheus.Counter
+	publishLatency  prometheus.Histogram
+	deadlineKills   *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		connections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_smtp_connections_total",
+			Help: "SMTP connections by outcome of admission (accepted, or the limit that refused them).",
+		}, []string{"result"}),
+		connectionsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "jetmail_smtp_connections_open",
+			Help: "SMTP connections currently open.",
+		}),
+		transactions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_smtp_transactions_total",
+			Help: "Mail transactions that reached DATA, by result: queued, duplicate, rejected, tempfail, aborted.",
+		}, []string{"result"}),
+		bytesIn: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "jetmail_smtp_received_bytes_total",
+			Help: "Octets read from SMTP clients (on the wire, TLS included).",
+		}),
+		messageBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "jetmail_smtp_queued_message_bytes_total",
+			Help: "Octets of message data queued.",
+		}),
+		replies: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_smtp_replies_total",
+			Help: "Replies to MAIL, RCPT, DATA and AUTH by reply code.",
+		}, []string{"code"}),
+		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "jetmail_smtp_duplicates_suppressed_total",
+			Help: "Retransmissions answered with the original queue ID instead of being queued again.",
+		}),
+		publishLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "jetmail_spool_publish_seconds",
+			Help:    "Time from the final dot to JetStream's acknowledgement.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}),
+		deadlineKills: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_smtp_deadline_kills_total",
+			Help: "Sessions cut off by a hard deadline or the minimum data rate, by reason.",
+		}, []string{"reason"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.connections, m.connectionsOpen, m.transactions, m.bytesIn, m.messageBytes,
+			m.replies, m.duplicates, m.publishLatency, m.deadlineKills)
+	}
+	return m
+}

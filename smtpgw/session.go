@@ -1,0 +1,319 @@
+package smtpgw
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-smtp"
+	"go.uber.org/zap"
+
+	"github.com/jetmail/jetmail/policy"
+	"github.com/jetmail/jetmail/spool"
+)
+
+// session is one SMTP session: it applies the relay policy in force when it
+// began, and turns DATA into a durable spool commit.
+type session struct {
+	g        *Gateway
+	c        *smtp.Conn
+	tc       *conn
+	pol      *policy.Relay
+	log      *zap.Logger
+	ip       netip.Addr
+	helo     string
+	tls      bool
+	authUser string
+	mayRelay bool
+
+	// The current transaction.
+	from       string
+	mail       spool.MailParams
+	rcpts      []spool.Rcpt
+	started    time.Time
+	smuggleMark int
+}
+
+var (
+	_ smtp.Session     = (*session)(nil)
+	_ smtp.AuthSession = (*session)(nil)
+)
+
+// Replies the session gives. Each carries an enhanced status code.
+var (
+	errShuttingDown = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "Service shutting down, try again later"}
+	errTooBig       = &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4}, Message: "Message size exceeds fixed maximum message size"}
+	errTooManyRcpts = &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 5, 3}, Message: "Too many recipients"}
+	errBareEOL      = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: "Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8)"}
+	errLoop         = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 4, 6}, Message: "Too many Received headers: mail loop detected"}
+	errTempFail     = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Temporary failure storing the message, try again later"}
+	errNeedUTF8     = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7}, Message: "Non-ASCII address requires SMTPUTF8"}
+)
+
+func (s *session) reply(code int) {
+	s.g.metrics.replies.WithLabelValues(strconv.Itoa(code)).Inc()
+}
+
+// fail accounts for a refusal and hands it to go-smtp. Under TLS the
+// connection cannot see replies, so the error budget is kept here.
+func (s *session) fail(err *smtp.SMTPError) error {
+	s.reply(err.Code)
+	if s.tls && err.Code >= 400 && s.tc != nil && s.tc.countError() {
+		s.closeWith("421 4.7.0 Too many errors, closing connection")
+	}
+	return err
+}
+
+// closeWith sends a final reply on whatever layer the session is on and
+// closes the connection; go-smtp's own reply that follows has nowhere to go.
+func (s *session) closeWith(line string) {
+	nc := s.c.Conn()
+	_ = nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_, _ = io.WriteString(nc, line+"\r\n")
+	_ = nc.Close()
+	if s.tc != nil {
+		_ = s.tc.Close()
+	}
+}
+
+// Mail starts a transaction.
+func (s *session) Mail(from string, opts *smtp.MailOptions) error {
+	s.resetTransaction()
+	if s.tc != nil && s.tc.isDraining() {
+		return s.fail(errShuttingDown)
+	}
+	utf8 := opts != nil && opts.UTF8
+	if err := s.pol.CheckSender(from, utf8); err != nil {
+		s.log.Info("sender rejected", zap.String("from", from), zap.Int("code", err.Code))
+		return s.fail(err)
+	}
+	if opts != nil {
+		if opts.Size > s.pol.MaxMessageBytes {
+			return s.fail(errTooBig)
+		}
+		s.mail = spool.MailParams{Size: opts.Size, Body: string(opts.Body), SMTPUTF8: opts.UTF8,
+			Ret: string(opts.Return), EnvID: opts.EnvelopeID}
+	}
+	s.from = from
+	s.started = time.Now()
+	if s.tc != nil {
+		s.tc.setTransaction(true)
+		s.smuggleMark = s.tc.smuggled()
+	}
+	s.reply(250)
+	return nil
+}
+
+// Rcpt adds a recipient.
+func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
+	if len(s.rcpts) >= s.pol.MaxRecipients {
+		return s.fail(errTooManyRcpts)
+	}
+	if err := s.pol.CheckRecipient(to, s.mayRelay, s.mail.SMTPUTF8); err != nil {
+		s.log.Info("recipient rejected", zap.String("from", s.from), zap.String("to", to), zap.Int("code", err.Code))
+		return s.fail(err)
+	}
+	r := spool.Rcpt{Addr: to}
+	if opts != nil {
+		for _, n := range opts.Notify {
+			r.Notify = append(r.Notify, string(n))
+		}
+		if opts.OriginalRecipient != "" {
+			r.ORcpt = string(opts.OriginalRecipientType) + ";" + opts.OriginalRecipient
+		}
+	}
+	s.rcpts = append(s.rcpts, r)
+	s.reply(250)
+	return nil
+}
+
+// Data reads the message, commits it to the spool and answers 250 only once
+// JetStream has acknowledged it.
+func (s *session) Data(r io.Reader) error {
+	start := time.Now()
+	qid := spool.NewQueueID(start)
+	log := s.log.With(zap.String("queue_id", qid))
+	if s.tc != nil {
+		s.tc.startData(s.pol.DataTimeout)
+		defer s.tc.endData()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	body := s.g.spool.NewBody(ctx, qid)
+	if _, err := io.WriteString(body, s.receivedHeader(qid, start)); err != nil {
+		return s.finishData(log, start, qid, 0, "tempfail", errTempFail, err)
+	}
+	dr := newDataReader(r, s.tc, s.pol, s.pol.Normalize(s.ip))
+	_, err := io.Copy(body, dr)
+	if err == nil && s.tc != nil && !s.tls && s.tc.smuggled() != s.smuggleMark {
+		err = errSmuggled
+	}
+	if err != nil {
+		body.Discard()
+		return s.dataError(log, start, qid, dr.n, err)
+	}
+	if dr.received > s.pol.MaxReceivedHeaders {
+		body.Discard()
+		return s.finishData(log, start, qid, dr.n, "rejected", errLoop, nil)
+	}
+
+	env := &spool.Envelope{
+		QueueID:  qid,
+		Received: start.UTC(),
+		Gateway:  s.g.cfg.Hostname,
+		ClientIP: s.ip.String(),
+		Helo:     s.helo,
+		TLS:      s.tls,
+		AuthUser: s.authUser,
+		From:     s.from,
+		Mail:     s.mail,
+		Rcpts:    s.rcpts,
+	}
+	guard := ""
+	if dr.messageID {
+		addrs := make([]string, len(s.rcpts))
+		for i, r := range s.rcpts {
+			addrs[i] = r.Addr
+		}
+		guard = spool.Fingerprint(s.from, addrs, dr.sum())
+	}
+	t0 := time.Now()
+	res, err := s.g.spool.Commit(ctx, env, body, guard)
+	s.g.metrics.publishLatency.Observe(time.Since(t0).Seconds())
+	if err != nil {
+		return s.finishData(log, start, qid, dr.n, "tempfail", errTempFail, err)
+	}
+	ok := &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "Ok: queued as " + res.QueueID}
+	if res.Duplicate {
+		s.g.metrics.duplicates.Inc()
+		log = log.With(zap.String("original_queue_id", res.QueueID))
+		return s.finishData(log, start, res.QueueID, dr.n, "duplicate", ok, nil)
+	}
+	s.g.metrics.messageBytes.Add(float64(env.Body.Size))
+	return s.finishData(log, start, qid, dr.n, "queued", ok, nil)
+}
+
+var errSmuggled = errors.New("CR LF . CR in message data")
+
+// dataError classifies what went wrong while reading DATA.
+func (s *session) dataError(log *zap.Logger, start time.Time, qid string, n int64, err error) error {
+	var se *smtp.SMTPError
+	switch {
+	case errors.Is(err, errBareLineEnding), errors.Is(err, errSmuggled):
+		return s.finishData(log, start, qid, n, "rejected", errBareEOL, err)
+	case errors.Is(err, errMessageTooBig), errors.As(err, &se) && se.Code == 552:
+		return s.finishData(log, start, qid, n, "rejected", errTooBig, err)
+	case errors.Is(err, errTooSlow):
+		s.g.metrics.deadlineKills.WithLabelValues("min_data_rate").Inc()
+		s.finishData(log, start, qid, n, "aborted", nil, err)
+		s.closeWith("421 4.4.2 Data rate below the minimum, closing connection")
+		return errTempFail
+	case isTimeout(err):
+		reason, text := "idle", "421 4.4.2 Timeout waiting for data, closing connection"
+		if s.tc != nil && s.tc.hardDeadlinePassed() {
+			reason, text = "deadline", "421 4.4.2 Time limit for this transfer exceeded, closing connection"
+		}
+		s.g.metrics.deadlineKills.WithLabelValues(reason).Inc()
+		s.finishData(log, start, qid, n, "aborted", nil, err)
+		s.closeWith(text)
+		return errTempFail
+	case errors.As(err, &se):
+		return s.finishData(log, start, qid, n, "rejected", se, err)
+	default:
+		// The client went away (EOF, reset) or the body store failed.
+		if strings.Contains(err.Error(), "spool:") {
+			return s.finishData(log, start, qid, n, "tempfail", errTempFail, err)
+		}
+		s.finishData(log, start, qid, n, "aborted", nil, err)
+		return errTempFail
+	}
+}
+
+// finishData logs the transaction (one line per transaction, like
+// Postfix's) and returns the reply.
+func (s *session) finishData(log *zap.Logger, start time.Time, qid string, n int64, result string, reply *smtp.SMTPError, cause error) error {
+	s.g.metrics.transactions.WithLabelValues(result).Inc()
+	fields := []zap.Field{
+		zap.String("result", result),
+		zap.String("from", s.from),
+		zap.Int("rcpts", len(s.rcpts)),
+		zap.Int64("size", n),
+		zap.Duration("duration", time.Since(start)),
+	}
+	if reply != nil {
+		fields = append(fields, zap.Int("code", reply.Code))
+		s.reply(reply.Code)
+	}
+	if cause != nil {
+		fields = append(fields, zap.Error(cause))
+	}
+	if result == "queued" || result == "duplicate" {
+		log.Info("transaction", fields...)
+	} else {
+		log.Warn("transaction", fields...)
+	}
+	s.resetTransaction()
+	if reply == nil {
+		return errTempFail
+	}
+	if reply.Code >= 400 && s.tls && s.tc != nil && s.tc.countError() {
+		s.closeWith("421 4.7.0 Too many errors, closing connection")
+	}
+	return reply
+}
+
+// receivedHeader is our trace header (RFC 5321 §4.4), with the queue ID.
+func (s *session) receivedHeader(qid string, now time.Time) string {
+	proto := "ESMTP"
+	if s.tls {
+		proto += "S"
+	}
+	if s.authUser != "" {
+		proto += "A"
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "Received: from %s ([%s])\r\n\tby %s (jetmail) with %s id %s", sanitizeHelo(s.helo), s.ip, s.g.cfg.Hostname, proto, qid)
+	if len(s.rcpts) == 1 {
+		fmt.Fprintf(&b, "\r\n\tfor <%s>", s.rcpts[0].Addr)
+	}
+	fmt.Fprintf(&b, "; %s\r\n", now.Format(time.RFC1123Z))
+	return b.String()
+}
+
+// sanitizeHelo keeps a client-chosen name from breaking our header.
+func sanitizeHelo(h string) string {
+	if len(h) > 255 {
+		h = h[:255]
+	}
+	return strings.Map(func(r rune) rune {
+		if r < 0x21 || r == 0x7f || r == '(' || r == ')' || r == ';' {
+			return '_'
+		}
+		return r
+	}, h)
+}
+
+func (s *session) resetTransaction() {
+	s.from = ""
+	s.mail = spool.MailParams{}
+	s.rcpts = nil
+	if s.tc != nil {
+		s.tc.setTransaction(false)
+	}
+}
+
+// Reset discards the transaction (RSET, or go-smtp after DATA).
+func (s *session) Reset() { s.resetTransaction() }
+
+// Logout ends the session.
+func (s *session) Logout() error {
+	s.resetTransaction()
+	return nil
+}
+
+func fieldUser(u string) zap.Field { return zap.String("user", u) }

@@ -1,0 +1,244 @@
+package spool
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Result is the outcome of a Commit.
+type Result struct {
+	// QueueID is the queue ID to give the client: the new mail's, or for a
+	// duplicate the original's.
+	QueueID string
+	// Duplicate is set when the mail was already queued (or recently
+	// delivered) and was not stored again.
+	Duplicate bool
+	// Sequence is the queue stream sequence of the stored (or original)
+	// envelope.
+	Sequence uint64
+}
+
+// Message is a queued mail as stored.
+type Message struct {
+	Envelope Envelope
+	// Subject and Sequence locate the envelope in the queue stream.
+	Subject  string
+	Sequence uint64
+	// Tombstone is set when the mail has left the queue and only its
+	// duplicate-guard record remains.
+	Tombstone bool
+	inline    []byte
+}
+
+// Commit stores env with body durably. guard is the duplicate-guard
+// fingerprint (see Fingerprint), or "" for mail that must not be guarded.
+// It returns after JetStream has acknowledged the envelope: only then may the
+// caller answer 250. On any error nothing has been queued.
+func (s *Spool) Commit(ctx context.Context, env *Envelope, body *Body, guard string) (Result, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.PublishTimeout)
+	defer cancel()
+	ref, inline, err := body.finish()
+	if err != nil {
+		body.Discard()
+		return Result{}, err
+	}
+	env.Body = ref
+	head, err := json.Marshal(env)
+	if err != nil {
+		body.Discard()
+		return Result{}, fmt.Errorf("spool: encode envelope %s: %w", env.QueueID, err)
+	}
+	payload := make([]byte, 0, len(head)+1+len(inline))
+	payload = append(payload, head...)
+	payload = append(payload, '\n')
+	payload = append(payload, inline...)
+
+	key := "q" + env.QueueID
+	if guard != "" {
+		key = "g" + guard
+	}
+	msg := &nats.Msg{Subject: queueSubject(key), Header: nats.Header{}, Data: payload}
+	msg.Header.Set(HeaderQueueID, env.QueueID)
+
+	ack, err := s.publish(ctx, msg, env.QueueID)
+	if err == nil {
+		return Result{QueueID: env.QueueID, Sequence: ack.Sequence}, nil
+	}
+	body.Discard()
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+		// Somebody stored this subject first: for a guarded mail that is
+		// the original transmission.
+		orig, gerr := s.queue.GetLastMsgForSubject(ctx, msg.Subject)
+		if gerr != nil {
+			return Result{}, fmt.Errorf("spool: read original of duplicate %s: %w", env.QueueID, gerr)
+		}
+		if guard == "" {
+			return Result{}, fmt.Errorf("spool: queue ID %s already in use", env.QueueID)
+		}
+		return Result{QueueID: orig.Header.Get(HeaderQueueID), Duplicate: true, Sequence: orig.Sequence}, nil
+	}
+	return Result{}, fmt.Errorf("spool: publish %s: %w", env.QueueID, err)
+}
+
+// publish stores msg only if its subject is empty, retrying a publish whose
+// fate is unknown with the same message ID, so the retry can never store a
+// second copy: JetStream answers it with the first one's acknowledgement.
+func (s *Spool) publish(ctx context.Context, msg *nats.Msg, msgID string) (*jetstream.PubAck, error) {
+	const attempts = 3
+	per := s.cfg.PublishTimeout / attempts
+	var err error
+	for i := 0; i < attempts; i++ {
+		actx, cancel := context.WithTimeout(ctx, per)
+		var ack *jetstream.PubAck
+		ack, err = s.js.PublishMsg(actx, msg,
+			jetstream.WithMsgID(msgID),
+			jetstream.WithExpectStream(QueueStream),
+			jetstream.WithExpectLastSequencePerSubject(0),
+			jetstream.WithRetryAttempts(0))
+		cancel()
+		if err == nil {
+			return ack, nil
+		}
+		if !isTemporaryPublishError(err) || ctx.Err() != nil {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return nil, err
+}
+
+// Get reads the queued mail stored under subject, for deliverers and tools.
+func (s *Spool) Get(ctx context.Context, subject string) (*Message, error) {
+	raw, err := s.queue.GetLastMsgForSubject(ctx, subject)
+	if err != nil {
+		return nil, err
+	}
+	return decode(raw.Subject, raw.Sequence, raw.Header, raw.Data)
+}
+
+// Decode parses a stored queue message, as delivered by a consumer.
+func Decode(subject string, seq uint64, hdr nats.Header, data []byte) (*Message, error) {
+	return decode(subject, seq, hdr, data)
+}
+
+func decode(subject string, seq uint64, hdr nats.Header, data []byte) (*Message, error) {
+	m := &Message{Subject: subject, Sequence: seq, Tombstone: hdr.Get(HeaderTombstone) != ""}
+	if m.Tombstone {
+		m.Envelope.QueueID = hdr.Get(HeaderQueueID)
+		return m, nil
+	}
+	i := bytes.IndexByte(data, '\n')
+	if i < 0 {
+		return nil, fmt.Errorf("spool: malformed envelope at %s seq %d", subject, seq)
+	}
+	if err := json.Unmarshal(data[:i], &m.Envelope); err != nil {
+		return nil, fmt.Errorf("spool: decode envelope at %s seq %d: %w", subject, seq, err)
+	}
+	m.inline = data[i+1:]
+	return m, nil
+}
+
+// ReadBody returns the body of m, checked against the digest in its
+// envelope. A mismatch is ErrBodyCorrupt.
+func (s *Spool) ReadBody(ctx context.Context, m *Message) ([]byte, error) {
+	if m.Tombstone {
+		return nil, fmt.Errorf("spool: %s has left the queue", m.Envelope.QueueID)
+	}
+	body := m.inline
+	if m.Envelope.Body.Chunks > 0 {
+		var err error
+		body, err = s.readChunks(ctx, m.Envelope.QueueID, m.Envelope.Body.Chunks, m.Envelope.Body.Size)
+		if err != nil {
+			return nil, err
+		}
+	}
+	if err := checkDigest(body, m.Envelope.Body); err != nil {
+		return nil, fmt.Errorf("%s: %w", m.Envelope.QueueID, err)
+	}
+	return body, nil
+}
+
+// Complete records that m has left the queue (delivered, bounced or
+// removed): its envelope is replaced by a tombstone that keeps the duplicate
+// guard for DuplicateWindow and then expires by itself, and its body chunks
+// are deleted. The replacement is conditional on m still being the latest
+// record, so a concurrent update is never lost.
+func (s *Spool) Complete(ctx context.Context, m *Message) error {
+	msg := &nats.Msg{Subject: m.Subject, Header: nats.Header{}}
+	msg.Header.Set(HeaderQueueID, m.Envelope.QueueID)
+	msg.Header.Set(HeaderTombstone, "1")
+	if _, err := s.js.PublishMsg(ctx, msg,
+		jetstream.WithExpectStream(QueueStream),
+		jetstream.WithExpectLastSequencePerSubject(m.Sequence),
+		jetstream.WithMsgTTL(s.cfg.DuplicateWindow)); err != nil {
+		return fmt.Errorf("spool: complete %s: %w", m.Envelope.QueueID, err)
+	}
+	if m.Envelope.Body.Chunks > 0 {
+		if err := s.bodies.Purge(ctx, jetstream.WithPurgeSubject(bodyPrefix+m.Envelope.QueueID+".>")); err != nil {
+			return fmt.Errorf("spool: delete body of %s: %w", m.Envelope.QueueID, err)
+		}
+	}
+	return nil
+}
+
+// Scan calls fn for every queued mail (tombstones skipped), oldest first,
+// as of the moment Scan starts.
+func (s *Spool) Scan(ctx context.Context, fn func(*Message) error) error {
+	info, err := s.queue.Info(ctx)
+	if err != nil {
+		return err
+	}
+	last := info.State.LastSeq
+	if info.State.Msgs == 0 {
+		return nil
+	}
+	c, err := s.queue.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		return err
+	}
+	for {
+		batch, err := c.Fetch(256, jetstream.FetchMaxWait(2*time.Second))
+		if err != nil {
+			return err
+		}
+		n := 0
+		for raw := range batch.Messages() {
+			n++
+			md, err := raw.Metadata()
+			if err != nil {
+				return err
+			}
+			m, err := decode(raw.Subject(), md.Sequence.Stream, raw.Headers(), raw.Data())
+			if err != nil {
+				return err
+			}
+			if !m.Tombstone {
+				if err := fn(m); err != nil {
+					return err
+				}
+			}
+			if md.Sequence.Stream >= last {
+				return nil
+			}
+		}
+		if err := batch.Error(); err != nil {
+			return err
+		}
+		if n == 0 {
+			return nil
+		}
+	}
+}

@@ -1,0 +1,190 @@
+package spool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Names of the JetStream resources. Nothing outside this package spells them.
+const (
+	QueueStream = "JETMAIL_QUEUE"
+	BodyStream  = "JETMAIL_BODY"
+	StateBucket = "JETMAIL_STATE"
+
+	queuePrefix = "jetmail.queue."
+	bodyPrefix  = "jetmail.body."
+)
+
+// Headers on stored messages.
+const (
+	// HeaderQueueID carries the queue ID on envelopes and tombstones, so the
+	// winner of a duplicate race can be named without decoding the payload.
+	HeaderQueueID = "Jetmail-Queue-Id"
+	// HeaderTombstone marks an envelope replaced after the mail left the queue.
+	HeaderTombstone = "Jetmail-Tombstone"
+)
+
+// Config sets up the spool. The zero value is not useful; start from
+// DefaultConfig or ClusterConfig.
+type Config struct {
+	// Replicas is the JetStream replication of every stream and bucket.
+	Replicas int
+	// Storage is file or memory.
+	Storage jetstream.StorageType
+	// MaxQueueBytes caps the queue stream (envelopes and inline bodies);
+	// -1 means no cap beyond the server's own limits. When the cap is hit,
+	// new mail is refused with a 4xx, nothing queued is dropped.
+	MaxQueueBytes int64
+	// MaxBodyBytes caps the body stream the same way.
+	MaxBodyBytes int64
+	// DuplicateWindow is how long after a mail left the queue a
+	// retransmission of it is still recognised. Default 24h.
+	DuplicateWindow time.Duration
+	// PublishTimeout bounds one Commit, retries included. Default 10s.
+	PublishTimeout time.Duration
+	// ChunkSize is the size of body chunks for mail too large to travel
+	// inline. Default 256 KiB.
+	ChunkSize int
+}
+
+// DefaultConfig is the embedded, single-server default: one replica, file
+// storage.
+func DefaultConfig() Config {
+	return Config{
+		Replicas:        1,
+		Storage:         jetstream.FileStorage,
+		MaxQueueBytes:   -1,
+		MaxBodyBytes:    -1,
+		DuplicateWindow: 24 * time.Hour,
+		PublishTimeout:  10 * time.Second,
+		ChunkSize:       256 << 10,
+	}
+}
+
+// ClusterConfig is the default against an external NATS cluster: three
+// replicas.
+func ClusterConfig() Config {
+	c := DefaultConfig()
+	c.Replicas = 3
+	return c
+}
+
+// Spool is a handle on the queue. It is safe for concurrent use.
+type Spool struct {
+	cfg    Config
+	nc     *nats.Conn
+	js     jetstream.JetStream
+	queue  jetstream.Stream
+	bodies jetstream.Stream
+	state  jetstream.KeyValue
+	// inlineMax is the largest body stored inline with its envelope.
+	inlineMax int
+}
+
+// Open connects the spool to JetStream through nc and creates or updates,
+// idempotently, every resource it needs. Calling it from many pods at once is
+// safe.
+func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
+	if cfg.Replicas < 1 {
+		return nil, errors.New("spool: replicas must be at least 1")
+	}
+	if cfg.DuplicateWindow <= 0 || cfg.PublishTimeout <= 0 || cfg.ChunkSize <= 0 {
+		return nil, errors.New("spool: duplicate window, publish timeout and chunk size must be positive")
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	s := &Spool{cfg: cfg, nc: nc, js: js}
+	// Leave room for headers and the envelope within one NATS payload.
+	s.inlineMax = int(nc.MaxPayload()) - 64<<10
+	if s.inlineMax > 4<<20 {
+		s.inlineMax = 4 << 20
+	}
+	if s.inlineMax < cfg.ChunkSize {
+		s.inlineMax = cfg.ChunkSize
+		if int64(s.inlineMax) > nc.MaxPayload()/2 {
+			s.inlineMax = int(nc.MaxPayload() / 2)
+		}
+	}
+
+	s.queue, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        QueueStream,
+		Description: "jetmail queue: one envelope (and inline body) per mail, keyed for the duplicate guard",
+		Subjects:    []string{queuePrefix + ">"},
+		Retention:   jetstream.LimitsPolicy,
+		Discard:     jetstream.DiscardNew,
+		MaxBytes:    cfg.MaxQueueBytes,
+		// One message per subject: a tombstone or an updated envelope
+		// replaces the previous one in a single write.
+		MaxMsgsPerSubject: 1,
+		Storage:           cfg.Storage,
+		Replicas:          cfg.Replicas,
+		// Nats-Msg-Id dedup only has to cover a retried publish, which
+		// happens within PublishTimeout.
+		Duplicates:  2 * time.Minute,
+		AllowMsgTTL: true,
+		AllowDirect: true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("spool: stream %s: %w", QueueStream, err)
+	}
+	s.bodies, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:              BodyStream,
+		Description:       "jetmail message bodies too large to travel inline, in chunks",
+		Subjects:          []string{bodyPrefix + ">"},
+		Retention:         jetstream.LimitsPolicy,
+		Discard:           jetstream.DiscardNew,
+		MaxBytes:          cfg.MaxBodyBytes,
+		MaxMsgsPerSubject: 1,
+		Storage:           cfg.Storage,
+		Replicas:          cfg.Replicas,
+		Duplicates:        2 * time.Minute,
+		AllowDirect:       true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("spool: stream %s: %w", BodyStream, err)
+	}
+	s.state, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:      StateBucket,
+		Description: "jetmail per-message delivery state",
+		History:     1,
+		Storage:     cfg.Storage,
+		Replicas:    cfg.Replicas,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
+	}
+	return s, nil
+}
+
+// Config returns the configuration the spool was opened with.
+func (s *Spool) Config() Config { return s.cfg }
+
+// InlineMax is the largest body that is stored inline with its envelope.
+func (s *Spool) InlineMax() int { return s.inlineMax }
+
+// JetStream exposes the JetStream context for the deliverer and tools that
+// build on the spool's resources.
+func (s *Spool) JetStream() jetstream.JetStream { return s.js }
+
+// State is the delivery-state bucket.
+func (s *Spool) State() jetstream.KeyValue { return s.state }
+
+// Ping reports whether JetStream answers; it backs the readiness probe.
+func (s *Spool) Ping(ctx context.Context) error {
+	if !s.nc.IsConnected() {
+		return errors.New("spool: not connected to NATS")
+	}
+	_, err := s.js.AccountInfo(ctx)
+	return err
+}
+
+func queueSubject(key string) string { return queuePrefix + key }
+
+func bodySubject(qid string, n int) string { return fmt.Sprintf("%s%s.%d", bodyPrefix, qid, n) }
