@@ -32,10 +32,10 @@ type session struct {
 	mayRelay bool
 
 	// The current transaction.
-	from       string
-	mail       spool.MailParams
-	rcpts      []spool.Rcpt
-	started    time.Time
+	from        string
+	mail        spool.MailParams
+	rcpts       []spool.Rcpt
+	started     time.Time
 	smuggleMark int
 }
 
