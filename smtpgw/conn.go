@@ -31,7 +31,10 @@ type conn struct {
 	closed         bool
 	sessionEnd     time.Time // hard wall-clock deadline of the connection
 	dataEnd        time.Time // hard deadline of the DATA phase, zero outside it
-	clamped        bool      // the last read deadline was cut by a hard deadline
+	data           dataLimits
+	dataStart      time.Time
+	dataBytes      int64
+	clamped        bool // the last read deadline was cut by a hard deadline
 	inTransaction  bool
 	draining       bool
 	tlsStarted     bool
@@ -96,9 +99,23 @@ func (c *conn) hardDeadlinePassed() bool {
 	return !time.Now().Before(c.hardDeadline())
 }
 
-func (c *conn) startData(limit time.Duration) {
+// dataLimits bound one DATA or BDAT transfer.
+type dataLimits struct {
+	total   time.Duration // wall clock for the transfer
+	idle    time.Duration // longest wait for the next bytes
+	minRate int64         // bytes per second, averaged from the start; 0: off
+	grace   time.Duration // before minRate applies
+}
+
+// startData enters the DATA phase. From here every read gets the idle
+// deadline (go-smtp's DATA reader blocks in one Read until its buffer is
+// full, so a deadline set by a reader above would bound the whole buffer,
+// not the wait for the next bytes), and the average rate is checked.
+func (c *conn) startData(l dataLimits) {
 	c.mu.Lock()
-	c.dataEnd = time.Now().Add(limit)
+	now := time.Now()
+	c.data, c.dataStart, c.dataBytes = l, now, 0
+	c.dataEnd = now.Add(l.total)
 	c.mu.Unlock()
 }
 
@@ -119,12 +136,29 @@ func (c *conn) setTransaction(on bool) {
 // bare CR would never reach the session's checks; counting it here lets the
 // session refuse the transaction like any other bare CR.
 func (c *conn) Read(b []byte) (int, error) {
+	c.mu.Lock()
+	inData := !c.dataEnd.IsZero()
+	if inData {
+		d := time.Now().Add(c.data.idle)
+		if hd := c.hardDeadline(); hd.Before(d) {
+			d = hd
+		}
+		_ = c.Conn.SetReadDeadline(d)
+	}
+	c.mu.Unlock()
 	n, err := c.Conn.Read(b)
 	if n > 0 {
 		c.g.metrics.bytesIn.Add(float64(n))
 		c.mu.Lock()
 		if !c.tlsStarted {
 			c.scanSmuggle(b[:n])
+		}
+		if inData {
+			c.dataBytes += int64(n)
+			if el := time.Since(c.dataStart); c.data.minRate > 0 && el > c.data.grace &&
+				float64(c.dataBytes) < float64(c.data.minRate)*el.Seconds() {
+				err = errTooSlow
+			}
 		}
 		c.mu.Unlock()
 	}

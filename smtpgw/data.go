@@ -6,7 +6,6 @@ import (
 	"hash"
 	"io"
 	"net"
-	"time"
 
 	"github.com/jetmail/jetmail/policy"
 )
@@ -23,22 +22,18 @@ var (
 //     what makes SMTP smuggling impossible: go-smtp only ends the data at
 //     CRLF.CRLF, and any other end-of-data look-alike contains a bare CR or
 //     LF; or, for clients the policy names, turns them into CRLF;
-//   - enforces the maximum size, the idle timeout per read, and the minimum
-//     average data rate after a grace period (the hard deadline is on the
-//     connection);
+//   - enforces the maximum size (time limits are on the connection);
 //   - counts Received: headers and notes a Message-ID header, reading only
 //     the header section;
 //   - hashes the bytes exactly as the client sent them, for the duplicate
 //     guard.
 type dataReader struct {
 	r         io.Reader
-	tc        *conn
 	pol       *policy.Relay
 	normalize bool
 
 	h       hash.Hash
 	n       int64 // octets read from the client
-	start   time.Time
 	prevCR  bool
 	pending []byte // normalized output not yet returned
 
@@ -51,9 +46,8 @@ type dataReader struct {
 	messageID bool
 }
 
-func newDataReader(r io.Reader, tc *conn, pol *policy.Relay, normalize bool) *dataReader {
-	return &dataReader{r: r, tc: tc, pol: pol, normalize: normalize, h: sha256.New(),
-		start: time.Now(), inHeader: true, lineStart: true}
+func newDataReader(r io.Reader, pol *policy.Relay, normalize bool) *dataReader {
+	return &dataReader{r: r, pol: pol, normalize: normalize, h: sha256.New(), inHeader: true, lineStart: true}
 }
 
 func (d *dataReader) sum() []byte { return d.h.Sum(nil) }
@@ -63,10 +57,6 @@ func (d *dataReader) Read(p []byte) (int, error) {
 		n := copy(p, d.pending)
 		d.pending = d.pending[n:]
 		return n, nil
-	}
-	if d.tc != nil {
-		// Idle time per read; the connection clamps it to the hard deadlines.
-		_ = d.tc.SetReadDeadline(time.Now().Add(d.pol.CommandTimeout))
 	}
 	n, err := d.r.Read(p)
 	if n > 0 {
@@ -94,14 +84,7 @@ func (d *dataReader) Read(p []byte) (int, error) {
 		d.prevCR = false
 		return n, nil
 	}
-	if err != nil {
-		return n, err
-	}
-	if elapsed := time.Since(d.start); elapsed > d.pol.DataRateGrace && d.pol.MinDataRate > 0 &&
-		float64(d.n)/elapsed.Seconds() < float64(d.pol.MinDataRate) {
-		return n, errTooSlow
-	}
-	return n, nil
+	return n, err
 }
 
 // check refuses bare CR and LF unless normalizing.

@@ -139,7 +139,8 @@ func (s *session) Data(r io.Reader) error {
 	qid := spool.NewQueueID(start)
 	log := s.log.With(zap.String("queue_id", qid))
 	if s.tc != nil {
-		s.tc.startData(s.pol.DataTimeout)
+		s.tc.startData(dataLimits{total: s.pol.DataTimeout, idle: s.pol.CommandTimeout,
+			minRate: s.pol.MinDataRate, grace: s.pol.DataRateGrace})
 		defer s.tc.endData()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -148,7 +149,7 @@ func (s *session) Data(r io.Reader) error {
 	if _, err := io.WriteString(body, s.receivedHeader(qid, start)); err != nil {
 		return s.finishData(log, start, qid, 0, "tempfail", errTempFail, err)
 	}
-	dr := newDataReader(r, s.tc, s.pol, s.pol.Normalize(s.ip))
+	dr := newDataReader(r, s.pol, s.pol.Normalize(s.ip))
 	_, err := io.Copy(body, dr)
 	if err == nil && s.tc != nil && !s.tls && s.tc.smuggled() != s.smuggleMark {
 		err = errSmuggled
