@@ -1,0 +1,201 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/jetmail/jetmail/spool"
+)
+
+// buildJetmail builds the real binary once per test run.
+func buildJetmail(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "jetmail")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+type serveProc struct {
+	cmd                  *exec.Cmd
+	smtp, metrics, natsA string
+	log                  *strings.Builder
+}
+
+func startServe(t *testing.T, bin, dataDir string, extra ...string) *serveProc {
+	t.Helper()
+	p := &serveProc{smtp: freePort(t), metrics: freePort(t), natsA: freePort(t), log: &strings.Builder{}}
+	args := append([]string{"serve", "--data-dir", dataDir, "--smtp-listen", p.smtp,
+		"--metrics-listen", p.metrics, "--nats-listen", p.natsA, "--hostname", "mx.test"}, extra...)
+	p.cmd = exec.Command(bin, args...)
+	p.cmd.Stdout = p.log
+	p.cmd.Stderr = p.log
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.cmd.Process.Kill(); p.cmd.Wait() })
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get("http://" + p.metrics + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("serve not ready after 30s; log:\n%s", p.log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return p
+}
+
+// stop sends SIGTERM and expects a clean exit.
+func (p *serveProc) stop(t *testing.T) {
+	t.Helper()
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- p.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("serve exited with %v; log:\n%s", err, p.log)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("serve did not exit after SIGTERM; log:\n%s", p.log)
+	}
+}
+
+// sendMail runs one SMTP transaction and returns the final reply.
+func sendMail(t *testing.T, addr, from, to, data string) string {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	r := bufio.NewReader(c)
+	read := func() string {
+		var last string
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatalf("read: %v", err)
+			}
+			last = strings.TrimRight(line, "\r\n")
+			if len(line) >= 4 && line[3] == ' ' {
+				return last
+			}
+		}
+	}
+	read()
+	for _, cmd := range []string{"EHLO client.test", "MAIL FROM:<" + from + ">", "RCPT TO:<" + to + ">", "DATA"} {
+		fmt.Fprintf(c, "%s\r\n", cmd)
+		read()
+	}
+	fmt.Fprintf(c, "%s.\r\n", data)
+	reply := read()
+	fmt.Fprintf(c, "QUIT\r\n")
+	return reply
+}
+
+func TestServeKeepsTheQueueAcrossRestarts(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := buildJetmail(t)
+	dataDir := t.TempDir()
+
+	p := startServe(t, bin, dataDir)
+	reply := sendMail(t, p.smtp, "alice@example.org", "bob@example.net", "Subject: persist\r\nMessage-ID: <persist@x>\r\n\r\nkeep me\r\n")
+	if !strings.HasPrefix(reply, "250 2.0.0 Ok: queued as ") {
+		t.Fatalf("reply %q", reply)
+	}
+	qid := strings.TrimPrefix(reply, "250 2.0.0 Ok: queued as ")
+	p.stop(t)
+	if !strings.Contains(p.log.String(), "fsync_before_ack\": true") {
+		t.Errorf("serve did not log fsync-before-ack; log:\n%s", p.log)
+	}
+
+	p2 := startServe(t, bin, dataDir)
+	nc, err := nats.Connect("nats://" + p2.natsA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	sp, err := spool.Open(context.Background(), nc, spool.DefaultConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found []string
+	if err := sp.Scan(context.Background(), func(m *spool.Message) error {
+		body, err := sp.ReadBody(context.Background(), m)
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(string(body), "keep me") {
+			t.Errorf("body %q", body)
+		}
+		found = append(found, m.Envelope.QueueID)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(found) != 1 || found[0] != qid {
+		t.Fatalf("after restart the queue holds %v, want [%s]", found, qid)
+	}
+	// The duplicate guard survived the restart too.
+	reply = sendMail(t, p2.smtp, "alice@example.org", "bob@example.net", "Subject: persist\r\nMessage-ID: <persist@x>\r\n\r\nkeep me\r\n")
+	if reply != "250 2.0.0 Ok: queued as "+qid {
+		t.Errorf("retransmission after restart: %q", reply)
+	}
+	p2.stop(t)
+}
+
+func TestServeRefusesRelayFromOutsideLoopbackByDefault(t *testing.T) {
+	// The default policy is unit-tested in policy; here the point is that
+	// serve with -f loads RelayPolicy files and rejects a broken one
+	// with a message that names the object and field.
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := buildJetmail(t)
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("apiVersion: mail.jetmail.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: broken}\nspec:\n  relayNetworks: [10.0.0.1/8]\n"), 0o600)
+	out, err := exec.Command(bin, "serve", "--data-dir", t.TempDir(), "-f", bad).CombinedOutput()
+	if err == nil {
+		t.Fatalf("serve accepted a broken policy:\n%s", out)
+	}
+	if !strings.Contains(string(out), "RelayPolicy/broken: spec.relayNetworks[0]") {
+		t.Errorf("error does not name the object and field:\n%s", out)
+	}
+}
