@@ -1,0 +1,131 @@
+package smtpgw
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/jetmail/jetmail/spool"
+)
+
+// BenchmarkAccept measures accepted messages per second and the latency
+// from the final dot to the 250 reply: 5 KB messages over 20 concurrent
+// sessions, against a JetStream server that fsyncs before it acknowledges
+// (sync_interval: always), as `jetmail serve` does by default.
+//
+//	go test -run '^$' -bench BenchmarkAccept -benchtime 20000x ./smtpgw/
+func BenchmarkAccept(b *testing.B) {
+	opts := &server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: b.TempDir(),
+		SyncAlways: true, NoSigs: true, NoLog: true}
+	ns, err := server.NewServer(opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	go ns.Start()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		b.Fatal("NATS did not start")
+	}
+	defer ns.Shutdown()
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer nc.Close()
+	sp, err := spool.Open(b.Context(), nc, spool.DefaultConfig())
+	if err != nil {
+		b.Fatal(err)
+	}
+	g := startGateway(b, sp, nil)
+
+	const sessions = 20
+	body := strings.Repeat(strings.Repeat("x", 98)+"\r\n", 50) // 5,000 octets
+	var next atomic.Int64
+	lat := make([][]time.Duration, sessions)
+	var wg sync.WaitGroup
+	b.ResetTimer()
+	start := time.Now()
+	for s := 0; s < sessions; s++ {
+		wg.Add(1)
+		go func(s int) {
+			defer wg.Done()
+			c, err := net.Dial("tcp", g.addr)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			defer c.Close()
+			r := bufio.NewReader(c)
+			expect := func(code string) {
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil || !strings.HasPrefix(line, code) {
+						b.Errorf("want %s, got %q (%v)", code, line, err)
+						panic("protocol")
+					}
+					if line[3] == ' ' {
+						return
+					}
+				}
+			}
+			expect("220")
+			fmt.Fprintf(c, "EHLO bench.test\r\n")
+			expect("250")
+			for {
+				i := next.Add(1)
+				if i > int64(b.N) {
+					fmt.Fprintf(c, "QUIT\r\n")
+					return
+				}
+				fmt.Fprintf(c, "MAIL FROM:<bench@example.org>\r\n")
+				expect("250")
+				fmt.Fprintf(c, "RCPT TO:<rcpt%d@example.net>\r\n", i)
+				expect("250")
+				fmt.Fprintf(c, "DATA\r\n")
+				expect("354")
+				fmt.Fprintf(c, "Subject: bench %d\r\nMessage-ID: <%d.%d@bench.test>\r\n\r\n%s", i, i, start.UnixNano(), body)
+				t0 := time.Now()
+				fmt.Fprintf(c, ".\r\n")
+				expect("250")
+				lat[s] = append(lat[s], time.Since(t0))
+			}
+		}(s)
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	var all []time.Duration
+	for _, l := range lat {
+		all = append(all, l...)
+	}
+	if len(all) == 0 {
+		return
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+	pct := func(p float64) float64 { return float64(all[int(float64(len(all)-1)*p)].Microseconds()) / 1000 }
+	b.ReportMetric(float64(len(all))/elapsed.Seconds(), "msgs/s")
+	b.ReportMetric(pct(0.50), "p50-ms")
+	b.ReportMetric(pct(0.99), "p99-ms")
+	// Count what JetStream stored: every stored message is one fsynced write.
+	var writes uint64
+	for _, name := range []string{spool.QueueStream, spool.BodyStream} {
+		st, err := sp.JetStream().Stream(b.Context(), name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		info, err := st.Info(b.Context())
+		if err != nil {
+			b.Fatal(err)
+		}
+		writes += info.State.LastSeq
+	}
+	b.ReportMetric(float64(writes)/float64(len(all)), "js-writes/msg")
+}
