@@ -82,6 +82,7 @@ func CompileRelay(objs []v1alpha1.RelayPolicy, secrets Secrets) (*Relay, error) 
 		users:      map[string][]byte{},
 	}
 	if len(objs) == 0 {
+		r.Sources = []string{"built-in default (loopback may relay)"}
 		r.relayNets = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
 	}
 	sc := scalars{}
