@@ -334,3 +334,36 @@ func TestShutdownLetsTransactionsFinishAndRefusesNewWork(t *testing.T) {
 		t.Error("the transaction in flight was not queued")
 	}
 }
+
+func TestFullStoreGets451AndTheSessionGoesOn(t *testing.T) {
+	n := startNATS(t)
+	sp := n.spool(t, func(c *spool.Config) { c.MaxQueueBytes = 16 << 10 })
+	g := startGateway(t, sp, nil)
+	c := dialReady(t, g.addr)
+	body := strings.Repeat("z", 3000)
+	stored := 0
+	for i := 0; i < 20; i++ {
+		c.cmd("MAIL FROM:<a@example.org>", 250)
+		c.cmd("RCPT TO:<b@example.net>", 250)
+		c.cmd("DATA", 354)
+		c.send(simpleMessage(fmt.Sprintf("full-%d", i), body) + ".\r\n")
+		code, line, err := c.readReply()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code == 250 {
+			stored++
+			continue
+		}
+		if !strings.HasPrefix(line, "451 4.3.0 ") {
+			t.Fatalf("a full store answered %q, want 451 4.3.0", line)
+		}
+		// Still serving: the client may try again later on this session.
+		c.cmd("NOOP", 250)
+		if got := len(queued(t, sp)); got != stored {
+			t.Fatalf("%d queued, want the %d acknowledged", got, stored)
+		}
+		return
+	}
+	t.Fatal("the store never filled up")
+}

@@ -34,6 +34,8 @@ type gatewayFlags struct {
 	publishTimeout time.Duration
 	shutdownGrace  time.Duration
 	maxLineLength  int
+	maxQueueBytes  int64
+	maxBodyBytes   int64
 	logFormat      string
 }
 
@@ -51,6 +53,8 @@ func (f *gatewayFlags) register(cmd *cobra.Command, defaultLog string) {
 	fl.DurationVar(&f.publishTimeout, "publish-timeout", 10*time.Second, "bound on storing one message in JetStream before answering 451")
 	fl.DurationVar(&f.shutdownGrace, "shutdown-grace", 30*time.Second, "on SIGTERM, time for transactions in flight to finish")
 	fl.IntVar(&f.maxLineLength, "max-line-length", 64<<10, "longest input line accepted (RFC 5321 limits are always accepted)")
+	fl.Int64Var(&f.maxQueueBytes, "max-queue-bytes", -1, "cap on the queue stream (envelopes, inline bodies); when full, new mail gets 451 (-1: no cap)")
+	fl.Int64Var(&f.maxBodyBytes, "max-body-bytes", -1, "cap on the stream of large bodies (-1: no cap)")
 	fl.StringVar(&f.logFormat, "log-format", defaultLog, "log format: console or json")
 }
 
@@ -112,6 +116,8 @@ func (f *gatewayFlags) tlsConfig(log *zap.Logger, selfSignedFallback bool) (*smt
 func (f *gatewayFlags) spoolConfig(base spool.Config) spool.Config {
 	base.DuplicateWindow = f.dupWindow
 	base.PublishTimeout = f.publishTimeout
+	base.MaxQueueBytes = f.maxQueueBytes
+	base.MaxBodyBytes = f.maxBodyBytes
 	return base
 }
 

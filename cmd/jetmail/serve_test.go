@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -40,15 +41,33 @@ func freePort(t *testing.T) string {
 	return l.Addr().String()
 }
 
+// syncBuffer collects a child's output while the test reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
 type serveProc struct {
 	cmd                  *exec.Cmd
 	smtp, metrics, natsA string
-	log                  *strings.Builder
+	log                  *syncBuffer
 }
 
 func startServe(t *testing.T, bin, dataDir string, extra ...string) *serveProc {
 	t.Helper()
-	p := &serveProc{smtp: freePort(t), metrics: freePort(t), natsA: freePort(t), log: &strings.Builder{}}
+	p := &serveProc{smtp: freePort(t), metrics: freePort(t), natsA: freePort(t), log: &syncBuffer{}}
 	args := append([]string{"serve", "--data-dir", dataDir, "--smtp-listen", p.smtp,
 		"--metrics-listen", p.metrics, "--nats-listen", p.natsA, "--hostname", "mx.test"}, extra...)
 	p.cmd = exec.Command(bin, args...)
