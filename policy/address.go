@@ -64,6 +64,10 @@ func ParseAddress(s string, smtputf8 bool, role string) (Address, *smtp.SMTPErro
 	if len(a.Local) > MaxLocalPart {
 		return syntax("Local part too long")
 	}
+	// Lower-casing can lengthen a UTF-8 domain: check the canonical form.
+	if len(a.String())+2 > MaxPath {
+		return syntax("Path too long")
+	}
 	if strings.ContainsAny(a.Local, "@%!") {
 		a.Routed = true
 	}
@@ -110,7 +114,7 @@ func validLiteral(d string) bool {
 	inner := d[1 : len(d)-1]
 	if v6, ok := cutPrefixFold(inner, "ipv6:"); ok {
 		a, err := netip.ParseAddr(v6)
-		return err == nil && a.Is6()
+		return err == nil && a.Is6() && a.Zone() == ""
 	}
 	a, err := netip.ParseAddr(inner)
 	return err == nil && a.Is4()

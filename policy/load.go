@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
@@ -16,8 +17,17 @@ import (
 
 // Objects is a set of configuration objects as read from files.
 type Objects struct {
-	RelayPolicies []v1alpha1.RelayPolicy
-	Secrets       []corev1.Secret
+	RelayPolicies    []v1alpha1.RelayPolicy
+	MailRoutes       []v1alpha1.MailRoute
+	DeliveryPolicies []v1alpha1.DeliveryPolicy
+	Secrets          []corev1.Secret
+}
+
+// Config is one compiled configuration snapshot: everything the gateways
+// and deliverers run on.
+type Config struct {
+	Relay    *Relay
+	Delivery *Delivery
 }
 
 // readFile is a seam so tests need no files; it is os.ReadFile.
@@ -25,8 +35,8 @@ var readFile = os.ReadFile
 
 // LoadFiles reads every YAML document of every file named, descending into
 // folders (files ending in .yaml, .yml or .json, in lexical order). Documents
-// are Kubernetes objects: jetmail kinds of mail.jetmail.io/v1alpha1, and
-// v1 Secrets that RelayPolicy auth may reference.
+// are Kubernetes objects: jetmail kinds of mail.jetmail.io/v1alpha1
+// (RelayPolicy, MailRoute, DeliveryPolicy), and v1 Secrets they reference.
 func LoadFiles(paths []string) (*Objects, error) {
 	objs := &Objects{}
 	for _, p := range paths {
@@ -87,22 +97,58 @@ func (o *Objects) add(file string, data []byte) error {
 			continue // empty document
 		case meta.APIVersion == v1alpha1.GroupVersion.String() && meta.Kind == "RelayPolicy":
 			var rp v1alpha1.RelayPolicy
-			if err := yaml.UnmarshalStrict(doc, &rp); err != nil {
+			if err := decodeStrict(doc, &rp); err != nil {
 				return fmt.Errorf("%s: %w", where, err)
 			}
 			if rp.Name == "" {
 				return fmt.Errorf("%s: metadata.name is required", where)
 			}
 			o.RelayPolicies = append(o.RelayPolicies, rp)
+		case meta.APIVersion == v1alpha1.GroupVersion.String() && meta.Kind == "MailRoute":
+			var mr v1alpha1.MailRoute
+			if err := decodeStrict(doc, &mr); err != nil {
+				return fmt.Errorf("%s: %w", where, err)
+			}
+			if mr.Name == "" {
+				return fmt.Errorf("%s: metadata.name is required", where)
+			}
+			o.MailRoutes = append(o.MailRoutes, mr)
+		case meta.APIVersion == v1alpha1.GroupVersion.String() && meta.Kind == "DeliveryPolicy":
+			var dp v1alpha1.DeliveryPolicy
+			if err := decodeStrict(doc, &dp); err != nil {
+				return fmt.Errorf("%s: %w", where, err)
+			}
+			if dp.Name == "" {
+				return fmt.Errorf("%s: metadata.name is required", where)
+			}
+			o.DeliveryPolicies = append(o.DeliveryPolicies, dp)
 		case meta.APIVersion == "v1" && meta.Kind == "Secret":
 			var s corev1.Secret
-			if err := yaml.UnmarshalStrict(doc, &s); err != nil {
+			if err := decodeStrict(doc, &s); err != nil {
 				return fmt.Errorf("%s: %w", where, err)
 			}
 			o.Secrets = append(o.Secrets, s)
 		default:
 			return fmt.Errorf("%s: unsupported apiVersion/kind %s/%s", where, meta.APIVersion, meta.Kind)
 		}
+	}
+	return nil
+}
+
+// decodeStrict decodes one YAML document the way the API server reads an
+// object: field names are case-sensitive, and unknown or duplicate fields
+// are errors. (sigs.k8s.io/yaml's own strict mode folds case.)
+func decodeStrict(doc []byte, v any) error {
+	j, err := yaml.YAMLToJSONStrict(doc)
+	if err != nil {
+		return err
+	}
+	strictErrs, err := kjson.UnmarshalStrict(j, v)
+	if err != nil {
+		return err
+	}
+	if len(strictErrs) > 0 {
+		return strictErrs[0]
 	}
 	return nil
 }
@@ -143,6 +189,15 @@ func (o *Objects) SecretLookup() Secrets {
 }
 
 // Compile turns the loaded objects into the running configuration.
-func (o *Objects) Compile() (*Relay, error) {
-	return CompileRelay(o.RelayPolicies, o.SecretLookup())
+// relayhost, when set, adds a catch-all route to it (serve --relayhost).
+func (o *Objects) Compile(relayhost string) (*Config, error) {
+	relay, err := CompileRelay(o.RelayPolicies, o.SecretLookup())
+	if err != nil {
+		return nil, err
+	}
+	delivery, err := CompileDelivery(o.DeliveryPolicies, o.MailRoutes, o.SecretLookup(), relayhost)
+	if err != nil {
+		return nil, err
+	}
+	return &Config{Relay: relay, Delivery: delivery}, nil
 }

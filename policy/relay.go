@@ -49,7 +49,7 @@ type Relay struct {
 	CommandTimeout time.Duration
 	DataTimeout    time.Duration
 	SessionTimeout time.Duration
-	MinDataRate    int64 // bytes per second
+	MinDataRate    int64 // bytes per second; 0: not enforced
 	DataRateGrace  time.Duration
 
 	MaxConnections      int
@@ -211,11 +211,11 @@ func CompileRelay(objs []v1alpha1.RelayPolicy, secrets Secrets) (*Relay, error) 
 			}
 		}
 	}
-	r.defaults()
+	r.defaults(sc)
 	return r, nil
 }
 
-func (r *Relay) defaults() {
+func (r *Relay) defaults(set scalars) {
 	set64 := func(v *int64, d int64) {
 		if *v == 0 {
 			*v = d
@@ -237,8 +237,8 @@ func (r *Relay) defaults() {
 	setDur(&r.DataTimeout, DefaultDataTimeout)
 	setDur(&r.SessionTimeout, DefaultSessionTimeout)
 	setDur(&r.DataRateGrace, DefaultDataRateGrace)
-	if r.MinDataRate == 0 {
-		r.MinDataRate = DefaultMinDataRate
+	if _, ok := set["spec.timeouts.minDataRate"]; !ok {
+		r.MinDataRate = DefaultMinDataRate // 0 set explicitly turns the check off
 	}
 	setInt(&r.MaxConnections, DefaultMaxConnections)
 	setInt(&r.MaxConnectionsPerIP, DefaultMaxConnectionsPerIP)

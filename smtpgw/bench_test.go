@@ -35,7 +35,7 @@ func BenchmarkAccept(b *testing.B) {
 		b.Fatal("NATS did not start")
 	}
 	defer ns.Shutdown()
-	nc, err := nats.Connect(ns.ClientURL())
+	nc, err := nats.Connect(ns.ClientURL(), spool.NATSOptions()...)
 	if err != nil {
 		b.Fatal(err)
 	}

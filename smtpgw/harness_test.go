@@ -49,7 +49,7 @@ func startNATSAt(t testing.TB, dir string, port int) *testNATS {
 
 func (n *testNATS) connect(t testing.TB, opts ...nats.Option) *nats.Conn {
 	t.Helper()
-	nc, err := nats.Connect(n.srv.ClientURL(), opts...)
+	nc, err := nats.Connect(n.srv.ClientURL(), append(spool.NATSOptions(), opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,11 +125,11 @@ func compile(t testing.TB, yaml string) *policy.Relay {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pol, err := objs.Compile()
+	cfg, err := objs.Compile("")
 	if err != nil {
 		t.Fatal(err)
 	}
-	return pol
+	return cfg.Relay
 }
 
 // client scripts an SMTP session line by line over real TCP.

@@ -3,6 +3,7 @@ package spool
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -22,9 +23,12 @@ var ErrBodyCorrupt = errors.New("spool: body does not match its digest")
 // still sending, so a 20 MiB mail never needs 20 MiB of gateway memory at
 // once beyond one chunk.
 type Body struct {
-	s       *Spool
-	ctx     context.Context
-	qid     string
+	s   *Spool
+	ctx context.Context
+	// id names this transmission's body: the queue ID and a random
+	// suffix, so two mails that drew the same queue ID can never touch
+	// each other's chunks, and a retried publish is recognised as such.
+	id      string
 	buf     bytes.Buffer
 	h       hash.Hash
 	size    int64
@@ -36,7 +40,7 @@ type Body struct {
 // NewBody starts the body of the mail with queue ID qid. ctx bounds the chunk
 // writes.
 func (s *Spool) NewBody(ctx context.Context, qid string) *Body {
-	return &Body{s: s, ctx: ctx, qid: qid, h: sha256.New()}
+	return &Body{s: s, ctx: ctx, id: qid + "-" + randomToken(8), h: sha256.New()}
 }
 
 // Write appends p to the body.
@@ -63,12 +67,12 @@ func (b *Body) Write(p []byte) (int, error) {
 func (b *Body) Size() int64 { return b.size }
 
 func (b *Body) flushChunk(p []byte) error {
-	subj := bodySubject(b.qid, b.chunks)
+	subj := bodySubject(b.id, b.chunks)
 	ctx, cancel := context.WithTimeout(b.ctx, b.s.cfg.PublishTimeout)
 	defer cancel()
 	// The message ID makes a retried chunk write idempotent.
 	_, err := b.s.js.Publish(ctx, subj, p,
-		jetstream.WithMsgID(fmt.Sprintf("%s.%d", b.qid, b.chunks)),
+		jetstream.WithMsgID(fmt.Sprintf("%s.%d", b.id, b.chunks)),
 		jetstream.WithExpectStream(BodyStream))
 	if err != nil {
 		return fmt.Errorf("spool: write body chunk %s: %w", subj, err)
@@ -83,7 +87,7 @@ func (b *Body) finish() (BodyRef, []byte, error) {
 	if b.err != nil {
 		return BodyRef{}, nil, b.err
 	}
-	ref := BodyRef{Size: b.size, SHA256: hex.EncodeToString(b.h.Sum(nil))}
+	ref := BodyRef{ID: b.id, Size: b.size, SHA256: hex.EncodeToString(b.h.Sum(nil))}
 	if !b.chunked {
 		return ref, b.buf.Bytes(), nil
 	}
@@ -106,17 +110,17 @@ func (b *Body) Discard() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), b.s.cfg.PublishTimeout)
 	defer cancel()
-	_ = b.s.bodies.Purge(ctx, jetstream.WithPurgeSubject(bodyPrefix+b.qid+".>"))
+	_ = b.s.bodies.Purge(ctx, jetstream.WithPurgeSubject(bodyPrefix+b.id+".>"))
 	b.chunks = 0
 }
 
 // readChunks reassembles a chunked body.
-func (s *Spool) readChunks(ctx context.Context, qid string, n int, size int64) ([]byte, error) {
+func (s *Spool) readChunks(ctx context.Context, id string, n int, size int64) ([]byte, error) {
 	out := make([]byte, 0, size)
 	for i := 0; i < n; i++ {
-		m, err := s.bodies.GetLastMsgForSubject(ctx, bodySubject(qid, i))
+		m, err := s.bodies.GetLastMsgForSubject(ctx, bodySubject(id, i))
 		if err != nil {
-			return nil, fmt.Errorf("spool: read body chunk %d of %s: %w", i, qid, err)
+			return nil, fmt.Errorf("spool: read body chunk %d of %s: %w", i, id, err)
 		}
 		out = append(out, m.Data...)
 	}
@@ -132,6 +136,16 @@ func checkDigest(body []byte, ref BodyRef) error {
 		return ErrBodyCorrupt
 	}
 	return nil
+}
+
+// randomToken returns n random characters of the queue ID alphabet.
+func randomToken(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	for i := range b {
+		b[i] = crockford[b[i]&31]
+	}
+	return string(b)
 }
 
 // isTemporaryPublishError reports whether a publish may succeed if retried

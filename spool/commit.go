@@ -67,7 +67,7 @@ func (s *Spool) Commit(ctx context.Context, env *Envelope, body *Body, guard str
 	msg := &nats.Msg{Subject: queueSubject(key), Header: nats.Header{}, Data: payload}
 	msg.Header.Set(HeaderQueueID, env.QueueID)
 
-	ack, err := s.publish(ctx, msg, env.QueueID)
+	ack, err := s.publish(ctx, msg, ref.ID)
 	if err == nil {
 		return Result{QueueID: env.QueueID, Sequence: ack.Sequence}, nil
 	}
@@ -160,7 +160,7 @@ func (s *Spool) ReadBody(ctx context.Context, m *Message) ([]byte, error) {
 	body := m.inline
 	if m.Envelope.Body.Chunks > 0 {
 		var err error
-		body, err = s.readChunks(ctx, m.Envelope.QueueID, m.Envelope.Body.Chunks, m.Envelope.Body.Size)
+		body, err = s.readChunks(ctx, m.Envelope.Body.ID, m.Envelope.Body.Chunks, m.Envelope.Body.Size)
 		if err != nil {
 			return nil, err
 		}
@@ -187,7 +187,7 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 		return fmt.Errorf("spool: complete %s: %w", m.Envelope.QueueID, err)
 	}
 	if m.Envelope.Body.Chunks > 0 {
-		if err := s.bodies.Purge(ctx, jetstream.WithPurgeSubject(bodyPrefix+m.Envelope.QueueID+".>")); err != nil {
+		if err := s.bodies.Purge(ctx, jetstream.WithPurgeSubject(bodyPrefix+m.Envelope.Body.ID+".>")); err != nil {
 			return fmt.Errorf("spool: delete body of %s: %w", m.Envelope.QueueID, err)
 		}
 	}
@@ -230,7 +230,7 @@ func (s *Spool) Scan(ctx context.Context, fn func(*Message) error) error {
 					return err
 				}
 			}
-			if md.Sequence.Stream >= last {
+			if md.Sequence.Stream >= last || md.NumPending == 0 {
 				return nil
 			}
 		}
@@ -241,4 +241,14 @@ func (s *Spool) Scan(ctx context.Context, fn func(*Message) error) error {
 			return nil
 		}
 	}
+}
+
+// QueueIDAt returns the queue ID of the envelope at stream sequence seq,
+// or "" if there is none (deleted, replaced, or a tombstone).
+func (s *Spool) QueueIDAt(ctx context.Context, seq uint64) string {
+	raw, err := s.queue.GetMsg(ctx, seq)
+	if err != nil || raw.Header.Get(HeaderTombstone) != "" {
+		return ""
+	}
+	return raw.Header.Get(HeaderQueueID)
 }

@@ -66,6 +66,9 @@ type Rcpt struct {
 
 // BodyRef locates a body and carries its digest.
 type BodyRef struct {
+	// ID names the body's chunks (jetmail.body.<ID>.<n>) and is the
+	// Nats-Msg-Id of the envelope: unique per transmission.
+	ID string `json:"id"`
 	// Size is the stored body size in octets (with our Received: header).
 	Size int64 `json:"size"`
 	// SHA256 is the hex digest of the stored body, checked on every read.

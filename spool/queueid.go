@@ -13,7 +13,7 @@ import (
 const crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 // idEpoch is the zero of the time part of queue IDs. 40 bits of milliseconds
-// from here last until the year 2059.
+// from here last until November 2058.
 var idEpoch = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
 
 // QueueIDLen is the length of a queue ID.

@@ -96,6 +96,15 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 	if cfg.DuplicateWindow <= 0 || cfg.PublishTimeout <= 0 || cfg.ChunkSize <= 0 {
 		return nil, errors.New("spool: duplicate window, publish timeout and chunk size must be positive")
 	}
+	if nc.Opts.ReconnectBufSize != -1 {
+		// A publish that timed out while NATS was away would sit in the
+		// reconnect buffer and be stored when the server comes back, after
+		// the client was told 451: mail queued behind its back.
+		return nil, errors.New("spool: the NATS connection must not buffer while reconnecting; connect with spool.NATSOptions() (nats.ReconnectBufSize(-1))")
+	}
+	if int64(cfg.ChunkSize) > nc.MaxPayload()-4096 {
+		return nil, fmt.Errorf("spool: chunk size %d does not fit in the server's max payload %d", cfg.ChunkSize, nc.MaxPayload())
+	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, err
@@ -156,11 +165,20 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 		History:     1,
 		Storage:     cfg.Storage,
 		Replicas:    cfg.Replicas,
+		// Lets the purge markers of finished messages expire (ClearState).
+		LimitMarkerTTL: time.Minute,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
 	}
 	return s, nil
+}
+
+// NATSOptions are the connection options the spool needs: publishes fail
+// at once while disconnected instead of being buffered (see Open), and the
+// connection reconnects forever.
+func NATSOptions() []nats.Option {
+	return []nats.Option{nats.ReconnectBufSize(-1), nats.MaxReconnects(-1), nats.ReconnectWait(250 * time.Millisecond)}
 }
 
 // Config returns the configuration the spool was opened with.

@@ -85,7 +85,11 @@ func loadPolicy(paths []string) (*policy.Relay, error) {
 	if err != nil {
 		return nil, err
 	}
-	return objs.Compile()
+	cfg, err := objs.Compile("")
+	if err != nil {
+		return nil, err
+	}
+	return cfg.Relay, nil
 }
 
 func (f *gatewayFlags) tlsConfig(log *zap.Logger, selfSignedFallback bool) (*smtpgw.Config, error) {

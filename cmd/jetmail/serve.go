@@ -56,7 +56,7 @@ loopback may relay and nobody else may send anywhere.`,
 			defer ns.Shutdown()
 			log.Info("embedded JetStream started", zap.String("data_dir", dataDir),
 				zap.Bool("fsync_before_ack", !noSync), zap.String("nats_listen", natsListen))
-			nc, err := nats.Connect("", nats.InProcessServer(ns), nats.Name("jetmail-serve"))
+			nc, err := nats.Connect("", append(spool.NATSOptions(), nats.InProcessServer(ns), nats.Name("jetmail-serve"))...)
 			if err != nil {
 				return err
 			}
@@ -105,7 +105,7 @@ func gatewayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			nc, err := nats.Connect(natsURL, nats.Name("jetmail-gateway"), nats.MaxReconnects(-1))
+			nc, err := nats.Connect(natsURL, append(spool.NATSOptions(), nats.Name("jetmail-gateway"))...)
 			if err != nil {
 				return fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
 			}

@@ -165,7 +165,7 @@ func TestServeKeepsTheQueueAcrossRestarts(t *testing.T) {
 	}
 
 	p2 := startServe(t, bin, dataDir)
-	nc, err := nats.Connect("nats://" + p2.natsA)
+	nc, err := nats.Connect("nats://"+p2.natsA, spool.NATSOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}

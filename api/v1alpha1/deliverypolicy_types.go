@@ -1,0 +1,109 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// DeliveryPolicy bounds and paces outbound delivery: timeouts, retries,
+// queue lifetime and concurrency. At most one exists.
+type DeliveryPolicy struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec DeliveryPolicySpec `json:"spec,omitempty"`
+}
+
+// DeliveryPolicySpec is the desired delivery policy.
+type DeliveryPolicySpec struct {
+	// Timeouts bound every outbound session.
+	// +optional
+	Timeouts *OutboundTimeouts `json:"timeouts,omitempty"`
+
+	// RetryIntervals are the waits between attempts for a deferred
+	// recipient; the last one repeats. Each wait gets up to 10% of random
+	// jitter. Default 5m, 10m, 20m, 40m, 80m, 2h: a first retry within 5
+	// minutes, three attempts in the first hour, then every 2 hours.
+	// +optional
+	RetryIntervals []metav1.Duration `json:"retryIntervals,omitempty"`
+
+	// QueueLifetime is how long a message may stay queued before what is
+	// still undelivered is bounced: qmail's queuelifetime, Postfix's
+	// maximal_queue_lifetime. Default 5 days.
+	// +optional
+	QueueLifetime *metav1.Duration `json:"queueLifetime,omitempty"`
+
+	// DelayWarning, when set, sends a "delayed" notification to the sender
+	// once a message has waited this long (Postfix's delay_warning_time).
+	// +optional
+	DelayWarning *metav1.Duration `json:"delayWarning,omitempty"`
+
+	// MaxSessions is the number of concurrent outbound sessions per
+	// deliverer. Default 100.
+	// +optional
+	MaxSessions *int32 `json:"maxSessions,omitempty"`
+
+	// MaxSessionsPerDestination is the number of concurrent sessions per
+	// destination (a domain's MX set, or a route). Default 20, like
+	// Postfix's default_destination_concurrency_limit.
+	// +optional
+	MaxSessionsPerDestination *int32 `json:"maxSessionsPerDestination,omitempty"`
+
+	// MessagesPerConnection is how many messages go over one reused
+	// connection before it is closed. Default 100.
+	// +optional
+	MessagesPerConnection *int32 `json:"messagesPerConnection,omitempty"`
+
+	// Port is the destination port for MX delivery. Default 25.
+	// +optional
+	Port *int32 `json:"port,omitempty"`
+
+	// LocalHosts are names and addresses of this cluster; an MX that
+	// points at one of them is skipped, so mail does not loop.
+	// +optional
+	LocalHosts []string `json:"localHosts,omitempty"`
+
+	// Postmaster receives failure notices for messages with a null sender
+	// (which are never bounced). Empty: they are logged and dropped.
+	// +optional
+	Postmaster string `json:"postmaster,omitempty"`
+}
+
+// OutboundTimeouts bound an outbound SMTP session. Defaults follow
+// RFC 5321 §4.5.3.2.
+type OutboundTimeouts struct {
+	// Connect bounds the TCP connection (qmail's timeoutconnect).
+	// Default 30s.
+	// +optional
+	Connect *metav1.Duration `json:"connect,omitempty"`
+	// Greeting bounds the wait for the 220 greeting. Default 5m.
+	// +optional
+	Greeting *metav1.Duration `json:"greeting,omitempty"`
+	// Mail bounds the reply to MAIL FROM. Default 5m.
+	// +optional
+	Mail *metav1.Duration `json:"mail,omitempty"`
+	// Rcpt bounds the reply to each RCPT TO. Default 5m.
+	// +optional
+	Rcpt *metav1.Duration `json:"rcpt,omitempty"`
+	// DataInit bounds the 354 reply to DATA. Default 2m.
+	// +optional
+	DataInit *metav1.Duration `json:"dataInit,omitempty"`
+	// DataBlock bounds sending each block of data. Default 3m.
+	// +optional
+	DataBlock *metav1.Duration `json:"dataBlock,omitempty"`
+	// DataDone bounds the reply to the final dot. Default 10m.
+	// +optional
+	DataDone *metav1.Duration `json:"dataDone,omitempty"`
+	// Session is the hard wall-clock limit of a whole session, however
+	// busy the remote keeps it: what qmail's timeoutremote should have
+	// been. Default 15m.
+	// +optional
+	Session *metav1.Duration `json:"session,omitempty"`
+	// MinDataRate is the slowest average rate, in bytes per second, at
+	// which the remote may take our data after DataRateGrace. Default 512.
+	// +optional
+	MinDataRate *int64 `json:"minDataRate,omitempty"`
+	// DataRateGrace is how long a transfer may run before MinDataRate
+	// applies. Default 30s.
+	// +optional
+	DataRateGrace *metav1.Duration `json:"dataRateGrace,omitempty"`
+}

@@ -1,0 +1,78 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// TLSPolicy says how a next hop is secured.
+// +kubebuilder:validation:Enum=none;opportunistic;required;verify
+type TLSPolicy string
+
+// TLS policies for outbound delivery.
+const (
+	// TLSNone never uses STARTTLS.
+	TLSNone TLSPolicy = "none"
+	// TLSOpportunistic uses STARTTLS when offered, without verifying the
+	// certificate, and falls back to plaintext if the handshake fails.
+	TLSOpportunistic TLSPolicy = "opportunistic"
+	// TLSRequired needs STARTTLS to succeed, without verification.
+	TLSRequired TLSPolicy = "required"
+	// TLSVerify needs STARTTLS with a certificate valid for the host name.
+	TLSVerify TLSPolicy = "verify"
+)
+
+// MailRoute sends mail for some domains to fixed next hops instead of their
+// MX hosts: qmail's smtproutes, Postfix's transport and relayhost.
+type MailRoute struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec MailRouteSpec `json:"spec,omitempty"`
+}
+
+// MailRouteSpec is the desired route.
+type MailRouteSpec struct {
+	// Domains are the recipient domains this route takes: "example.org"
+	// exactly, "*.example.org" for its subdomains, or "*" for every domain
+	// no other route takes (a smarthost). An exact domain wins over a
+	// wildcard, a longer wildcard over a shorter one.
+	// +kubebuilder:validation:MinItems=1
+	Domains []string `json:"domains"`
+
+	// NextHops are tried in order until one takes the mail: "host",
+	// "host:port" or "[192.0.2.1]:port". A host name is resolved with A and
+	// AAAA records only, never MX. Default port 25.
+	// +kubebuilder:validation:MinItems=1
+	NextHops []string `json:"nextHops"`
+
+	// TLS is the STARTTLS policy towards these hops. Default opportunistic.
+	// +optional
+	TLS TLSPolicy `json:"tls,omitempty"`
+
+	// Auth logs in to the next hop with SMTP AUTH (PLAIN, or LOGIN).
+	// +optional
+	Auth *RouteAuth `json:"auth,omitempty"`
+
+	// Timeouts override the DeliveryPolicy's for these hops.
+	// +optional
+	Timeouts *OutboundTimeouts `json:"timeouts,omitempty"`
+}
+
+// RouteAuth names the credentials for a next hop.
+type RouteAuth struct {
+	// SecretRef names a Secret (in the route's namespace) with the keys
+	// "username" and "password".
+	// +optional
+	SecretRef *SecretRef `json:"secretRef,omitempty"`
+
+	// File is a path to a file holding "username:password", for
+	// jetmail serve.
+	// +optional
+	File string `json:"file,omitempty"`
+}
+
+// SecretRef names a Secret in the object's namespace.
+type SecretRef struct {
+	// Name of the Secret.
+	Name string `json:"name"`
+}

@@ -1,0 +1,327 @@
+package policy_test
+
+import (
+	"encoding/base64"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/crypto/bcrypt"
+
+	"github.com/jetmail/jetmail/policy"
+)
+
+var (
+	hashOnce sync.Once
+	hashes   map[string]string
+)
+
+// hashFor returns a cheap bcrypt hash of the password, made once per test binary.
+func hashFor(t *testing.T, pass string) string {
+	t.Helper()
+	hashOnce.Do(func() {
+		hashes = map[string]string{}
+		for _, p := range []string{"s3cret", "hunter2", "colon:in:password"} {
+			h, err := bcrypt.GenerateFromPassword([]byte(p), bcrypt.MinCost)
+			if err != nil {
+				panic(err)
+			}
+			hashes[p] = string(h)
+		}
+	})
+	h, ok := hashes[pass]
+	if !ok {
+		t.Fatalf("no hash prepared for %q", pass)
+	}
+	return h
+}
+
+func writeFile(t *testing.T, dir, name, content string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+const relayDoc = `apiVersion: mail.jetmail.io/v1alpha1
+kind: RelayPolicy
+metadata:
+  name: %s
+  namespace: mail
+spec:
+  acceptedDomains: [%s]
+`
+
+func relayYAML(name, domain string) string {
+	return strings.Replace(strings.Replace(relayDoc, "%s", name, 1), "%s", domain, 1)
+}
+
+func TestLoadFilesReadsEveryDocumentOfAMultiDocumentFile(t *testing.T) {
+	dir := t.TempDir()
+	f := writeFile(t, dir, "all.yaml", "# leading comment\n---\n"+relayYAML("one", "one.example")+
+		"---\n"+relayYAML("two", "two.example")+"--- \r\n\n---\n# only a comment\n")
+	objs, err := policy.LoadFiles([]string{f})
+	if err != nil {
+		t.Fatalf("LoadFiles: %v", err)
+	}
+	if len(objs.RelayPolicies) != 2 || objs.RelayPolicies[0].Name != "one" || objs.RelayPolicies[1].Name != "two" {
+		t.Fatalf("loaded %+v; want RelayPolicies one and two in file order", objs.RelayPolicies)
+	}
+	r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Accepts("one.example") || !r.Accepts("two.example") {
+		t.Fatal("the compiled policy lost a document")
+	}
+}
+
+func TestLoadFilesDescendsIntoFoldersAndSkipsOtherFiles(t *testing.T) {
+	dir := t.TempDir()
+	writeFile(t, dir, "b.yml", relayYAML("from-yml", "yml.example"))
+	writeFile(t, dir, "a.yaml", relayYAML("from-yaml", "yaml.example"))
+	writeFile(t, dir, "sub/c.json", `{"apiVersion":"mail.jetmail.io/v1alpha1","kind":"RelayPolicy",`+
+		`"metadata":{"name":"from-json"},"spec":{"acceptedDomains":["json.example"]}}`)
+	writeFile(t, dir, "UPPER.YAML", relayYAML("from-upper", "upper.example"))
+	writeFile(t, dir, "notes.txt", "this is not YAML: [")
+	writeFile(t, dir, "README", "kind: Nonsense")
+	objs, err := policy.LoadFiles([]string{dir})
+	if err != nil {
+		t.Fatalf("LoadFiles(%s): %v", dir, err)
+	}
+	var names []string
+	for _, o := range objs.RelayPolicies {
+		names = append(names, o.Name)
+	}
+	if got := strings.Join(names, ","); got != "from-upper,from-yaml,from-yml,from-json" {
+		t.Fatalf("loaded %s; want the .yaml/.yml/.json files in lexical order", got)
+	}
+}
+
+func TestLoadFilesErrors(t *testing.T) {
+	for name, tc := range map[string]struct {
+		content string
+		want    []string
+	}{
+		"an unknown kind names the file, the document and the kind": {
+			relayYAML("ok", "ok.example") + "---\napiVersion: mail.jetmail.io/v1alpha1\nkind: MailRute\nmetadata:\n  name: x\n",
+			[]string{"bad.yaml", "document 2", "MailRute"}},
+		"a known kind of another API version is refused": {
+			"apiVersion: mail.jetmail.io/v1\nkind: RelayPolicy\nmetadata:\n  name: x\n",
+			[]string{"bad.yaml", "document 1", "mail.jetmail.io/v1"}},
+		"an unknown field is refused (strict decoding)": {
+			"apiVersion: mail.jetmail.io/v1alpha1\nkind: RelayPolicy\nmetadata:\n  name: x\nspec:\n  acceptedDomain: [typo.example]\n",
+			[]string{"bad.yaml", "document 1", "acceptedDomain"}},
+		"an unknown field in a Secret is refused": {
+			"apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringDatum:\n  users: x\n",
+			[]string{"bad.yaml", "document 1", "stringDatum"}},
+		"a field name in the wrong case is refused, as the API server does": {
+			"apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringdata:\n  users: x\n",
+			[]string{"bad.yaml", "document 1", "stringdata"}},
+		"a spec field name in the wrong case is refused, as the API server does": {
+			"apiVersion: mail.jetmail.io/v1alpha1\nkind: RelayPolicy\nmetadata:\n  name: x\nspec:\n  AcceptedDomains: [a.example]\n",
+			[]string{"bad.yaml", "document 1", "AcceptedDomains"}},
+		"a duplicated key is refused": {
+			"apiVersion: mail.jetmail.io/v1alpha1\nkind: RelayPolicy\nmetadata:\n  name: x\nspec:\n  maxRecipients: 100\n  maxRecipients: 200\n",
+			[]string{"bad.yaml", "document 1", "maxRecipients"}},
+		"a RelayPolicy without metadata.name is refused": {
+			"apiVersion: mail.jetmail.io/v1alpha1\nkind: RelayPolicy\nmetadata:\n  namespace: mail\nspec: {}\n",
+			[]string{"bad.yaml", "document 1", "metadata.name"}},
+		"a document that is not YAML is refused": {
+			"apiVersion: [unclosed\n",
+			[]string{"bad.yaml", "document 1"}},
+		"a field of the wrong type is refused": {
+			"apiVersion: mail.jetmail.io/v1alpha1\nkind: RelayPolicy\nmetadata:\n  name: x\nspec:\n  maxRecipients: lots\n",
+			[]string{"bad.yaml", "document 1"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := writeFile(t, t.TempDir(), "bad.yaml", tc.content)
+			objs, err := policy.LoadFiles([]string{f})
+			if err == nil {
+				t.Fatalf("LoadFiles succeeded: %+v", objs)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Fatalf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+	if _, err := policy.LoadFiles([]string{filepath.Join(t.TempDir(), "missing.yaml")}); err == nil {
+		t.Fatal("LoadFiles of a missing file succeeded")
+	}
+}
+
+func authPolicy(secret, key string) string {
+	return `apiVersion: mail.jetmail.io/v1alpha1
+kind: RelayPolicy
+metadata:
+  name: submission
+  namespace: mail
+spec:
+  auth:
+    usersSecretRef:
+      name: ` + secret + `
+      key: ` + key + `
+`
+}
+
+func TestAuthUsersFromASecret(t *testing.T) {
+	alice, bob := hashFor(t, "s3cret"), hashFor(t, "hunter2")
+	users := "# htpasswd -B\nalice:" + alice + "\n\n  bob:" + bob + "  \r\n"
+	for name, secret := range map[string]string{
+		"users in stringData": "apiVersion: v1\nkind: Secret\nmetadata:\n  name: smtp-users\n  namespace: mail\n" +
+			"stringData:\n  users: |\n" + indent(users, "    "),
+		"users in base64 data": "apiVersion: v1\nkind: Secret\nmetadata:\n  name: smtp-users\n  namespace: mail\n" +
+			"data:\n  users: " + base64.StdEncoding.EncodeToString([]byte(users)) + "\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := writeFile(t, t.TempDir(), "auth.yaml", authPolicy("smtp-users", "users")+"---\n"+secret)
+			objs, err := policy.LoadFiles([]string{f})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup())
+			if err != nil {
+				t.Fatalf("Compile: %v", err)
+			}
+			if !r.HasUsers() {
+				t.Fatal("HasUsers() = false with two users")
+			}
+			for _, tc := range []struct {
+				user, pass string
+				want       bool
+			}{
+				{"alice", "s3cret", true},
+				{"bob", "hunter2", true},
+				{"alice", "hunter2", false},
+				{"alice", "S3cret", false},
+				{"alice", "", false},
+				{"Alice", "s3cret", false},
+				{"carol", "s3cret", false},
+				{"", "", false},
+			} {
+				if got := r.Authenticate(tc.user, tc.pass); got != tc.want {
+					t.Errorf("Authenticate(%q, %q) = %v; want %v", tc.user, tc.pass, got, tc.want)
+				}
+			}
+		})
+	}
+}
+
+func TestAuthUsersFromAFile(t *testing.T) {
+	dir := t.TempDir()
+	uf := writeFile(t, dir, "users.htpasswd", "carol:"+hashFor(t, "colon:in:password")+"\n")
+	f := writeFile(t, dir, "p.yaml", "apiVersion: mail.jetmail.io/v1alpha1\nkind: RelayPolicy\nmetadata:\n  name: f\n"+
+		"spec:\n  auth:\n    allowInsecure: true\n    usersFile: "+uf+"\n")
+	objs, err := policy.LoadFiles([]string{f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Authenticate("carol", "colon:in:password") || r.Authenticate("carol", "colon") || !r.AllowInsecureAuth {
+		t.Fatal("users file not honoured")
+	}
+}
+
+func TestAuthConfigurationErrors(t *testing.T) {
+	good := hashFor(t, "s3cret")
+	secret := func(users string) string {
+		return "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: smtp-users\n  namespace: mail\nstringData:\n  users: |\n" + indent(users, "    ")
+	}
+	for name, tc := range map[string]struct {
+		docs string
+		want []string
+	}{
+		"a Secret that does not exist": {
+			authPolicy("nope", "users") + secret("alice:"+good+"\n"),
+			[]string{"RelayPolicy mail/submission", "usersSecretRef", "nope"}},
+		"a Secret without the key": {
+			authPolicy("smtp-users", "other") + secret("alice:"+good+"\n"),
+			[]string{"RelayPolicy mail/submission", "usersSecretRef", "other"}},
+		"a Secret in another namespace": {
+			authPolicy("smtp-users", "users") + strings.Replace(secret("alice:"+good+"\n"), "namespace: mail", "namespace: elsewhere", 1),
+			[]string{"RelayPolicy mail/submission", "not found"}},
+		"a users line without a colon": {
+			authPolicy("smtp-users", "users") + secret("alice:"+good+"\nbob\n"),
+			[]string{"RelayPolicy mail/submission", "spec.auth", "line 2"}},
+		"a users line without a user name": {
+			authPolicy("smtp-users", "users") + secret(":"+good+"\n"),
+			[]string{"RelayPolicy mail/submission", "line 1"}},
+		"a plain-text password instead of a hash": {
+			authPolicy("smtp-users", "users") + secret("alice:s3cret\n"),
+			[]string{"RelayPolicy mail/submission", "line 1", "alice", "bcrypt"}},
+		"a SHA-crypt hash instead of bcrypt": {
+			authPolicy("smtp-users", "users") + secret("alice:$6$salt$abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUV\n"),
+			[]string{"RelayPolicy mail/submission", "alice", "bcrypt"}},
+		"both a Secret and a file": {
+			strings.Replace(authPolicy("smtp-users", "users"), "    usersSecretRef:", "    usersFile: /etc/x\n    usersSecretRef:", 1) + secret("alice:"+good+"\n"),
+			[]string{"RelayPolicy mail/submission", "spec.auth", "not both"}},
+		"a users file that does not exist": {
+			"apiVersion: mail.jetmail.io/v1alpha1\nkind: RelayPolicy\nmetadata:\n  name: f\nspec:\n  auth:\n    usersFile: /nonexistent/jetmail-users\n",
+			[]string{"RelayPolicy/f", "spec.auth.usersFile"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := writeFile(t, t.TempDir(), "auth.yaml", tc.docs)
+			objs, err := policy.LoadFiles([]string{f})
+			if err != nil {
+				t.Fatalf("LoadFiles: %v", err)
+			}
+			r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup())
+			if err == nil {
+				t.Fatalf("Compile succeeded: %+v", r)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Fatalf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestParseUsers(t *testing.T) {
+	h := hashFor(t, "hunter2")
+	users, err := policy.ParseUsers([]byte("# comment\n\nbob:" + h + "\n   # indented comment\n"))
+	if err != nil || len(users) != 1 || string(users["bob"]) != h {
+		t.Fatalf("ParseUsers = %v, %v", users, err)
+	}
+	if _, err := policy.ParseUsers([]byte("bob:$2a$04$short\n")); err == nil {
+		t.Fatal("a truncated bcrypt hash was accepted")
+	}
+}
+
+func TestCompileRelayWithoutSecretsRefusesASecretRef(t *testing.T) {
+	f := writeFile(t, t.TempDir(), "p.yaml", authPolicy("smtp-users", "users"))
+	objs, err := policy.LoadFiles([]string{f})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := policy.CompileRelay(objs.RelayPolicies, nil); err == nil || !strings.Contains(err.Error(), "usersSecretRef") {
+		t.Fatalf("CompileRelay without a Secret lookup = %v; want an error about usersSecretRef", err)
+	}
+}
+
+func indent(s, prefix string) string {
+	var b strings.Builder
+	for _, line := range strings.SplitAfter(s, "\n") {
+		if line == "" {
+			continue
+		}
+		b.WriteString(prefix + line)
+	}
+	if !strings.HasSuffix(b.String(), "\n") {
+		b.WriteString("\n")
+	}
+	return b.String()
+}

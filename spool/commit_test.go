@@ -1,0 +1,453 @@
+package spool_test
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/jetmail/jetmail/spool"
+)
+
+func TestCommitScanReadBodyRoundTripForAnInlineBody(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	body := []byte("Received: from client.example.net\r\nSubject: hi\r\n\r\nHello, Bob.\r\n")
+	env := newEnvelope(spool.NewQueueID(time.Now()))
+	want := *env
+
+	res := mustCommit(t, sp, env, body, "")
+	if res.Duplicate || res.QueueID != env.QueueID || res.Sequence == 0 {
+		t.Fatalf("Commit = %+v; want a new mail %s with a sequence", res, env.QueueID)
+	}
+
+	msgs := scanAll(t, sp)
+	if len(msgs) != 1 {
+		t.Fatalf("Scan found %d mails; want 1", len(msgs))
+	}
+	m := msgs[0]
+	if m.Tombstone || m.Sequence != res.Sequence || m.Subject == "" {
+		t.Fatalf("scanned message: tombstone %v sequence %d subject %q; want a live mail at sequence %d",
+			m.Tombstone, m.Sequence, m.Subject, res.Sequence)
+	}
+	if m.Envelope.Body.Chunks != 0 {
+		t.Fatalf("a %d-octet body was chunked into %d chunks; want inline", len(body), m.Envelope.Body.Chunks)
+	}
+	sum := sha256.Sum256(body)
+	want.Body = spool.BodyRef{ID: m.Envelope.Body.ID, Size: int64(len(body)), SHA256: hex.EncodeToString(sum[:])}
+	if !strings.HasPrefix(want.Body.ID, want.QueueID+"-") {
+		t.Fatalf("body ID %q is not the queue ID plus a suffix", want.Body.ID)
+	}
+	if !reflect.DeepEqual(m.Envelope, want) {
+		t.Fatalf("envelope read back\n%+v\nwant\n%+v", m.Envelope, want)
+	}
+	got, err := sp.ReadBody(ctxT(t), m)
+	if err != nil {
+		t.Fatalf("ReadBody: %v", err)
+	}
+	sameBytes(t, "inline body", got, body)
+
+	// Get by subject returns the same mail.
+	byGet, err := sp.Get(ctxT(t), m.Subject)
+	if err != nil {
+		t.Fatalf("Get(%s): %v", m.Subject, err)
+	}
+	if !reflect.DeepEqual(byGet.Envelope, want) || byGet.Sequence != m.Sequence {
+		t.Fatalf("Get returned %+v; want the scanned mail", byGet)
+	}
+}
+
+func TestCommitOfAnEmptyBodyRoundTrips(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	env := newEnvelope(spool.NewQueueID(time.Now()))
+	mustCommit(t, sp, env, nil, "")
+	m, got := readBack(t, sp, env.QueueID)
+	if len(got) != 0 || m.Envelope.Body.Size != 0 {
+		t.Fatalf("empty body read back as %d octets, size %d", len(got), m.Envelope.Body.Size)
+	}
+}
+
+func TestA20MiBBodyIsChunkedAndReadsBackIdentical(t *testing.T) {
+	sp, _, nc := newSpool(t, testConfig())
+	if nc.MaxPayload() != 1<<20 {
+		t.Fatalf("test assumes the default 1 MiB max payload, server says %d", nc.MaxPayload())
+	}
+	data := pattern(20<<20, 7)
+	env := newEnvelope(spool.NewQueueID(time.Now()))
+	mustCommit(t, sp, env, data, "")
+
+	m, got := readBack(t, sp, env.QueueID)
+	wantChunks := (20<<20 + sp.Config().ChunkSize - 1) / sp.Config().ChunkSize
+	if m.Envelope.Body.Chunks != wantChunks {
+		t.Fatalf("20 MiB body stored in %d chunks; want %d of %d octets", m.Envelope.Body.Chunks, wantChunks, sp.Config().ChunkSize)
+	}
+	sum := sha256.Sum256(data)
+	if m.Envelope.Body.SHA256 != hex.EncodeToString(sum[:]) || m.Envelope.Body.Size != int64(len(data)) {
+		t.Fatalf("body ref %+v does not describe the 20 MiB written", m.Envelope.Body)
+	}
+	sameBytes(t, "20 MiB body", got, data)
+	if n := streamMsgs(t, sp.JetStream(), spool.BodyStream, "jetmail.body."+env.Body.ID+".>"); n != uint64(wantChunks) {
+		t.Fatalf("body stream holds %d chunks of %s; want %d", n, env.QueueID, wantChunks)
+	}
+}
+
+func TestABodyJustOverTheInlineLimitIsChunked(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	for name, size := range map[string]int{
+		"a body of exactly InlineMax octets stays inline": sp.InlineMax(),
+		"a body one octet over InlineMax is chunked":      sp.InlineMax() + 1,
+	} {
+		t.Run(name, func(t *testing.T) {
+			data := pattern(size, 3)
+			env := newEnvelope(spool.NewQueueID(time.Now()))
+			mustCommit(t, sp, env, data, "")
+			m, got := readBack(t, sp, env.QueueID)
+			if chunked := m.Envelope.Body.Chunks > 0; chunked != (size > sp.InlineMax()) {
+				t.Fatalf("%d octets (InlineMax %d): %d chunks", size, sp.InlineMax(), m.Envelope.Body.Chunks)
+			}
+			sameBytes(t, "body", got, data)
+		})
+	}
+}
+
+func TestACorruptedChunkFailsTheDigestCheck(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	data := pattern(3<<20, 11)
+	env := newEnvelope(spool.NewQueueID(time.Now()))
+	mustCommit(t, sp, env, data, "")
+	m, _ := readBack(t, sp, env.QueueID)
+	if m.Envelope.Body.Chunks < 4 {
+		t.Fatalf("3 MiB body has %d chunks; the test needs at least 4", m.Envelope.Body.Chunks)
+	}
+
+	// Same length, one flipped octet: only the digest can tell.
+	subj := fmt.Sprintf("jetmail.body.%s.%d", m.Envelope.Body.ID, 2)
+	orig, err := getLast(t, sp, spool.BodyStream, subj)
+	if err != nil {
+		t.Fatalf("read chunk %s: %v", subj, err)
+	}
+	bad := append([]byte(nil), orig.Data...)
+	bad[len(bad)/2] ^= 0x20
+	if _, err := sp.JetStream().Publish(ctxT(t), subj, bad); err != nil {
+		t.Fatalf("overwrite chunk %s: %v", subj, err)
+	}
+	if n := streamMsgs(t, sp.JetStream(), spool.BodyStream, subj); n != 1 {
+		t.Fatalf("chunk subject holds %d messages after overwrite; want 1 (MaxMsgsPerSubject)", n)
+	}
+
+	_, err = sp.ReadBody(ctxT(t), m)
+	if !errors.Is(err, spool.ErrBodyCorrupt) {
+		t.Fatalf("ReadBody of a corrupted chunk = %v; want ErrBodyCorrupt", err)
+	}
+
+	// A chunk that is gone is an error too, never a short body.
+	if err := purgeSubject(t, sp, subj); err != nil {
+		t.Fatal(err)
+	}
+	if body, err := sp.ReadBody(ctxT(t), m); err == nil {
+		t.Fatalf("ReadBody with a missing chunk returned %d octets and no error", len(body))
+	}
+}
+
+func TestACorruptedInlineBodyFailsTheDigestCheck(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	env := newEnvelope(spool.NewQueueID(time.Now()))
+	mustCommit(t, sp, env, []byte("Subject: x\r\n\r\nThe body.\r\n"), "")
+	m, _ := readBack(t, sp, env.QueueID)
+	raw, err := getLast(t, sp, spool.QueueStream, m.Subject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, tamper := range map[string]func([]byte) []byte{
+		"a flipped octet in the body": func(d []byte) []byte { d[len(d)-3] ^= 1; return d },
+		"a truncated body":            func(d []byte) []byte { return d[:len(d)-1] },
+		"an extra octet":              func(d []byte) []byte { return append(d, 'x') },
+	} {
+		t.Run(name, func(t *testing.T) {
+			data := tamper(append([]byte(nil), raw.Data...))
+			dm, err := spool.Decode(raw.Subject, raw.Sequence, raw.Header, data)
+			if err != nil {
+				t.Fatalf("Decode: %v", err)
+			}
+			if _, err := sp.ReadBody(ctxT(t), dm); !errors.Is(err, spool.ErrBodyCorrupt) {
+				t.Fatalf("ReadBody = %v; want ErrBodyCorrupt", err)
+			}
+		})
+	}
+	if _, err := spool.Decode(raw.Subject, raw.Sequence, raw.Header, []byte(`{"queueId":"x"}`)); err == nil {
+		t.Fatal("Decode of an envelope without its newline separator succeeded")
+	}
+}
+
+func TestDuplicateGuard(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	next := queueIDs()
+	guardA := spool.Fingerprint("a@example.net", []string{"b@example.org"}, []byte("d1"))
+	guardB := spool.Fingerprint("a@example.net", []string{"b@example.org"}, []byte("d2"))
+	for name, tc := range map[string]struct {
+		first, second string
+		duplicate     bool
+	}{
+		"a second commit with the same guard is a duplicate": {guardA, guardA, true},
+		"commits with different guards are both stored":      {guardA + "0", guardB, false},
+		"an empty guard never deduplicates":                  {"", "", false},
+	} {
+		t.Run(name, func(t *testing.T) {
+			before := len(scanAll(t, sp))
+			e1, e2 := newEnvelope(next()), newEnvelope(next())
+			r1 := mustCommit(t, sp, e1, []byte("same body\r\n"), tc.first)
+			r2 := mustCommit(t, sp, e2, []byte("same body\r\n"), tc.second)
+			if r1.Duplicate || r1.QueueID != e1.QueueID {
+				t.Fatalf("first commit = %+v; want new mail %s", r1, e1.QueueID)
+			}
+			added := len(scanAll(t, sp)) - before
+			if tc.duplicate {
+				if !r2.Duplicate || r2.QueueID != e1.QueueID || r2.Sequence != r1.Sequence {
+					t.Fatalf("second commit = %+v; want duplicate of %s at %d", r2, e1.QueueID, r1.Sequence)
+				}
+				if added != 1 {
+					t.Fatalf("%d mails queued for two commits of one transmission; want 1", added)
+				}
+				if findQueued(t, sp, e2.QueueID) != nil {
+					t.Fatalf("the duplicate %s is in the queue", e2.QueueID)
+				}
+				return
+			}
+			if r2.Duplicate || r2.QueueID != e2.QueueID {
+				t.Fatalf("second commit = %+v; want new mail %s", r2, e2.QueueID)
+			}
+			if added != 2 {
+				t.Fatalf("%d mails queued; want 2", added)
+			}
+		})
+	}
+}
+
+func TestADuplicateOfAChunkedMailLeavesNoChunksBehind(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	next := queueIDs()
+	data := pattern(2<<20, 5)
+	guard := guardFor(1)
+	e1, e2 := newEnvelope(next()), newEnvelope(next())
+	mustCommit(t, sp, e1, data, guard)
+	r2 := mustCommit(t, sp, e2, data, guard)
+	if !r2.Duplicate || r2.QueueID != e1.QueueID {
+		t.Fatalf("second commit = %+v; want duplicate of %s", r2, e1.QueueID)
+	}
+	if n := streamMsgs(t, sp.JetStream(), spool.BodyStream, "jetmail.body."+e2.Body.ID+".>"); n != 0 {
+		t.Fatalf("%d chunks of the refused duplicate %s remain", n, e2.QueueID)
+	}
+	_, got := readBack(t, sp, e1.QueueID)
+	sameBytes(t, "original body", got, data)
+}
+
+func TestEightGatewaysCommittingTheSameTransmissionQueueItOnce(t *testing.T) {
+	sp, s, _ := newSpool(t, testConfig())
+	const n = 8
+	// One connection and spool handle per "gateway", as in a cluster.
+	spools := make([]*spool.Spool, n)
+	for i := range spools {
+		spools[i] = openSpool(t, connect(t, s), testConfig())
+	}
+	guard := guardFor(8)
+	next := queueIDs()
+	envs := make([]*spool.Envelope, n)
+	bodies := make([]*spool.Body, n)
+	for i := range envs {
+		envs[i] = newEnvelope(next())
+		var err error
+		bodies[i], err = writeBody(t, spools[i], envs[i].QueueID, []byte("racing body\r\n"), 1024)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	results := make([]spool.Result, n)
+	errs := make([]error, n)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			results[i], errs[i] = spools[i].Commit(ctxT(t), envs[i], bodies[i], guard)
+		}()
+	}
+	close(start)
+	wg.Wait()
+
+	winner := -1
+	for i := 0; i < n; i++ {
+		if errs[i] != nil {
+			t.Fatalf("commit %d: %v", i, errs[i])
+		}
+		if !results[i].Duplicate {
+			if winner >= 0 {
+				t.Fatalf("commits %d and %d both stored the transmission", winner, i)
+			}
+			winner = i
+		}
+	}
+	if winner < 0 {
+		t.Fatal("every commit reported a duplicate; none stored the transmission")
+	}
+	for i, r := range results {
+		if r.QueueID != envs[winner].QueueID {
+			t.Fatalf("commit %d answered queue ID %s; the stored one is %s", i, r.QueueID, envs[winner].QueueID)
+		}
+	}
+	msgs := scanAll(t, sp)
+	if len(msgs) != 1 || msgs[0].Envelope.QueueID != envs[winner].QueueID {
+		t.Fatalf("queue holds %d mails after the race; want only %s", len(msgs), envs[winner].QueueID)
+	}
+}
+
+func TestCompleteLeavesATombstoneThatKeepsTheGuard(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	next := queueIDs()
+	guard := guardFor(2)
+	data := pattern(2<<20, 9) // chunked, so Complete has chunks to delete
+	e1 := newEnvelope(next())
+	mustCommit(t, sp, e1, data, guard)
+	other := newEnvelope(next())
+	mustCommit(t, sp, other, []byte("unrelated\r\n"), "")
+
+	m := findQueued(t, sp, e1.QueueID)
+	if m == nil || m.Envelope.Body.Chunks == 0 {
+		t.Fatalf("chunked mail %s not queued as chunked: %+v", e1.QueueID, m)
+	}
+	if err := sp.Complete(ctxT(t), m); err != nil {
+		t.Fatalf("Complete: %v", err)
+	}
+
+	if findQueued(t, sp, e1.QueueID) != nil {
+		t.Fatalf("Scan still lists %s after Complete", e1.QueueID)
+	}
+	if findQueued(t, sp, other.QueueID) == nil {
+		t.Fatalf("Complete of %s removed the unrelated %s", e1.QueueID, other.QueueID)
+	}
+	if n := streamMsgs(t, sp.JetStream(), spool.BodyStream, "jetmail.body."+e1.Body.ID+".>"); n != 0 {
+		t.Fatalf("%d chunks of %s remain after Complete", n, e1.QueueID)
+	}
+	tomb, err := sp.Get(ctxT(t), m.Subject)
+	if err != nil {
+		t.Fatalf("Get tombstone: %v", err)
+	}
+	if !tomb.Tombstone || tomb.Envelope.QueueID != e1.QueueID {
+		t.Fatalf("record after Complete = %+v; want a tombstone naming %s", tomb, e1.QueueID)
+	}
+	if _, err := sp.ReadBody(ctxT(t), tomb); err == nil {
+		t.Fatal("ReadBody of a tombstone succeeded")
+	}
+
+	retry := newEnvelope(next())
+	r := mustCommit(t, sp, retry, data, guard)
+	if !r.Duplicate || r.QueueID != e1.QueueID {
+		t.Fatalf("retransmission after delivery = %+v; want a duplicate of %s", r, e1.QueueID)
+	}
+	if findQueued(t, sp, retry.QueueID) != nil {
+		t.Fatalf("the retransmission %s was queued", retry.QueueID)
+	}
+
+	// Completing from a stale copy must not overwrite the tombstone.
+	if err := sp.Complete(ctxT(t), m); err == nil {
+		t.Fatal("a second Complete from the same stale message succeeded")
+	}
+}
+
+func TestTheTombstoneExpiresWithTheDuplicateWindow(t *testing.T) {
+	cfg := testConfig()
+	cfg.DuplicateWindow = time.Second
+	sp, _, _ := newSpool(t, cfg)
+	next := queueIDs()
+	guard := guardFor(3)
+	e1 := newEnvelope(next())
+	mustCommit(t, sp, e1, []byte("body\r\n"), guard)
+	m := findQueued(t, sp, e1.QueueID)
+	if err := sp.Complete(ctxT(t), m); err != nil {
+		t.Fatalf("Complete: %v", err)
+	}
+	start := time.Now()
+	var fresh spool.Result
+	eventually(t, 15*time.Second, "the guard to expire after the duplicate window", func() bool {
+		fresh = mustCommit(t, sp, newEnvelope(next()), []byte("body\r\n"), guard)
+		return !fresh.Duplicate
+	})
+	if waited := time.Since(start); waited < 500*time.Millisecond {
+		t.Fatalf("the guard expired after %s; the window is %s", waited, cfg.DuplicateWindow)
+	}
+	if findQueued(t, sp, fresh.QueueID) == nil {
+		t.Fatalf("the new transmission %s is not queued", fresh.QueueID)
+	}
+	if got := len(scanAll(t, sp)); got != 1 {
+		t.Fatalf("queue holds %d mails; want only the new transmission", got)
+	}
+}
+
+// Two gateways can mint the same queue ID in the same millisecond (30 random
+// bits; at 5,000 mails per second across a cluster that is roughly once a
+// day). The package promises that this turns into a retry, never an
+// overwrite and never a lost mail.
+func TestTwoMailsMintedWithTheSameQueueIDNeverLoseEitherBody(t *testing.T) {
+	for name, tc := range map[string]struct {
+		guard1, guard2 string
+		size           int
+	}{
+		"two unguarded inline mails":                           {"", "", 1 << 10},
+		"two guarded inline mails with different fingerprints": {guardFor(20), guardFor(21), 1 << 10},
+		"two unguarded chunked mails":                          {"", "", 2 << 20},
+	} {
+		t.Run(name, func(t *testing.T) {
+			sp, _, _ := newSpool(t, testConfig())
+			qid := spool.NewQueueID(time.Now())
+			first, second := pattern(tc.size, 1), pattern(tc.size, 2)
+			mustCommit(t, sp, newEnvelope(qid), first, tc.guard1)
+			r, err := commit(t, sp, newEnvelope(qid), second, tc.guard2)
+
+			var bodies [][]byte
+			for _, m := range scanAll(t, sp) {
+				b, rerr := sp.ReadBody(ctxT(t), m)
+				if rerr != nil {
+					t.Fatalf("after the collision, mail %s at %s is unreadable: %v", m.Envelope.QueueID, m.Subject, rerr)
+				}
+				bodies = append(bodies, b)
+			}
+			if len(bodies) == 0 || string(bodies[0]) != string(first) {
+				t.Fatalf("the first mail is gone or changed after a second commit under its queue ID")
+			}
+			if err != nil {
+				return // refused: the gateway answers 4xx and the client retries
+			}
+			if r.Duplicate {
+				t.Fatalf("a different mail under the same queue ID was reported as a duplicate: %+v", r)
+			}
+			if len(bodies) != 2 || string(bodies[1]) != string(second) {
+				t.Fatalf("second commit under queue ID %s returned success %+v, but the queue holds %d mails and not its body", qid, r, len(bodies))
+			}
+		})
+	}
+}
+
+func purgeSubject(t testing.TB, sp *spool.Spool, subj string) error {
+	t.Helper()
+	st, err := sp.JetStream().Stream(ctxT(t), spool.BodyStream)
+	if err != nil {
+		return err
+	}
+	return st.Purge(ctxT(t), jetstream.WithPurgeSubject(subj))
+}
+
+func getLast(t testing.TB, sp *spool.Spool, stream, subj string) (*jetstream.RawStreamMsg, error) {
+	t.Helper()
+	st, err := sp.JetStream().Stream(ctxT(t), stream)
+	if err != nil {
+		return nil, err
+	}
+	return st.GetLastMsgForSubject(ctxT(t), subj)
+}

@@ -1,0 +1,83 @@
+package spool
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Delivery states of a recipient.
+const (
+	RcptQueued    = "queued"
+	RcptDelivered = "delivered"
+	RcptDeferred  = "deferred"
+	RcptFailed    = "failed"
+)
+
+// DeliveryState is what deliverers know about a queued message beyond its
+// envelope: attempts and per-recipient results. It lives in JETMAIL_STATE
+// under the queue ID, so the queue tools can read it without asking a
+// deliverer. A message delivered at the first attempt never gets one.
+type DeliveryState struct {
+	QueueID     string      `json:"queueId"`
+	Attempts    int         `json:"attempts"`
+	LastAttempt time.Time   `json:"lastAttempt,omitempty"`
+	NextAttempt time.Time   `json:"nextAttempt,omitempty"`
+	DelayWarned bool        `json:"delayWarned,omitempty"`
+	Rcpts       []RcptState `json:"rcpts"`
+	// Bounced is set once the failure notice for Failed recipients has
+	// been queued, so a redelivered message does not send it twice.
+	Bounced []string `json:"bounced,omitempty"`
+}
+
+// RcptState is one recipient's delivery state.
+type RcptState struct {
+	Addr        string    `json:"addr"`
+	Status      string    `json:"status"`
+	Attempts    int       `json:"attempts,omitempty"`
+	Code        int       `json:"code,omitempty"`
+	Enhanced    string    `json:"enhanced,omitempty"`
+	Text        string    `json:"text,omitempty"`
+	RemoteMTA   string    `json:"remoteMta,omitempty"`
+	LastAttempt time.Time `json:"lastAttempt,omitempty"`
+}
+
+// LoadState returns the delivery state of qid, or nil if it has none.
+func (s *Spool) LoadState(ctx context.Context, qid string) (*DeliveryState, error) {
+	e, err := s.state.Get(ctx, qid)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("spool: load state of %s: %w", qid, err)
+	}
+	var st DeliveryState
+	if err := json.Unmarshal(e.Value(), &st); err != nil {
+		return nil, fmt.Errorf("spool: decode state of %s: %w", qid, err)
+	}
+	return &st, nil
+}
+
+// SaveState stores the delivery state of a message.
+func (s *Spool) SaveState(ctx context.Context, st *DeliveryState) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	if _, err := s.state.Put(ctx, st.QueueID, b); err != nil {
+		return fmt.Errorf("spool: save state of %s: %w", st.QueueID, err)
+	}
+	return nil
+}
+
+// ClearState removes the delivery state of a finished message.
+func (s *Spool) ClearState(ctx context.Context, qid string) error {
+	if err := s.state.Purge(ctx, qid, jetstream.PurgeTTL(time.Minute)); err != nil {
+		return fmt.Errorf("spool: clear state of %s: %w", qid, err)
+	}
+	return nil
+}
