@@ -19,8 +19,8 @@ import (
 //   - connection limits, checked when go-smtp writes the greeting, so a
 //     refused client gets 421 4.7.0 instead of a silent close;
 //   - the error budget and reply accounting, on plaintext replies;
-//   - the CRLF.CR smuggling pattern that go-smtp's dot-unstuffing would
-//     otherwise hide (plaintext only; see smuggled).
+//   - bare CR or LF during DATA, refused at the first such byte (plaintext
+//     only; see checkEOL).
 type conn struct {
 	net.Conn
 	g *Gateway
@@ -40,9 +40,10 @@ type conn struct {
 	tlsStarted     bool
 	errors         int
 	maxErrors      int
-	smuggleHits    int
-	tail           [4]byte // last bytes read, for patterns across reads
-	tailLen        int
+	prevCR         bool  // the last byte read in the DATA phase was CR
+	dotState       uint8 // progress through CRLF "." CR, see scanEOL
+	badEOL         bool  // a line-ending violation was seen in this DATA phase
+	eolDone        bool  // CRLF.CRLF was seen: what follows is not data
 	startedAt      time.Time
 	bytesInCounted int64
 }
@@ -105,6 +106,9 @@ type dataLimits struct {
 	idle    time.Duration // longest wait for the next bytes
 	minRate int64         // bytes per second, averaged from the start; 0: off
 	grace   time.Duration // before minRate applies
+	// strictEOL refuses a bare CR or LF as soon as it arrives (plaintext
+	// only: under TLS these bytes are ciphertext).
+	strictEOL bool
 }
 
 // startData enters the DATA phase. From here every read gets the idle
@@ -115,6 +119,8 @@ func (c *conn) startData(l dataLimits) {
 	c.mu.Lock()
 	now := time.Now()
 	c.data, c.dataStart, c.dataBytes = l, now, 0
+	// DATA starts at the beginning of a line.
+	c.prevCR, c.dotState, c.badEOL, c.eolDone = false, dotLineStart, false, false
 	c.dataEnd = now.Add(l.total)
 	c.mu.Unlock()
 }
@@ -150,8 +156,10 @@ func (c *conn) Read(b []byte) (int, error) {
 	if n > 0 {
 		c.g.metrics.bytesIn.Add(float64(n))
 		c.mu.Lock()
-		if !c.tlsStarted {
-			c.scanSmuggle(b[:n])
+		if inData && !c.tlsStarted && !c.eolDone {
+			if c.scanEOL(b[:n]) && c.data.strictEOL && err == nil {
+				err = errBareLineEnding
+			}
 		}
 		if inData {
 			c.dataBytes += int64(n)
@@ -165,59 +173,68 @@ func (c *conn) Read(b []byte) (int, error) {
 	return n, err
 }
 
-const crlfDotCRLen = 4
+// States of scanEOL's watch for CRLF "." CR.
+const (
+	dotNone      uint8 = iota
+	dotLineStart       // just after CRLF
+	dotDot             // CRLF "."
+	dotDotCR           // CRLF "." CR
+)
 
-var crlfDotCR = []byte("\r\n.\r")
-
-// scanSmuggle counts "\r\n.\r" followed by anything but "\n", including
-// occurrences that straddle two reads. Lock must be held.
-func (c *conn) scanSmuggle(p []byte) {
-	if c.tailLen > 0 {
-		// Matches that start in the previous read's tail.
-		var w [2 * crlfDotCRLen]byte
-		n := copy(w[:], c.tail[:c.tailLen])
-		n += copy(w[n:], p)
-		c.smuggleHits += countSmuggle(w[:n], c.tailLen)
+// scanEOL watches raw plaintext DATA bytes and reports whether this read
+// broke the line-ending rules. The session's data reader checks what
+// go-smtp passes up, but that is not enough on its own:
+//
+//   - go-smtp silently drops "." CR after a CRLF when no LF follows, so
+//     that bare CR never reaches the session (refused in every mode);
+//   - go-smtp passes data up only when its buffer is full or the data has
+//     ended, and after a bare CR it can miss the real CRLF.CRLF: in strict
+//     mode the read fails at the first offending byte instead of waiting.
+//
+// Lock must be held.
+func (c *conn) scanEOL(b []byte) bool {
+	bad := false
+	for _, ch := range b {
+		if c.data.strictEOL && ((c.prevCR && ch != '\n') || (ch == '\n' && !c.prevCR)) {
+			bad = true
+		}
+		switch c.dotState {
+		case dotLineStart:
+			c.dotState = dotNone
+			if ch == '.' {
+				c.dotState = dotDot
+			}
+		case dotDot:
+			c.dotState = dotNone
+			if ch == '\r' {
+				c.dotState = dotDotCR
+			}
+		case dotDotCR:
+			c.dotState = dotNone
+			if ch != '\n' {
+				bad = true
+			} else {
+				// CRLF.CRLF: the data is over; what follows in this read
+				// is the client's next command.
+				c.eolDone = true
+				c.badEOL = c.badEOL || bad
+				return bad
+			}
+		}
+		if c.prevCR && ch == '\n' {
+			c.dotState = dotLineStart
+		}
+		c.prevCR = ch == '\r'
 	}
-	c.smuggleHits += countSmuggle(p, len(p))
-	// A match whose deciding byte has not arrived yet starts within the
-	// last four bytes: keep them for the next read.
-	if len(p) >= len(c.tail) {
-		c.tailLen = copy(c.tail[:], p[len(p)-len(c.tail):])
-		return
-	}
-	keep := append(c.tail[:c.tailLen:c.tailLen], p...)
-	if len(keep) > len(c.tail) {
-		keep = keep[len(keep)-len(c.tail):]
-	}
-	c.tailLen = copy(c.tail[:], keep)
+	c.badEOL = c.badEOL || bad
+	return bad
 }
 
-// countSmuggle counts matches in b that start before maxStart and whose
-// deciding byte is in b.
-func countSmuggle(b []byte, maxStart int) int {
-	hits := 0
-	for i := 0; i < maxStart; {
-		j := bytes.Index(b[i:], crlfDotCR)
-		if j < 0 || i+j >= maxStart {
-			break
-		}
-		k := i + j + len(crlfDotCR)
-		if k >= len(b) {
-			break
-		}
-		if b[k] != '\n' {
-			hits++
-		}
-		i += j + 1
-	}
-	return hits
-}
-
-func (c *conn) smuggled() int {
+// eolViolation reports whether the DATA phase broke the line-ending rules.
+func (c *conn) eolViolation() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.smuggleHits
+	return c.badEOL
 }
 
 // Write inspects plaintext replies on their way out: the greeting runs the

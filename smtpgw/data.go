@@ -36,6 +36,7 @@ type dataReader struct {
 	n       int64 // octets read from the client
 	prevCR  bool
 	pending []byte // normalized output not yet returned
+	srcErr  error  // the source's error, held until pending is served
 
 	// Header section scanning.
 	inHeader  bool
@@ -53,38 +54,63 @@ func newDataReader(r io.Reader, pol *policy.Relay, normalize bool) *dataReader {
 func (d *dataReader) sum() []byte { return d.h.Sum(nil) }
 
 func (d *dataReader) Read(p []byte) (int, error) {
-	if len(d.pending) > 0 {
-		n := copy(p, d.pending)
-		d.pending = d.pending[n:]
-		return n, nil
+	if d.normalize {
+		return d.readNormalized(p)
 	}
 	n, err := d.r.Read(p)
 	if n > 0 {
-		d.n += int64(n)
-		if d.n > d.pol.MaxMessageBytes {
-			return 0, errMessageTooBig
-		}
-		d.h.Write(p[:n])
-		if e := d.check(p[:n]); e != nil {
+		if e := d.consume(p[:n]); e != nil {
 			return 0, e
-		}
-		if d.normalize {
-			out := normalizeEOL(p[:n], &d.prevCR)
-			k := copy(p, out)
-			d.pending = append(d.pending[:0], out[k:]...)
-			n = k
 		}
 		d.scanHeaders(p[:n])
 	}
 	if err == io.EOF && d.prevCR {
-		if !d.normalize {
-			return n, errBareLineEnding
-		}
-		d.pending = append(d.pending, '\n')
-		d.prevCR = false
-		return n, nil
+		return n, errBareLineEnding
 	}
 	return n, err
+}
+
+// consume accounts for bytes from the client: size, digest, line endings.
+func (d *dataReader) consume(b []byte) error {
+	d.n += int64(len(b))
+	if d.n >= d.pol.MaxMessageBytes {
+		return errMessageTooBig
+	}
+	d.h.Write(b)
+	return d.check(b)
+}
+
+// readNormalized serves the normalized stream, which can be longer than
+// what was read: the overflow waits in pending, and the source's error
+// (io.EOF comes with the last bytes) is held back until pending is empty.
+func (d *dataReader) readNormalized(p []byte) (int, error) {
+	for len(d.pending) == 0 {
+		if d.srcErr != nil {
+			return 0, d.srcErr
+		}
+		n, err := d.r.Read(p)
+		if n > 0 {
+			if e := d.consume(p[:n]); e != nil {
+				return 0, e
+			}
+			out := normalizeEOL(p[:n], &d.prevCR)
+			d.scanHeaders(out)
+			d.pending = append(d.pending, out...)
+		}
+		if err == io.EOF && d.prevCR {
+			d.pending = append(d.pending, '\n')
+			d.prevCR = false
+		}
+		if err != nil {
+			d.srcErr = err
+		}
+	}
+	k := copy(p, d.pending)
+	d.pending = d.pending[k:]
+	if len(d.pending) == 0 {
+		d.pending = nil
+	}
+	return k, nil
 }
 
 // check refuses bare CR and LF unless normalizing.

@@ -78,7 +78,11 @@ func New(cfg Config, sp *spool.Spool, pol *policy.Relay, log *zap.Logger, reg pr
 	s.TLSConfig = cfg.TLS
 	s.MaxLineLength = cfg.MaxLineLength
 	// SIZE is advertised from here; the data reader enforces the policy in
-	// force for each session.
+	// force for each session. go-smtp refuses a message of exactly this
+	// size (it checks its budget before reading the final dot), so the
+	// limit is exclusive throughout: MAIL FROM SIZE= and the data reader
+	// refuse maxMessageBytes octets too, and the advertised number stays
+	// the configured one.
 	s.MaxMessageBytes = pol.MaxMessageBytes
 	// Recipients are counted by the session, per policy.
 	s.MaxRecipients = 0

@@ -32,11 +32,11 @@ type session struct {
 	mayRelay bool
 
 	// The current transaction.
-	from        string
-	mail        spool.MailParams
-	rcpts       []spool.Rcpt
-	started     time.Time
-	smuggleMark int
+	from    string
+	mail    spool.MailParams
+	rcpts   []spool.Rcpt
+	started time.Time
+	bdat    bool
 }
 
 var (
@@ -93,7 +93,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		return s.fail(err)
 	}
 	if opts != nil {
-		if opts.Size > s.pol.MaxMessageBytes {
+		if opts.Size >= s.pol.MaxMessageBytes {
 			return s.fail(errTooBig)
 		}
 		s.mail = spool.MailParams{Size: opts.Size, Body: string(opts.Body), SMTPUTF8: opts.UTF8,
@@ -103,7 +103,6 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	s.started = time.Now()
 	if s.tc != nil {
 		s.tc.setTransaction(true)
-		s.smuggleMark = s.tc.smuggled()
 	}
 	s.reply(250)
 	return nil
@@ -140,7 +139,8 @@ func (s *session) Data(r io.Reader) error {
 	log := s.log.With(zap.String("queue_id", qid))
 	if s.tc != nil {
 		s.tc.startData(dataLimits{total: s.pol.DataTimeout, idle: s.pol.CommandTimeout,
-			minRate: s.pol.MinDataRate, grace: s.pol.DataRateGrace})
+			minRate: s.pol.MinDataRate, grace: s.pol.DataRateGrace,
+			strictEOL: !s.pol.Normalize(s.ip) && !isPipe(r)})
 		defer s.tc.endData()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -149,10 +149,13 @@ func (s *session) Data(r io.Reader) error {
 	if _, err := io.WriteString(body, s.receivedHeader(qid, start)); err != nil {
 		return s.finishData(log, start, qid, 0, "tempfail", errTempFail, err)
 	}
+	// go-smtp hands BDAT chunks through a pipe, DATA through its
+	// dot-unstuffing reader.
+	s.bdat = isPipe(r)
 	dr := newDataReader(r, s.pol, s.pol.Normalize(s.ip))
 	_, err := io.Copy(body, dr)
-	if err == nil && s.tc != nil && !s.tls && s.tc.smuggled() != s.smuggleMark {
-		err = errSmuggled
+	if err == nil && s.tc != nil && s.tc.eolViolation() {
+		err = errBareLineEnding
 	}
 	if err != nil {
 		body.Discard()
@@ -199,14 +202,26 @@ func (s *session) Data(r io.Reader) error {
 	return s.finishData(log, start, qid, dr.n, "queued", ok, nil)
 }
 
-var errSmuggled = errors.New("CR LF . CR in message data")
+// isPipe tells BDAT (go-smtp passes chunks through a pipe) from DATA.
+func isPipe(r io.Reader) bool {
+	_, ok := r.(*io.PipeReader)
+	return ok
+}
 
 // dataError classifies what went wrong while reading DATA.
 func (s *session) dataError(log *zap.Logger, start time.Time, qid string, n int64, err error) error {
 	var se *smtp.SMTPError
 	switch {
-	case errors.Is(err, errBareLineEnding), errors.Is(err, errSmuggled):
-		return s.finishData(log, start, qid, n, "rejected", errBareEOL, err)
+	case errors.Is(err, errBareLineEnding):
+		reply := s.finishData(log, start, qid, n, "rejected", errBareEOL, err)
+		if !s.bdat {
+			// After a bare CR or LF the rest of the DATA stream cannot be
+			// trusted to end where the client thinks it does (go-smtp also
+			// misses CRLF.CRLF right after a bare CR), so, like Postfix,
+			// refuse and hang up instead of reading on.
+			s.closeWith("554 5.5.2 Bare CR or LF in message data is not allowed (RFC 5321 section 2.3.8), closing connection")
+		}
+		return reply
 	case errors.Is(err, errMessageTooBig), errors.As(err, &se) && se.Code == 552:
 		return s.finishData(log, start, qid, n, "rejected", errTooBig, err)
 	case errors.Is(err, errTooSlow):

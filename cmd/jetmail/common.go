@@ -58,6 +58,9 @@ func (f *gatewayFlags) register(cmd *cobra.Command, defaultLog string) {
 	fl.StringVar(&f.logFormat, "log-format", defaultLog, "log format: console or json")
 }
 
+// osHostname is os.Hostname, named for the flags' defaults.
+var osHostname = os.Hostname
+
 func newLogger(format string) (*zap.Logger, error) {
 	var cfg zap.Config
 	switch format {
@@ -77,19 +80,12 @@ func newLogger(format string) (*zap.Logger, error) {
 	return cfg.Build()
 }
 
-func loadPolicy(paths []string) (*policy.Relay, error) {
-	if len(paths) == 0 {
-		return policy.Default(), nil
-	}
+func loadConfig(paths []string, relayhost string) (*policy.Config, error) {
 	objs, err := policy.LoadFiles(paths)
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := objs.Compile("")
-	if err != nil {
-		return nil, err
-	}
-	return cfg.Relay, nil
+	return objs.Compile(relayhost)
 }
 
 func (f *gatewayFlags) tlsConfig(log *zap.Logger, selfSignedFallback bool) (*smtpgw.Config, error) {
@@ -171,8 +167,10 @@ func newRegistry() *prometheus.Registry {
 
 // runGateway serves SMTP on the listen address until ctx ends, then shuts
 // down gracefully.
-func runGateway(ctx context.Context, f *gatewayFlags, sp *spool.Spool, pol *policy.Relay, gwCfg *smtpgw.Config, reg *prometheus.Registry, log *zap.Logger) error {
+func runGateway(ctx context.Context, f *gatewayFlags, sp *spool.Spool, src *configSource, gwCfg *smtpgw.Config, reg *prometheus.Registry, log *zap.Logger) error {
+	pol := src.Relay()
 	gw := smtpgw.New(*gwCfg, sp, pol, log.Named("smtp"), reg)
+	src.onChange = append(src.onChange, func(c *policy.Config) { gw.SetPolicy(c.Relay) })
 	l, err := net.Listen("tcp", f.smtpListen)
 	if err != nil {
 		return fmt.Errorf("SMTP listener: %w", err)

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
@@ -17,17 +18,21 @@ import (
 func serveCmd() *cobra.Command {
 	var (
 		f          gatewayFlags
+		df         delivererFlags
 		dataDir    string
 		natsListen string
 		noSync     bool
+		relayhost  string
+		noDeliver  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run everything in one process on an embedded JetStream server",
-		Long: `serve runs the SMTP gateway on an embedded NATS JetStream server whose store
-lives in --data-dir and survives restarts. Every accepted message is fsynced
-before the 250 reply unless --no-sync is given. With no RelayPolicy, clients on
-loopback may relay and nobody else may send anywhere.`,
+		Long: `serve runs the SMTP gateway and the deliverer on an embedded NATS JetStream
+server whose store lives in --data-dir and survives restarts. Every accepted
+message is fsynced before the 250 reply unless --no-sync is given. With no
+RelayPolicy, clients on loopback may relay and nobody else may send anywhere.
+Files given with -f are re-read when they change.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(f.logFormat)
@@ -38,7 +43,7 @@ loopback may relay and nobody else may send anywhere.`,
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 
-			pol, err := loadPolicy(f.configPaths)
+			src, err := newConfigSource(f.configPaths, relayhost)
 			if err != nil {
 				return err
 			}
@@ -69,10 +74,24 @@ loopback may relay and nobody else may send anywhere.`,
 			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
 				return err
 			}
-			return runGateway(ctx, &f, sp, pol, gwCfg, reg, log)
+			go src.watch(ctx, 2*time.Second, log)
+			delivered := make(chan error, 1)
+			if noDeliver {
+				delivered <- nil
+			} else {
+				go func() { delivered <- runDeliverer(ctx, &df, f.hostname, sp, src, reg, log) }()
+			}
+			err = runGateway(ctx, &f, sp, src, gwCfg, reg, log)
+			if derr := <-delivered; err == nil {
+				err = derr
+			}
+			return err
 		},
 	}
 	f.register(cmd, "console")
+	df.register(cmd)
+	cmd.Flags().StringVar(&relayhost, "relayhost", "", "send all mail to this host:port (Postfix relayhost): a catch-all MailRoute")
+	cmd.Flags().BoolVar(&noDeliver, "no-deliver", false, "only accept and queue; run no deliverer")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "./jetmail-data", "where the embedded JetStream keeps the queue")
 	cmd.Flags().StringVar(&natsListen, "nats-listen", "127.0.0.1:4222", "NATS client address of the embedded server (empty: in-process only)")
 	cmd.Flags().BoolVar(&noSync, "no-sync", false, "do not fsync before acknowledging (faster; a power loss can lose recently accepted mail)")
@@ -97,7 +116,7 @@ func gatewayCmd() *cobra.Command {
 			defer log.Sync()
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			pol, err := loadPolicy(f.configPaths)
+			src, err := newConfigSource(f.configPaths, "")
 			if err != nil {
 				return err
 			}
@@ -120,7 +139,8 @@ func gatewayCmd() *cobra.Command {
 			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
 				return err
 			}
-			return runGateway(ctx, &f, sp, pol, gwCfg, reg, log)
+			go src.watch(ctx, 2*time.Second, log)
+			return runGateway(ctx, &f, sp, src, gwCfg, reg, log)
 		},
 	}
 	f.register(cmd, "json")

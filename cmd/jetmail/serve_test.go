@@ -153,7 +153,8 @@ func TestServeKeepsTheQueueAcrossRestarts(t *testing.T) {
 	bin := buildJetmail(t)
 	dataDir := t.TempDir()
 
-	p := startServe(t, bin, dataDir)
+	// Nothing is delivered here (--no-deliver): the point is the queue.
+	p := startServe(t, bin, dataDir, "--no-deliver")
 	reply := sendMail(t, p.smtp, "alice@example.org", "bob@example.net", "Subject: persist\r\nMessage-ID: <persist@x>\r\n\r\nkeep me\r\n")
 	if !strings.HasPrefix(reply, "250 2.0.0 Ok: queued as ") {
 		t.Fatalf("reply %q", reply)
@@ -164,7 +165,7 @@ func TestServeKeepsTheQueueAcrossRestarts(t *testing.T) {
 		t.Errorf("serve did not log fsync-before-ack; log:\n%s", p.log)
 	}
 
-	p2 := startServe(t, bin, dataDir)
+	p2 := startServe(t, bin, dataDir, "--no-deliver")
 	nc, err := nats.Connect("nats://"+p2.natsA, spool.NATSOptions()...)
 	if err != nil {
 		t.Fatal(err)

@@ -1,0 +1,121 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+
+	"github.com/jetmail/jetmail/deliverer"
+	"github.com/jetmail/jetmail/spool"
+)
+
+// delivererFlags are the flags of every role that delivers.
+type delivererFlags struct {
+	dns         []string
+	maxInFlight int
+	ackWait     time.Duration
+	grace       time.Duration
+}
+
+func (f *delivererFlags) register(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.StringSliceVar(&f.dns, "dns", nil, "DNS resolvers host:port for MX lookups (default: /etc/resolv.conf)")
+	fl.IntVar(&f.maxInFlight, "max-in-flight", 200, "messages one deliverer works on at once")
+	fl.DurationVar(&f.ackWait, "ack-wait", 5*time.Minute, "how long a message stays with a deliverer that gives no news (in-progress signals extend it)")
+	fl.DurationVar(&f.grace, "delivery-grace", 30*time.Second, "on SIGTERM, time for delivery attempts in flight to finish")
+}
+
+// runDeliverer delivers until ctx ends.
+func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *spool.Spool, src *configSource, reg prometheus.Registerer, log *zap.Logger) error {
+	client := &deliverer.Client{Hostname: hostname, MaxPerConn: src.Delivery().PerConnection}
+	defer client.Close()
+	d, err := deliverer.New(deliverer.Config{
+		Hostname:    hostname,
+		Spool:       sp,
+		Policy:      src.Delivery,
+		Resolver:    &deliverer.Resolver{Servers: f.dns},
+		Client:      client,
+		Log:         log.Named("deliver"),
+		Registerer:  reg,
+		MaxInFlight: f.maxInFlight,
+		AckWait:     f.ackWait,
+		Grace:       f.grace,
+	})
+	if err != nil {
+		return err
+	}
+	log.Info("deliverer running", zap.Strings("delivery", src.Delivery().Sources), zap.Strings("dns", f.dns))
+	return d.Run(ctx)
+}
+
+func delivererCmd() *cobra.Command {
+	var (
+		df          delivererFlags
+		natsURL     string
+		replicas    int
+		hostname    string
+		configPaths []string
+		metrics     string
+		logFormat   string
+	)
+	cmd := &cobra.Command{
+		Use:   "deliverer",
+		Short: "Deliver queued mail from an external NATS JetStream cluster",
+		Long: `deliverer consumes the queue through a durable pull consumer shared by every
+replica, so more replicas deliver more. A replica killed mid-delivery loses
+nothing: the message comes back to another one.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := newLogger(logFormat)
+			if err != nil {
+				return err
+			}
+			defer log.Sync()
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			src, err := newConfigSource(configPaths, "")
+			if err != nil {
+				return err
+			}
+			nc, err := nats.Connect(natsURL, append(spool.NATSOptions(), nats.Name("jetmail-deliverer"))...)
+			if err != nil {
+				return fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
+			}
+			defer nc.Close()
+			cfg := spool.ClusterConfig()
+			cfg.Replicas = replicas
+			sp, err := spool.Open(ctx, nc, cfg)
+			if err != nil {
+				return err
+			}
+			reg := newRegistry()
+			if err := serveMetrics(ctx, metrics, reg, sp.Ping, log); err != nil {
+				return err
+			}
+			go src.watch(ctx, 2*time.Second, log)
+			return runDeliverer(ctx, &df, hostname, sp, src, reg, log)
+		},
+	}
+	df.register(cmd)
+	fl := cmd.Flags()
+	fl.StringVar(&natsURL, "nats-url", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated")
+	fl.IntVar(&replicas, "replicas", 3, "JetStream replicas for the queue streams")
+	fl.StringVar(&hostname, "hostname", defaultHostname(), "our name in EHLO and delivery status notifications")
+	fl.StringArrayVarP(&configPaths, "file", "f", nil, "configuration file or folder (MailRoute, DeliveryPolicy, Secret); repeatable")
+	fl.StringVar(&metrics, "metrics-listen", "127.0.0.1:9091", "address for /metrics, /healthz and /readyz (empty: off)")
+	fl.StringVar(&logFormat, "log-format", "json", "log format: console or json")
+	return cmd
+}
+
+func defaultHostname() string {
+	h, _ := osHostname()
+	return strings.ToLower(h)
+}

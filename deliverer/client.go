@@ -1,0 +1,629 @@
+package deliverer
+
+// The outbound SMTP client: one Deliver call hands one message to the first
+// hop that takes the transaction and reports a result per recipient. The
+// connection handling (dialing, STARTTLS, AUTH, hard deadlines, reuse) is in
+// pool.go.
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/jetmail/jetmail/spool"
+)
+
+// TLSPolicy says whether a delivery session must be encrypted with STARTTLS
+// (RFC 3207) and whether the next hop's certificate is checked.
+type TLSPolicy string
+
+const (
+	// TLSNone never sends STARTTLS.
+	TLSNone TLSPolicy = "none"
+	// TLSOpportunistic uses STARTTLS when the server offers it, without
+	// checking the certificate. If the handshake fails the same hop is
+	// dialed once more and the message sent in plaintext (RFC 7435).
+	TLSOpportunistic TLSPolicy = "opportunistic"
+	// TLSRequired needs STARTTLS to be offered and to succeed; the
+	// certificate is not checked. Otherwise the hop fails with a temporary
+	// 4.7.4 (STARTTLS not offered or refused) or 4.7.5 (handshake failed).
+	TLSRequired TLSPolicy = "required"
+	// TLSVerify is TLSRequired with a certificate that must verify for the
+	// hop's Host name; a failed check is a temporary 4.7.5.
+	TLSVerify TLSPolicy = "verify"
+)
+
+// Credentials authenticate us to the next hop with AUTH PLAIN, or LOGIN when
+// the server offers only LOGIN (RFC 4954). They are sent only over TLS
+// unless Client.AllowInsecureAuth is set.
+type Credentials struct{ Username, Password string }
+
+// Timeouts bound one delivery session, that is one connection's use for one
+// Deliver call. Each per-command timeout covers one command and its reply;
+// Session is a hard wall-clock deadline for everything from the dial to the
+// last reply, however the server paces its bytes. A zero duration takes the
+// value from DefaultTimeouts, so a forgotten field never means "forever".
+type Timeouts struct {
+	// Connect bounds the TCP connection setup.
+	Connect time.Duration
+	// Greeting bounds the wait for the 220 banner (RFC 5321 §4.5.3.2.1).
+	Greeting time.Duration
+	// Ehlo bounds EHLO (or the HELO fallback) and its reply.
+	Ehlo time.Duration
+	// StartTLS bounds STARTTLS, its reply and the TLS handshake.
+	StartTLS time.Duration
+	// Auth bounds each step of the AUTH exchange.
+	Auth time.Duration
+	// Mail bounds MAIL FROM (RFC 5321 §4.5.3.2.2).
+	Mail time.Duration
+	// Rcpt bounds each RCPT TO (RFC 5321 §4.5.3.2.3).
+	Rcpt time.Duration
+	// DataInit bounds DATA and its 354 (RFC 5321 §4.5.3.2.4).
+	DataInit time.Duration
+	// DataBlock bounds each write of message data (RFC 5321 §4.5.3.2.5).
+	DataBlock time.Duration
+	// DataDone bounds the wait for the reply to the final dot
+	// (RFC 5321 §4.5.3.2.6).
+	DataDone time.Duration
+	// Session is a hard wall-clock deadline for the whole session: nothing,
+	// not even a server trickling a byte a second, keeps it past this.
+	Session time.Duration
+	// MinDataRate is the lowest average rate, in bytes per second, at which
+	// the server must take message data once DataRateGrace has passed;
+	// 0 turns the check off.
+	MinDataRate int64
+	// DataRateGrace is how long after the start of the data the rate is not
+	// checked.
+	DataRateGrace time.Duration
+}
+
+// DefaultTimeouts returns the timeouts of RFC 5321 §4.5.3.2, a 30 s connect
+// timeout, a 15 minute session deadline and a 512 B/s minimum data rate
+// after 30 s. EHLO gets the 5 minutes of the other commands; STARTTLS
+// (with its handshake) and each AUTH step get 2 minutes.
+func DefaultTimeouts() Timeouts {
+	return Timeouts{
+		Connect:       30 * time.Second,
+		Greeting:      5 * time.Minute,
+		Ehlo:          5 * time.Minute,
+		StartTLS:      2 * time.Minute,
+		Auth:          2 * time.Minute,
+		Mail:          5 * time.Minute,
+		Rcpt:          5 * time.Minute,
+		DataInit:      2 * time.Minute,
+		DataBlock:     3 * time.Minute,
+		DataDone:      10 * time.Minute,
+		Session:       15 * time.Minute,
+		MinDataRate:   512,
+		DataRateGrace: 30 * time.Second,
+	}
+}
+
+// withDefaults fills zero durations from DefaultTimeouts. MinDataRate is
+// left alone: zero is documented to turn the check off.
+func (to Timeouts) withDefaults() Timeouts {
+	d := DefaultTimeouts()
+	for _, f := range []struct{ v, def *time.Duration }{
+		{&to.Connect, &d.Connect}, {&to.Greeting, &d.Greeting}, {&to.Ehlo, &d.Ehlo},
+		{&to.StartTLS, &d.StartTLS}, {&to.Auth, &d.Auth}, {&to.Mail, &d.Mail},
+		{&to.Rcpt, &d.Rcpt}, {&to.DataInit, &d.DataInit}, {&to.DataBlock, &d.DataBlock},
+		{&to.DataDone, &d.DataDone}, {&to.Session, &d.Session}, {&to.DataRateGrace, &d.DataRateGrace},
+	} {
+		if *f.v <= 0 {
+			*f.v = *f.def
+		}
+	}
+	if to.MinDataRate < 0 {
+		to.MinDataRate = 0
+	}
+	return to
+}
+
+// Transfer is one message to hand over.
+type Transfer struct {
+	// QueueID names the message in errors and logs.
+	QueueID string
+	// From is the reverse path; "" is the null reverse path of a bounce.
+	From string
+	// Mail holds the original MAIL FROM parameters. SIZE is sent as
+	// len(Body); SMTPUTF8 is required of the server; RET and ENVID are
+	// passed on when the server offers DSN. BODY=8BITMIME is sent whenever
+	// the server offers 8BITMIME (go-smtp does so for every message, which
+	// is harmless for 7-bit content); to a server without 8BITMIME an
+	// 8-bit message is still sent as is, as Postfix and qmail do, rather
+	// than converted or bounced (RFC 6152 §3 leaves that to the relay).
+	Mail spool.MailParams
+	// Rcpts are the recipients; NOTIFY and ORCPT are passed on when the
+	// server offers DSN.
+	Rcpts []spool.Rcpt
+	// Body is the message with CRLF line ends, not dot-stuffed.
+	Body []byte
+}
+
+// RcptStatus is what became of one recipient.
+type RcptStatus int
+
+const (
+	// RcptDelivered means the next hop accepted the message for the
+	// recipient.
+	RcptDelivered RcptStatus = iota
+	// RcptDeferred means try again later.
+	RcptDeferred
+	// RcptFailed means the recipient is bounced.
+	RcptFailed
+)
+
+func (s RcptStatus) String() string {
+	switch s {
+	case RcptDelivered:
+		return "delivered"
+	case RcptDeferred:
+		return "deferred"
+	case RcptFailed:
+		return "failed"
+	}
+	return fmt.Sprintf("RcptStatus(%d)", int(s))
+}
+
+// RcptResult is the outcome for one recipient of a Transfer.
+type RcptResult struct {
+	// Rcpt is the recipient, as given in the Transfer.
+	Rcpt spool.Rcpt
+	// Status says whether the recipient was delivered, deferred or failed.
+	Status RcptStatus
+	// Err is the remote reply or local failure; nil when delivered. A
+	// deferred recipient's Err is never Permanent, even when it carries a
+	// remote 5xx that was about the hop rather than the message (a 554
+	// greeting, a 535 to AUTH).
+	Err *Error
+	// Reply is the final reply for this recipient ("250 2.0.0 Ok ..."),
+	// for logs.
+	Reply string
+	// Hop is the hop that gave the result; zero if no hop was reached.
+	Hop Hop
+	// TLS tells whether the session that gave the result was encrypted.
+	TLS bool
+	// DSNPassed is set when the next hop offered DSN and accepted the
+	// recipient, so it has taken over delivery status notification
+	// (RFC 3461 §4.2): no "relayed" notice is due from us.
+	DSNPassed bool
+}
+
+// Client delivers over SMTP and keeps connections open for reuse. Its
+// exported fields must be set before the first Deliver; a Client is then
+// safe for concurrent use, and concurrent Deliver calls never share a
+// connection at the same time.
+type Client struct {
+	// Hostname is our EHLO name; "" sends "localhost".
+	Hostname string
+	// RootCAs verifies certificates under TLSVerify; nil means the system
+	// roots.
+	RootCAs *x509.CertPool
+	// MaxPerConn is how many messages one connection carries before QUIT;
+	// 0 means 100.
+	MaxPerConn int
+	// IdleTime is how long an idle connection is kept for reuse; 0 means 5 s.
+	IdleTime time.Duration
+	// AllowInsecureAuth allows AUTH over a plaintext connection.
+	AllowInsecureAuth bool
+	// Dial opens TCP connections; nil means a net.Dialer.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	pool connPool
+}
+
+// Deliver tries hops in order until one takes the transaction, and returns
+// one result per recipient, in the order of t.Rcpts.
+//
+// A hop is passed over (RFC 5321 §5.1) when it cannot be reached, its
+// greeting is not 220, EHLO/HELO fails, STARTTLS fails under TLSRequired or
+// TLSVerify, AUTH fails, or it answers MAIL FROM with 4xx. Once a hop has
+// accepted MAIL FROM its replies are final for this call: per RCPT, 2xx is
+// delivered after a successful DATA, 4xx deferred, 5xx failed. A 5xx to
+// MAIL FROM fails every recipient. When every hop was passed over, every
+// recipient is deferred with the last hop's error; with no hops at all,
+// with 4.4.4. Cancelling ctx closes the connection in use and defers what
+// is not decided yet.
+func (c *Client) Deliver(ctx context.Context, hops []Hop, pol TLSPolicy, auth *Credentials, to Timeouts, t *Transfer) []RcptResult {
+	to = to.withDefaults()
+	res := make([]RcptResult, len(t.Rcpts))
+	for i, r := range t.Rcpts {
+		res[i].Rcpt = r
+	}
+	if len(t.Rcpts) == 0 {
+		return res
+	}
+	if len(hops) == 0 {
+		deferAll(res, Temporary(451, "4.4.4", "no host to deliver %s to", t.QueueID), Hop{})
+		return res
+	}
+	var (
+		last    *Error
+		lastHop Hop
+	)
+	for _, hop := range hops {
+		if ctx.Err() != nil {
+			last, lastHop = canceledError(ctx, hop, "connect"), Hop{}
+			break
+		}
+		final, err, reached := c.attempt(ctx, hop, pol, auth, to, t, res)
+		if final {
+			return res
+		}
+		last, lastHop = err, Hop{}
+		if reached {
+			lastHop = hop
+		}
+	}
+	deferAll(res, last, lastHop)
+	return res
+}
+
+// Close closes every pooled connection, with a QUIT bounded by a short
+// timeout. Connections in use are closed when their Deliver call ends.
+// Close is idempotent; Deliver keeps working afterwards, without reuse.
+func (c *Client) Close() {
+	c.pool.close()
+}
+
+// OpenConns is the number of connections open right now, pooled or in use.
+func (c *Client) OpenConns() int {
+	return int(c.pool.open.Load())
+}
+
+// attempt runs one hop. final says the hop took the transaction and res is
+// filled; otherwise err says why the hop was passed over and reached
+// whether a connection was made.
+func (c *Client) attempt(ctx context.Context, hop Hop, pol TLSPolicy, auth *Credentials, to Timeouts, t *Transfer, res []RcptResult) (final bool, err *Error, reached bool) {
+	limit := time.Now().Add(to.Session)
+	cn, err, reached := c.acquire(ctx, hop, pol, auth, to, limit)
+	if err != nil {
+		return false, err, reached
+	}
+	final, err = cn.transact(t, to, res)
+	c.release(cn, to)
+	return final, err, true
+}
+
+func (c *Client) hostname() string {
+	if c.Hostname == "" {
+		return "localhost"
+	}
+	return c.Hostname
+}
+
+func (c *Client) maxPerConn() int {
+	if c.MaxPerConn <= 0 {
+		return 100
+	}
+	return c.MaxPerConn
+}
+
+func (c *Client) idleTime() time.Duration {
+	if c.IdleTime <= 0 {
+		return 5 * time.Second
+	}
+	return c.IdleTime
+}
+
+// Names of the protocol steps, for error texts.
+const (
+	stepConnect  = "connect"
+	stepGreeting = "greeting"
+	stepEhlo     = "EHLO"
+	stepStartTLS = "STARTTLS"
+	stepAuth     = "AUTH"
+	stepMail     = "MAIL FROM"
+	stepRcpt     = "RCPT TO"
+	stepData     = "DATA"
+	stepBody     = "message transfer"
+	stepDataDone = "end of data"
+)
+
+// transact runs one mail transaction on cn. It reports whether the hop took
+// the transaction, in which case res is filled; otherwise err says why the
+// next hop should be tried.
+func (cn *smtpConn) transact(t *Transfer, to Timeouts, res []RcptResult) (bool, *Error) {
+	host := hopName(cn.hop)
+	for i := range res {
+		res[i].Hop, res[i].TLS = cn.hop, cn.tls
+	}
+	// Checks that need no round trip. None starts a transaction, so the
+	// connection stays reusable.
+	if cn.maxSize > 0 && int64(len(t.Body)) > cn.maxSize {
+		// RFC 1870 §6.1: do not send what the server announced it refuses.
+		finishAll(res, RcptFailed, Permanent(552, "5.3.4", "message size %d exceeds the limit %d of %s", len(t.Body), cn.maxSize, host))
+		return true, nil
+	}
+	if t.Mail.SMTPUTF8 && !cn.utf8 {
+		// RFC 6531 §3.2: no downgrade, the message is returned.
+		finishAll(res, RcptFailed, Permanent(553, "5.6.7", "%s does not support SMTPUTF8 (RFC 6531)", host))
+		return true, nil
+	}
+	if strings.ContainsAny(t.From, "\r\n") {
+		finishAll(res, RcptFailed, Permanent(553, "5.1.7", "sender address contains a line break"))
+		return true, nil
+	}
+
+	cn.uses++
+	cn.sc.CommandTimeout = to.Mail
+	if err := cn.sc.Mail(t.From, cn.mailOptions(t)); err != nil {
+		e := cn.fail(stepMail, err)
+		if e.Permanent {
+			finishAll(res, RcptFailed, e)
+			return true, nil
+		}
+		// A 4xx to MAIL may mean "not now on this connection": do not
+		// reuse it.
+		cn.retire = true
+		return false, e
+	}
+
+	var accepted []int
+	for i, r := range t.Rcpts {
+		if strings.ContainsAny(r.Addr, "\r\n") {
+			finish(&res[i], RcptFailed, Permanent(553, "5.1.3", "recipient address contains a line break"))
+			continue
+		}
+		cn.sc.CommandTimeout = to.Rcpt
+		err := cn.sc.Rcpt(r.Addr, cn.rcptOptions(r))
+		if err == nil {
+			accepted = append(accepted, i)
+			continue
+		}
+		e := cn.fail(stepRcpt, err)
+		if cn.broken {
+			// The connection is gone: what is not decided is deferred.
+			for _, j := range accepted {
+				finish(&res[j], RcptDeferred, e)
+			}
+			for j := i; j < len(res); j++ {
+				finish(&res[j], RcptDeferred, e)
+			}
+			return true, nil
+		}
+		finish(&res[i], statusOf(e), e)
+	}
+	if len(accepted) == 0 {
+		return true, nil
+	}
+
+	finishAccepted := func(status RcptStatus, e *Error) {
+		for _, i := range accepted {
+			finish(&res[i], status, e)
+		}
+	}
+	cn.sc.CommandTimeout = to.DataInit
+	w, err := cn.sc.Data()
+	if err != nil {
+		e := cn.fail(stepData, err)
+		finishAccepted(statusOf(e), e)
+		return true, nil
+	}
+	cn.dc.startData(to.DataBlock, to.MinDataRate, to.DataRateGrace)
+	step := stepBody
+	err = writeBody(w, t.Body)
+	var resp *smtp.DataResponse
+	if err == nil {
+		step = stepDataDone
+		cn.sc.SubmissionTimeout = to.DataDone
+		resp, err = w.CloseWithResponse()
+	}
+	slow := cn.dc.endData()
+	if err != nil {
+		var e *Error
+		if slow && !cn.dc.sessionOver() {
+			cn.broken = true
+			e = Temporary(451, "4.4.2", "%s took message data slower than %d B/s", host, to.MinDataRate)
+		} else {
+			e = cn.fail(step, err)
+		}
+		finishAccepted(statusOf(e), e)
+		return true, nil
+	}
+	reply := "250 " + oneLine(resp.StatusText)
+	for _, i := range accepted {
+		res[i].Status, res[i].Err, res[i].Reply, res[i].DSNPassed = RcptDelivered, nil, reply, cn.dsn
+	}
+	return true, nil
+}
+
+// writeBody copies the body in pieces, so that each write to the network
+// gets its own DataBlock deadline and rate check.
+func writeBody(w io.Writer, body []byte) error {
+	const piece = 32 << 10
+	for len(body) > 0 {
+		n := min(piece, len(body))
+		if _, err := w.Write(body[:n]); err != nil {
+			return err
+		}
+		body = body[n:]
+	}
+	return nil
+}
+
+// mailOptions are the MAIL FROM parameters for t on this server.
+func (cn *smtpConn) mailOptions(t *Transfer) *smtp.MailOptions {
+	opts := &smtp.MailOptions{Size: int64(len(t.Body)), UTF8: t.Mail.SMTPUTF8}
+	if !cn.dsn {
+		return opts
+	}
+	switch strings.ToUpper(t.Mail.Ret) {
+	case "FULL":
+		opts.Return = smtp.DSNReturnFull
+	case "HDRS":
+		opts.Return = smtp.DSNReturnHeaders
+	}
+	// RFC 3461 §4.4: ENVID is printable ASCII; go-smtp xtext-encodes it.
+	if t.Mail.EnvID != "" && printableASCII(t.Mail.EnvID) {
+		opts.EnvelopeID = t.Mail.EnvID
+	}
+	return opts
+}
+
+// rcptOptions are the RCPT TO parameters for r on this server: NOTIFY and
+// ORCPT when it offers DSN. A malformed value is left out rather than
+// failing the recipient (go-smtp would refuse to send it).
+func (cn *smtpConn) rcptOptions(r spool.Rcpt) *smtp.RcptOptions {
+	if !cn.dsn {
+		return nil
+	}
+	opts := &smtp.RcptOptions{}
+	if notify, ok := notifySet(r.Notify); ok {
+		opts.Notify = notify
+	}
+	if typ, addr, ok := strings.Cut(r.ORcpt, ";"); ok && addr != "" {
+		switch strings.ToUpper(strings.TrimSpace(typ)) {
+		case "RFC822":
+			if printableASCII(addr) {
+				opts.OriginalRecipientType, opts.OriginalRecipient = smtp.DSNAddressTypeRFC822, addr
+			}
+		case "UTF-8":
+			opts.OriginalRecipientType, opts.OriginalRecipient = smtp.DSNAddressTypeUTF8, addr
+		}
+	}
+	return opts
+}
+
+// notifySet converts NOTIFY values and checks them as RFC 3461 §4.1 does:
+// NEVER alone, or some of SUCCESS, FAILURE, DELAY, each once.
+func notifySet(vals []string) ([]smtp.DSNNotify, bool) {
+	if len(vals) == 0 {
+		return nil, false
+	}
+	seen := map[smtp.DSNNotify]bool{}
+	out := make([]smtp.DSNNotify, 0, len(vals))
+	for _, v := range vals {
+		n := smtp.DSNNotify(strings.ToUpper(strings.TrimSpace(v)))
+		switch n {
+		case smtp.DSNNotifyNever, smtp.DSNNotifySuccess, smtp.DSNNotifyFailure, smtp.DSNNotifyDelayed:
+		default:
+			return nil, false
+		}
+		if seen[n] {
+			return nil, false
+		}
+		seen[n] = true
+		out = append(out, n)
+	}
+	if seen[smtp.DSNNotifyNever] && len(out) > 1 {
+		return nil, false
+	}
+	return out, true
+}
+
+func printableASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < ' ' || s[i] > '~' {
+			return false
+		}
+	}
+	return true
+}
+
+// replyError converts a remote reply into an *Error with Remote set. The
+// enhanced code is taken from the reply (RFC 2034) when the server gave one,
+// else derived from the basic code: 4xx is 4.0.0, 5xx is 5.0.0.
+func replyError(host string, code int, enhanced smtp.EnhancedCode, text string) *Error {
+	e := &Error{Permanent: code/100 == 5, Code: code, Text: oneLine(text), Remote: host}
+	if k := enhanced[0]; (k == 2 || k == 4 || k == 5) && enhanced[1] >= 0 && enhanced[2] >= 0 {
+		e.Enhanced = fmt.Sprintf("%d.%d.%d", enhanced[0], enhanced[1], enhanced[2])
+	} else if e.Permanent {
+		e.Enhanced = "5.0.0"
+	} else {
+		e.Enhanced = "4.0.0"
+	}
+	return e
+}
+
+// parseEnhanced splits an RFC 2034 enhanced status code off a reply text
+// that go-smtp did not parse (a reply we read ourselves).
+func parseEnhanced(msg string) (smtp.EnhancedCode, string) {
+	first, rest, _ := strings.Cut(msg, " ")
+	parts := strings.Split(first, ".")
+	if len(parts) != 3 {
+		return smtp.EnhancedCode{}, msg
+	}
+	var ec smtp.EnhancedCode
+	for i, p := range parts {
+		n := 0
+		if p == "" || len(p) > 3 {
+			return smtp.EnhancedCode{}, msg
+		}
+		for _, d := range p {
+			if d < '0' || d > '9' {
+				return smtp.EnhancedCode{}, msg
+			}
+			n = n*10 + int(d-'0')
+		}
+		ec[i] = n
+	}
+	return ec, strings.ReplaceAll(rest, "\n"+first+" ", "\n")
+}
+
+func oneLine(s string) string {
+	return strings.ReplaceAll(strings.TrimSpace(s), "\n", " / ")
+}
+
+func statusOf(e *Error) RcptStatus {
+	if e.Permanent {
+		return RcptFailed
+	}
+	return RcptDeferred
+}
+
+func finish(r *RcptResult, status RcptStatus, e *Error) {
+	r.Status, r.Err, r.Reply, r.DSNPassed = status, e, errReply(e), false
+}
+
+func finishAll(res []RcptResult, status RcptStatus, e *Error) {
+	for i := range res {
+		finish(&res[i], status, e)
+	}
+}
+
+// deferAll defers every recipient with e, made temporary: a hop that was
+// passed over said nothing final about the message.
+func deferAll(res []RcptResult, e *Error, hop Hop) {
+	if e == nil {
+		e = Temporary(451, "4.4.0", "delivery not attempted")
+	}
+	if e.Permanent {
+		tmp := *e
+		tmp.Permanent = false
+		e = &tmp
+	}
+	for i := range res {
+		finish(&res[i], RcptDeferred, e)
+		res[i].Hop, res[i].TLS = hop, false
+	}
+}
+
+// errReply renders e as an SMTP reply line for logs.
+func errReply(e *Error) string {
+	return fmt.Sprintf("%d %s %s", e.Code, e.Enhanced, e.Text)
+}
+
+func canceledError(ctx context.Context, hop Hop, step string) *Error {
+	return Temporary(451, "4.4.0", "delivery to %s interrupted during %s: %v", hopName(hop), step, context.Cause(ctx))
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// hopName is how a hop is named in error texts and in Error.Remote.
+func hopName(h Hop) string {
+	if h.Host != "" {
+		return h.Host
+	}
+	return h.Addr.String()
+}

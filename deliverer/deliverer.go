@@ -1,0 +1,715 @@
+package deliverer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/jetmail/jetmail/policy"
+	"github.com/jetmail/jetmail/spool"
+)
+
+// Config sets up a Deliverer.
+type Config struct {
+	// Hostname is our name in EHLO, DSNs and logs.
+	Hostname string
+	Spool    *spool.Spool
+	// Policy returns the delivery configuration in force; it is read at
+	// every attempt, so route, timeout and retry changes apply to the next
+	// attempt without a restart.
+	Policy   func() *policy.Delivery
+	Resolver *Resolver
+	Client   *Client
+	Log      *zap.Logger
+	// Registerer receives the metrics; nil means none.
+	Registerer prometheus.Registerer
+	// MaxInFlight bounds the messages this process works on at once
+	// (including those waiting for a destination slot). Default 200.
+	MaxInFlight int
+	// AckWait is how long a message handed to this process stays ours
+	// without news; in-progress signals extend it during long sessions, and
+	// a process killed mid-delivery gives the message back to another
+	// replica when it runs out. Default 5m.
+	AckWait time.Duration
+	// MaxWaiting bounds the messages waiting for a retry, cluster-wide
+	// (the consumer's MaxAckPending). Default 1,000,000.
+	MaxWaiting int
+	// Grace is how long in-flight attempts may run after Run's context
+	// ends. Default 30s.
+	Grace time.Duration
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// Deliverer consumes the queue and delivers.
+type Deliverer struct {
+	cfg     Config
+	log     *zap.Logger
+	metrics *metrics
+
+	mu       sync.Mutex
+	perDest  map[string]int
+	sessions int
+	slotFree chan struct{} // signalled when a session slot frees up
+}
+
+// New checks cfg and returns a Deliverer.
+func New(cfg Config) (*Deliverer, error) {
+	if cfg.Spool == nil || cfg.Policy == nil || cfg.Resolver == nil || cfg.Client == nil {
+		return nil, errors.New("deliverer: Spool, Policy, Resolver and Client are required")
+	}
+	if cfg.Log == nil {
+		cfg.Log = zap.NewNop()
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 200
+	}
+	if cfg.AckWait <= 0 {
+		cfg.AckWait = 5 * time.Minute
+	}
+	if cfg.MaxWaiting <= 0 {
+		cfg.MaxWaiting = 1_000_000
+	}
+	if cfg.Grace <= 0 {
+		cfg.Grace = 30 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Hostname == "" {
+		cfg.Hostname = "localhost"
+	}
+	if cfg.Resolver.IsLocal == nil {
+		cfg.Resolver.IsLocal = func(host string, addr netip.Addr) bool { return cfg.Policy().IsLocal(host, addr) }
+	}
+	return &Deliverer{cfg: cfg, log: cfg.Log, metrics: newMetrics(cfg.Registerer),
+		perDest: map[string]int{}, slotFree: make(chan struct{}, 1)}, nil
+}
+
+// Run consumes the queue until ctx ends, then lets attempts in flight
+// finish within Grace. Messages it never finished come back to another
+// replica after AckWait; nothing is lost.
+func (d *Deliverer) Run(ctx context.Context) error {
+	cons, err := d.cfg.Spool.DeliveryConsumer(ctx, d.cfg.AckWait, d.cfg.MaxWaiting)
+	if err != nil {
+		return err
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(d.cfg.MaxInFlight))
+	if err != nil {
+		return err
+	}
+	work, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelWork()
+	go func() {
+		<-ctx.Done()
+		it.Stop()
+		select {
+		case <-time.After(d.cfg.Grace):
+			cancelWork()
+		case <-work.Done():
+		}
+	}()
+	go d.watchQueue(ctx, cons)
+
+	sem := make(chan struct{}, d.cfg.MaxInFlight)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		msg, err := it.Next()
+		if err != nil {
+			if errors.Is(err, jetstream.ErrMsgIteratorClosed) || ctx.Err() != nil {
+				return nil
+			}
+			d.log.Warn("fetching from the queue", zap.Error(err))
+			continue
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			d.handle(work, msg)
+		}()
+	}
+}
+
+// queueMsg is the part of a JetStream message the deliverer uses.
+type queueMsg interface {
+	Metadata() (*jetstream.MsgMetadata, error)
+	Subject() string
+	Headers() nats.Header
+	Data() []byte
+	Ack() error
+	NakWithDelay(time.Duration) error
+	InProgress() error
+	Term() error
+}
+
+var _ queueMsg = (jetstream.Msg)(nil)
+
+// handle takes one queued message through one attempt.
+func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
+	md, err := msg.Metadata()
+	if err != nil {
+		d.log.Error("queue message without metadata", zap.Error(err))
+		_ = msg.Term()
+		return
+	}
+	m, err := spool.Decode(msg.Subject(), md.Sequence.Stream, msg.Headers(), msg.Data())
+	if err != nil {
+		d.log.Error("undecodable queue message, dropped from the consumer", zap.String("subject", msg.Subject()), zap.Error(err))
+		_ = msg.Term()
+		return
+	}
+	if m.Tombstone {
+		_ = msg.Ack()
+		return
+	}
+	env := &m.Envelope
+	log := d.log.With(zap.String("queue_id", env.QueueID))
+	pol := d.cfg.Policy()
+	now := d.cfg.Now()
+
+	var st *spool.DeliveryState
+	hadState := false
+	if md.NumDelivered > 1 {
+		st, err = d.cfg.Spool.LoadState(ctx, env.QueueID)
+		if err != nil {
+			log.Warn("loading delivery state, retrying shortly", zap.Error(err))
+			_ = msg.NakWithDelay(30 * time.Second)
+			return
+		}
+		hadState = st != nil
+	}
+	if st == nil {
+		st = &spool.DeliveryState{QueueID: env.QueueID}
+		for _, r := range env.Rcpts {
+			st.Rcpts = append(st.Rcpts, spool.RcptState{Addr: r.Addr, Status: spool.RcptQueued})
+		}
+	}
+	expires := env.Received.Add(pol.QueueLifetime)
+	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) {
+		// Handed back early (a replica died, or the schedule changed):
+		// wait for the time that was set, never past the expiry.
+		_ = msg.NakWithDelay(minDur(st.NextAttempt.Sub(now), expires.Sub(now)))
+		return
+	}
+
+	a := &attempt{d: d, msg: msg, m: m, st: st, pol: pol, now: now, log: log}
+	if !now.Before(expires) {
+		a.expire()
+	} else {
+		a.run(ctx)
+	}
+	a.finish(ctx, hadState)
+}
+
+// attempt is one pass over a message's pending recipients.
+type attempt struct {
+	d   *Deliverer
+	msg queueMsg
+	m   *spool.Message
+	st  *spool.DeliveryState
+	pol *policy.Delivery
+	now time.Time
+	log *zap.Logger
+
+	// Recipients not attempted because their destination was busy.
+	throttled bool
+	// Results of this attempt, for notifications.
+	reports []DSNRecipient
+	// Recipients whose delivery asks for a success notice.
+	successes []DSNRecipient
+}
+
+func (a *attempt) rcptState(addr string) *spool.RcptState {
+	for i := range a.st.Rcpts {
+		if a.st.Rcpts[i].Addr == addr {
+			return &a.st.Rcpts[i]
+		}
+	}
+	a.st.Rcpts = append(a.st.Rcpts, spool.RcptState{Addr: addr, Status: spool.RcptQueued})
+	return &a.st.Rcpts[len(a.st.Rcpts)-1]
+}
+
+func (a *attempt) pending() []spool.Rcpt {
+	var out []spool.Rcpt
+	for _, r := range a.m.Envelope.Rcpts {
+		switch a.rcptState(r.Addr).Status {
+		case spool.RcptQueued, spool.RcptDeferred:
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// expire fails every pending recipient: the queue lifetime is over,
+// whatever state the message was in.
+func (a *attempt) expire() {
+	age := a.now.Sub(a.m.Envelope.Received).Round(time.Minute)
+	for _, r := range a.pending() {
+		rs := a.rcptState(r.Addr)
+		last := rs.Text
+		e := Permanent(554, "4.4.7", "message expired after %s in the queue", age)
+		if last != "" {
+			e.Text += "; last error: " + last
+		}
+		a.record(r, RcptResult{Rcpt: r, Status: RcptFailed, Err: e}, 0)
+	}
+	a.d.metrics.expired.Inc()
+}
+
+// run attempts delivery to every pending recipient, one session per
+// destination, destinations in parallel.
+func (a *attempt) run(ctx context.Context) {
+	body, err := a.d.cfg.Spool.ReadBody(ctx, a.m)
+	if err != nil {
+		a.log.Error("reading the message body", zap.Error(err))
+		for _, r := range a.pending() {
+			a.record(r, RcptResult{Rcpt: r, Status: RcptDeferred, Err: Temporary(451, "4.3.0", "queue read error")}, 0)
+		}
+		return
+	}
+	groups := map[string][]spool.Rcpt{}
+	var domains []string
+	for _, r := range a.pending() {
+		dom := strings.ToLower(r.Addr[strings.LastIndexByte(r.Addr, '@')+1:])
+		if _, ok := groups[dom]; !ok {
+			domains = append(domains, dom)
+		}
+		groups[dom] = append(groups[dom], r)
+	}
+	sort.Strings(domains)
+
+	// Keep the message ours while sessions run.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		t := time.NewTicker(a.d.cfg.AckWait / 4)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				_ = a.msg.InProgress()
+			}
+		}
+	}()
+
+	type groupResult struct {
+		rcpts   []spool.Rcpt
+		results []RcptResult
+		elapsed time.Duration
+		skipped bool
+	}
+	out := make([]groupResult, len(domains))
+	var wg sync.WaitGroup
+	for i, dom := range domains {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			start := time.Now()
+			res, skipped := a.deliverDomain(ctx, dom, groups[dom], body)
+			out[i] = groupResult{rcpts: groups[dom], results: res, elapsed: time.Since(start), skipped: skipped}
+		}()
+	}
+	wg.Wait()
+	for _, g := range out {
+		if g.skipped {
+			a.throttled = true
+			continue
+		}
+		for i, r := range g.rcpts {
+			a.record(r, g.results[i], g.elapsed)
+		}
+	}
+}
+
+// deliverDomain routes and delivers one domain's recipients. skipped is
+// true when the destination had no free session slot.
+func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spool.Rcpt, body []byte) ([]RcptResult, bool) {
+	d := a.d
+	all := func(e *Error) []RcptResult {
+		st := RcptDeferred
+		if e.Permanent {
+			st = RcptFailed
+		}
+		out := make([]RcptResult, len(rcpts))
+		for i, r := range rcpts {
+			out[i] = RcptResult{Rcpt: r, Status: st, Err: e}
+		}
+		return out
+	}
+	var (
+		hops  []Hop
+		tlsp  = TLSOpportunistic
+		creds *Credentials
+		to    = toTimeouts(a.pol.Timeouts)
+		dest  = domain
+		err   error
+	)
+	if r := a.pol.Route(domain); r != nil {
+		dest, tlsp, to = r.Name, TLSPolicy(r.TLS), toTimeouts(r.Timeouts)
+		if r.Auth != nil {
+			creds = &Credentials{Username: r.Auth.Username, Password: r.Auth.Password}
+		}
+		hops, err = d.routeHops(ctx, r)
+	} else {
+		hops, err = d.cfg.Resolver.Lookup(ctx, domain)
+		for i := range hops {
+			hops[i].Addr = netip.AddrPortFrom(hops[i].Addr.Addr(), a.pol.Port)
+		}
+	}
+	if err != nil {
+		return all(Classify(err)), false
+	}
+	if !d.acquire(ctx, dest, a.pol) {
+		return nil, true
+	}
+	defer d.release(dest)
+	t := &Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts, Body: body}
+	return d.cfg.Client.Deliver(ctx, hops, tlsp, creds, to, t), false
+}
+
+// routeHops resolves a static route's next hops, in order: A/AAAA only.
+func (d *Deliverer) routeHops(ctx context.Context, r *policy.Route) ([]Hop, error) {
+	var hops []Hop
+	var lastErr error
+	for _, h := range r.Hops {
+		hs, err := d.cfg.Resolver.ResolveHost(ctx, h.Host, h.Port)
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		hops = append(hops, hs...)
+	}
+	if len(hops) == 0 {
+		if lastErr == nil {
+			lastErr = Temporary(451, "4.4.4", "%s: no usable next hop", r.Name)
+		}
+		return nil, lastErr
+	}
+	return hops, nil
+}
+
+// record applies one recipient's result to the state and logs it, one
+// line per recipient per attempt, like Postfix's status= lines.
+func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
+	rs := a.rcptState(r.Addr)
+	rs.Attempts++
+	rs.LastAttempt = a.now
+	fields := []zap.Field{
+		zap.String("rcpt", r.Addr),
+		zap.Duration("delay", a.now.Sub(a.m.Envelope.Received).Round(time.Millisecond)),
+		zap.Duration("duration", elapsed.Round(time.Millisecond)),
+	}
+	if res.Hop.Host != "" {
+		fields = append(fields, zap.String("relay", res.Hop.Host), zap.String("relay_addr", res.Hop.Addr.String()), zap.Bool("tls", res.TLS))
+	}
+	report := DSNRecipient{Rcpt: r, LastAttempt: a.now, RemoteMTA: res.Hop.Host}
+	var status string
+	switch res.Status {
+	case RcptDelivered:
+		rs.Status, rs.Code, rs.Enhanced, rs.Text = spool.RcptDelivered, 250, "2.0.0", res.Reply
+		status = "sent"
+		fields = append(fields, zap.String("reply", res.Reply))
+		a.d.metrics.latency.Observe(a.d.cfg.Now().Sub(a.m.Envelope.Received).Seconds())
+		// NOTIFY=SUCCESS: a next hop that took our DSN parameters will
+		// report delivery itself; otherwise we say "relayed" (RFC 3461 §5.2.2).
+		if WantsNotice(r, ActionRelayed) && !res.DSNPassed {
+			report.Action, report.Status, report.Diagnostic = ActionRelayed, "2.0.0", res.Reply
+			a.successes = append(a.successes, report)
+		}
+	default:
+		e := res.Err
+		if e == nil {
+			e = Temporary(451, "4.4.0", "no result")
+		}
+		rs.Code, rs.Enhanced, rs.Text, rs.RemoteMTA = e.Code, e.Enhanced, e.Text, e.Remote
+		report.Status, report.Diagnostic = e.Enhanced, fmt.Sprintf("%d %s %s", e.Code, e.Enhanced, e.Text)
+		if res.Status == RcptFailed || e.Permanent {
+			rs.Status, status, report.Action = spool.RcptFailed, "bounced", ActionFailed
+		} else {
+			rs.Status, status, report.Action = spool.RcptDeferred, "deferred", ActionDelayed
+		}
+		fields = append(fields, zap.Int("code", e.Code), zap.String("dsn", e.Enhanced), zap.String("reply", e.Text))
+		if e.Enhanced == "4.4.2" {
+			a.d.metrics.deadlineKills.Inc()
+		}
+		a.reports = append(a.reports, report)
+	}
+	a.d.metrics.attempts.WithLabelValues(status).Inc()
+	fields = append(fields, zap.String("status", status))
+	if status == "sent" {
+		a.log.Info("delivery", fields...)
+	} else {
+		a.log.Warn("delivery", fields...)
+	}
+}
+
+// finish records the outcome, queues notifications and acknowledges or
+// schedules the message. The delivered recipients are recorded before the
+// acknowledgement, so a redelivered message never reaches them twice.
+func (a *attempt) finish(ctx context.Context, hadState bool) {
+	sp := a.d.cfg.Spool
+	a.st.Attempts++
+	a.st.LastAttempt = a.now
+	var failed []DSNRecipient
+	for _, r := range a.reports {
+		if r.Action == ActionFailed && !contains(a.st.Bounced, r.Rcpt.Addr) {
+			failed = append(failed, r)
+		}
+	}
+	done := len(a.pending()) == 0
+
+	if len(failed) > 0 {
+		// Record first: the notice is queued idempotently (its guard is
+		// derived from the queue ID and recipients), then remembered.
+		if err := sp.SaveState(ctx, a.st); err != nil {
+			a.retryLater(err)
+			return
+		}
+		if err := a.notify(ctx, failed, "failed"); err != nil {
+			a.retryLater(err)
+			return
+		}
+		for _, r := range failed {
+			a.st.Bounced = append(a.st.Bounced, r.Rcpt.Addr)
+		}
+		hadState = true
+	}
+	if len(a.successes) > 0 {
+		if err := a.notify(ctx, a.successes, "success"); err != nil {
+			a.log.Warn("queueing a success notice", zap.Error(err))
+		}
+	}
+	if done {
+		if err := sp.Complete(ctx, a.m); err != nil {
+			a.retryLater(err)
+			return
+		}
+		if hadState {
+			if err := sp.ClearState(ctx, a.m.Envelope.QueueID); err != nil {
+				a.log.Warn("clearing delivery state", zap.Error(err))
+			}
+		}
+		_ = a.msg.Ack()
+		return
+	}
+
+	expires := a.m.Envelope.Received.Add(a.pol.QueueLifetime)
+	delay := a.pol.RetryDelay(a.st.Attempts)
+	if a.throttled {
+		// A destination was busy: its recipients wait in the queue, not in
+		// a worker, and come back soon. That is not an attempt for them.
+		if !a.anyAttempted() {
+			a.st.Attempts--
+		}
+		delay = minDur(delay, 5*time.Second+time.Duration(rand.Int64N(int64(10*time.Second))))
+	}
+	next := a.now.Add(delay)
+	if next.After(expires) {
+		next = expires
+	}
+	a.st.NextAttempt = next
+	if w := a.pol.DelayWarning; w > 0 && !a.st.DelayWarned && a.now.Sub(a.m.Envelope.Received) >= w {
+		var delayed []DSNRecipient
+		for _, r := range a.reports {
+			if r.Action == ActionDelayed {
+				r.WillRetryUntil = expires
+				delayed = append(delayed, r)
+			}
+		}
+		if len(delayed) > 0 {
+			if err := a.notify(ctx, delayed, "delayed"); err != nil {
+				a.log.Warn("queueing a delay warning", zap.Error(err))
+			} else {
+				a.st.DelayWarned = true
+			}
+		}
+	}
+	if err := sp.SaveState(ctx, a.st); err != nil {
+		a.retryLater(err)
+		return
+	}
+	_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
+}
+
+func (a *attempt) anyAttempted() bool { return len(a.reports) > 0 || len(a.successes) > 0 }
+
+// retryLater gives the message back when we could not record an outcome.
+func (a *attempt) retryLater(err error) {
+	a.log.Error("recording the delivery outcome failed; the message will be tried again", zap.Error(err))
+	_ = a.msg.NakWithDelay(30 * time.Second)
+}
+
+// notify queues a DSN about rcpts to the sender (or, for a message with a
+// null sender, to the postmaster if one is configured; a bounce is never
+// bounced).
+func (a *attempt) notify(ctx context.Context, rcpts []DSNRecipient, kind string) error {
+	var wanted []DSNRecipient
+	for _, r := range rcpts {
+		if WantsNotice(r.Rcpt, r.Action) {
+			wanted = append(wanted, r)
+		}
+	}
+	if len(wanted) == 0 {
+		return nil
+	}
+	env := a.m.Envelope
+	to := env.From
+	if to == "" {
+		if a.pol.Postmaster == "" {
+			a.log.Warn("failed message has a null sender: not bounced, dropped", zap.String("kind", kind))
+			return nil
+		}
+		to = a.pol.Postmaster
+		env.From = to
+	}
+	original, err := a.d.cfg.Spool.ReadBody(ctx, a.m)
+	if err != nil {
+		return err
+	}
+	dsn := &DSN{ReportingMTA: a.d.cfg.Hostname, Envelope: &env, Original: original, Recipients: wanted, Now: a.d.cfg.Now()}
+	body, err := dsn.Build()
+	if err != nil {
+		return err
+	}
+	addrs := []string{"dsn", kind, env.QueueID}
+	for _, r := range wanted {
+		addrs = append(addrs, r.Rcpt.Addr)
+	}
+	now := a.d.cfg.Now()
+	benv := &spool.Envelope{
+		QueueID:  spool.NewQueueID(now),
+		Received: now.UTC(),
+		Gateway:  a.d.cfg.Hostname,
+		ClientIP: "127.0.0.1",
+		Helo:     a.d.cfg.Hostname,
+		From:     "",
+		Rcpts:    []spool.Rcpt{{Addr: to}},
+	}
+	res, err := a.d.cfg.Spool.Enqueue(ctx, benv, body, spool.Fingerprint("<>", addrs, nil))
+	if err != nil {
+		return err
+	}
+	a.d.metrics.bounces.WithLabelValues(kind).Inc()
+	a.log.Info("notification queued", zap.String("kind", kind), zap.String("dsn_queue_id", res.QueueID), zap.String("to", to), zap.Bool("duplicate", res.Duplicate))
+	return nil
+}
+
+// acquire takes a session slot for dest: one of MaxPerDest for that
+// destination (without waiting: a busy destination's recipients wait in
+// the queue, not in a worker) and one of MaxSessions in all (waiting, since
+// that limit is shared by every destination).
+func (d *Deliverer) acquire(ctx context.Context, dest string, pol *policy.Delivery) bool {
+	d.mu.Lock()
+	if d.perDest[dest] >= pol.MaxPerDest {
+		d.mu.Unlock()
+		d.metrics.throttled.Inc()
+		return false
+	}
+	d.perDest[dest]++
+	d.metrics.sessions.WithLabelValues(dest).Set(float64(d.perDest[dest]))
+	for d.sessions >= pol.MaxSessions {
+		d.mu.Unlock()
+		select {
+		case <-d.slotFree:
+		case <-ctx.Done():
+			d.release(dest)
+			return false
+		case <-time.After(time.Second):
+		}
+		d.mu.Lock()
+	}
+	d.sessions++
+	d.mu.Unlock()
+	return true
+}
+
+func (d *Deliverer) release(dest string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.perDest[dest]--; d.perDest[dest] <= 0 {
+		delete(d.perDest, dest)
+		d.metrics.sessions.DeleteLabelValues(dest)
+	} else {
+		d.metrics.sessions.WithLabelValues(dest).Set(float64(d.perDest[dest]))
+	}
+	if d.sessions > 0 {
+		d.sessions--
+	}
+	select {
+	case d.slotFree <- struct{}{}:
+	default:
+	}
+}
+
+// watchQueue exports the queue depth and the age of the oldest message.
+func (d *Deliverer) watchQueue(ctx context.Context, cons jetstream.Consumer) {
+	t := time.NewTicker(10 * time.Second)
+	defer t.Stop()
+	for {
+		if info, err := cons.Info(ctx); err == nil {
+			d.metrics.depth.Set(float64(info.NumPending + uint64(info.NumAckPending)))
+			if info.NumAckPending+int(info.NumPending) == 0 {
+				d.metrics.oldest.Set(0)
+			} else if qid := d.oldest(ctx, info.AckFloor.Stream+1, info.Delivered.Stream); qid != "" {
+				if ts, ok := spool.QueueIDTime(qid); ok {
+					d.metrics.oldest.Set(d.cfg.Now().Sub(ts).Seconds())
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// oldest finds the queue ID of the first unacknowledged envelope.
+func (d *Deliverer) oldest(ctx context.Context, from, to uint64) string {
+	for seq := from; seq <= to && seq < from+20; seq++ {
+		if qid := d.cfg.Spool.QueueIDAt(ctx, seq); qid != "" {
+			return qid
+		}
+	}
+	return ""
+}
+
+func toTimeouts(t policy.OutboundTimeouts) Timeouts {
+	return Timeouts{
+		Connect: t.Connect, Greeting: t.Greeting, Ehlo: t.Greeting, StartTLS: t.Greeting, Auth: t.Greeting,
+		Mail: t.Mail, Rcpt: t.Rcpt, DataInit: t.DataInit, DataBlock: t.DataBlock, DataDone: t.DataDone,
+		Session: t.Session, MinDataRate: t.MinDataRate, DataRateGrace: t.DataRateGrace,
+	}
+}
+
+func minDur(a, b time.Duration) time.Duration {
+	if a < b {
+		return a
+	}
+	return b
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

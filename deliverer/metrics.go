@@ -1,0 +1,61 @@
+package deliverer
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	attempts      *prometheus.CounterVec
+	latency       prometheus.Histogram
+	sessions      *prometheus.GaugeVec
+	bounces       *prometheus.CounterVec
+	expired       prometheus.Counter
+	throttled     prometheus.Counter
+	deadlineKills prometheus.Counter
+	depth         prometheus.Gauge
+	oldest        prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		attempts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_delivery_attempts_total",
+			Help: "Delivery attempts per recipient, by result: sent, deferred, bounced.",
+		}, []string{"result"}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "jetmail_delivery_latency_seconds",
+			Help:    "Time from arrival to successful delivery, per recipient.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 4, 12),
+		}),
+		sessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "jetmail_delivery_sessions_open",
+			Help: "Outbound SMTP sessions in progress, per destination (domain or route).",
+		}, []string{"destination"}),
+		bounces: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_delivery_notifications_total",
+			Help: "Delivery status notifications queued, by kind: failed, delayed, success.",
+		}, []string{"kind"}),
+		expired: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "jetmail_delivery_expired_total",
+			Help: "Messages whose queue lifetime ran out.",
+		}),
+		throttled: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "jetmail_delivery_destination_busy_total",
+			Help: "Attempts postponed because their destination had no free session slot.",
+		}),
+		deadlineKills: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "jetmail_delivery_deadline_kills_total",
+			Help: "Outbound sessions cut off by the hard session deadline or the minimum data rate.",
+		}),
+		depth: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "jetmail_queue_messages",
+			Help: "Messages in the queue (waiting, in delivery, or deferred).",
+		}),
+		oldest: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "jetmail_queue_oldest_message_age_seconds",
+			Help: "Age of the oldest message not yet acknowledged.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.attempts, m.latency, m.sessions, m.bounces, m.expired, m.throttled, m.deadlineKills, m.depth, m.oldest)
+	}
+	return m
+}
