@@ -10,7 +10,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"strings"
 	"time"
@@ -407,9 +406,11 @@ func (cn *smtpConn) transact(t *Transfer, to Timeouts, res []RcptResult) (bool, 
 		finishAccepted(statusOf(e), e)
 		return true, nil
 	}
+	// go-smtp dot-stuffs through a 4 KiB buffer; each of its writes to
+	// the network gets a deadline from deadlineConn (DataBlock, the rate).
 	cn.dc.startData(to.DataBlock, to.MinDataRate, to.DataRateGrace)
 	step := stepBody
-	err = writeBody(w, t.Body)
+	_, err = w.Write(t.Body)
 	var resp *smtp.DataResponse
 	if err == nil {
 		step = stepDataDone
@@ -433,20 +434,6 @@ func (cn *smtpConn) transact(t *Transfer, to Timeouts, res []RcptResult) (bool, 
 		res[i].Status, res[i].Err, res[i].Reply, res[i].DSNPassed = RcptDelivered, nil, reply, cn.dsn
 	}
 	return true, nil
-}
-
-// writeBody copies the body in pieces, so that each write to the network
-// gets its own DataBlock deadline and rate check.
-func writeBody(w io.Writer, body []byte) error {
-	const piece = 32 << 10
-	for len(body) > 0 {
-		n := min(piece, len(body))
-		if _, err := w.Write(body[:n]); err != nil {
-			return err
-		}
-		body = body[n:]
-	}
-	return nil
 }
 
 // mailOptions are the MAIL FROM parameters for t on this server.

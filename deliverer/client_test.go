@@ -65,7 +65,7 @@ func (l *countingListener) Accept() (net.Conn, error) {
 	return &countedConn{Conn: c, cnt: l.cnt}, nil
 }
 
-func listen(t *testing.T, shrink bool) (*countingListener, Hop) {
+func listenCounting(t *testing.T, shrink bool) (*countingListener, Hop) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -75,8 +75,8 @@ func listen(t *testing.T, shrink bool) (*countingListener, Hop) {
 	return cl, Hop{Host: "mx.test", Addr: netip.MustParseAddrPort(ln.Addr().String())}
 }
 
-// txn is one transaction a test server received.
-type txn struct {
+// remoteTxn is one transaction a test server received.
+type remoteTxn struct {
 	from     string
 	mailOpts smtp.MailOptions
 	rcpts    []string
@@ -86,8 +86,8 @@ type txn struct {
 	tls      bool
 }
 
-// testBackend is a scripted go-smtp backend that records what it gets.
-type testBackend struct {
+// remoteBackend is a scripted go-smtp backend that records what it gets.
+type remoteBackend struct {
 	mail  func(from string) error
 	rcpt  func(to string) error
 	data  func(body []byte) error
@@ -96,51 +96,51 @@ type testBackend struct {
 	requireAuth bool
 
 	mu        sync.Mutex
-	txns      []txn
+	txns      []remoteTxn
 	dataCalls int
 	sessions  int
 }
 
-func (b *testBackend) NewSession(c *smtp.Conn) (smtp.Session, error) {
+func (b *remoteBackend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 	_, isTLS := c.TLSConnectionState()
 	b.mu.Lock()
 	b.sessions++
 	b.mu.Unlock()
-	return &testSession{b: b, tls: isTLS}, nil
+	return &remoteSession{b: b, tls: isTLS}, nil
 }
 
-func (b *testBackend) transactions() []txn {
+func (b *remoteBackend) transactions() []remoteTxn {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return append([]txn(nil), b.txns...)
+	return append([]remoteTxn(nil), b.txns...)
 }
 
-func (b *testBackend) dataCount() int {
+func (b *remoteBackend) dataCount() int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.dataCalls
 }
 
-type testSession struct {
-	b    *testBackend
+type remoteSession struct {
+	b    *remoteBackend
 	tls  bool
 	user string
-	cur  txn
+	cur  remoteTxn
 }
 
 var (
-	_ smtp.Session     = (*testSession)(nil)
-	_ smtp.AuthSession = (*testSession)(nil)
+	_ smtp.Session     = (*remoteSession)(nil)
+	_ smtp.AuthSession = (*remoteSession)(nil)
 )
 
-func (s *testSession) AuthMechanisms() []string {
+func (s *remoteSession) AuthMechanisms() []string {
 	if s.b.users == nil {
 		return nil
 	}
 	return []string{sasl.Plain}
 }
 
-func (s *testSession) Auth(mech string) (sasl.Server, error) {
+func (s *remoteSession) Auth(mech string) (sasl.Server, error) {
 	return sasl.NewPlainServer(func(_, user, pass string) error {
 		if p, ok := s.b.users[user]; ok && p == pass {
 			s.user = user
@@ -150,7 +150,7 @@ func (s *testSession) Auth(mech string) (sasl.Server, error) {
 	}), nil
 }
 
-func (s *testSession) Mail(from string, opts *smtp.MailOptions) error {
+func (s *remoteSession) Mail(from string, opts *smtp.MailOptions) error {
 	if s.b.requireAuth && s.user == "" {
 		return smtp.ErrAuthRequired
 	}
@@ -159,14 +159,14 @@ func (s *testSession) Mail(from string, opts *smtp.MailOptions) error {
 			return err
 		}
 	}
-	s.cur = txn{from: from, user: s.user, tls: s.tls}
+	s.cur = remoteTxn{from: from, user: s.user, tls: s.tls}
 	if opts != nil {
 		s.cur.mailOpts = *opts
 	}
 	return nil
 }
 
-func (s *testSession) Rcpt(to string, opts *smtp.RcptOptions) error {
+func (s *remoteSession) Rcpt(to string, opts *smtp.RcptOptions) error {
 	if s.b.rcpt != nil {
 		if err := s.b.rcpt(to); err != nil {
 			return err
@@ -181,7 +181,7 @@ func (s *testSession) Rcpt(to string, opts *smtp.RcptOptions) error {
 	return nil
 }
 
-func (s *testSession) Data(r io.Reader) error {
+func (s *remoteSession) Data(r io.Reader) error {
 	body, err := io.ReadAll(r)
 	if err != nil {
 		return err
@@ -201,38 +201,38 @@ func (s *testSession) Data(r io.Reader) error {
 	return nil
 }
 
-func (s *testSession) Reset()        { s.cur = txn{} }
-func (s *testSession) Logout() error { return nil }
+func (s *remoteSession) Reset()        { s.cur = remoteTxn{} }
+func (s *remoteSession) Logout() error { return nil }
 
-// testServer is a real go-smtp server on loopback.
-type testServer struct {
+// remoteServer is a real go-smtp server on loopback.
+type remoteServer struct {
 	*connCounter
 	hop   Hop
-	be    *testBackend
+	be    *remoteBackend
 	srv   *smtp.Server
-	debug *lockedBuffer
+	debug *trafficLog
 }
 
-type lockedBuffer struct {
+type trafficLog struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
+func (l *trafficLog) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *lockedBuffer) count(s string) int {
+func (l *trafficLog) count(s string) int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return strings.Count(l.b.String(), s)
 }
 
-func startServer(t *testing.T, be *testBackend, mut ...func(*smtp.Server)) *testServer {
+func startRemote(t *testing.T, be *remoteBackend, mut ...func(*smtp.Server)) *remoteServer {
 	t.Helper()
-	ln, hop := listen(t, false)
+	ln, hop := listenCounting(t, false)
 	s := smtp.NewServer(be)
 	s.Domain = "mx.test"
 	s.AllowInsecureAuth = true
@@ -241,28 +241,28 @@ func startServer(t *testing.T, be *testBackend, mut ...func(*smtp.Server)) *test
 	s.MaxMessageBytes = 50 << 20
 	s.MaxRecipients = 100
 	s.ErrorLog = log.New(io.Discard, "", 0)
-	dbg := &lockedBuffer{}
+	dbg := &trafficLog{}
 	s.Debug = dbg
 	for _, m := range mut {
 		m(s)
 	}
 	go s.Serve(ln)
 	t.Cleanup(func() { s.Close() })
-	return &testServer{connCounter: ln.cnt, hop: hop, be: be, srv: s, debug: dbg}
+	return &remoteServer{connCounter: ln.cnt, hop: hop, be: be, srv: s, debug: dbg}
 }
 
-// rawServer runs a scripted handler per connection, for servers that
+// scriptedServer runs a scripted handler per connection, for servers that
 // misbehave in ways go-smtp cannot. After the handler returns, the server
 // reads until the client closes, so open counts what the client has not
 // closed yet.
-type rawServer struct {
+type scriptedServer struct {
 	*connCounter
 	hop Hop
 }
 
-func startRaw(t *testing.T, shrink bool, handle func(c net.Conn, r *bufio.Reader)) *rawServer {
+func startScripted(t *testing.T, shrink bool, handle func(c net.Conn, r *bufio.Reader)) *scriptedServer {
 	t.Helper()
-	ln, hop := listen(t, shrink)
+	ln, hop := listenCounting(t, shrink)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var conns []net.Conn
@@ -292,12 +292,12 @@ func startRaw(t *testing.T, shrink bool, handle func(c net.Conn, r *bufio.Reader
 		mu.Unlock()
 		wg.Wait()
 	})
-	return &rawServer{connCounter: ln.cnt, hop: hop}
+	return &scriptedServer{connCounter: ln.cnt, hop: hop}
 }
 
-// script is a minimal SMTP server for startRaw. Hooks replace the default
-// handling of one command; returning false ends the session.
-type script struct {
+// remoteScript is a minimal SMTP server for startScripted. Hooks replace
+// the default handling of one command; returning false ends the session.
+type remoteScript struct {
 	greeting string
 	exts     []string
 	ehlo     func(c net.Conn) bool
@@ -307,7 +307,7 @@ type script struct {
 	txns     atomic.Int64
 }
 
-func (s *script) handle(c net.Conn, r *bufio.Reader) {
+func (s *remoteScript) handle(c net.Conn, r *bufio.Reader) {
 	say := func(lines ...string) bool {
 		_, err := io.WriteString(c, strings.Join(lines, "\r\n")+"\r\n")
 		return err == nil
@@ -349,7 +349,7 @@ func (s *script) handle(c net.Conn, r *bufio.Reader) {
 				ok = s.data(c, r)
 				break
 			}
-			if !say("354 go ahead") || readDot(r) != nil {
+			if !say("354 go ahead") || readToDot(r) != nil {
 				return
 			}
 			s.txns.Add(1)
@@ -366,7 +366,7 @@ func (s *script) handle(c net.Conn, r *bufio.Reader) {
 	}
 }
 
-func readDot(r *bufio.Reader) error {
+func readToDot(r *bufio.Reader) error {
 	for {
 		line, err := r.ReadString('\n')
 		if err != nil {
@@ -390,8 +390,8 @@ func dribble(c net.Conn, s string, interval time.Duration) {
 	}
 }
 
-// closedHop is an address where nothing listens.
-func closedHop(t *testing.T) Hop {
+// refusingHop is an address where nothing listens.
+func refusingHop(t *testing.T) Hop {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -402,14 +402,14 @@ func closedHop(t *testing.T) Hop {
 	return Hop{Host: "down.test", Addr: addr}
 }
 
-func newClient(t *testing.T) *Client {
+func newTestClient(t *testing.T) *Client {
 	c := &Client{Hostname: "client.test"}
 	t.Cleanup(c.Close)
 	return c
 }
 
-// testTimeouts are short enough for tests, long enough for a busy machine.
-func testTimeouts() Timeouts {
+// shortTimeouts are short enough for tests, long enough for a busy machine.
+func shortTimeouts() Timeouts {
 	return Timeouts{
 		Connect: 2 * time.Second, Greeting: 5 * time.Second, Ehlo: 5 * time.Second,
 		StartTLS: 5 * time.Second, Auth: 5 * time.Second, Mail: 5 * time.Second,
@@ -418,18 +418,18 @@ func testTimeouts() Timeouts {
 	}
 }
 
-const testBody = "From: sender@example.org\r\nTo: rcpt@example.com\r\nSubject: test\r\n\r\nHello.\r\n.leading dot\r\n"
+const transferBody = "From: sender@example.org\r\nTo: rcpt@example.com\r\nSubject: test\r\n\r\nHello.\r\n.leading dot\r\n"
 
-func newTransfer(rcpts ...string) *Transfer {
-	t := &Transfer{QueueID: "Q1", From: "sender@example.org", Body: []byte(testBody)}
+func testTransfer(rcpts ...string) *Transfer {
+	t := &Transfer{QueueID: "Q1", From: "sender@example.org", Body: []byte(transferBody)}
 	for _, r := range rcpts {
 		t.Rcpts = append(t.Rcpts, spool.Rcpt{Addr: r})
 	}
 	return t
 }
 
-// waitFor polls cond until it holds or the time is up.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+// within polls cond until it holds, failing the test when d has passed.
+func within(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
@@ -440,20 +440,20 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 	}
 }
 
-// checkNoLeak closes the client and checks that no connection is left
+// checkNoConnLeak closes the client and checks that no connection is left
 // open, on either side.
-func checkNoLeak(t *testing.T, c *Client, servers ...*connCounter) {
+func checkNoConnLeak(t *testing.T, c *Client, servers ...*connCounter) {
 	t.Helper()
 	c.Close()
 	if n := c.OpenConns(); n != 0 {
 		t.Errorf("client: %d connections open after Close", n)
 	}
 	for i, s := range servers {
-		waitFor(t, 5*time.Second, "server "+string(rune('A'+i))+" to see its connections closed", func() bool { return s.open.Load() == 0 })
+		within(t, 5*time.Second, "server "+string(rune('A'+i))+" to see its connections closed", func() bool { return s.open.Load() == 0 })
 	}
 }
 
-func wantStatus(t *testing.T, res []RcptResult, want ...RcptStatus) {
+func wantStatuses(t *testing.T, res []RcptResult, want ...RcptStatus) {
 	t.Helper()
 	if len(res) != len(want) {
 		t.Fatalf("%d results, want %d", len(res), len(want))
@@ -477,7 +477,7 @@ func wantStatus(t *testing.T, res []RcptResult, want ...RcptStatus) {
 	}
 }
 
-func wantErr(t *testing.T, r RcptResult, code int, enhanced, text string) {
+func wantRcptErr(t *testing.T, r RcptResult, code int, enhanced, text string) {
 	t.Helper()
 	if r.Err == nil {
 		t.Fatalf("rcpt %s: no error, want %d %s", r.Rcpt.Addr, code, enhanced)
@@ -489,228 +489,228 @@ func wantErr(t *testing.T, r RcptResult, code int, enhanced, text string) {
 
 func TestDeliverFailover(t *testing.T) {
 	t.Run("a primary that refuses connections hands the message to the secondary", func(t *testing.T) {
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{closedHop(t), srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{refusingHop(t), srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != srv.hop || res[0].TLS {
 			t.Errorf("result from hop %+v TLS %v, want %+v in plaintext", res[0].Hop, res[0].TLS, srv.hop)
 		}
 		txns := srv.be.transactions()
-		if len(txns) != 1 || txns[0].from != "sender@example.org" || !bytes.Equal(txns[0].body, []byte(testBody)) {
+		if len(txns) != 1 || txns[0].from != "sender@example.org" || !bytes.Equal(txns[0].body, []byte(transferBody)) {
 			t.Errorf("server got %+v", txns)
 		}
 		if !strings.HasPrefix(res[0].Reply, "250 ") {
 			t.Errorf("reply %q", res[0].Reply)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a 421 greeting passes the hop over", func(t *testing.T) {
-		busy := startRaw(t, false, (&script{greeting: "421 4.3.2 too busy"}).handle)
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{busy.hop, srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{busy.hop, srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if busy.accepted.Load() != 1 || len(srv.be.transactions()) != 1 {
 			t.Errorf("busy hop saw %d connections, good hop %d transactions", busy.accepted.Load(), len(srv.be.transactions()))
 		}
-		checkNoLeak(t, c, busy.connCounter, srv.connCounter)
+		checkNoConnLeak(t, c, busy.connCounter, srv.connCounter)
 	})
 
 	t.Run("all hops down defers every recipient with 4.4.1", func(t *testing.T) {
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{closedHop(t), closedHop(t)}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com", "b@example.com"))
-		wantStatus(t, res, RcptDeferred, RcptDeferred)
-		wantErr(t, res[0], 451, "4.4.1", "refused")
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{refusingHop(t), refusingHop(t)}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
+		wantStatuses(t, res, RcptDeferred, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.4.1", "refused")
 		if res[1].Hop != (Hop{}) {
 			t.Errorf("hop %+v for an unreached hop, want zero", res[1].Hop)
 		}
-		checkNoLeak(t, c)
+		checkNoConnLeak(t, c)
 	})
 
 	t.Run("a 421 greeting on the last hop defers with the remote's reply", func(t *testing.T) {
-		busy := startRaw(t, false, (&script{greeting: "421 4.3.2 too busy"}).handle)
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{closedHop(t), busy.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 421, "4.3.2", "too busy")
+		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{refusingHop(t), busy.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 421, "4.3.2", "too busy")
 		if res[0].Err.Remote != "mx.test" || res[0].Hop != busy.hop {
 			t.Errorf("remote %q hop %+v", res[0].Err.Remote, res[0].Hop)
 		}
-		checkNoLeak(t, c, busy.connCounter)
+		checkNoConnLeak(t, c, busy.connCounter)
 	})
 
 	t.Run("no hops defers with 4.4.4", func(t *testing.T) {
-		c := newClient(t)
-		res := c.Deliver(context.Background(), nil, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.4.4", "")
-		checkNoLeak(t, c)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), nil, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.4.4", "")
+		checkNoConnLeak(t, c)
 	})
 
 	t.Run("a 4xx to MAIL FROM passes the hop over", func(t *testing.T) {
-		first := startServer(t, &testBackend{mail: func(string) error {
+		first := startRemote(t, &remoteBackend{mail: func(string) error {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try later"}
 		}})
-		second := startServer(t, &testBackend{})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		second := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != second.hop || len(second.be.transactions()) != 1 {
 			t.Errorf("delivered via %+v, second hop has %d transactions", res[0].Hop, len(second.be.transactions()))
 		}
-		checkNoLeak(t, c, first.connCounter, second.connCounter)
+		checkNoConnLeak(t, c, first.connCounter, second.connCounter)
 	})
 
 	t.Run("a 5xx to MAIL FROM fails every recipient and tries no other hop", func(t *testing.T) {
-		first := startServer(t, &testBackend{mail: func(string) error {
+		first := startRemote(t, &remoteBackend{mail: func(string) error {
 			return &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "sender rejected"}
 		}})
-		second := startServer(t, &testBackend{})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com", "b@example.com"))
-		wantStatus(t, res, RcptFailed, RcptFailed)
-		wantErr(t, res[1], 553, "5.7.1", "sender rejected")
+		second := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
+		wantStatuses(t, res, RcptFailed, RcptFailed)
+		wantRcptErr(t, res[1], 553, "5.7.1", "sender rejected")
 		if second.accepted.Load() != 0 {
 			t.Errorf("second hop saw %d connections, want 0", second.accepted.Load())
 		}
-		checkNoLeak(t, c, first.connCounter, second.connCounter)
+		checkNoConnLeak(t, c, first.connCounter, second.connCounter)
 	})
 }
 
 func TestDeliverReplies(t *testing.T) {
 	t.Run("a 4xx on one RCPT and 250 on another delivers one and defers the other", func(t *testing.T) {
-		srv := startServer(t, &testBackend{rcpt: func(to string) error {
+		srv := startRemote(t, &remoteBackend{rcpt: func(to string) error {
 			if to == "full@example.com" {
 				return &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 2, 2}, Message: "mailbox full"}
 			}
 			return nil
 		}})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("full@example.com", "ok@example.com"))
-		wantStatus(t, res, RcptDeferred, RcptDelivered)
-		wantErr(t, res[0], 452, "4.2.2", "mailbox full")
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("full@example.com", "ok@example.com"))
+		wantStatuses(t, res, RcptDeferred, RcptDelivered)
+		wantRcptErr(t, res[0], 452, "4.2.2", "mailbox full")
 		if txns := srv.be.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "ok@example.com" {
 			t.Errorf("server got %+v", txns)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a 5xx on RCPT fails the recipient with the remote's code, enhanced code and text", func(t *testing.T) {
-		srv := startServer(t, &testBackend{rcpt: func(to string) error {
+		srv := startRemote(t, &remoteBackend{rcpt: func(to string) error {
 			if to == "nobody@example.com" {
 				return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 			}
 			return nil
 		}})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("ok@example.com", "nobody@example.com"))
-		wantStatus(t, res, RcptDelivered, RcptFailed)
-		wantErr(t, res[1], 550, "5.1.1", "no such user")
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("ok@example.com", "nobody@example.com"))
+		wantStatuses(t, res, RcptDelivered, RcptFailed)
+		wantRcptErr(t, res[1], 550, "5.1.1", "no such user")
 		if res[1].Err.Remote != "mx.test" || res[1].Reply != "550 5.1.1 no such user" {
 			t.Errorf("remote %q reply %q", res[1].Err.Remote, res[1].Reply)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a reply without an enhanced code gets one from its class", func(t *testing.T) {
-		srv := startServer(t, &testBackend{rcpt: func(string) error {
+		srv := startRemote(t, &remoteBackend{rcpt: func(string) error {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.NoEnhancedCode, Message: "go away"}
 		}})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptFailed)
-		wantErr(t, res[0], 550, "5.0.0", "go away")
-		checkNoLeak(t, c, srv.connCounter)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptFailed)
+		wantRcptErr(t, res[0], 550, "5.0.0", "go away")
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("no accepted recipient means no DATA", func(t *testing.T) {
-		srv := startServer(t, &testBackend{rcpt: func(string) error {
+		srv := startRemote(t, &remoteBackend{rcpt: func(string) error {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 		}})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com", "b@example.com"))
-		wantStatus(t, res, RcptFailed, RcptFailed)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
+		wantStatuses(t, res, RcptFailed, RcptFailed)
 		if n := srv.be.dataCount(); n != 0 {
 			t.Errorf("server got DATA %d times", n)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a 451 to the data defers the accepted recipients", func(t *testing.T) {
-		srv := startServer(t, &testBackend{data: func([]byte) error {
+		srv := startRemote(t, &remoteBackend{data: func([]byte) error {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "queue full"}
 		}})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com", "b@example.com"))
-		wantStatus(t, res, RcptDeferred, RcptDeferred)
-		wantErr(t, res[0], 451, "4.3.0", "queue full")
-		checkNoLeak(t, c, srv.connCounter)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
+		wantStatuses(t, res, RcptDeferred, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.3.0", "queue full")
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a 554 to the data fails the accepted recipients", func(t *testing.T) {
-		srv := startServer(t, &testBackend{data: func([]byte) error {
+		srv := startRemote(t, &remoteBackend{data: func([]byte) error {
 			return &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "spam"}
 		}})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptFailed)
-		wantErr(t, res[0], 554, "5.7.1", "spam")
-		checkNoLeak(t, c, srv.connCounter)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptFailed)
+		wantRcptErr(t, res[0], 554, "5.7.1", "spam")
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 }
 
 func TestDeliverExtensions(t *testing.T) {
 	t.Run("a message over the announced SIZE fails with 5.3.4 without DATA", func(t *testing.T) {
-		srv := startServer(t, &testBackend{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptFailed)
-		wantErr(t, res[0], 552, "5.3.4", "exceeds")
+		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptFailed)
+		wantRcptErr(t, res[0], 552, "5.3.4", "exceeds")
 		if n := srv.be.dataCount(); n != 0 || srv.debug.count("MAIL FROM") != 0 {
 			t.Errorf("server got DATA %d times, MAIL %d times", n, srv.debug.count("MAIL FROM"))
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("SIZE is declared as the body length", func(t *testing.T) {
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
-		if txns := srv.be.transactions(); len(txns) != 1 || txns[0].mailOpts.Size != int64(len(testBody)) || txns[0].mailOpts.Body != smtp.Body8BitMIME {
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
+		if txns := srv.be.transactions(); len(txns) != 1 || txns[0].mailOpts.Size != int64(len(transferBody)) || txns[0].mailOpts.Body != smtp.Body8BitMIME {
 			t.Errorf("server got MAIL options %+v", txns[0].mailOpts)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("an SMTPUTF8 message to a server without SMTPUTF8 fails with 5.6.7", func(t *testing.T) {
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
-		tr := newTransfer("jörg@example.com")
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
+		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), tr)
-		wantStatus(t, res, RcptFailed)
-		wantErr(t, res[0], 553, "5.6.7", "SMTPUTF8")
-		checkNoLeak(t, c, srv.connCounter)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), tr)
+		wantStatuses(t, res, RcptFailed)
+		wantRcptErr(t, res[0], 553, "5.6.7", "SMTPUTF8")
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("an SMTPUTF8 message to a server with SMTPUTF8 is delivered with SMTPUTF8", func(t *testing.T) {
-		srv := startServer(t, &testBackend{}, func(s *smtp.Server) { s.EnableSMTPUTF8 = true })
-		c := newClient(t)
-		tr := newTransfer("jörg@example.com")
+		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.EnableSMTPUTF8 = true })
+		c := newTestClient(t)
+		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), tr)
-		wantStatus(t, res, RcptDelivered)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), tr)
+		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.be.transactions(); len(txns) != 1 || !txns[0].mailOpts.UTF8 || txns[0].rcpts[0] != "jörg@example.com" {
 			t.Errorf("server got %+v", txns)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	dsnTransfer := func() *Transfer {
-		tr := newTransfer()
+		tr := testTransfer()
 		tr.Mail.Ret, tr.Mail.EnvID = "HDRS", "env+id-1"
 		tr.Rcpts = []spool.Rcpt{
 			{Addr: "a@example.com", Notify: []string{"SUCCESS", "FAILURE"}, ORcpt: "rfc822;orig@example.org"},
@@ -720,10 +720,10 @@ func TestDeliverExtensions(t *testing.T) {
 	}
 
 	t.Run("DSN parameters reach a server that offers DSN", func(t *testing.T) {
-		srv := startServer(t, &testBackend{}, func(s *smtp.Server) { s.EnableDSN = true })
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), dsnTransfer())
-		wantStatus(t, res, RcptDelivered, RcptDelivered)
+		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.EnableDSN = true })
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), dsnTransfer())
+		wantStatuses(t, res, RcptDelivered, RcptDelivered)
 		if !res[0].DSNPassed || !res[1].DSNPassed {
 			t.Errorf("DSNPassed %v %v, want true", res[0].DSNPassed, res[1].DSNPassed)
 		}
@@ -743,29 +743,29 @@ func TestDeliverExtensions(t *testing.T) {
 		if len(b.Notify) != 1 || b.Notify[0] != smtp.DSNNotifyNever || b.OriginalRecipient != "" {
 			t.Errorf("second RCPT options %+v", b)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("DSN parameters are left out for a server without DSN", func(t *testing.T) {
 		// go-smtp's server refuses NOTIFY, RET and ENVID unless it offers
 		// DSN, so a delivery proves they were not sent.
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), dsnTransfer())
-		wantStatus(t, res, RcptDelivered, RcptDelivered)
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), dsnTransfer())
+		wantStatuses(t, res, RcptDelivered, RcptDelivered)
 		if res[0].DSNPassed {
 			t.Error("DSNPassed for a server without DSN")
 		}
 		if srv.debug.count("NOTIFY=") != 0 || srv.debug.count("ENVID=") != 0 {
 			t.Error("DSN parameters sent to a server without DSN")
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 }
 
-// testCert returns a self-signed server certificate for name and a pool
+// selfSignedCert returns a self-signed server certificate for name and a pool
 // that trusts it.
-func testCert(t *testing.T, name string) (tls.Certificate, *x509.CertPool) {
+func selfSignedCert(t *testing.T, name string) (tls.Certificate, *x509.CertPool) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -790,10 +790,10 @@ func testCert(t *testing.T, name string) (tls.Certificate, *x509.CertPool) {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
 }
 
-// brokenTLS offers STARTTLS, says 220, and answers the ClientHello with
+// brokenTLSScript offers STARTTLS, says 220, and answers the ClientHello with
 // garbage; a plaintext session on a new connection works.
-func brokenTLS() *script {
-	return &script{
+func brokenTLSScript() *remoteScript {
+	return &remoteScript{
 		exts: []string{"STARTTLS", "8BITMIME"},
 		startTLS: func(c net.Conn, r *bufio.Reader) bool {
 			io.WriteString(c, "220 2.0.0 ready\r\n")
@@ -809,140 +809,140 @@ func brokenTLS() *script {
 
 func TestDeliverTLS(t *testing.T) {
 	t.Run("opportunistic TLS falls back to plaintext on the same hop after a broken handshake", func(t *testing.T) {
-		sc := brokenTLS()
-		srv := startRaw(t, false, sc.handle)
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSOpportunistic, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		sc := brokenTLSScript()
+		srv := startScripted(t, false, sc.handle)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSOpportunistic, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if res[0].TLS {
 			t.Error("TLS reported for a plaintext delivery")
 		}
 		if srv.accepted.Load() != 2 || sc.txns.Load() != 1 {
 			t.Errorf("server saw %d connections and %d transactions, want 2 and 1", srv.accepted.Load(), sc.txns.Load())
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("opportunistic TLS goes on in plaintext when STARTTLS is refused", func(t *testing.T) {
-		sc := &script{exts: []string{"STARTTLS"}, startTLS: func(c net.Conn, r *bufio.Reader) bool {
+		sc := &remoteScript{exts: []string{"STARTTLS"}, startTLS: func(c net.Conn, r *bufio.Reader) bool {
 			_, err := io.WriteString(c, "454 4.7.0 TLS not available\r\n")
 			return err == nil
 		}}
-		srv := startRaw(t, false, sc.handle)
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSOpportunistic, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		srv := startScripted(t, false, sc.handle)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSOpportunistic, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if res[0].TLS || srv.accepted.Load() != 1 || sc.txns.Load() != 1 {
 			t.Errorf("TLS %v; server saw %d connections and %d transactions, want 1 and 1", res[0].TLS, srv.accepted.Load(), sc.txns.Load())
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("required TLS defers when STARTTLS is refused", func(t *testing.T) {
-		sc := &script{exts: []string{"STARTTLS"}, startTLS: func(c net.Conn, r *bufio.Reader) bool {
+		sc := &remoteScript{exts: []string{"STARTTLS"}, startTLS: func(c net.Conn, r *bufio.Reader) bool {
 			_, err := io.WriteString(c, "454 4.7.0 TLS not available\r\n")
 			return err == nil
 		}}
-		srv := startRaw(t, false, sc.handle)
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.7.4", "454 4.7.0 TLS not available")
+		srv := startScripted(t, false, sc.handle)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.7.4", "454 4.7.0 TLS not available")
 		if sc.txns.Load() != 0 {
 			t.Error("message sent in plaintext under TLSRequired")
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("required TLS defers after a broken handshake", func(t *testing.T) {
-		sc := brokenTLS()
-		srv := startRaw(t, false, sc.handle)
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.7.5", "handshake")
+		sc := brokenTLSScript()
+		srv := startScripted(t, false, sc.handle)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.7.5", "handshake")
 		if srv.accepted.Load() != 1 || sc.txns.Load() != 0 {
 			t.Errorf("server saw %d connections and %d transactions, want 1 and 0", srv.accepted.Load(), sc.txns.Load())
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("required TLS defers when STARTTLS is not offered", func(t *testing.T) {
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.7.4", "STARTTLS")
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.7.4", "STARTTLS")
 		if len(srv.be.transactions()) != 0 {
 			t.Error("message sent in plaintext under TLSRequired")
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("required TLS accepts a certificate it cannot verify", func(t *testing.T) {
-		cert, _ := testCert(t, "mx.right.test")
-		srv := startServer(t, &testBackend{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		cert, _ := selfSignedCert(t, "mx.right.test")
+		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.be.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("verify defers a certificate for another name", func(t *testing.T) {
-		cert, roots := testCert(t, "mx.right.test")
-		srv := startServer(t, &testBackend{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
-		c := newClient(t)
+		cert, roots := selfSignedCert(t, "mx.right.test")
+		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
+		c := newTestClient(t)
 		c.RootCAs = roots
 		hop := srv.hop
 		hop.Host = "mx.wrong.test"
-		res := c.Deliver(context.Background(), []Hop{hop}, TLSVerify, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.7.5", "mx.wrong.test")
+		res := c.Deliver(context.Background(), []Hop{hop}, TLSVerify, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.7.5", "mx.wrong.test")
 		if len(srv.be.transactions()) != 0 {
 			t.Error("message sent to a server whose certificate did not verify")
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("verify delivers over TLS to the right name", func(t *testing.T) {
-		cert, roots := testCert(t, "mx.right.test")
-		srv := startServer(t, &testBackend{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
-		c := newClient(t)
+		cert, roots := selfSignedCert(t, "mx.right.test")
+		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
+		c := newTestClient(t)
 		c.RootCAs = roots
 		hop := srv.hop
 		hop.Host = "mx.right.test"
-		res := c.Deliver(context.Background(), []Hop{hop}, TLSVerify, nil, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		res := c.Deliver(context.Background(), []Hop{hop}, TLSVerify, nil, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.be.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 }
 
 func TestDeliverAuth(t *testing.T) {
-	authServer := func(t *testing.T) *testServer {
-		return startServer(t, &testBackend{users: map[string]string{"relay": "s3cret"}, requireAuth: true})
+	authServer := func(t *testing.T) *remoteServer {
+		return startRemote(t, &remoteBackend{users: map[string]string{"relay": "s3cret"}, requireAuth: true})
 	}
 
 	t.Run("AUTH PLAIN to a relay that requires it", func(t *testing.T) {
 		srv := authServer(t)
-		c := newClient(t)
+		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.be.transactions(); len(txns) != 1 || txns[0].user != "relay" {
 			t.Errorf("server got %+v", txns)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("AUTH LOGIN when the server offers only LOGIN", func(t *testing.T) {
 		var got []string
-		sc := &script{exts: []string{"AUTH LOGIN"}, auth: func(c net.Conn, r *bufio.Reader, line string) bool {
+		sc := &remoteScript{exts: []string{"AUTH LOGIN"}, auth: func(c net.Conn, r *bufio.Reader, line string) bool {
 			got = append(got, strings.TrimSpace(line))
 			prompts := []string{"VXNlcm5hbWU6", "UGFzc3dvcmQ6"} // "Username:", "Password:"
 			if len(strings.Fields(line)) == 3 {
@@ -959,12 +959,12 @@ func TestDeliverAuth(t *testing.T) {
 			_, err := io.WriteString(c, "235 2.7.0 ok\r\n")
 			return err == nil
 		}}
-		srv := startRaw(t, false, sc.handle)
-		c := newClient(t)
+		srv := startScripted(t, false, sc.handle)
+		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
-		checkNoLeak(t, c, srv.connCounter)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
+		checkNoConnLeak(t, c, srv.connCounter)
 		// "relay" and "s3cret" in base64.
 		if strings.Join(got, " ") != "AUTH LOGIN cmVsYXk= czNjcmV0" {
 			t.Errorf("server got %q", got)
@@ -972,100 +972,100 @@ func TestDeliverAuth(t *testing.T) {
 	})
 
 	t.Run("a hop that refuses the credentials is passed over for the next", func(t *testing.T) {
-		refusing := startServer(t, &testBackend{users: map[string]string{"relay": "other"}, requireAuth: true})
+		refusing := startRemote(t, &remoteBackend{users: map[string]string{"relay": "other"}, requireAuth: true})
 		srv := authServer(t)
-		c := newClient(t)
+		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{refusing.hop, srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		res := c.Deliver(context.Background(), []Hop{refusing.hop, srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != srv.hop {
 			t.Errorf("delivered via %+v", res[0].Hop)
 		}
-		checkNoLeak(t, c, refusing.connCounter, srv.connCounter)
+		checkNoConnLeak(t, c, refusing.connCounter, srv.connCounter)
 	})
 
 	t.Run("refused credentials on the last hop defer with the remote's 535", func(t *testing.T) {
 		srv := authServer(t)
-		c := newClient(t)
+		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "wrong"}, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 535, "5.7.8", "Authentication failed")
-		checkNoLeak(t, c, srv.connCounter)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "wrong"}, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 535, "5.7.8", "Authentication failed")
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("credentials are not sent in plaintext without AllowInsecureAuth", func(t *testing.T) {
 		srv := authServer(t)
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.7.10", "unencrypted")
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.7.10", "unencrypted")
 		if srv.debug.count("AUTH PLAIN ") != 0 {
 			t.Error("credentials sent in plaintext")
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("AUTH PLAIN over STARTTLS without AllowInsecureAuth", func(t *testing.T) {
-		cert, _ := testCert(t, "mx.test")
-		srv := startServer(t, &testBackend{users: map[string]string{"relay": "s3cret"}, requireAuth: true}, func(s *smtp.Server) {
+		cert, _ := selfSignedCert(t, "mx.test")
+		srv := startRemote(t, &remoteBackend{users: map[string]string{"relay": "s3cret"}, requireAuth: true}, func(s *smtp.Server) {
 			s.AllowInsecureAuth = false
 			s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 		})
-		c := newClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, &Credentials{"relay", "s3cret"}, testTimeouts(), newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
+		c := newTestClient(t)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.be.transactions(); len(txns) != 1 || txns[0].user != "relay" || !txns[0].tls {
 			t.Errorf("server got %+v", txns)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 }
 
 func TestDeliverDeadlines(t *testing.T) {
 	t.Run("a server dribbling its EHLO reply forever loses the session at the deadline", func(t *testing.T) {
-		srv := startRaw(t, false, (&script{ehlo: func(c net.Conn) bool {
+		srv := startScripted(t, false, (&remoteScript{ehlo: func(c net.Conn) bool {
 			dribble(c, "250-DRIBBLE\r\n", 200*time.Millisecond)
 			return false
 		}}).handle)
-		c := newClient(t)
-		to := testTimeouts()
+		c := newTestClient(t)
+		to := shortTimeouts()
 		to.Greeting, to.Ehlo, to.Session = time.Minute, time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, newTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, testTransfer("a@example.com"))
 		took := time.Since(start)
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
 		if took < 1900*time.Millisecond || took > 2600*time.Millisecond {
 			t.Errorf("attempt took %s, want about 2s", took)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a server dribbling its reply to the final dot loses the session at the deadline", func(t *testing.T) {
-		srv := startRaw(t, false, (&script{data: func(c net.Conn, r *bufio.Reader) bool {
+		srv := startScripted(t, false, (&remoteScript{data: func(c net.Conn, r *bufio.Reader) bool {
 			io.WriteString(c, "354 go ahead\r\n")
-			if readDot(r) != nil {
+			if readToDot(r) != nil {
 				return false
 			}
 			dribble(c, "250-still thinking\r\n", 200*time.Millisecond)
 			return false
 		}}).handle)
-		c := newClient(t)
-		to := testTimeouts()
+		c := newTestClient(t)
+		to := shortTimeouts()
 		to.DataDone, to.Session = time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, newTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, testTransfer("a@example.com", "b@example.com"))
 		took := time.Since(start)
-		wantStatus(t, res, RcptDeferred, RcptDeferred)
-		wantErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
+		wantStatuses(t, res, RcptDeferred, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
 		if !strings.Contains(res[0].Err.Text, stepDataDone) || res[0].Hop != srv.hop {
 			t.Errorf("error %v from hop %+v", res[0].Err, res[0].Hop)
 		}
 		if took > 2600*time.Millisecond {
 			t.Errorf("attempt took %s, want about 2s", took)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	bigBody := func(n int) []byte {
@@ -1075,31 +1075,31 @@ func TestDeliverDeadlines(t *testing.T) {
 
 	t.Run("a server that stops reading the data is cut off", func(t *testing.T) {
 		release := make(chan struct{})
-		srv := startRaw(t, true, (&script{data: func(c net.Conn, r *bufio.Reader) bool {
+		srv := startScripted(t, true, (&remoteScript{data: func(c net.Conn, r *bufio.Reader) bool {
 			io.WriteString(c, "354 go ahead\r\n")
 			io.ReadFull(r, make([]byte, 1024))
 			<-release
 			return false
 		}}).handle)
-		c := newClient(t)
-		to := testTimeouts()
+		c := newTestClient(t)
+		to := shortTimeouts()
 		to.DataBlock, to.Session = time.Second, 3*time.Second
-		tr := newTransfer("a@example.com")
+		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, tr)
 		took := time.Since(start)
 		close(release)
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.4.2", stepBody)
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.4.2", stepBody)
 		if took > 3500*time.Millisecond {
 			t.Errorf("attempt took %s, want at most the 3s session", took)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a server that reads the data below the minimum rate is cut off", func(t *testing.T) {
-		srv := startRaw(t, true, (&script{data: func(c net.Conn, r *bufio.Reader) bool {
+		srv := startScripted(t, true, (&remoteScript{data: func(c net.Conn, r *bufio.Reader) bool {
 			io.WriteString(c, "354 go ahead\r\n")
 			buf := make([]byte, 1024)
 			for {
@@ -1109,45 +1109,45 @@ func TestDeliverDeadlines(t *testing.T) {
 				time.Sleep(10 * time.Millisecond) // about 100 KB/s
 			}
 		}}).handle)
-		c := newClient(t)
-		to := testTimeouts()
+		c := newTestClient(t)
+		to := shortTimeouts()
 		to.DataBlock, to.Session = 10*time.Second, 10*time.Second
 		to.MinDataRate, to.DataRateGrace = 20<<20, 300*time.Millisecond
-		tr := newTransfer("a@example.com")
+		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, tr)
 		took := time.Since(start)
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.4.2", "slower than")
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.4.2", "slower than")
 		if took > 5*time.Second {
 			t.Errorf("attempt took %s, want well under the 10s data block timeout", took)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("cancelling the context aborts the session promptly and defers", func(t *testing.T) {
-		srv := startRaw(t, false, (&script{ehlo: func(c net.Conn) bool {
+		srv := startScripted(t, false, (&remoteScript{ehlo: func(c net.Conn) bool {
 			dribble(c, "250-DRIBBLE\r\n", 200*time.Millisecond)
 			return false
 		}}).handle)
-		c := newClient(t)
+		c := newTestClient(t)
 		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 		defer cancel()
 		start := time.Now()
-		res := c.Deliver(ctx, []Hop{srv.hop, closedHop(t)}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
+		res := c.Deliver(ctx, []Hop{srv.hop, refusingHop(t)}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
 		took := time.Since(start)
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.4.0", "interrupted")
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.4.0", "interrupted")
 		if took > time.Second {
 			t.Errorf("Deliver took %s after a 300ms context", took)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a connect timeout passes the hop over", func(t *testing.T) {
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
 		blackhole := Hop{Host: "blackhole.test", Addr: netip.MustParseAddrPort("192.0.2.1:25")}
 		c.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
 			if addr == blackhole.Addr.String() {
@@ -1157,14 +1157,14 @@ func TestDeliverDeadlines(t *testing.T) {
 			var d net.Dialer
 			return d.DialContext(ctx, network, addr)
 		}
-		to := testTimeouts()
+		to := shortTimeouts()
 		to.Connect = 200 * time.Millisecond
-		res := c.Deliver(context.Background(), []Hop{blackhole, srv.hop}, TLSNone, nil, to, newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDelivered)
-		res = c.Deliver(context.Background(), []Hop{blackhole}, TLSNone, nil, to, newTransfer("a@example.com"))
-		wantStatus(t, res, RcptDeferred)
-		wantErr(t, res[0], 451, "4.4.1", "timed out")
-		checkNoLeak(t, c, srv.connCounter)
+		res := c.Deliver(context.Background(), []Hop{blackhole, srv.hop}, TLSNone, nil, to, testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
+		res = c.Deliver(context.Background(), []Hop{blackhole}, TLSNone, nil, to, testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.4.1", "timed out")
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 }
 
@@ -1172,14 +1172,14 @@ func TestClientReuse(t *testing.T) {
 	deliverN := func(t *testing.T, c *Client, hop Hop, n int) {
 		t.Helper()
 		for i := 0; i < n; i++ {
-			res := c.Deliver(context.Background(), []Hop{hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com"))
-			wantStatus(t, res, RcptDelivered)
+			res := c.Deliver(context.Background(), []Hop{hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+			wantStatuses(t, res, RcptDelivered)
 		}
 	}
 
 	t.Run("three messages to one hop share one connection and one EHLO", func(t *testing.T) {
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
 		deliverN(t, c, srv.hop, 3)
 		if a, n, e := srv.accepted.Load(), len(srv.be.transactions()), srv.debug.count("EHLO client.test"); a != 1 || n != 3 || e != 1 {
 			t.Errorf("server saw %d connections, %d transactions, %d EHLO; want 1, 3, 1", a, n, e)
@@ -1187,29 +1187,29 @@ func TestClientReuse(t *testing.T) {
 		if n := c.OpenConns(); n != 1 {
 			t.Errorf("%d open connections between messages, want 1", n)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 		if srv.debug.count("QUIT") != 1 {
 			t.Errorf("QUIT sent %d times on Close, want 1", srv.debug.count("QUIT"))
 		}
 	})
 
 	t.Run("a connection that has carried MaxPerConn messages is replaced", func(t *testing.T) {
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
 		c.MaxPerConn = 2
 		deliverN(t, c, srv.hop, 3)
 		if a, n := srv.accepted.Load(), len(srv.be.transactions()); a != 2 || n != 3 {
 			t.Errorf("server saw %d connections and %d transactions, want 2 and 3", a, n)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("an idle connection is closed after IdleTime and the next message dials anew", func(t *testing.T) {
-		srv := startServer(t, &testBackend{})
-		c := newClient(t)
+		srv := startRemote(t, &remoteBackend{})
+		c := newTestClient(t)
 		c.IdleTime = 200 * time.Millisecond
 		deliverN(t, c, srv.hop, 1)
-		waitFor(t, 5*time.Second, "the idle connection to be closed", func() bool { return c.OpenConns() == 0 && srv.open.Load() == 0 })
+		within(t, 5*time.Second, "the idle connection to be closed", func() bool { return c.OpenConns() == 0 && srv.open.Load() == 0 })
 		if srv.debug.count("QUIT") != 1 {
 			t.Error("idle connection closed without QUIT")
 		}
@@ -1217,14 +1217,14 @@ func TestClientReuse(t *testing.T) {
 		if a := srv.accepted.Load(); a != 2 {
 			t.Errorf("server saw %d connections, want 2", a)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a pooled connection the server closed is replaced transparently", func(t *testing.T) {
-		srv := startServer(t, &testBackend{}, func(s *smtp.Server) { s.ReadTimeout = 300 * time.Millisecond })
-		c := newClient(t)
+		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.ReadTimeout = 300 * time.Millisecond })
+		c := newTestClient(t)
 		deliverN(t, c, srv.hop, 1)
-		waitFor(t, 5*time.Second, "the server to close the idle connection", func() bool { return srv.open.Load() == 0 })
+		within(t, 5*time.Second, "the server to close the idle connection", func() bool { return srv.open.Load() == 0 })
 		if c.OpenConns() != 1 {
 			t.Fatalf("%d client connections, want the dead one still pooled", c.OpenConns())
 		}
@@ -1232,26 +1232,26 @@ func TestClientReuse(t *testing.T) {
 		if a, n := srv.accepted.Load(), len(srv.be.transactions()); a != 2 || n != 2 {
 			t.Errorf("server saw %d connections and %d transactions, want 2 and 2", a, n)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("connections differ by TLS policy and user", func(t *testing.T) {
-		srv := startServer(t, &testBackend{users: map[string]string{"u1": "p", "u2": "p"}})
-		c := newClient(t)
+		srv := startRemote(t, &remoteBackend{users: map[string]string{"u1": "p", "u2": "p"}})
+		c := newTestClient(t)
 		c.AllowInsecureAuth = true
 		for _, a := range []*Credentials{nil, {"u1", "p"}, {"u2", "p"}, {"u1", "p"}} {
-			res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, a, testTimeouts(), newTransfer("a@example.com"))
-			wantStatus(t, res, RcptDelivered)
+			res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, a, shortTimeouts(), testTransfer("a@example.com"))
+			wantStatuses(t, res, RcptDelivered)
 		}
 		if a := srv.accepted.Load(); a != 3 {
 			t.Errorf("server saw %d connections, want 3 (none, u1, u2)", a)
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("concurrent deliveries never share a connection", func(t *testing.T) {
 		var inData, maxInData atomic.Int64
-		srv := startServer(t, &testBackend{data: func([]byte) error {
+		srv := startRemote(t, &remoteBackend{data: func([]byte) error {
 			n := inData.Add(1)
 			for {
 				m := maxInData.Load()
@@ -1263,13 +1263,13 @@ func TestClientReuse(t *testing.T) {
 			inData.Add(-1)
 			return nil
 		}})
-		c := newClient(t)
+		c := newTestClient(t)
 		var wg sync.WaitGroup
 		var failed atomic.Int64
 		for i := 0; i < 8; i++ {
 			wg.Go(func() {
 				for j := 0; j < 5; j++ {
-					res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, testTimeouts(), newTransfer("a@example.com", "b@example.com"))
+					res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
 					for _, r := range res {
 						if r.Status != RcptDelivered {
 							failed.Add(1)
@@ -1288,7 +1288,7 @@ func TestClientReuse(t *testing.T) {
 		if a := srv.accepted.Load(); a > 8 || maxInData.Load() < 2 {
 			t.Errorf("server saw %d connections (want at most 8) and at most %d concurrent transactions", a, maxInData.Load())
 		}
-		checkNoLeak(t, c, srv.connCounter)
+		checkNoConnLeak(t, c, srv.connCounter)
 	})
 }
 

@@ -20,6 +20,17 @@ import (
 	"github.com/jetmail/jetmail/spool"
 )
 
+const (
+	// maxFetch is the most messages asked for in one pull.
+	maxFetch = 64
+	// fetchWait is how long one pull waits for messages; it bounds how
+	// long Run takes to notice that its context ended.
+	fetchWait = 2 * time.Second
+	// recordTimeout bounds recording an attempt's outcome, which goes on
+	// after Run's context ends: a delivered recipient must be recorded.
+	recordTimeout = 30 * time.Second
+)
+
 // Config sets up a Deliverer.
 type Config struct {
 	// Hostname is our name in EHLO, DSNs and logs.
@@ -100,12 +111,13 @@ func New(cfg Config) (*Deliverer, error) {
 // Run consumes the queue until ctx ends, then lets attempts in flight
 // finish within Grace. Messages it never finished come back to another
 // replica after AckWait; nothing is lost.
+//
+// It pulls only as many messages as it has free slots for: a message that
+// sat in a client-side buffer would have its AckWait running with nobody
+// sending in-progress signals for it, and once that ran out another
+// replica (or this one) would deliver it a second time.
 func (d *Deliverer) Run(ctx context.Context) error {
 	cons, err := d.cfg.Spool.DeliveryConsumer(ctx, d.cfg.AckWait, d.cfg.MaxWaiting)
-	if err != nil {
-		return err
-	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(d.cfg.MaxInFlight))
 	if err != nil {
 		return err
 	}
@@ -113,7 +125,6 @@ func (d *Deliverer) Run(ctx context.Context) error {
 	defer cancelWork()
 	go func() {
 		<-ctx.Done()
-		it.Stop()
 		select {
 		case <-time.After(d.cfg.Grace):
 			cancelWork()
@@ -125,22 +136,65 @@ func (d *Deliverer) Run(ctx context.Context) error {
 	sem := make(chan struct{}, d.cfg.MaxInFlight)
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	backoff := time.Duration(0)
 	for {
-		msg, err := it.Next()
-		if err != nil {
-			if errors.Is(err, jetstream.ErrMsgIteratorClosed) || ctx.Err() != nil {
-				return nil
+		// One slot, waiting for it, then every other free one.
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return nil
+		}
+		n := 1
+	more:
+		for n < maxFetch {
+			select {
+			case sem <- struct{}{}:
+				n++
+			default:
+				break more
 			}
-			d.log.Warn("fetching from the queue", zap.Error(err))
+		}
+		// Not bound to ctx: a pull abandoned mid-way would leave messages
+		// the server sent to nobody until AckWait. fetchWait bounds how
+		// long a shutdown waits for it.
+		batch, err := cons.Fetch(n, jetstream.FetchMaxWait(fetchWait))
+		got := 0
+		if err == nil {
+			for msg := range batch.Messages() {
+				got++
+				if ctx.Err() != nil {
+					// Shutting down: give it straight back.
+					_ = msg.Nak()
+					<-sem
+					continue
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					defer func() { <-sem }()
+					d.handle(work, msg)
+				}()
+			}
+			err = batch.Error()
+		}
+		for ; got < n; got++ {
+			<-sem
+		}
+		if err == nil || errors.Is(err, nats.ErrTimeout) || errors.Is(err, jetstream.ErrNoMessages) {
+			backoff = 0
 			continue
 		}
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			d.handle(work, msg)
-		}()
+		if ctx.Err() != nil {
+			return nil
+		}
+		// NATS away, consumer gone, ...: do not spin.
+		backoff = min(max(2*backoff, 100*time.Millisecond), 5*time.Second)
+		d.log.Warn("fetching from the queue", zap.Error(err), zap.Duration("retry_in", backoff))
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
 	}
 }
 
@@ -257,7 +311,7 @@ func (a *attempt) pending() []spool.Rcpt {
 // expire fails every pending recipient: the queue lifetime is over,
 // whatever state the message was in.
 func (a *attempt) expire() {
-	age := a.now.Sub(a.m.Envelope.Received).Round(time.Minute)
+	age := a.now.Sub(a.m.Envelope.Received).Round(time.Second)
 	for _, r := range a.pending() {
 		rs := a.rcptState(r.Addr)
 		last := rs.Text
@@ -331,8 +385,14 @@ func (a *attempt) run(ctx context.Context) {
 			a.throttled = true
 			continue
 		}
+		killed := false
 		for i, r := range g.rcpts {
 			a.record(r, g.results[i], g.elapsed)
+			killed = killed || deadlineKill(g.results[i].Err)
+		}
+		if killed {
+			// Once per session, not per recipient.
+			a.d.metrics.deadlineKills.Inc()
 		}
 	}
 }
@@ -445,9 +505,6 @@ func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
 			rs.Status, status, report.Action = spool.RcptDeferred, "deferred", ActionDelayed
 		}
 		fields = append(fields, zap.Int("code", e.Code), zap.String("dsn", e.Enhanced), zap.String("reply", e.Text))
-		if e.Enhanced == "4.4.2" {
-			a.d.metrics.deadlineKills.Inc()
-		}
 		a.reports = append(a.reports, report)
 	}
 	a.d.metrics.attempts.WithLabelValues(status).Inc()
@@ -462,14 +519,23 @@ func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
 // finish records the outcome, queues notifications and acknowledges or
 // schedules the message. The delivered recipients are recorded before the
 // acknowledgement, so a redelivered message never reaches them twice.
+//
+// ctx is the attempt's context; the outcome is recorded even when it has
+// ended (a shutdown past Grace), since a recipient that got the message
+// must never get it again.
 func (a *attempt) finish(ctx context.Context, hadState bool) {
+	interrupted := ctx.Err() != nil
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+	defer cancel()
 	sp := a.d.cfg.Spool
 	a.st.Attempts++
 	a.st.LastAttempt = a.now
+	// Every failed recipient not bounced yet, including those of an
+	// earlier attempt whose notice could not be queued then.
 	var failed []DSNRecipient
-	for _, r := range a.reports {
-		if r.Action == ActionFailed && !contains(a.st.Bounced, r.Rcpt.Addr) {
-			failed = append(failed, r)
+	for _, rs := range a.st.Rcpts {
+		if rs.Status == spool.RcptFailed && !contains(a.st.Bounced, rs.Addr) {
+			failed = append(failed, a.failedReport(rs))
 		}
 	}
 	done := len(a.pending()) == 0
@@ -497,6 +563,10 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 	}
 	if done {
 		if err := sp.Complete(ctx, a.m); err != nil {
+			// Whoever gets the message next must know who has it.
+			if serr := sp.SaveState(ctx, a.st); serr != nil {
+				a.log.Error("saving the delivery state", zap.Error(serr))
+			}
 			a.retryLater(err)
 			return
 		}
@@ -518,6 +588,11 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 			a.st.Attempts--
 		}
 		delay = minDur(delay, 5*time.Second+time.Duration(rand.Int64N(int64(10*time.Second))))
+	}
+	if interrupted {
+		// Cut short by a shutdown, not by the remote: another replica
+		// can try again at once.
+		delay = 0
 	}
 	next := a.now.Add(delay)
 	if next.After(expires) {
@@ -545,6 +620,28 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 		return
 	}
 	_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
+}
+
+// failedReport is the notice entry for a failed recipient: this
+// attempt's report, or one rebuilt from the state when it failed in an
+// earlier attempt.
+func (a *attempt) failedReport(rs spool.RcptState) DSNRecipient {
+	for _, r := range a.reports {
+		if r.Rcpt.Addr == rs.Addr && r.Action == ActionFailed {
+			return r
+		}
+	}
+	rcpt := spool.Rcpt{Addr: rs.Addr}
+	for _, r := range a.m.Envelope.Rcpts {
+		if r.Addr == rs.Addr {
+			rcpt = r
+		}
+	}
+	r := DSNRecipient{Rcpt: rcpt, Action: ActionFailed, Status: rs.Enhanced, RemoteMTA: rs.RemoteMTA, LastAttempt: rs.LastAttempt}
+	if rs.Code != 0 {
+		r.Diagnostic = fmt.Sprintf("%d %s %s", rs.Code, rs.Enhanced, rs.Text)
+	}
+	return r
 }
 
 func (a *attempt) anyAttempted() bool { return len(a.reports) > 0 || len(a.successes) > 0 }
@@ -628,7 +725,11 @@ func (d *Deliverer) acquire(ctx context.Context, dest string, pol *policy.Delive
 		select {
 		case <-d.slotFree:
 		case <-ctx.Done():
-			d.release(dest)
+			// Give back the destination slot only: no session slot
+			// was taken.
+			d.mu.Lock()
+			d.dropDest(dest)
+			d.mu.Unlock()
 			return false
 		case <-time.After(time.Second):
 		}
@@ -642,18 +743,23 @@ func (d *Deliverer) acquire(ctx context.Context, dest string, pol *policy.Delive
 func (d *Deliverer) release(dest string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.perDest[dest]--; d.perDest[dest] <= 0 {
-		delete(d.perDest, dest)
-		d.metrics.sessions.DeleteLabelValues(dest)
-	} else {
-		d.metrics.sessions.WithLabelValues(dest).Set(float64(d.perDest[dest]))
-	}
+	d.dropDest(dest)
 	if d.sessions > 0 {
 		d.sessions--
 	}
 	select {
 	case d.slotFree <- struct{}{}:
 	default:
+	}
+}
+
+// dropDest gives back one of dest's slots; d.mu is held.
+func (d *Deliverer) dropDest(dest string) {
+	if d.perDest[dest]--; d.perDest[dest] <= 0 {
+		delete(d.perDest, dest)
+		d.metrics.sessions.DeleteLabelValues(dest)
+	} else {
+		d.metrics.sessions.WithLabelValues(dest).Set(float64(d.perDest[dest]))
 	}
 }
 
@@ -688,6 +794,15 @@ func (d *Deliverer) oldest(ctx context.Context, from, to uint64) string {
 		}
 	}
 	return ""
+}
+
+// deadlineKill tells whether e is the client cutting a session off at its
+// hard deadline or for a too slow data rate (see client.go and pool.go),
+// as opposed to an ordinary timeout or a lost connection, which are 4.4.2
+// as well.
+func deadlineKill(e *Error) bool {
+	return e != nil && e.Enhanced == "4.4.2" &&
+		(strings.Contains(e.Text, "session deadline exceeded") || strings.Contains(e.Text, "slower than"))
 }
 
 func toTimeouts(t policy.OutboundTimeouts) Timeouts {

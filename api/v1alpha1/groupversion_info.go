@@ -8,7 +8,22 @@ package v1alpha1
 
 import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"sigs.k8s.io/controller-runtime/pkg/scheme"
 )
 
-// GroupVersion is the API group and version of jetmail's resources.
-var GroupVersion = schema.GroupVersion{Group: "mail.jetmail.io", Version: "v1alpha1"}
+var (
+	// GroupVersion is the API group and version of jetmail's resources.
+	GroupVersion = schema.GroupVersion{Group: "mail.jetmail.io", Version: "v1alpha1"}
+
+	// SchemeBuilder registers the kinds with a runtime scheme.
+	SchemeBuilder = &scheme.Builder{GroupVersion: GroupVersion}
+
+	// AddToScheme adds the kinds of this group and version to a scheme.
+	AddToScheme = SchemeBuilder.AddToScheme
+)
+
+func init() {
+	SchemeBuilder.Register(&RelayPolicy{}, &RelayPolicyList{},
+		&MailRoute{}, &MailRouteList{},
+		&DeliveryPolicy{}, &DeliveryPolicyList{})
+}

@@ -23,11 +23,31 @@ const (
 
 // MailRoute sends mail for some domains to fixed next hops instead of their
 // MX hosts: qmail's smtproutes, Postfix's transport and relayhost.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName=mr
+// +kubebuilder:printcolumn:name="Domains",type=string,JSONPath=`.spec.domains`
+// +kubebuilder:printcolumn:name="Next hops",type=string,JSONPath=`.spec.nextHops`
+// +kubebuilder:printcolumn:name="TLS",type=string,JSONPath=`.spec.tls`
+// +kubebuilder:printcolumn:name="Accepted",type=string,JSONPath=`.status.conditions[?(@.type=="Accepted")].status`
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type MailRoute struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
 
-	Spec MailRouteSpec `json:"spec,omitempty"`
+	Spec   MailRouteSpec `json:"spec,omitempty"`
+	Status ConfigStatus  `json:"status,omitempty"`
+}
+
+// MailRouteList is a list of MailRoute.
+//
+// +kubebuilder:object:root=true
+type MailRouteList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []MailRoute `json:"items"`
 }
 
 // MailRouteSpec is the desired route.
@@ -37,12 +57,18 @@ type MailRouteSpec struct {
 	// no other route takes (a smarthost). An exact domain wins over a
 	// wildcard, a longer wildcard over a shorter one.
 	// +kubebuilder:validation:MinItems=1
+	// +kubebuilder:validation:MaxItems=1000
+	// +kubebuilder:validation:items:MaxLength=255
+	// +kubebuilder:validation:items:Pattern=`^(\*|(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)$`
 	Domains []string `json:"domains"`
 
 	// NextHops are tried in order until one takes the mail: "host",
 	// "host:port" or "[192.0.2.1]:port". A host name is resolved with A and
 	// AAAA records only, never MX. Default port 25.
 	// +kubebuilder:validation:MinItems=1
+	// +kubebuilder:validation:MaxItems=32
+	// +kubebuilder:validation:items:MaxLength=262
+	// +kubebuilder:validation:items:Pattern=`^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,253}[A-Za-z0-9])?)(:[0-9]{1,5})?$`
 	NextHops []string `json:"nextHops"`
 
 	// TLS is the STARTTLS policy towards these hops. Default opportunistic.
@@ -59,6 +85,7 @@ type MailRouteSpec struct {
 }
 
 // RouteAuth names the credentials for a next hop.
+// +kubebuilder:validation:XValidation:rule="has(self.secretRef) != has(self.file)",message="set exactly one of secretRef or file"
 type RouteAuth struct {
 	// SecretRef names a Secret (in the route's namespace) with the keys
 	// "username" and "password".
@@ -74,5 +101,7 @@ type RouteAuth struct {
 // SecretRef names a Secret in the object's namespace.
 type SecretRef struct {
 	// Name of the Secret.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
 	Name string `json:"name"`
 }

@@ -170,7 +170,7 @@ func newRegistry() *prometheus.Registry {
 func runGateway(ctx context.Context, f *gatewayFlags, sp *spool.Spool, src *configSource, gwCfg *smtpgw.Config, reg *prometheus.Registry, log *zap.Logger) error {
 	pol := src.Relay()
 	gw := smtpgw.New(*gwCfg, sp, pol, log.Named("smtp"), reg)
-	src.onChange = append(src.onChange, func(c *policy.Config) { gw.SetPolicy(c.Relay) })
+	src.subscribe(func(c *policy.Config) { gw.SetPolicy(c.Relay) })
 	l, err := net.Listen("tcp", f.smtpListen)
 	if err != nil {
 		return fmt.Errorf("SMTP listener: %w", err)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"os"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -65,6 +66,7 @@ func delivererCmd() *cobra.Command {
 		configPaths []string
 		metrics     string
 		logFormat   string
+		podName     string
 	)
 	cmd := &cobra.Command{
 		Use:   "deliverer",
@@ -81,10 +83,6 @@ nothing: the message comes back to another one.`,
 			defer log.Sync()
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			src, err := newConfigSource(configPaths, "")
-			if err != nil {
-				return err
-			}
 			nc, err := nats.Connect(natsURL, append(spool.NATSOptions(), nats.Name("jetmail-deliverer"))...)
 			if err != nil {
 				return fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
@@ -100,7 +98,10 @@ nothing: the message comes back to another one.`,
 			if err := serveMetrics(ctx, metrics, reg, sp.Ping, log); err != nil {
 				return err
 			}
-			go src.watch(ctx, 2*time.Second, log)
+			src, err := openConfig(ctx, configPaths, sp, podName, "deliverer", reg, log)
+			if err != nil {
+				return err
+			}
 			return runDeliverer(ctx, &df, hostname, sp, src, reg, log)
 		},
 	}
@@ -112,7 +113,15 @@ nothing: the message comes back to another one.`,
 	fl.StringArrayVarP(&configPaths, "file", "f", nil, "configuration file or folder (MailRoute, DeliveryPolicy, Secret); repeatable")
 	fl.StringVar(&metrics, "metrics-listen", "127.0.0.1:9091", "address for /metrics, /healthz and /readyz (empty: off)")
 	fl.StringVar(&logFormat, "log-format", "json", "log format: console or json")
+	fl.StringVar(&podName, "pod-name", envOr("POD_NAME", defaultHostname()), "name this pod reports its configuration revision under")
 	return cmd
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
 }
 
 func defaultHostname() string {

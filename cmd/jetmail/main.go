@@ -16,7 +16,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd())
+	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd(), controllerCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "jetmail:", err)
 		os.Exit(1)

@@ -74,7 +74,8 @@ Files given with -f are re-read when they change.`,
 			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
 				return err
 			}
-			go src.watch(ctx, 2*time.Second, log)
+			go src.watchFiles(ctx, 2*time.Second, log)
+			go src.heartbeat(ctx, nil, f.hostname, "serve", reg, log)
 			delivered := make(chan error, 1)
 			if noDeliver {
 				delivered <- nil
@@ -103,6 +104,7 @@ func gatewayCmd() *cobra.Command {
 		f        gatewayFlags
 		natsURL  string
 		replicas int
+		podName  string
 	)
 	cmd := &cobra.Command{
 		Use:   "gateway",
@@ -116,10 +118,6 @@ func gatewayCmd() *cobra.Command {
 			defer log.Sync()
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			src, err := newConfigSource(f.configPaths, "")
-			if err != nil {
-				return err
-			}
 			gwCfg, err := f.tlsConfig(log, false)
 			if err != nil {
 				return err
@@ -139,12 +137,16 @@ func gatewayCmd() *cobra.Command {
 			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
 				return err
 			}
-			go src.watch(ctx, 2*time.Second, log)
+			src, err := openConfig(ctx, f.configPaths, sp, podName, "gateway", reg, log)
+			if err != nil {
+				return err
+			}
 			return runGateway(ctx, &f, sp, src, gwCfg, reg, log)
 		},
 	}
 	f.register(cmd, "json")
 	cmd.Flags().StringVar(&natsURL, "nats-url", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated")
 	cmd.Flags().IntVar(&replicas, "replicas", 3, "JetStream replicas for the queue streams")
+	cmd.Flags().StringVar(&podName, "pod-name", envOr("POD_NAME", defaultHostname()), "name this pod reports its configuration revision under")
 	return cmd
 }

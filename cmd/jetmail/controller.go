@@ -1,0 +1,94 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	ctrlzap "sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/controllers"
+	"github.com/jetmail/jetmail/policy"
+	"github.com/jetmail/jetmail/spool"
+)
+
+func controllerCmd() *cobra.Command {
+	var (
+		natsURL     string
+		replicas    int
+		namespace   string
+		leaderElect bool
+		metrics     string
+		probes      string
+	)
+	cmd := &cobra.Command{
+		Use:   "controller",
+		Short: "Reconcile RelayPolicy, MailRoute and DeliveryPolicy into the configuration the pods run",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctrl.SetLogger(ctrlzap.New())
+			ctx := ctrl.SetupSignalHandler()
+			nc, err := nats.Connect(natsURL, append(spool.NATSOptions(), nats.Name("jetmail-controller"))...)
+			if err != nil {
+				return fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
+			}
+			defer nc.Close()
+			js, err := jetstream.New(nc)
+			if err != nil {
+				return err
+			}
+			store, err := policy.OpenStore(ctx, js, replicas)
+			if err != nil {
+				return err
+			}
+			scheme := runtime.NewScheme()
+			if err := clientgoscheme.AddToScheme(scheme); err != nil {
+				return err
+			}
+			if err := v1alpha1.AddToScheme(scheme); err != nil {
+				return err
+			}
+			opts := ctrl.Options{
+				Scheme:                  scheme,
+				Metrics:                 metricsserver.Options{BindAddress: metrics},
+				HealthProbeBindAddress:  probes,
+				LeaderElection:          leaderElect,
+				LeaderElectionID:        "jetmail-controller",
+				LeaderElectionNamespace: namespace,
+			}
+			if namespace != "" {
+				opts.Cache = cache.Options{DefaultNamespaces: map[string]cache.Config{namespace: {}}}
+			}
+			mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), opts)
+			if err != nil {
+				return err
+			}
+			r := &controllers.ConfigReconciler{Client: mgr.GetClient(), Store: store,
+				Recorder: mgr.GetEventRecorder("jetmail-controller"), Namespace: namespace}
+			if err := r.SetupWithManager(mgr); err != nil {
+				return err
+			}
+			_ = mgr.AddHealthzCheck("healthz", healthz.Ping)
+			_ = mgr.AddReadyzCheck("readyz", healthz.Ping)
+			zap.L().Info("controller starting")
+			return mgr.Start(ctx)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&natsURL, "nats-url", "nats://127.0.0.1:4222", "NATS server URL(s)")
+	fl.IntVar(&replicas, "replicas", 3, "JetStream replicas for the configuration buckets")
+	fl.StringVar(&namespace, "namespace", "", "watch only this namespace (and hold the leader lease there); empty: all")
+	fl.BoolVar(&leaderElect, "leader-elect", true, "elect a leader so replicas never fight")
+	fl.StringVar(&metrics, "metrics-listen", ":8080", "controller metrics address")
+	fl.StringVar(&probes, "health-listen", ":8081", "healthz/readyz address")
+	return cmd
+}

@@ -1,0 +1,179 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/policy"
+	"github.com/jetmail/jetmail/spool"
+)
+
+// The package's tests share one real kube-apiserver and etcd (envtest),
+// built from the Go module proxy by hack/envtest.sh; hack/test.sh points
+// KUBEBUILDER_ASSETS at them.
+var (
+	restConfig *rest.Config
+	scheme     = runtime.NewScheme()
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
+		fmt.Println("controllers: KUBEBUILDER_ASSETS is not set; run the tests with hack/test.sh (it builds kube-apiserver and etcd)")
+		os.Exit(1)
+	}
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		panic(err)
+	}
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		panic(err)
+	}
+	env := &envtest.Environment{
+		CRDDirectoryPaths:     []string{filepath.Join("..", "config", "crd", "bases")},
+		ErrorIfCRDPathMissing: true,
+	}
+	cfg, err := env.Start()
+	if err != nil {
+		fmt.Println("starting envtest:", err)
+		os.Exit(1)
+	}
+	restConfig = cfg
+	code := m.Run()
+	_ = env.Stop()
+	os.Exit(code)
+}
+
+// world is one test's control plane and NATS: a namespace of its own, a
+// running reconciler, and the snapshot store.
+type world struct {
+	t     *testing.T
+	ns    string
+	c     client.Client
+	store *policy.Store
+	js    jetstream.JetStream
+	sp    *spool.Spool
+}
+
+var (
+	nsCounter          int
+	skipNameValidation = true
+)
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+
+	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true,
+		StoreDir: t.TempDir(), NoSigs: true, NoLog: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ns.Start()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("NATS did not start")
+	}
+	t.Cleanup(ns.Shutdown)
+	nc, err := nats.Connect(ns.ClientURL(), spool.NATSOptions()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	sp, err := spool.Open(ctx, nc, spool.DefaultConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := policy.OpenStore(ctx, sp.JetStream(), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	nsCounter++
+	name := fmt.Sprintf("jetmail-%d-%d", os.Getpid()%10000, nsCounter)
+	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
+		Scheme:  scheme,
+		Metrics: metricsserver.Options{BindAddress: "0"},
+		// One manager per test, each with its own namespace.
+		Controller: config.Controller{SkipNameValidation: &skipNameValidation},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &ConfigReconciler{Client: mgr.GetClient(), Store: store, Recorder: mgr.GetEventRecorder("jetmail-controller"),
+		Namespace: name, ReadyPoll: 200 * time.Millisecond}
+	if err := r.SetupWithManager(mgr); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		if err := mgr.Start(ctx); err != nil {
+			t.Errorf("manager: %v", err)
+		}
+	}()
+	c, err := client.New(restConfig, client.Options{Scheme: scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &world{t: t, ns: name, c: c, store: store, js: sp.JetStream(), sp: sp}
+	w.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}})
+	return w
+}
+
+// create creates obj (in the test's namespace unless it is cluster-scoped).
+func (w *world) create(obj client.Object) {
+	w.t.Helper()
+	if _, isNS := obj.(*corev1.Namespace); !isNS && obj.GetNamespace() == "" {
+		obj.SetNamespace(w.ns)
+	}
+	if err := w.c.Create(context.Background(), obj); err != nil {
+		w.t.Fatalf("create %T %s: %v", obj, obj.GetName(), err)
+	}
+}
+
+// conditions reads an object's Accepted and Ready conditions.
+func (w *world) conditions(obj client.Object) (accepted, ready *metav1.Condition, st *v1alpha1.ConfigStatus) {
+	w.t.Helper()
+	if err := w.c.Get(context.Background(), client.ObjectKeyFromObject(obj), obj); err != nil {
+		w.t.Fatalf("get %s: %v", obj.GetName(), err)
+	}
+	switch o := obj.(type) {
+	case *v1alpha1.RelayPolicy:
+		st = &o.Status
+	case *v1alpha1.MailRoute:
+		st = &o.Status
+	case *v1alpha1.DeliveryPolicy:
+		st = &o.Status
+	}
+	return meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionAccepted),
+		meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionReady), st
+}
+
+// eventually polls cond until it holds or the deadline passes.
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

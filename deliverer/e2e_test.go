@@ -1,0 +1,1176 @@
+package deliverer
+
+// End-to-end tests of the Deliverer: a real NATS server with JetStream in
+// process, the real spool on it, a DNS server on loopback serving the test
+// zone, and go-smtp servers as MX hosts, each on its own loopback address
+// (127.0.0.2, 127.0.0.3, ...) at one shared port, the DeliveryPolicy port.
+// Bounces are mail too: the senders' domain sender.test has an MX that
+// captures what it gets, and the tests read the DSNs from there.
+//
+// Every name here starts with e2e, so the file does not collide with the
+// helpers of the other test files.
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"io"
+	"log"
+	"math/big"
+	"net"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+	"github.com/miekg/dns"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/policy"
+	"github.com/jetmail/jetmail/spool"
+)
+
+const (
+	e2eMX1     = "127.0.0.2"
+	e2eMX2     = "127.0.0.3"
+	e2eCapture = "127.0.0.9"
+	e2eSender  = "alice@sender.test"
+	e2eHost    = "relay.e2e.test"
+	e2eAckWait = 2 * time.Second
+)
+
+// e2eIPs are the loopback addresses every environment reserves its port on.
+var e2eIPs = []string{e2eMX1, e2eMX2, e2eCapture}
+
+// e2eEnv is one test's world: NATS, spool, DNS, and a port free on every
+// address of e2eIPs.
+type e2eEnv struct {
+	t    *testing.T
+	url  string
+	sp   *spool.Spool
+	dns  *testDNS
+	port uint16
+	pol  atomic.Pointer[policy.Delivery]
+
+	mu   sync.Mutex
+	held map[string]net.Listener // reserved, not serving yet
+}
+
+func newE2E(t *testing.T) *e2eEnv {
+	t.Helper()
+	ns, err := server.NewServer(&server.Options{
+		Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoSigs: true, NoLog: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ns.Start()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("NATS server did not start")
+	}
+	t.Cleanup(func() {
+		ns.Shutdown()
+		ns.WaitForShutdown()
+	})
+	e := &e2eEnv{t: t, url: ns.ClientURL(), dns: startDNS(t), held: map[string]net.Listener{}}
+	e.sp = e.openSpool(e.connect())
+	e.reservePort()
+	e.dns.add(t,
+		"sender.test. 60 IN MX 10 mx.sender.test.",
+		"mx.sender.test. 60 IN A "+e2eCapture,
+	)
+	e.setPolicy(nil, nil, nil)
+	return e
+}
+
+func (e *e2eEnv) connect() *nats.Conn {
+	nc, err := nats.Connect(e.url, spool.NATSOptions()...)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(nc.Close)
+	return nc
+}
+
+func (e *e2eEnv) openSpool(nc *nats.Conn) *spool.Spool {
+	cfg := spool.DefaultConfig()
+	cfg.PublishTimeout = 3 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sp, err := spool.Open(ctx, nc, cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return sp
+}
+
+// reservePort finds a port free on every address of e2eIPs and holds it
+// there until a server takes it over (or down gives it up).
+func (e *e2eEnv) reservePort() {
+	e.t.Helper()
+	for range 50 {
+		first, err := net.Listen("tcp", e2eIPs[0]+":0")
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		port := first.Addr().(*net.TCPAddr).Port
+		held := map[string]net.Listener{e2eIPs[0]: first}
+		ok := true
+		for _, ip := range e2eIPs[1:] {
+			ln, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
+			if err != nil {
+				ok = false
+				break
+			}
+			held[ip] = ln
+		}
+		if !ok {
+			for _, ln := range held {
+				ln.Close()
+			}
+			continue
+		}
+		e.port, e.held = uint16(port), held
+		e.t.Cleanup(func() {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			for _, ln := range e.held {
+				ln.Close()
+			}
+		})
+		return
+	}
+	e.t.Fatal("no port free on every test address")
+}
+
+// listener returns the reserved listener of ip, or a new one at the port
+// if the reservation was given up.
+func (e *e2eEnv) listener(ip string) net.Listener {
+	e.t.Helper()
+	e.mu.Lock()
+	ln, ok := e.held[ip]
+	delete(e.held, ip)
+	e.mu.Unlock()
+	if ok {
+		return ln
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(int(e.port))))
+	if err != nil {
+		e.t.Fatalf("listen again on %s:%d: %v", ip, e.port, err)
+	}
+	return ln
+}
+
+// down makes ip refuse connections at the port.
+func (e *e2eEnv) down(ip string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if ln, ok := e.held[ip]; ok {
+		ln.Close()
+		delete(e.held, ip)
+	}
+}
+
+func e2eDur(d time.Duration) *metav1.Duration { return &metav1.Duration{Duration: d} }
+
+// setPolicy compiles and installs the delivery configuration: the test
+// port, a 1s retry schedule and short timeouts, changed by mut.
+func (e *e2eEnv) setPolicy(mut func(*v1alpha1.DeliveryPolicySpec), routes []v1alpha1.MailRoute, secrets policy.Secrets) {
+	e.t.Helper()
+	port := int32(e.port)
+	dp := v1alpha1.DeliveryPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "e2e", Namespace: "mail"},
+		Spec: v1alpha1.DeliveryPolicySpec{
+			Port:           &port,
+			RetryIntervals: []metav1.Duration{{Duration: time.Second}},
+			Timeouts: &v1alpha1.OutboundTimeouts{
+				Connect: e2eDur(2 * time.Second), Greeting: e2eDur(5 * time.Second),
+				Mail: e2eDur(5 * time.Second), Rcpt: e2eDur(5 * time.Second),
+				DataInit: e2eDur(5 * time.Second), DataBlock: e2eDur(5 * time.Second),
+				DataDone: e2eDur(10 * time.Second), Session: e2eDur(15 * time.Second),
+			},
+		},
+	}
+	if mut != nil {
+		mut(&dp.Spec)
+	}
+	d, err := policy.CompileDelivery([]v1alpha1.DeliveryPolicy{dp}, routes, secrets, "")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.pol.Store(d)
+}
+
+func (e *e2eEnv) hop(ip string) string { return fmt.Sprintf("[%s]:%d", ip, e.port) }
+
+// e2eReplica is one running Deliverer.
+type e2eReplica struct {
+	d      *Deliverer
+	client *Client
+	nc     *nats.Conn // its own connection, when it has one
+	cancel context.CancelFunc
+	done   chan error
+	once   sync.Once
+}
+
+type e2eReplicaOpt func(c *Config, own *bool)
+
+// e2eOwnConn gives the replica its own NATS connection and spool handle,
+// as another pod would have.
+func e2eOwnConn() e2eReplicaOpt { return func(_ *Config, own *bool) { *own = true } }
+
+func e2eGrace(g time.Duration) e2eReplicaOpt {
+	return func(c *Config, _ *bool) { c.Grace = g }
+}
+
+func (e *e2eEnv) startDeliverer(opts ...e2eReplicaOpt) *e2eReplica {
+	e.t.Helper()
+	r := &e2eReplica{client: &Client{Hostname: e2eHost, IdleTime: time.Second}, done: make(chan error, 1)}
+	cfg := Config{
+		Hostname: e2eHost,
+		Spool:    e.sp,
+		Policy:   e.pol.Load,
+		Resolver: &Resolver{Servers: []string{e.dns.addr}, Timeout: 2 * time.Second},
+		Client:   r.client,
+		AckWait:  e2eAckWait,
+		Grace:    2 * time.Second,
+	}
+	own := false
+	for _, o := range opts {
+		o(&cfg, &own)
+	}
+	if own {
+		r.nc = e.connect()
+		cfg.Spool = e.openSpool(r.nc)
+	}
+	d, err := New(cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	r.d = d
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	go func() { r.done <- d.Run(ctx) }()
+	e.t.Cleanup(func() { r.stop(e.t) })
+	return r
+}
+
+// stop ends Run, waits for it, closes the client and checks that it has
+// no connection left.
+func (r *e2eReplica) stop(t *testing.T) {
+	t.Helper()
+	r.once.Do(func() {
+		r.cancel()
+		select {
+		case err := <-r.done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(15 * time.Second):
+			buf := make([]byte, 1<<20)
+			t.Fatalf("Run did not return within 15s of its context ending\n%s", buf[:runtime.Stack(buf, true)])
+		}
+		r.client.Close()
+		if n := r.client.OpenConns(); n != 0 {
+			t.Errorf("client: %d connections open after Close", n)
+		}
+	})
+}
+
+// e2eCounter counts a server's connections as the server sees them.
+type e2eCounter struct {
+	accepted atomic.Int64
+	open     atomic.Int64
+}
+
+type e2eListener struct {
+	net.Listener
+	cnt *e2eCounter
+}
+
+type e2eConn struct {
+	net.Conn
+	once sync.Once
+	cnt  *e2eCounter
+}
+
+func (c *e2eConn) Close() error {
+	c.once.Do(func() { c.cnt.open.Add(-1) })
+	return c.Conn.Close()
+}
+
+func (l *e2eListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.cnt.accepted.Add(1)
+	l.cnt.open.Add(1)
+	return &e2eConn{Conn: c, cnt: l.cnt}, nil
+}
+
+// e2eTxn is a transaction an MX completed.
+type e2eTxn struct {
+	from  string
+	rcpts []string
+	body  []byte
+	user  string
+	tls   bool
+}
+
+// e2eMX is a go-smtp server as an MX host. Hooks run on every call and may
+// answer with an error.
+type e2eMX struct {
+	*e2eCounter
+	ip    string
+	rcpt  func(to string) error
+	data  func(n int) error // n: the DATA call, from 1
+	users map[string]string // AUTH PLAIN accounts, required when set
+
+	mu        sync.Mutex
+	txns      []e2eTxn
+	rcptCalls map[string]int
+	dataCalls int
+}
+
+func (m *e2eMX) NewSession(c *smtp.Conn) (smtp.Session, error) {
+	_, isTLS := c.TLSConnectionState()
+	return &e2eSession{mx: m, tls: isTLS}, nil
+}
+
+func (m *e2eMX) transactions() []e2eTxn {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]e2eTxn(nil), m.txns...)
+}
+
+func (m *e2eMX) rcptCount(addr string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.rcptCalls[addr]
+}
+
+func (m *e2eMX) dataCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.dataCalls
+}
+
+type e2eSession struct {
+	mx   *e2eMX
+	tls  bool
+	user string
+	cur  e2eTxn
+}
+
+var (
+	_ smtp.Session     = (*e2eSession)(nil)
+	_ smtp.AuthSession = (*e2eSession)(nil)
+)
+
+func (s *e2eSession) AuthMechanisms() []string {
+	if s.mx.users == nil {
+		return nil
+	}
+	return []string{sasl.Plain}
+}
+
+func (s *e2eSession) Auth(string) (sasl.Server, error) {
+	return sasl.NewPlainServer(func(_, user, pass string) error {
+		if p, ok := s.mx.users[user]; ok && p == pass {
+			s.user = user
+			return nil
+		}
+		return smtp.ErrAuthFailed
+	}), nil
+}
+
+func (s *e2eSession) Mail(from string, _ *smtp.MailOptions) error {
+	if s.mx.users != nil && s.user == "" {
+		return smtp.ErrAuthRequired
+	}
+	s.cur = e2eTxn{from: from, user: s.user, tls: s.tls}
+	return nil
+}
+
+func (s *e2eSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+	s.mx.mu.Lock()
+	if s.mx.rcptCalls == nil {
+		s.mx.rcptCalls = map[string]int{}
+	}
+	s.mx.rcptCalls[to]++
+	s.mx.mu.Unlock()
+	if s.mx.rcpt != nil {
+		if err := s.mx.rcpt(to); err != nil {
+			return err
+		}
+	}
+	s.cur.rcpts = append(s.cur.rcpts, to)
+	return nil
+}
+
+func (s *e2eSession) Data(r io.Reader) error {
+	body, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	s.mx.mu.Lock()
+	s.mx.dataCalls++
+	n := s.mx.dataCalls
+	s.mx.mu.Unlock()
+	if s.mx.data != nil {
+		if err := s.mx.data(n); err != nil {
+			return err
+		}
+	}
+	s.cur.body = body
+	s.mx.mu.Lock()
+	s.mx.txns = append(s.mx.txns, s.cur)
+	s.mx.mu.Unlock()
+	return nil
+}
+
+func (s *e2eSession) Reset()        { s.cur = e2eTxn{} }
+func (s *e2eSession) Logout() error { return nil }
+
+// startMX serves m on ip at the environment's port.
+func (e *e2eEnv) startMX(ip string, m *e2eMX, mut ...func(*smtp.Server)) *e2eMX {
+	e.t.Helper()
+	m.ip, m.e2eCounter = ip, &e2eCounter{}
+	srv := smtp.NewServer(m)
+	srv.Domain = "mx-" + ip + ".e2e.test"
+	srv.ReadTimeout = 10 * time.Second
+	srv.WriteTimeout = 10 * time.Second
+	srv.MaxMessageBytes = 10 << 20
+	srv.MaxRecipients = 100
+	srv.AllowInsecureAuth = true
+	srv.ErrorLog = log.New(io.Discard, "", 0)
+	for _, f := range mut {
+		f(srv)
+	}
+	go srv.Serve(&e2eListener{Listener: e.listener(ip), cnt: m.e2eCounter})
+	e.t.Cleanup(func() { srv.Close() })
+	return m
+}
+
+// capture is the MX of sender.test, where bounces arrive.
+func (e *e2eEnv) capture() *e2eMX { return e.startMX(e2eCapture, &e2eMX{}) }
+
+// e2eTarpit accepts connections and dribbles a greeting that never ends,
+// one byte every 200 ms, until the client goes. It records when each
+// connection was accepted and when the client was found gone.
+type e2eTarpit struct {
+	*e2eCounter
+	mu     sync.Mutex
+	spans  [][2]time.Time
+	wg     sync.WaitGroup
+	ln     net.Listener
+	closed chan struct{}
+}
+
+func (e *e2eEnv) startTarpit(ip string) *e2eTarpit {
+	tp := &e2eTarpit{e2eCounter: &e2eCounter{}, ln: e.listener(ip), closed: make(chan struct{})}
+	go func() {
+		for {
+			c, err := tp.ln.Accept()
+			if err != nil {
+				return
+			}
+			tp.accepted.Add(1)
+			tp.open.Add(1)
+			start := time.Now()
+			tp.wg.Go(func() {
+				defer tp.open.Add(-1)
+				defer c.Close()
+				line := "220-tarpit.e2e.test still thinking\r\n"
+				for i := 0; ; i++ {
+					if _, err := c.Write([]byte{line[i%len(line)]}); err != nil {
+						break
+					}
+					select {
+					case <-time.After(200 * time.Millisecond):
+					case <-tp.closed:
+						return
+					}
+				}
+				tp.mu.Lock()
+				tp.spans = append(tp.spans, [2]time.Time{start, time.Now()})
+				tp.mu.Unlock()
+			})
+		}
+	}()
+	e.t.Cleanup(func() {
+		close(tp.closed)
+		tp.ln.Close()
+		tp.wg.Wait()
+	})
+	return tp
+}
+
+func (tp *e2eTarpit) finished() [][2]time.Time {
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	return append([][2]time.Time(nil), tp.spans...)
+}
+
+// e2eWithin polls cond every 20 ms until it holds or d has passed.
+func e2eWithin(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// checkServersClosed checks that the servers saw every connection closed.
+func checkServersClosed(t *testing.T, servers ...*e2eCounter) {
+	t.Helper()
+	for i, s := range servers {
+		e2eWithin(t, 5*time.Second, fmt.Sprintf("server %d to see its connections closed", i), func() bool { return s.open.Load() == 0 })
+	}
+}
+
+// enqueue queues a mail from `from` to rcpts, as the gateway would, and
+// returns its queue ID.
+func (e *e2eEnv) enqueue(from string, rcpts ...string) string {
+	e.t.Helper()
+	now := time.Now()
+	qid := spool.NewQueueID(now)
+	env := &spool.Envelope{QueueID: qid, Received: now.UTC(), Gateway: "gw.e2e.test", ClientIP: "192.0.2.10", Helo: "client.e2e.test", From: from}
+	for _, r := range rcpts {
+		env.Rcpts = append(env.Rcpts, spool.Rcpt{Addr: r})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := e.sp.Enqueue(ctx, env, []byte(e2eBody(qid, from, rcpts)), ""); err != nil {
+		e.t.Fatal(err)
+	}
+	return qid
+}
+
+func e2eBody(qid, from string, rcpts []string) string {
+	return "From: <" + from + ">\r\nTo: " + strings.Join(rcpts, ", ") + "\r\nSubject: e2e " + qid +
+		"\r\nMessage-ID: <" + qid + "@e2e.test>\r\n\r\nHello from the end-to-end test.\r\n"
+}
+
+// queued returns the queue IDs of the mail in the queue.
+func (e *e2eEnv) queued() []string {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var ids []string
+	if err := e.sp.Scan(ctx, func(m *spool.Message) error {
+		ids = append(ids, m.Envelope.QueueID)
+		return nil
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	return ids
+}
+
+func (e *e2eEnv) waitEmpty(d time.Duration) {
+	e.t.Helper()
+	e2eWithin(e.t, d, "the queue to be empty", func() bool { return len(e.queued()) == 0 })
+}
+
+// waitState polls the delivery state of qid until cond accepts it.
+func (e *e2eEnv) waitState(qid string, d time.Duration, what string, cond func(*spool.DeliveryState) bool) *spool.DeliveryState {
+	e.t.Helper()
+	var st *spool.DeliveryState
+	e2eWithin(e.t, d, what, func() bool {
+		var err error
+		st, err = e.sp.LoadState(context.Background(), qid)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		return st != nil && cond(st)
+	})
+	return st
+}
+
+func e2eRcptState(st *spool.DeliveryState, addr string) spool.RcptState {
+	for _, r := range st.Rcpts {
+		if r.Addr == addr {
+			return r
+		}
+	}
+	return spool.RcptState{}
+}
+
+// e2eBounce is a DSN as received by the sender's MX.
+type e2eBounce struct {
+	txn     e2eTxn
+	parsed  dsnParsed
+	message map[string]string   // per-message status fields
+	rcpts   []map[string]string // per-recipient status fields
+}
+
+// waitBounce waits for the capture server's nth transaction and takes the
+// DSN in it apart.
+func waitBounce(t *testing.T, capture *e2eMX, n int, d time.Duration) e2eBounce {
+	t.Helper()
+	e2eWithin(t, d, fmt.Sprintf("%d bounce(s) at the sender's MX", n), func() bool { return len(capture.transactions()) >= n })
+	txn := capture.transactions()[n-1]
+	b := e2eBounce{txn: txn, parsed: parseDSN(t, txn.body)}
+	if got := b.parsed.contentTypes(); len(got) != 3 || got[1] != "message/delivery-status" {
+		t.Fatalf("DSN parts %v", got)
+	}
+	for i, blk := range statusBlocks(t, b.parsed.parts[1].body) {
+		fields := map[string]string{}
+		for k, v := range blk {
+			fields[k] = strings.Join(v, " | ")
+		}
+		if i == 0 {
+			b.message = fields
+		} else {
+			b.rcpts = append(b.rcpts, fields)
+		}
+	}
+	if txn.from != "" {
+		t.Errorf("bounce sent with MAIL FROM:<%s>, want the null reverse path", txn.from)
+	}
+	if b.message["Reporting-Mta"] != "dns; "+e2eHost {
+		t.Errorf("Reporting-MTA %q", b.message["Reporting-Mta"])
+	}
+	return b
+}
+
+// wantRcpt checks fields of the bounce's only recipient block; a value
+// ending in "*" is a prefix.
+func (b e2eBounce) wantRcpt(t *testing.T, want map[string]string) {
+	t.Helper()
+	if len(b.rcpts) != 1 {
+		t.Fatalf("%d recipient blocks, want 1: %v", len(b.rcpts), b.rcpts)
+	}
+	got := b.rcpts[0]
+	for k, v := range want {
+		g, ok := got[textprotoKey(k)]
+		switch {
+		case !ok:
+			t.Errorf("DSN has no %s (fields %v)", k, got)
+		case strings.HasSuffix(v, "*") && strings.HasPrefix(g, strings.TrimSuffix(v, "*")):
+		case g != v:
+			t.Errorf("DSN %s = %q, want %q", k, g, v)
+		}
+	}
+}
+
+func textprotoKey(k string) string {
+	parts := strings.Split(strings.ToLower(k), "-")
+	for i, p := range parts {
+		if p != "" {
+			parts[i] = strings.ToUpper(p[:1]) + p[1:]
+		}
+	}
+	return strings.Join(parts, "-")
+}
+
+func e2eCert(t *testing.T) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "relay-hop.e2e.test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		DNSNames: []string{"relay-hop.e2e.test"},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// e2eCount reads a counter.
+func e2eCount(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+func e2eSMTPError(code int, enh [3]int, text string) error {
+	return &smtp.SMTPError{Code: code, EnhancedCode: smtp.EnhancedCode(enh), Message: text}
+}
+
+func TestDelivererEndToEnd(t *testing.T) {
+	t.Run("a primary MX that refuses connections hands the mail to the secondary, once", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.add(t,
+			"fail.test. 60 IN MX 10 mx1.fail.test.", "mx1.fail.test. 60 IN A "+e2eMX1,
+			"fail.test. 60 IN MX 20 mx2.fail.test.", "mx2.fail.test. 60 IN A "+e2eMX2)
+		e.down(e2eMX1)
+		mx2 := e.startMX(e2eMX2, &e2eMX{})
+		capture := e.capture()
+		r := e.startDeliverer()
+		qid := e.enqueue(e2eSender, "bob@fail.test")
+		e.waitEmpty(10 * time.Second)
+		txns := mx2.transactions()
+		if len(txns) != 1 || txns[0].from != e2eSender || strings.Join(txns[0].rcpts, ",") != "bob@fail.test" ||
+			string(txns[0].body) != e2eBody(qid, e2eSender, []string{"bob@fail.test"}) {
+			t.Fatalf("secondary got %+v", txns)
+		}
+		if st, _ := e.sp.LoadState(context.Background(), qid); st != nil {
+			t.Errorf("a mail delivered at the first attempt has state %+v", st)
+		}
+		r.stop(t)
+		if n := len(capture.transactions()); n != 0 {
+			t.Errorf("%d notices sent for a delivered mail", n)
+		}
+		checkServersClosed(t, mx2.e2eCounter, capture.e2eCounter)
+	})
+
+	t.Run("mail for a domain whose MX hosts are all down is deferred, then delivered when one comes up", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.add(t,
+			"down.test. 60 IN MX 10 mx1.down.test.", "mx1.down.test. 60 IN A "+e2eMX1,
+			"down.test. 60 IN MX 20 mx2.down.test.", "mx2.down.test. 60 IN A "+e2eMX2)
+		e.down(e2eMX1)
+		e.down(e2eMX2)
+		r := e.startDeliverer()
+		qid := e.enqueue(e2eSender, "carol@down.test")
+		st := e.waitState(qid, 10*time.Second, "the first deferral", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
+		rs := e2eRcptState(st, "carol@down.test")
+		if st.Attempts != 1 || rs.Status != spool.RcptDeferred || rs.Enhanced != "4.4.1" || !st.NextAttempt.After(st.LastAttempt) {
+			t.Errorf("state after the first attempt: %+v", st)
+		}
+		mx2 := e.startMX(e2eMX2, &e2eMX{})
+		e.waitEmpty(10 * time.Second)
+		if txns := mx2.transactions(); len(txns) != 1 || txns[0].rcpts[0] != "carol@down.test" {
+			t.Errorf("MX that came up got %+v", txns)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx2.e2eCounter)
+	})
+
+	t.Run("a null MX bounces with 5.1.10", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.add(t, "nullmx.test. 60 IN MX 0 .")
+		capture := e.capture()
+		r := e.startDeliverer()
+		e.enqueue(e2eSender, "dave@nullmx.test")
+		b := waitBounce(t, capture, 1, 10*time.Second)
+		if strings.Join(b.txn.rcpts, ",") != e2eSender {
+			t.Errorf("bounce went to %v", b.txn.rcpts)
+		}
+		b.wantRcpt(t, map[string]string{"Action": "failed", "Status": "5.1.10", "Final-Recipient": "rfc822; dave@nullmx.test"})
+		e.waitEmpty(10 * time.Second)
+		r.stop(t)
+		checkServersClosed(t, capture.e2eCounter)
+	})
+
+	t.Run("a domain that does not exist bounces with 5.1.2", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		capture := e.capture()
+		r := e.startDeliverer()
+		e.enqueue(e2eSender, "erin@nowhere.test")
+		b := waitBounce(t, capture, 1, 10*time.Second)
+		b.wantRcpt(t, map[string]string{"Action": "failed", "Status": "5.1.2", "Final-Recipient": "rfc822; erin@nowhere.test"})
+		e.waitEmpty(10 * time.Second)
+		r.stop(t)
+		checkServersClosed(t, capture.e2eCounter)
+	})
+
+	t.Run("a DNS server failure defers and does not bounce", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.set(func(d *testDNS) { d.rcodes["broken.test."] = dns.RcodeServerFailure })
+		capture := e.capture()
+		r := e.startDeliverer()
+		qid := e.enqueue(e2eSender, "frank@broken.test")
+		st := e.waitState(qid, 10*time.Second, "two deferred attempts", func(st *spool.DeliveryState) bool { return st.Attempts >= 2 })
+		if rs := e2eRcptState(st, "frank@broken.test"); rs.Status != spool.RcptDeferred || rs.Enhanced != "4.4.3" {
+			t.Errorf("recipient state %+v, want deferred 4.4.3", rs)
+		}
+		if ids := e.queued(); len(ids) != 1 || ids[0] != qid {
+			t.Errorf("queue holds %v, want only %s (no bounce)", ids, qid)
+		}
+		r.stop(t)
+		if n := len(capture.transactions()); n != 0 {
+			t.Errorf("%d notices for a deferred mail", n)
+		}
+		checkServersClosed(t, capture.e2eCounter)
+	})
+
+	t.Run("a domain without MX records gets its mail at its own address", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.add(t, "plain.test. 60 IN A "+e2eMX1)
+		mx := e.startMX(e2eMX1, &e2eMX{})
+		r := e.startDeliverer()
+		e.enqueue(e2eSender, "gina@plain.test")
+		e.waitEmpty(10 * time.Second)
+		if txns := mx.transactions(); len(txns) != 1 || txns[0].rcpts[0] != "gina@plain.test" {
+			t.Errorf("implicit MX got %+v", txns)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx.e2eCounter)
+	})
+
+	t.Run("MX hosts of equal preference share the load", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.add(t,
+			"share.test. 60 IN MX 10 mx1.share.test.", "mx1.share.test. 60 IN A "+e2eMX1,
+			"share.test. 60 IN MX 10 mx2.share.test.", "mx2.share.test. 60 IN A "+e2eMX2)
+		mx1 := e.startMX(e2eMX1, &e2eMX{})
+		mx2 := e.startMX(e2eMX2, &e2eMX{})
+		r := e.startDeliverer()
+		const n = 20
+		for i := range n {
+			e.enqueue(e2eSender, fmt.Sprintf("user%d@share.test", i))
+		}
+		e.waitEmpty(20 * time.Second)
+		n1, n2 := len(mx1.transactions()), len(mx2.transactions())
+		if n1+n2 != n || n1 == 0 || n2 == 0 {
+			t.Errorf("MX hosts got %d and %d messages, want %d shared between both", n1, n2, n)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx1.e2eCounter, mx2.e2eCounter)
+	})
+
+	t.Run("a 4xx to one recipient and 250 to another retries only the deferred one", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.add(t, "part.test. 60 IN MX 10 mx1.part.test.", "mx1.part.test. 60 IN A "+e2eMX1)
+		var refusals atomic.Int32
+		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(to string) error {
+			if to == "later@part.test" && refusals.Add(1) <= 2 {
+				return e2eSMTPError(451, [3]int{4, 2, 0}, "mailbox busy, try later")
+			}
+			return nil
+		}})
+		capture := e.capture()
+		r := e.startDeliverer()
+		qid := e.enqueue(e2eSender, "now@part.test", "later@part.test")
+		st := e.waitState(qid, 10*time.Second, "the partial delivery to be recorded", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
+		now, later := e2eRcptState(st, "now@part.test"), e2eRcptState(st, "later@part.test")
+		if now.Status != spool.RcptDelivered || later.Status != spool.RcptDeferred || later.Code != 451 || later.Enhanced != "4.2.0" {
+			t.Errorf("after the first attempt: now=%+v later=%+v", now, later)
+		}
+		e.waitEmpty(15 * time.Second)
+		if c := mx.rcptCount("now@part.test"); c != 1 {
+			t.Errorf("the delivered recipient was given %d times, want once", c)
+		}
+		if c := mx.rcptCount("later@part.test"); c != 3 {
+			t.Errorf("the deferred recipient was tried %d times, want 3", c)
+		}
+		txns := mx.transactions()
+		if len(txns) != 2 || strings.Join(txns[0].rcpts, ",") != "now@part.test" || strings.Join(txns[1].rcpts, ",") != "later@part.test" {
+			t.Errorf("MX transactions %+v", txns)
+		}
+		r.stop(t)
+		if n := len(capture.transactions()); n != 0 {
+			t.Errorf("%d notices, want none (no DELAY warning configured)", n)
+		}
+		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+	})
+
+	t.Run("a 5xx to a recipient bounces with a DSN that carries the remote reply", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
+		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(to string) error {
+			if to == "nobody@bad.test" {
+				return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
+			}
+			return nil
+		}})
+		capture := e.capture()
+		r := e.startDeliverer()
+		qid := e.enqueue(e2eSender, "nobody@bad.test", "somebody@bad.test")
+		b := waitBounce(t, capture, 1, 10*time.Second)
+		if strings.Join(b.txn.rcpts, ",") != e2eSender {
+			t.Errorf("bounce went to %v", b.txn.rcpts)
+		}
+		b.wantRcpt(t, map[string]string{
+			"Action": "failed", "Status": "5.1.1", "Final-Recipient": "rfc822; nobody@bad.test",
+			"Remote-MTA":      "dns; mx1.bad.test",
+			"Diagnostic-Code": "smtp; 550 5.1.1 no such user here",
+		})
+		if b.message["X-Jetmail-Queue-Id"] != qid || b.message["Arrival-Date"] == "" {
+			t.Errorf("per-message fields %v", b.message)
+		}
+		if to := b.parsed.header.Get("To"); to != "<"+e2eSender+">" {
+			t.Errorf("DSN To: %q", to)
+		}
+		orig := string(b.parsed.parts[2].body)
+		if !strings.Contains(orig, "Subject: e2e "+qid) || !strings.Contains(orig, "Message-ID: <"+qid+"@e2e.test>") ||
+			strings.Contains(orig, "Hello from") {
+			t.Errorf("returned headers:\n%s", orig)
+		}
+		e.waitEmpty(10 * time.Second)
+		if txns := mx.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "somebody@bad.test" {
+			t.Errorf("MX got %+v", txns)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+	})
+
+	t.Run("a tarpit MX loses the session at its hard deadline and the mail is deferred", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		const session = 2 * time.Second
+		e.setPolicy(func(s *v1alpha1.DeliveryPolicySpec) {
+			s.RetryIntervals = []metav1.Duration{{Duration: time.Hour}}
+			// Per-command timeouts far beyond the session deadline: only
+			// the deadline can end this.
+			s.Timeouts.Greeting = e2eDur(time.Minute)
+			s.Timeouts.Session = e2eDur(session)
+		}, nil, nil)
+		e.dns.add(t, "tarpit.test. 60 IN MX 10 mx1.tarpit.test.", "mx1.tarpit.test. 60 IN A "+e2eMX1)
+		tp := e.startTarpit(e2eMX1)
+		r := e.startDeliverer()
+		qid := e.enqueue(e2eSender, "hank@tarpit.test")
+		st := e.waitState(qid, 10*time.Second, "the deferral", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
+		rs := e2eRcptState(st, "hank@tarpit.test")
+		if rs.Status != spool.RcptDeferred || rs.Enhanced != "4.4.2" || !strings.Contains(rs.Text, "session deadline") {
+			t.Errorf("recipient state %+v, want deferred 4.4.2 at the session deadline", rs)
+		}
+		e2eWithin(t, 5*time.Second, "the tarpit to see the client gone", func() bool { return len(tp.finished()) == 1 })
+		span := tp.finished()[0]
+		if held := span[1].Sub(span[0]); held < session-100*time.Millisecond || held > session+time.Second {
+			t.Errorf("tarpit held the session %s, want the %s deadline plus a small margin", held, session)
+		}
+		r.d.mu.Lock()
+		slots, sessions := len(r.d.perDest), r.d.sessions
+		r.d.mu.Unlock()
+		if slots != 0 || sessions != 0 {
+			t.Errorf("after the attempt: %d destinations hold slots, %d sessions counted", slots, sessions)
+		}
+		if n := e2eCount(t, r.d.metrics.deadlineKills); n != 1 {
+			t.Errorf("deadline kills = %v, want 1", n)
+		}
+		if n := tp.accepted.Load(); n != 1 {
+			t.Errorf("tarpit accepted %d connections, want 1", n)
+		}
+		r.stop(t)
+		checkServersClosed(t, tp.e2eCounter)
+	})
+
+	t.Run("a static route fails over to its second next hop and logs in there", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		secrets := func(ns, name, key string) ([]byte, error) {
+			if ns != "mail" || name != "relay-login" {
+				return nil, fmt.Errorf("no Secret %s/%s", ns, name)
+			}
+			switch key {
+			case "username":
+				return []byte("relayuser"), nil
+			case "password":
+				return []byte("s3cret pass"), nil
+			}
+			return nil, fmt.Errorf("no key %s", key)
+		}
+		route := v1alpha1.MailRoute{
+			ObjectMeta: metav1.ObjectMeta{Name: "smarthost", Namespace: "mail"},
+			Spec: v1alpha1.MailRouteSpec{
+				Domains:  []string{"routed.test"},
+				NextHops: []string{e.hop(e2eMX1), e.hop(e2eMX2)},
+				Auth:     &v1alpha1.RouteAuth{SecretRef: &v1alpha1.SecretRef{Name: "relay-login"}},
+			},
+		}
+		e.setPolicy(nil, []v1alpha1.MailRoute{route}, secrets)
+		e.down(e2eMX1)
+		cert := e2eCert(t)
+		mx2 := e.startMX(e2eMX2, &e2eMX{users: map[string]string{"relayuser": "s3cret pass"}}, func(s *smtp.Server) {
+			s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
+			s.AllowInsecureAuth = false
+		})
+		r := e.startDeliverer()
+		e.enqueue(e2eSender, "ivan@routed.test")
+		e.waitEmpty(10 * time.Second)
+		txns := mx2.transactions()
+		if len(txns) != 1 || txns[0].user != "relayuser" || !txns[0].tls || txns[0].rcpts[0] != "ivan@routed.test" {
+			t.Errorf("second next hop got %+v, want one mail, over TLS, as relayuser", txns)
+		}
+		if n := e.dns.count("routed.test", dns.TypeMX); n != 0 {
+			t.Errorf("%d MX queries for a routed domain", n)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx2.e2eCounter)
+	})
+
+	t.Run("mail still deferred when its queue lifetime ends is bounced with 4.4.7", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		const lifetime = 2 * time.Second
+		e.setPolicy(func(s *v1alpha1.DeliveryPolicySpec) {
+			s.QueueLifetime = e2eDur(lifetime)
+			s.RetryIntervals = []metav1.Duration{{Duration: time.Hour}}
+		}, nil, nil)
+		e.dns.add(t, "slow.test. 60 IN MX 10 mx1.slow.test.", "mx1.slow.test. 60 IN A "+e2eMX1)
+		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+			return e2eSMTPError(451, [3]int{4, 3, 2}, "system not accepting mail right now")
+		}})
+		capture := e.capture()
+		r := e.startDeliverer()
+		start := time.Now()
+		e.enqueue(e2eSender, "judy@slow.test")
+		b := waitBounce(t, capture, 1, 15*time.Second)
+		if took := time.Since(start); took < lifetime {
+			t.Errorf("bounced after %s, before the %s lifetime", took, lifetime)
+		}
+		b.wantRcpt(t, map[string]string{
+			"Action": "failed", "Status": "4.4.7", "Final-Recipient": "rfc822; judy@slow.test",
+			"Diagnostic-Code": "smtp; 554 4.4.7 message expired after *",
+		})
+		if d := b.rcpts[0]["Diagnostic-Code"]; !strings.Contains(d, "system not accepting mail right now") {
+			t.Errorf("Diagnostic-Code %q does not carry the last error", d)
+		}
+		e.waitEmpty(10 * time.Second)
+		if n := mx.rcptCount("judy@slow.test"); n != 1 {
+			t.Errorf("MX was tried %d times, want once (the next retry was an hour away)", n)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+	})
+
+	t.Run("a deliverer killed mid-delivery leaves the mail to another replica, and one copy arrives", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.add(t, "kill.test. 60 IN MX 10 mx1.kill.test.", "mx1.kill.test. 60 IN A "+e2eMX1)
+		inData, release := make(chan struct{}), make(chan struct{})
+		mx := e.startMX(e2eMX1, &e2eMX{data: func(n int) error {
+			if n > 1 {
+				return nil
+			}
+			close(inData)
+			<-release
+			// The client vanished before our final reply: this
+			// transaction never completed.
+			return e2eSMTPError(451, [3]int{4, 4, 2}, "client went away")
+		}})
+		first := e.startDeliverer(e2eOwnConn(), e2eGrace(time.Millisecond))
+		e.enqueue(e2eSender, "kate@kill.test")
+		select {
+		case <-inData:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the first replica never reached DATA")
+		}
+		second := e.startDeliverer(e2eOwnConn())
+		// SIGKILL: no ack, no nak, no state written.
+		first.nc.Close()
+		killed := time.Now()
+		first.stop(t)
+		t.Logf("first replica stopped %s after the kill", time.Since(killed))
+		close(release)
+		e.waitEmpty(15 * time.Second)
+		if took := time.Since(killed); took < e2eAckWait/2 {
+			t.Errorf("redelivered %s after the kill, before the ack wait %s", took, e2eAckWait)
+		}
+		if n := len(mx.transactions()); n != 1 {
+			t.Errorf("MX completed %d transactions, want exactly 1", n)
+		}
+		if n := mx.dataCount(); n != 2 {
+			t.Errorf("MX saw DATA %d times, want 2 (the killed one and the good one)", n)
+		}
+		second.stop(t)
+		checkServersClosed(t, mx.e2eCounter)
+	})
+
+	t.Run("a bounce that fails is dropped, not bounced", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
+		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
+		}})
+		capture := e.capture()
+		r := e.startDeliverer()
+		e.enqueue("", "nobody@bad.test")
+		e2eWithin(t, 10*time.Second, "the MX to refuse the recipient", func() bool { return mx.rcptCount("nobody@bad.test") == 1 })
+		// A notice would be queued before the mail leaves the queue, so
+		// once the queue is empty nothing is coming.
+		e.waitEmpty(10 * time.Second)
+		if n := e2eCount(t, r.d.metrics.bounces.WithLabelValues("failed")); n != 0 {
+			t.Errorf("%v notices queued", n)
+		}
+		r.stop(t)
+		if n := len(capture.transactions()); n != 0 {
+			t.Errorf("the sender's MX got %d messages", n)
+		}
+		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+	})
+
+	t.Run("a bounce that fails is reported to the postmaster when one is configured", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.setPolicy(func(s *v1alpha1.DeliveryPolicySpec) { s.Postmaster = "postmaster@sender.test" }, nil, nil)
+		e.dns.add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
+		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
+		}})
+		capture := e.capture()
+		r := e.startDeliverer()
+		e.enqueue("", "nobody@bad.test")
+		b := waitBounce(t, capture, 1, 10*time.Second)
+		if strings.Join(b.txn.rcpts, ",") != "postmaster@sender.test" {
+			t.Errorf("notice went to %v, want the postmaster", b.txn.rcpts)
+		}
+		b.wantRcpt(t, map[string]string{"Action": "failed", "Status": "5.1.1", "Final-Recipient": "rfc822; nobody@bad.test"})
+		e.waitEmpty(10 * time.Second)
+		if n := len(capture.transactions()); n != 1 {
+			t.Errorf("the postmaster got %d messages, want 1", n)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+	})
+
+	t.Run("a route changed between attempts is followed by the next attempt", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		route := func(hop string) []v1alpha1.MailRoute {
+			return []v1alpha1.MailRoute{{
+				ObjectMeta: metav1.ObjectMeta{Name: "moving", Namespace: "mail"},
+				Spec:       v1alpha1.MailRouteSpec{Domains: []string{"moving.test"}, NextHops: []string{hop}, TLS: v1alpha1.TLSNone},
+			}}
+		}
+		slow := func(s *v1alpha1.DeliveryPolicySpec) { s.RetryIntervals = []metav1.Duration{{Duration: 2 * time.Second}} }
+		e.setPolicy(slow, route(e.hop(e2eMX1)), nil)
+		old := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+			return e2eSMTPError(451, [3]int{4, 3, 0}, "going away")
+		}})
+		next := e.startMX(e2eMX2, &e2eMX{})
+		r := e.startDeliverer()
+		qid := e.enqueue(e2eSender, "leo@moving.test")
+		e.waitState(qid, 10*time.Second, "the deferral at the old hop", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
+		e.setPolicy(slow, route(e.hop(e2eMX2)), nil)
+		e.waitEmpty(15 * time.Second)
+		if n := old.rcptCount("leo@moving.test"); n != 1 {
+			t.Errorf("the old hop was tried %d times, want once", n)
+		}
+		if txns := next.transactions(); len(txns) != 1 {
+			t.Errorf("the new hop got %d messages, want 1", len(txns))
+		}
+		r.stop(t)
+		checkServersClosed(t, old.e2eCounter, next.e2eCounter)
+	})
+}
