@@ -24,9 +24,10 @@ hack/generate.sh --check
 echo "== go vet"
 go vet ./...
 
-echo "== envtest binaries"
+echo "== envtest binaries and helm"
 KUBEBUILDER_ASSETS=$(hack/envtest.sh | tail -1)
-export KUBEBUILDER_ASSETS
+HELM=$(hack/helm.sh | tail -1)
+export KUBEBUILDER_ASSETS HELM
 
 echo "== go test"
 race=-race

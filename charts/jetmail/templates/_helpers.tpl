@@ -1,0 +1,134 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "jetmail.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified release name. Components append "-gateway" and the like, so
+it is cut to 52 characters to leave room for the longest suffix.
+*/}}
+{{- define "jetmail.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "jetmail.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every object carries. */}}
+{{- define "jetmail.labels" -}}
+helm.sh/chart: {{ include "jetmail.chart" . }}
+{{ include "jetmail.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "jetmail.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "jetmail.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of one component: (dict "ctx" $ "component" "gateway"). */}}
+{{- define "jetmail.componentLabels" -}}
+{{ include "jetmail.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "jetmail.componentSelectorLabels" -}}
+{{ include "jetmail.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "jetmail.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end }}
+
+{{/* The NATS URL every component connects to; the chart does not install NATS. */}}
+{{- define "jetmail.natsURL" -}}
+{{- required "nats.url is required: jetmail keeps its queue in an existing NATS JetStream cluster that this chart does not install. Install one (for example the official chart: helm install nats nats/nats --set config.jetstream.enabled=true --set config.cluster.enabled=true), then pass --set nats.url=nats://nats.<namespace>.svc:4222" .Values.nats.url -}}
+{{- end }}
+
+{{- define "jetmail.controllerServiceAccountName" -}}
+{{- if .Values.controller.serviceAccount.create }}
+{{- default (printf "%s-controller" (include "jetmail.fullname" .)) .Values.controller.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.controller.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "jetmail.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "jetmail.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The parts of a pod spec the three components share:
+(dict "ctx" $ "c" .Values.gateway).
+*/}}
+{{- define "jetmail.podCommon" -}}
+{{- $ := .ctx -}}
+{{- with $.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (.c.podSecurityContext | default $.Values.podSecurityContext) }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .c.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- with .c.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .c.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .c.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .c.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The environment every jetmail container gets. */}}
+{{- define "jetmail.env" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- with .extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
