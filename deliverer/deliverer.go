@@ -155,16 +155,22 @@ func (d *Deliverer) Run(ctx context.Context) error {
 			}
 		}
 		// Not bound to ctx: a pull abandoned mid-way would leave messages
-		// the server sent to nobody until AckWait. fetchWait bounds how
-		// long a shutdown waits for it.
-		batch, err := cons.Fetch(n, jetstream.FetchMaxWait(fetchWait))
+		// the server sent to nobody until AckWait. Its own deadline makes
+		// the server end the pull a little before it (FetchContext), and
+		// bounds the wait even if the server's end-of-pull never arrives
+		// (FetchMaxWait alone was seen to hang for more than 15s).
+		fctx, cancelFetch := context.WithTimeout(context.Background(), fetchWait)
+		batch, err := cons.Fetch(n, jetstream.FetchContext(fctx))
 		got := 0
 		if err == nil {
 			for msg := range batch.Messages() {
 				got++
 				if ctx.Err() != nil {
-					// Shutting down: give it straight back.
-					_ = msg.Nak()
+					// Shutting down: give it back. Not at once: it would
+					// come straight back into this same pull, again and
+					// again until the pull is full. After fetchWait the
+					// pull is over and another replica takes it.
+					_ = msg.NakWithDelay(fetchWait)
 					<-sem
 					continue
 				}
@@ -177,10 +183,12 @@ func (d *Deliverer) Run(ctx context.Context) error {
 			}
 			err = batch.Error()
 		}
+		cancelFetch()
 		for ; got < n; got++ {
 			<-sem
 		}
-		if err == nil || errors.Is(err, nats.ErrTimeout) || errors.Is(err, jetstream.ErrNoMessages) {
+		if err == nil || errors.Is(err, nats.ErrTimeout) || errors.Is(err, jetstream.ErrNoMessages) ||
+			errors.Is(err, context.DeadlineExceeded) {
 			backoff = 0
 			continue
 		}

@@ -1153,7 +1153,9 @@ func TestDelivererEndToEnd(t *testing.T) {
 				Spec:       v1alpha1.MailRouteSpec{Domains: []string{"moving.test"}, NextHops: []string{hop}, TLS: v1alpha1.TLSNone},
 			}}
 		}
-		slow := func(s *v1alpha1.DeliveryPolicySpec) { s.RetryIntervals = []metav1.Duration{{Duration: 2 * time.Second}} }
+		slow := func(s *v1alpha1.DeliveryPolicySpec) {
+			s.RetryIntervals = []metav1.Duration{{Duration: 2 * time.Second}}
+		}
 		e.setPolicy(slow, route(e.hop(e2eMX1)), nil)
 		old := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 3, 0}, "going away")
