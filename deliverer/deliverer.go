@@ -245,15 +245,16 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 
 	var st *spool.DeliveryState
 	hadState := false
-	if md.NumDelivered > 1 {
-		st, err = d.cfg.Spool.LoadState(ctx, env.QueueID)
-		if err != nil {
-			log.Warn("loading delivery state, retrying shortly", zap.Error(err))
-			_ = msg.NakWithDelay(30 * time.Second)
-			return
-		}
-		hadState = st != nil
+	// Read the state even on a first delivery: a consumer that was
+	// recreated starts its counts again, and a recipient already served
+	// must never get a second copy. A read costs no fsync.
+	st, err = d.cfg.Spool.LoadState(ctx, env.QueueID)
+	if err != nil {
+		log.Warn("loading delivery state, retrying shortly", zap.Error(err))
+		_ = msg.NakWithDelay(30 * time.Second)
+		return
 	}
+	hadState = st != nil
 	if st == nil {
 		st = &spool.DeliveryState{QueueID: env.QueueID}
 		for _, r := range env.Rcpts {

@@ -167,14 +167,20 @@ func newRegistry() *prometheus.Registry {
 
 // runGateway serves SMTP on the listen address until ctx ends, then shuts
 // down gracefully.
-func runGateway(ctx context.Context, f *gatewayFlags, sp *spool.Spool, src *configSource, gwCfg *smtpgw.Config, reg *prometheus.Registry, log *zap.Logger) error {
+// listenSMTP opens the SMTP port first of all, so a port conflict fails at
+// once and /readyz never says ready before the port takes connections.
+func (f *gatewayFlags) listenSMTP() (net.Listener, error) {
+	l, err := net.Listen("tcp", f.smtpListen)
+	if err != nil {
+		return nil, fmt.Errorf("SMTP listener: %w", err)
+	}
+	return l, nil
+}
+
+func runGateway(ctx context.Context, f *gatewayFlags, l net.Listener, sp *spool.Spool, src *configSource, gwCfg *smtpgw.Config, reg *prometheus.Registry, log *zap.Logger) error {
 	pol := src.Relay()
 	gw := smtpgw.New(*gwCfg, sp, pol, log.Named("smtp"), reg)
 	src.subscribe(func(c *policy.Config) { gw.SetPolicy(c.Relay) })
-	l, err := net.Listen("tcp", f.smtpListen)
-	if err != nil {
-		return fmt.Errorf("SMTP listener: %w", err)
-	}
 	log.Info("SMTP listening", zap.String("addr", l.Addr().String()), zap.Strings("policy", pol.Sources))
 	errc := make(chan error, 1)
 	go func() { errc <- gw.Serve(l) }()

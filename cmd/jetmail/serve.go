@@ -51,6 +51,11 @@ Files given with -f are re-read when they change.`,
 			if err != nil {
 				return err
 			}
+			smtpL, err := f.listenSMTP()
+			if err != nil {
+				return err
+			}
+			defer smtpL.Close()
 			if err := os.MkdirAll(dataDir, 0o750); err != nil {
 				return err
 			}
@@ -82,7 +87,7 @@ Files given with -f are re-read when they change.`,
 			} else {
 				go func() { delivered <- runDeliverer(ctx, &df, f.hostname, sp, src, reg, log) }()
 			}
-			err = runGateway(ctx, &f, sp, src, gwCfg, reg, log)
+			err = runGateway(ctx, &f, smtpL, sp, src, gwCfg, reg, log)
 			if derr := <-delivered; err == nil {
 				err = derr
 			}
@@ -122,6 +127,11 @@ func gatewayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			smtpL, err := f.listenSMTP()
+			if err != nil {
+				return err
+			}
+			defer smtpL.Close()
 			nc, err := nats.Connect(natsURL, append(spool.NATSOptions(), nats.Name("jetmail-gateway"))...)
 			if err != nil {
 				return fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
@@ -141,7 +151,7 @@ func gatewayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return runGateway(ctx, &f, sp, src, gwCfg, reg, log)
+			return runGateway(ctx, &f, smtpL, sp, src, gwCfg, reg, log)
 		},
 	}
 	f.register(cmd, "json")
