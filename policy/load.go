@@ -92,47 +92,42 @@ func (o *Objects) add(file string, data []byte) error {
 			return fmt.Errorf("%s: document %d: %w", file, i+1, err)
 		}
 		where := fmt.Sprintf("%s: document %d (%s)", file, i+1, meta.Kind)
-		switch {
-		case meta.Kind == "" && meta.APIVersion == "":
+		var err error
+		switch gv := meta.APIVersion; {
+		case meta.Kind == "" && gv == "":
 			continue // empty document
-		case meta.APIVersion == v1alpha1.GroupVersion.String() && meta.Kind == "RelayPolicy":
-			var rp v1alpha1.RelayPolicy
-			if err := decodeStrict(doc, &rp); err != nil {
-				return fmt.Errorf("%s: %w", where, err)
-			}
-			if rp.Name == "" {
-				return fmt.Errorf("%s: metadata.name is required", where)
-			}
-			o.RelayPolicies = append(o.RelayPolicies, rp)
-		case meta.APIVersion == v1alpha1.GroupVersion.String() && meta.Kind == "MailRoute":
-			var mr v1alpha1.MailRoute
-			if err := decodeStrict(doc, &mr); err != nil {
-				return fmt.Errorf("%s: %w", where, err)
-			}
-			if mr.Name == "" {
-				return fmt.Errorf("%s: metadata.name is required", where)
-			}
-			o.MailRoutes = append(o.MailRoutes, mr)
-		case meta.APIVersion == v1alpha1.GroupVersion.String() && meta.Kind == "DeliveryPolicy":
-			var dp v1alpha1.DeliveryPolicy
-			if err := decodeStrict(doc, &dp); err != nil {
-				return fmt.Errorf("%s: %w", where, err)
-			}
-			if dp.Name == "" {
-				return fmt.Errorf("%s: metadata.name is required", where)
-			}
-			o.DeliveryPolicies = append(o.DeliveryPolicies, dp)
-		case meta.APIVersion == "v1" && meta.Kind == "Secret":
-			var s corev1.Secret
-			if err := decodeStrict(doc, &s); err != nil {
-				return fmt.Errorf("%s: %w", where, err)
-			}
-			o.Secrets = append(o.Secrets, s)
+		case gv == v1alpha1.GroupVersion.String() && meta.Kind == "RelayPolicy":
+			o.RelayPolicies, err = appendNamed(o.RelayPolicies, doc)
+		case gv == v1alpha1.GroupVersion.String() && meta.Kind == "MailRoute":
+			o.MailRoutes, err = appendNamed(o.MailRoutes, doc)
+		case gv == v1alpha1.GroupVersion.String() && meta.Kind == "DeliveryPolicy":
+			o.DeliveryPolicies, err = appendNamed(o.DeliveryPolicies, doc)
+		case gv == "v1" && meta.Kind == "Secret":
+			o.Secrets, err = appendNamed(o.Secrets, doc)
 		default:
-			return fmt.Errorf("%s: unsupported apiVersion/kind %s/%s", where, meta.APIVersion, meta.Kind)
+			err = fmt.Errorf("unsupported apiVersion/kind %s/%s", gv, meta.Kind)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", where, err)
 		}
 	}
 	return nil
+}
+
+// appendNamed decodes doc strictly and appends it to list; every object
+// needs a name.
+func appendNamed[T any, PT interface {
+	*T
+	GetName() string
+}](list []T, doc []byte) ([]T, error) {
+	var v T
+	if err := decodeStrict(doc, &v); err != nil {
+		return list, err
+	}
+	if PT(&v).GetName() == "" {
+		return list, fmt.Errorf("metadata.name is required")
+	}
+	return append(list, v), nil
 }
 
 // decodeStrict decodes one YAML document the way the API server reads an
