@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/net/idna"
 	"math"
 	"math/rand/v2"
 	"net"
@@ -589,6 +590,15 @@ func canonicalName(s string) string {
 // at most. Internationalized names must already be A-labels.
 func normalizeDomain(s string) (string, bool) {
 	s = canonicalName(s)
+	// An internationalised domain (SMTPUTF8 mail) is looked up by its
+	// A-label form (RFC 5890): bücher.example is xn--bcher-kva.example.
+	if strings.ContainsFunc(s, func(r rune) bool { return r >= 0x80 }) {
+		a, err := idna.Lookup.ToASCII(s)
+		if err != nil {
+			return "", false
+		}
+		s = a
+	}
 	if s == "" || len(s) > 253 {
 		return "", false
 	}

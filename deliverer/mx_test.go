@@ -931,3 +931,16 @@ func TestResolverResolveHost(t *testing.T) {
 		})
 	}
 }
+
+func TestLookupFindsAnInternationalisedDomainByItsALabel(t *testing.T) {
+	d := startDNS(t)
+	d.add(t, "xn--bcher-kva.example. 300 IN MX 10 mx.xn--bcher-kva.example.",
+		"mx.xn--bcher-kva.example. 300 IN A 127.0.0.5")
+	hops, err := newResolver(d).Lookup(context.Background(), "Bücher.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hops) != 1 || hops[0].Addr.Addr().String() != "127.0.0.5" {
+		t.Fatalf("hops %v", hopStrings(hops))
+	}
+}
