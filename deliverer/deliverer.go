@@ -69,10 +69,14 @@ type Deliverer struct {
 	log     *zap.Logger
 	metrics *metrics
 
-	mu       sync.Mutex
-	perDest  map[string]int
-	sessions int
-	slotFree chan struct{} // signalled when a session slot frees up
+	mu      sync.Mutex
+	perDest map[string]int
+	// destWaiting counts workers waiting for a slot of a destination,
+	// destFree wakes one of them when a slot frees up.
+	destWaiting map[string]int
+	destFree    map[string]chan struct{}
+	sessions    int
+	slotFree    chan struct{} // signalled when a session slot frees up
 }
 
 // New checks cfg and returns a Deliverer.
@@ -105,7 +109,8 @@ func New(cfg Config) (*Deliverer, error) {
 		cfg.Resolver.IsLocal = func(host string, addr netip.Addr) bool { return cfg.Policy().IsLocal(host, addr) }
 	}
 	return &Deliverer{cfg: cfg, log: cfg.Log, metrics: newMetrics(cfg.Registerer),
-		perDest: map[string]int{}, slotFree: make(chan struct{}, 1)}, nil
+		perDest: map[string]int{}, destWaiting: map[string]int{}, destFree: map[string]chan struct{}{},
+		slotFree: make(chan struct{}, 1)}, nil
 }
 
 // Run consumes the queue until ctx ends, then lets attempts in flight
@@ -596,7 +601,7 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 		if !a.anyAttempted() {
 			a.st.Attempts--
 		}
-		delay = minDur(delay, 5*time.Second+time.Duration(rand.Int64N(int64(10*time.Second))))
+		delay = minDur(delay, time.Second+time.Duration(rand.Int64N(int64(2*time.Second))))
 	}
 	if interrupted {
 		// Cut short by a shutdown, not by the remote: another replica
@@ -623,6 +628,12 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 				a.st.DelayWarned = true
 			}
 		}
+	}
+	if a.throttled && !a.anyAttempted() && !hadState {
+		// Nothing happened to this message: no need to write anything,
+		// the schedule travels with the negative acknowledgement.
+		_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
+		return
 	}
 	if err := sp.SaveState(ctx, a.st); err != nil {
 		a.retryLater(err)
@@ -717,15 +728,43 @@ func (a *attempt) notify(ctx context.Context, rcpts []DSNRecipient, kind string)
 }
 
 // acquire takes a session slot for dest: one of MaxPerDest for that
-// destination (without waiting: a busy destination's recipients wait in
-// the queue, not in a worker) and one of MaxSessions in all (waiting, since
-// that limit is shared by every destination).
+// destination and one of MaxSessions in all. A worker waits for a busy
+// destination's slot, but only while fewer than half the workers already
+// wait for it: beyond that the destination's backlog waits in the queue,
+// not in workers, so one slow domain cannot take every worker from the
+// others. It reports false when the attempt should be postponed.
 func (d *Deliverer) acquire(ctx context.Context, dest string, pol *policy.Delivery) bool {
 	d.mu.Lock()
-	if d.perDest[dest] >= pol.MaxPerDest {
+	waiting := false
+	for d.perDest[dest] >= pol.MaxPerDest {
+		if !waiting {
+			if d.destWaiting[dest] >= max(pol.MaxPerDest, d.cfg.MaxInFlight/2) {
+				d.mu.Unlock()
+				d.metrics.throttled.Inc()
+				return false
+			}
+			d.destWaiting[dest]++
+			waiting = true
+		}
+		ch := d.destFree[dest]
+		if ch == nil {
+			ch = make(chan struct{}, 1)
+			d.destFree[dest] = ch
+		}
 		d.mu.Unlock()
-		d.metrics.throttled.Inc()
-		return false
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			d.mu.Lock()
+			d.unwait(dest)
+			d.mu.Unlock()
+			return false
+		case <-time.After(time.Second):
+		}
+		d.mu.Lock()
+	}
+	if waiting {
+		d.unwait(dest)
 	}
 	d.perDest[dest]++
 	d.metrics.sessions.WithLabelValues(dest).Set(float64(d.perDest[dest]))
@@ -749,10 +788,26 @@ func (d *Deliverer) acquire(ctx context.Context, dest string, pol *policy.Delive
 	return true
 }
 
+// unwait ends one wait for dest; d.mu is held.
+func (d *Deliverer) unwait(dest string) {
+	if d.destWaiting[dest]--; d.destWaiting[dest] <= 0 {
+		delete(d.destWaiting, dest)
+		if d.perDest[dest] == 0 {
+			delete(d.destFree, dest)
+		}
+	}
+}
+
 func (d *Deliverer) release(dest string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.dropDest(dest)
+	if ch := d.destFree[dest]; ch != nil {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
 	if d.sessions > 0 {
 		d.sessions--
 	}
@@ -766,6 +821,9 @@ func (d *Deliverer) release(dest string) {
 func (d *Deliverer) dropDest(dest string) {
 	if d.perDest[dest]--; d.perDest[dest] <= 0 {
 		delete(d.perDest, dest)
+		if d.destWaiting[dest] == 0 {
+			delete(d.destFree, dest)
+		}
 		d.metrics.sessions.DeleteLabelValues(dest)
 	} else {
 		d.metrics.sessions.WithLabelValues(dest).Set(float64(d.perDest[dest]))

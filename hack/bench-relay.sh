@@ -101,7 +101,7 @@ now() { date +%s.%N; }
 # Print a command as it is run, for the record.
 show() { printf '+ %s\n' "$*"; }
 
-echo "== build"
+echo "== build ($(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- . ':!hack' 2>/dev/null || echo ', with uncommitted changes'))"
 go build -o "$work/jetmail" ./cmd/jetmail
 go build -o "$work/sinkcount" ./hack/sinkcount
 go build -o "$work/jscount" ./hack/jscount
@@ -153,18 +153,31 @@ start_jetmail() {
   wait_port "$JM_PORT" 300 || { echo "bench-relay: jetmail did not listen" >&2; tail -20 "$work/serve-$name.log" >&2; exit 1; }
 }
 rss_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
-jm_log_report() { # NAME
+# jm_metrics NAME: jetmail's own counters from /metrics (its log cannot be
+# counted: see jm_log_report).
+jm_metrics() {
+  local addr
+  addr=$(grep -o '"msg":"metrics listening","addr":"[^"]*"' "$work/serve-$1.log" | head -1 | sed 's/.*"addr":"//; s/"$//' || true)
+  [ -n "$addr" ] || { echo "  (no metrics address in the log)"; return 0; }
+  curl -s --max-time 10 "http://$addr/metrics" |
+    grep -E '^jetmail_(smtp_transactions_total|smtp_duplicates_suppressed_total|smtp_deadline_kills_total|delivery_attempts_total|delivery_destination_busy_total|delivery_deadline_kills_total|delivery_expired_total|delivery_notifications_total|queue_messages)' |
+    sed 's/^/  /' || true
+}
+# jm_log_report NAME: what the log says. The JSON logger is zap's production
+# config, which samples (per message text and level: the first 100 in each
+# second, then every 100th), so these counts are lower bounds; the figures
+# that count are the sink's and /metrics.
+jm_log_report() {
   local f=$work/serve-$1.log
-  echo "jetmail log: queued=$(grep -c '"result":"queued"' "$f" || true)" \
-    "duplicate=$(grep -c '"result":"duplicate"' "$f" || true)" \
-    "tempfail/rejected/aborted=$(grep -cE '"result":"(tempfail|rejected|aborted)"' "$f" || true)" \
-    "sent=$(grep -c '"status":"sent"' "$f" || true)" \
-    "deferred=$(grep -c '"status":"deferred"' "$f" || true)" \
-    "bounced=$(grep -c '"status":"bounced"' "$f" || true)" \
-    "error_lines=$(grep -c '"level":"error"' "$f" || true)" \
-    "warn_lines_not_delivery=$(grep '"level":"warn"' "$f" | grep -vc '"msg":"delivery"' || true)"
-  if grep -q '"level":"\(error\|fatal\|panic\)"' "$f"; then
-    echo "first error lines:"; grep '"level":"\(error\|fatal\|panic\)"' "$f" | head -5
+  echo "jetmail log lines (sampled by zap, lower bounds): transactions=$(grep -c '"result":"' "$f" || true)" \
+    "delivery=$(grep -c '"msg":"delivery"' "$f" || true)" \
+    "error=$(grep -c '"level":"error"' "$f" || true)" \
+    "warn_not_delivery=$(grep '"level":"warn"' "$f" | grep -v '"msg":"delivery"' | grep -vc 'self-signed certificate' || true)"
+  if grep -q '"level":"\(error\|fatal\|panic\|dpanic\)"' "$f"; then
+    echo "first error lines:"; grep '"level":"\(error\|fatal\|panic\|dpanic\)"' "$f" | head -5
+  fi
+  if grep -v '"msg":"delivery"' "$f" | grep -v 'self-signed certificate' | grep -q '"level":"warn"'; then
+    echo "first warn lines (not delivery):"; grep '"level":"warn"' "$f" | grep -v '"msg":"delivery"' | grep -v 'self-signed certificate' | head -5
   fi
 }
 
@@ -191,6 +204,7 @@ relay_jetmail() { # NAME LABEL EXTRA_FLAGS...
   echo "jetmail RSS: $(rss_kib "$JM" VmRSS) KiB now, peak $(rss_kib "$JM" VmHWM) KiB"
   show "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" -n "$N" -wait 30s
   "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" -n "$N" -wait 30s | sed 's/^/  /' || echo "jscount failed"
+  echo "jetmail /metrics:"; jm_metrics "$name"
   stop "$JM" 400; JM=""
   jm_log_report "$name"
 }
@@ -266,11 +280,19 @@ EOF
   port_free "$SINK_PORT" || { echo "bench-relay: something listens on $SINK_PORT" >&2; exit 1; }
   start_jetmail drain -f "$work/policy.yaml"
   echo inject >"$work/phase"
-  # RSS sampler, bounded in count (and by jetmail's life).
+  # RSS sampler, bounded in count (and by jetmail's life); with the Go heap
+  # in use and the goroutine count from /metrics, to tell live memory from
+  # memory the runtime has not returned.
+  local maddr=""
+  for _ in $(seq 100); do
+    maddr=$(grep -o '"msg":"metrics listening","addr":"[^"]*"' "$work/serve-drain.log" | head -1 | sed 's/.*"addr":"//; s/"$//' || true)
+    [ -n "$maddr" ] && break; sleep 0.1
+  done
   (
     for _ in $(seq $((DRAIN_BUDGET / RSS_EVERY + 10))); do
       r=$(rss_kib "$JM" VmRSS); [ -n "$r" ] || break
-      echo "$(date +%s.%N) $(cat "$work/phase") $r"
+      m=$(curl -s --max-time 2 "http://$maddr/metrics" | awk '$1 == "go_memstats_heap_inuse_bytes" { h = $2 } $1 == "go_goroutines" { g = $2 } END { printf "%.0f %d", h/1024, g }')
+      echo "$(date +%s.%N) $(cat "$work/phase") $r $m"
       sleep "$RSS_EVERY"
     done
   ) >"$work/rss.txt" 2>/dev/null & SAMPLER=$!
@@ -279,23 +301,23 @@ EOF
   t0=$(now)
   source_load "$DRAIN_N" "$JM_PORT" "$work/source-drain.out" "$(left)" || src_rc=$?
   t1=$(now)
-  local queued; queued=$(grep -c '"result":"queued"' "$work/serve-drain.log" || true)
+  local queued; queued=$(jm_metrics drain | awk '$1 == "jetmail_smtp_transactions_total{result=\"queued\"}" { printf "%d", $2 }')
+  [ -n "$queued" ] || queued=0
   awk -v n="$queued" -v a="$t0" -v b="$t1" -v rc="$src_rc" \
     'BEGIN { printf "injection: %d messages queued in %.2f s = %.0f msg/s (fsync on; smtp-source rc=%s)\n", n, b-a, n/(b-a), rc }'
-  echo "consumer after injection:"; "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true
+  echo "after injection:"; "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true; jm_metrics drain
 
   echo wait >"$work/phase"
   local w=$DRAIN_WAIT; [ "$w" -lt "$(left)" ] || w=$(( $(left) / 2 ))
   echo "waiting ${w}s with the destination down"
   sleep "$w"
-  echo "consumer after the wait:"; "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true
-  echo "deferrals logged so far: $(grep -c '"status":"deferred"' "$work/serve-drain.log" || true)"
+  echo "after the wait:"; "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true; jm_metrics drain
 
   echo drain >"$work/phase"
   local t_up sink_rc=0
   [ "$queued" -gt 0 ] || queued=1
+  t_up=$(now)   # the destination comes up: the sink process starts
   start_sink drain "$queued" "$(left)"
-  t_up=$(now)
   wait_sink || sink_rc=$?
   echo after >"$work/phase"
   local reached first; reached=$(sink_reached drain); first=$(sink_field drain first)
@@ -312,12 +334,16 @@ EOF
   awk -v a="$t_up" '/^progress/ { t = $2/1e9 - a; if (t >= next_t) { printf "  %6.1f s %7d\n", t, $3; next_t = t + 10 } last = $0 }
     END { split(last, x, " "); printf "  %6.1f s %7d (last)\n", x[2]/1e9 - a, x[3] }' "$work/sink-drain.out"
   sleep "$RSS_EVERY"
-  echo "jetmail RSS by phase (VmRSS, sampled every ${RSS_EVERY}s):"
-  awk '{ p = $2; r = $3/1024; n[p]++; if (!(p in mn) || r < mn[p]) mn[p] = r; if (r > mx[p]) mx[p] = r; last[p] = r; if (!(p in fst)) fst[p] = r }
+  echo "jetmail memory by phase (VmRSS; Go heap in use; goroutines; sampled every ${RSS_EVERY}s):"
+  awk '{ p = $2; r = $3/1024; h = $4/1024; n[p]++; if (!(p in mn) || r < mn[p]) mn[p] = r; if (r > mx[p]) mx[p] = r; last[p] = r; if (!(p in fst)) fst[p] = r
+         if (!(p in hmn) || h < hmn[p]) hmn[p] = h; if (h > hmx[p]) hmx[p] = h; if ($5 > gmx[p]) gmx[p] = $5 }
     END { split("inject wait drain after", o, " "); for (i = 1; i <= 4; i++) { p = o[i]; if (p in n)
-      printf "  %-7s samples=%3d first=%7.1f min=%7.1f max=%7.1f last=%7.1f MiB\n", p, n[p], fst[p], mn[p], mx[p], last[p] } }' "$work/rss.txt"
+      printf "  %-7s samples=%3d RSS first=%7.1f min=%7.1f max=%7.1f last=%7.1f MiB; heap in use min=%7.1f max=%7.1f MiB; goroutines max=%d\n", p, n[p], fst[p], mn[p], mx[p], last[p], hmn[p], hmx[p], gmx[p] } }' "$work/rss.txt"
+  echo "memory every ~20 s (s since serve start, phase, RSS MiB, heap in use MiB, goroutines):"
+  awk 'NR == 1 { a = $1 } $1 - a >= next_t { printf "  %5.0f %-6s %7.1f %7.1f %6d\n", $1 - a, $2, $3/1024, $4/1024, $5; next_t = $1 - a + 20 }' "$work/rss.txt"
   echo "jetmail RSS peak (VmHWM): $(rss_kib "$JM" VmHWM) KiB"
   "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" -n "$queued" -wait 30s | sed 's/^/  /' || true
+  echo "jetmail /metrics:"; jm_metrics drain
   stop "$SAMPLER" 10; SAMPLER=""
   stop "$JM" 400; JM=""
   jm_log_report drain

@@ -75,6 +75,9 @@ func newLogger(format string) (*zap.Logger, error) {
 	default:
 		return nil, fmt.Errorf("unknown log format %q (console or json)", format)
 	}
+	// One line per transaction and per delivery attempt is a promise:
+	// never sample log lines away.
+	cfg.Sampling = nil
 	cfg.EncoderConfig.TimeKey = "ts"
 	cfg.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
 	return cfg.Build()
