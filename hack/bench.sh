@@ -33,9 +33,9 @@ echo "== build"
 go build -o "$work/jetmail" ./cmd/jetmail
 ulimit -n 65536 2>/dev/null || true
 
-echo "== jetmail serve (fsync before ack), $N x ${SIZE} B over $SESSIONS sessions"
+echo "== jetmail serve (fsync before ack, acceptance only: --no-deliver), $N x ${SIZE} B over $SESSIONS sessions"
 "$work/jetmail" serve --data-dir "$work/data" --smtp-listen "127.0.0.1:$PORT" \
-  --metrics-listen 127.0.0.1:0 --nats-listen "" --log-format json >"$work/serve.log" 2>&1 &
+  --metrics-listen 127.0.0.1:0 --nats-listen "" --log-format json --no-deliver >"$work/serve.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
