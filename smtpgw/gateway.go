@@ -48,7 +48,7 @@ type Gateway struct {
 	log     *zap.Logger
 	metrics *metrics
 	pol     atomic.Pointer[policy.Relay]
-	srv     *smtp.Server
+	front   atomic.Pointer[front]
 
 	mu        sync.Mutex
 	conns     map[*conn]struct{}
@@ -73,10 +73,38 @@ func New(cfg Config, sp *spool.Spool, pol *policy.Relay, log *zap.Logger, reg pr
 		conns: map[*conn]struct{}{}, perIP: map[netip.Addr]int{}}
 	g.pol.Store(pol)
 
+	g.front.Store(g.newFront(pol))
+	return g
+}
+
+// front is one go-smtp server. go-smtp reads a few settings from its
+// Server struct on every connection (the SIZE it advertises and enforces,
+// whether AUTH is offered before TLS, the idle timeout), and they must not
+// change under it. So a policy that changes them gets a new front: new
+// connections are handed to it, connections already open finish on the old
+// one.
+type front struct {
+	srv *smtp.Server
+	in  *handoff
+	key frontKey
+}
+
+// frontKey is what a front takes from the policy.
+type frontKey struct {
+	maxMessageBytes int64
+	insecureAuth    bool
+	idle            time.Duration
+}
+
+func keyOf(p *policy.Relay) frontKey {
+	return frontKey{p.MaxMessageBytes, p.AllowInsecureAuth, p.CommandTimeout}
+}
+
+func (g *Gateway) newFront(pol *policy.Relay) *front {
 	s := smtp.NewServer(smtp.BackendFunc(g.newSession))
-	s.Domain = cfg.Hostname
-	s.TLSConfig = cfg.TLS
-	s.MaxLineLength = cfg.MaxLineLength
+	s.Domain = g.cfg.Hostname
+	s.TLSConfig = g.cfg.TLS
+	s.MaxLineLength = g.cfg.MaxLineLength
 	// SIZE is advertised from here; the data reader enforces the policy in
 	// force for each session. go-smtp refuses a message of exactly this
 	// size (it checks its budget before reading the final dot), so the
@@ -91,13 +119,58 @@ func New(cfg Config, sp *spool.Spool, pol *policy.Relay, log *zap.Logger, reg pr
 	s.WriteTimeout = time.Minute
 	s.EnableSMTPUTF8 = true
 	s.EnableDSN = true
-	s.ErrorLog = zapPrintf{log}
-	g.srv = s
-	return g
+	s.ErrorLog = zapPrintf{g.log}
+	f := &front{srv: s, in: &handoff{ch: make(chan net.Conn), done: make(chan struct{})}, key: keyOf(pol)}
+	go func() { _ = s.Serve(f.in) }()
+	return f
+}
+
+// handoff is the listener a front's go-smtp server accepts from.
+type handoff struct {
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func (h *handoff) Accept() (net.Conn, error) {
+	select {
+	case c := <-h.ch:
+		return c, nil
+	case <-h.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (h *handoff) Close() error   { h.once.Do(func() { close(h.done) }); return nil }
+func (h *handoff) Addr() net.Addr { return &net.TCPAddr{} }
+
+// hand gives an accepted connection to the current front.
+func (g *Gateway) hand(c net.Conn) {
+	for {
+		f := g.front.Load()
+		select {
+		case f.in.ch <- c:
+			return
+		case <-f.in.done:
+			// Replaced meanwhile: try the new one.
+			if g.front.Load() == f {
+				c.Close()
+				return
+			}
+		}
+	}
 }
 
 // SetPolicy swaps the relay policy. Sessions already open keep theirs.
-func (g *Gateway) SetPolicy(p *policy.Relay) { g.pol.Store(p) }
+func (g *Gateway) SetPolicy(p *policy.Relay) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.pol.Store(p)
+	if old := g.front.Load(); old.key != keyOf(p) && !g.draining {
+		g.front.Store(g.newFront(p))
+		old.in.Close()
+	}
+}
 
 // Policy returns the relay policy in force.
 func (g *Gateway) Policy() *policy.Relay { return g.pol.Load() }
@@ -116,7 +189,24 @@ func (g *Gateway) Serve(l net.Listener) error {
 	}
 	g.listeners = append(g.listeners, wl)
 	g.mu.Unlock()
-	err := g.srv.Serve(wl)
+	var err error
+	var backoff time.Duration
+	for {
+		c, aerr := wl.Accept()
+		if aerr != nil {
+			var ne net.Error
+			if errors.As(aerr, &ne) && ne.Timeout() {
+				// Out of file descriptors and the like: wait and go on.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				time.Sleep(backoff)
+				continue
+			}
+			err = aerr
+			break
+		}
+		backoff = 0
+		g.hand(c)
+	}
 	g.mu.Lock()
 	draining := g.draining
 	g.mu.Unlock()
@@ -216,6 +306,7 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	for _, l := range g.listeners {
 		l.Close()
 	}
+	g.front.Load().in.Close()
 	conns := make([]*conn, 0, len(g.conns))
 	for c := range g.conns {
 		conns = append(conns, c)

@@ -2,8 +2,10 @@ package smtpgw
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestQueuedMessageLandsInTheStreamWithItsEnvelope(t *testing.T) {
@@ -53,4 +55,74 @@ func TestQueuedMessageLandsInTheStreamWithItsEnvelope(t *testing.T) {
 	if e.Body.Size != int64(len(body)) || e.Body.Chunks != 0 {
 		t.Errorf("body ref %+v, len %d", e.Body, len(body))
 	}
+}
+
+func TestNewPolicyChangesTheAdvertisedSizeForNewConnectionsOnly(t *testing.T) {
+	n := startNATS(t)
+	sp := n.spool(t)
+	g := startGateway(t, sp, compile(t, `
+apiVersion: mail.jetmail.io/v1alpha1
+kind: RelayPolicy
+metadata: {name: small}
+spec:
+  relayNetworks: [127.0.0.0/8]
+  maxMessageBytes: 4096
+`))
+	size := func(c *client) string {
+		c.send("EHLO client.test\r\n")
+		var sizeLine string
+		for {
+			code, line, err := readLine(c)
+			if err != nil || code != 250 {
+				t.Fatalf("EHLO: %q %v", line, err)
+			}
+			if strings.Contains(line, "SIZE") {
+				sizeLine = line[4:]
+			}
+			if line[3] == ' ' {
+				return sizeLine
+			}
+		}
+	}
+	old := dial(t, g.addr)
+	old.expect(220)
+	if got := size(old); got != "SIZE 4096" {
+		t.Fatalf("advertised %q, want SIZE 4096", got)
+	}
+
+	g.SetPolicy(compile(t, `
+apiVersion: mail.jetmail.io/v1alpha1
+kind: RelayPolicy
+metadata: {name: big}
+spec:
+  relayNetworks: [127.0.0.0/8]
+  maxMessageBytes: 8192
+`))
+	fresh := dial(t, g.addr)
+	fresh.expect(220)
+	if got := size(fresh); got != "SIZE 8192" {
+		t.Errorf("a new connection is offered %q, want SIZE 8192", got)
+	}
+	// The open session finishes under the rules it started with, and
+	// still delivers into the queue.
+	if got := size(old); got != "SIZE 4096" {
+		t.Errorf("the open connection is now offered %q, want SIZE 4096", got)
+	}
+	old.mail("a@example.org", []string{"b@example.net"}, simpleMessage("old-front", "x"), 250)
+	fresh.mail("a@example.org", []string{"b@example.net"}, simpleMessage("new-front", strings.Repeat("y", 5000)), 250)
+	if n := len(queued(t, sp)); n != 2 {
+		t.Fatalf("%d queued, want 2", n)
+	}
+}
+
+// readLine reads one line of a (possibly multi-line) reply.
+func readLine(c *client) (int, string, error) {
+	_ = c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	line, err := c.r.ReadString('\n')
+	if err != nil || len(line) < 4 {
+		return 0, line, fmt.Errorf("short reply %q: %v", line, err)
+	}
+	var code int
+	_, err = fmt.Sscanf(line[:3], "%d", &code)
+	return code, strings.TrimRight(line, "\r\n"), err
 }
