@@ -149,6 +149,12 @@ func (d *Deliverer) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		}
+		if ctx.Err() != nil {
+			// Both cases were ready and select chose the slot at random:
+			// without this, a shutdown starts another pull (fetchWait)
+			// half the time, again and again.
+			return nil
+		}
 		n := 1
 	more:
 		for n < maxFetch {

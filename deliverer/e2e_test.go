@@ -345,6 +345,7 @@ type e2eMX struct {
 	mu        sync.Mutex
 	txns      []e2eTxn
 	rcptCalls map[string]int
+	rcptOpts  map[string]smtp.RcptOptions // the last RCPT TO parameters per address
 	dataCalls int
 }
 
@@ -363,6 +364,13 @@ func (m *e2eMX) rcptCount(addr string) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.rcptCalls[addr]
+}
+
+// rcptNotify returns the NOTIFY values of the last RCPT TO for addr.
+func (m *e2eMX) rcptNotify(addr string) []smtp.DSNNotify {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.rcptOpts[addr].Notify
 }
 
 func (m *e2eMX) dataCount() int {
@@ -408,12 +416,18 @@ func (s *e2eSession) Mail(from string, _ *smtp.MailOptions) error {
 	return nil
 }
 
-func (s *e2eSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+func (s *e2eSession) Rcpt(to string, opts *smtp.RcptOptions) error {
 	s.mx.mu.Lock()
 	if s.mx.rcptCalls == nil {
 		s.mx.rcptCalls = map[string]int{}
+		s.mx.rcptOpts = map[string]smtp.RcptOptions{}
 	}
 	s.mx.rcptCalls[to]++
+	if opts != nil {
+		s.mx.rcptOpts[to] = *opts
+	} else {
+		delete(s.mx.rcptOpts, to)
+	}
 	s.mx.mu.Unlock()
 	if s.mx.rcpt != nil {
 		if err := s.mx.rcpt(to); err != nil {
