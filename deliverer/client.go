@@ -16,27 +16,29 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/jetmail/jetmail/api/v1alpha1"
 	"github.com/jetmail/jetmail/spool"
 )
 
 // TLSPolicy says whether a delivery session must be encrypted with STARTTLS
-// (RFC 3207) and whether the next hop's certificate is checked.
-type TLSPolicy string
+// (RFC 3207) and whether the next hop's certificate is checked. It is the
+// MailRoute API's type, so the values cannot drift apart.
+type TLSPolicy = v1alpha1.TLSPolicy
 
 const (
 	// TLSNone never sends STARTTLS.
-	TLSNone TLSPolicy = "none"
+	TLSNone = v1alpha1.TLSNone
 	// TLSOpportunistic uses STARTTLS when the server offers it, without
 	// checking the certificate. If the handshake fails the same hop is
 	// dialed once more and the message sent in plaintext (RFC 7435).
-	TLSOpportunistic TLSPolicy = "opportunistic"
+	TLSOpportunistic = v1alpha1.TLSOpportunistic
 	// TLSRequired needs STARTTLS to be offered and to succeed; the
 	// certificate is not checked. Otherwise the hop fails with a temporary
 	// 4.7.4 (STARTTLS not offered or refused) or 4.7.5 (handshake failed).
-	TLSRequired TLSPolicy = "required"
+	TLSRequired = v1alpha1.TLSRequired
 	// TLSVerify is TLSRequired with a certificate that must verify for the
 	// hop's Host name; a failed check is a temporary 4.7.5.
-	TLSVerify TLSPolicy = "verify"
+	TLSVerify = v1alpha1.TLSVerify
 )
 
 // Credentials authenticate us to the next hop with AUTH PLAIN, or LOGIN when

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -276,7 +277,7 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) {
 		// Handed back early (a replica died, or the schedule changed):
 		// wait for the time that was set, never past the expiry.
-		_ = msg.NakWithDelay(minDur(st.NextAttempt.Sub(now), expires.Sub(now)))
+		_ = msg.NakWithDelay(min(st.NextAttempt.Sub(now), expires.Sub(now)))
 		return
 	}
 
@@ -554,7 +555,7 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 	// earlier attempt whose notice could not be queued then.
 	var failed []DSNRecipient
 	for _, rs := range a.st.Rcpts {
-		if rs.Status == spool.RcptFailed && !contains(a.st.Bounced, rs.Addr) {
+		if rs.Status == spool.RcptFailed && !slices.Contains(a.st.Bounced, rs.Addr) {
 			failed = append(failed, a.failedReport(rs))
 		}
 	}
@@ -607,7 +608,7 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 		if !a.anyAttempted() {
 			a.st.Attempts--
 		}
-		delay = minDur(delay, time.Second+time.Duration(rand.Int64N(int64(2*time.Second))))
+		delay = min(delay, time.Second+time.Duration(rand.Int64N(int64(2*time.Second))))
 	}
 	if interrupted {
 		// Cut short by a shutdown, not by the remote: another replica
@@ -884,20 +885,4 @@ func toTimeouts(t policy.OutboundTimeouts) Timeouts {
 		Mail: t.Mail, Rcpt: t.Rcpt, DataInit: t.DataInit, DataBlock: t.DataBlock, DataDone: t.DataDone,
 		Session: t.Session, MinDataRate: t.MinDataRate, DataRateGrace: t.DataRateGrace,
 	}
-}
-
-func minDur(a, b time.Duration) time.Duration {
-	if a < b {
-		return a
-	}
-	return b
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

@@ -5,6 +5,7 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+	"go.uber.org/zap"
 )
 
 // errAuthFailed is 535 5.7.8 (RFC 4954 §6).
@@ -27,7 +28,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 			s.reply(235)
 			return nil
 		}
-		s.log.Info("auth failed", fieldUser(user))
+		s.log.Info("auth failed", zap.String("user", user))
 		s.reply(535)
 		return errAuthFailed
 	}

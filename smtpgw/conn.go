@@ -25,32 +25,30 @@ type conn struct {
 	net.Conn
 	g *Gateway
 
-	mu             sync.Mutex
-	ip             netip.Addr
-	registered     bool
-	closed         bool
-	sessionEnd     time.Time // hard wall-clock deadline of the connection
-	dataEnd        time.Time // hard deadline of the DATA phase, zero outside it
-	data           dataLimits
-	dataStart      time.Time
-	dataBytes      int64
-	clamped        bool // the last read deadline was cut by a hard deadline
-	inTransaction  bool
-	draining       bool
-	tlsStarted     bool
-	errors         int
-	maxErrors      int
-	prevCR         bool  // the last byte read in the DATA phase was CR
-	dotState       uint8 // progress through CRLF "." CR, see scanEOL
-	badEOL         bool  // a line-ending violation was seen in this DATA phase
-	eolDone        bool  // CRLF.CRLF was seen: what follows is not data
-	startedAt      time.Time
-	bytesInCounted int64
+	mu            sync.Mutex
+	ip            netip.Addr
+	registered    bool
+	closed        bool
+	sessionEnd    time.Time // hard wall-clock deadline of the connection
+	dataEnd       time.Time // hard deadline of the DATA phase, zero outside it
+	data          dataLimits
+	dataStart     time.Time
+	dataBytes     int64
+	clamped       bool // the last read deadline was cut by a hard deadline
+	inTransaction bool
+	draining      bool
+	tlsStarted    bool
+	errors        int
+	maxErrors     int
+	prevCR        bool  // the last byte read in the DATA phase was CR
+	dotState      uint8 // progress through CRLF "." CR, see scanEOL
+	badEOL        bool  // a line-ending violation was seen in this DATA phase
+	eolDone       bool  // CRLF.CRLF was seen: what follows is not data
 }
 
 func newConn(c net.Conn, g *Gateway, sessionTimeout time.Duration, maxErrors int) *conn {
 	now := time.Now()
-	return &conn{Conn: c, g: g, sessionEnd: now.Add(sessionTimeout), maxErrors: maxErrors, startedAt: now}
+	return &conn{Conn: c, g: g, sessionEnd: now.Add(sessionTimeout), maxErrors: maxErrors}
 }
 
 // unwrapConn finds our conn under whatever go-smtp hands a session.

@@ -40,7 +40,6 @@ type dataReader struct {
 
 	// Header section scanning.
 	inHeader  bool
-	lineStart bool
 	lineBuf   [12]byte
 	lineLen   int
 	received  int
@@ -48,7 +47,7 @@ type dataReader struct {
 }
 
 func newDataReader(r io.Reader, pol *policy.Relay, normalize bool) *dataReader {
-	return &dataReader{r: r, pol: pol, normalize: normalize, h: sha256.New(), inHeader: true, lineStart: true}
+	return &dataReader{r: r, pol: pol, normalize: normalize, h: sha256.New(), inHeader: true}
 }
 
 func (d *dataReader) sum() []byte { return d.h.Sum(nil) }
@@ -170,11 +169,11 @@ func (d *dataReader) scanHeaders(b []byte) {
 	for i := 0; i < len(b) && d.inHeader; i++ {
 		c := b[i]
 		if c == '\n' {
-			if d.lineLen == 1 && d.lineBuf[0] == '\r' || d.lineLen == 0 && d.lineStart {
+			if d.lineLen == 1 && d.lineBuf[0] == '\r' || d.lineLen == 0 {
 				d.inHeader = false // empty line: end of headers
 				return
 			}
-			d.lineStart, d.lineLen = true, 0
+			d.lineLen = 0
 			continue
 		}
 		if d.lineLen < len(d.lineBuf) {

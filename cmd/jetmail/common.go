@@ -92,7 +92,9 @@ func loadConfig(paths []string, relayhost string) (*policy.Config, error) {
 	return objs.Compile(relayhost)
 }
 
-func (f *gatewayFlags) tlsConfig(log *zap.Logger, selfSignedFallback bool) (*smtpgw.Config, error) {
+// gatewayConfig is the gateway's fixed configuration from the flags, with
+// STARTTLS from --tls-cert/--tls-key or, for serve, a self-signed pair.
+func (f *gatewayFlags) gatewayConfig(log *zap.Logger, selfSignedFallback bool) (*smtpgw.Config, error) {
 	cfg := &smtpgw.Config{
 		Hostname:      f.hostname,
 		ProxyProtocol: f.proxyProtocol,

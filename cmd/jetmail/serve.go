@@ -47,7 +47,7 @@ Files given with -f are re-read when they change.`,
 			if err != nil {
 				return err
 			}
-			gwCfg, err := f.tlsConfig(log, true)
+			gwCfg, err := f.gatewayConfig(log, true)
 			if err != nil {
 				return err
 			}
@@ -123,7 +123,7 @@ func gatewayCmd() *cobra.Command {
 			defer log.Sync()
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			gwCfg, err := f.tlsConfig(log, false)
+			gwCfg, err := f.gatewayConfig(log, false)
 			if err != nil {
 				return err
 			}
