@@ -325,3 +325,29 @@ func indent(s, prefix string) string {
 	}
 	return b.String()
 }
+
+func TestTheSamplesInConfigCompile(t *testing.T) {
+	// config/samples is what the README points newcomers at: it must load
+	// and compile as it is, with `jetmail serve -f config/samples/`.
+	objs, err := policy.LoadFiles([]string{"../config/samples"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(objs.RelayPolicies) != 1 || len(objs.MailRoutes) != 2 || len(objs.DeliveryPolicies) != 1 {
+		t.Fatalf("samples hold %d RelayPolicy, %d MailRoute, %d DeliveryPolicy; want 1, 2, 1",
+			len(objs.RelayPolicies), len(objs.MailRoutes), len(objs.DeliveryPolicies))
+	}
+	cfg, err := objs.Compile("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.Relay.Authenticate("alice", "change-me") {
+		t.Error("the sample user alice does not log in with the documented password")
+	}
+	if r := cfg.Delivery.Route("mail.partner.example"); r == nil || r.TLS != "required" {
+		t.Errorf("the partner route does not take its subdomains: %+v", r)
+	}
+	if r := cfg.Delivery.Route("anything.test"); r == nil || r.Auth == nil || r.Auth.Username != "relay-user" {
+		t.Errorf("the smarthost route does not catch everything else: %+v", r)
+	}
+}

@@ -367,3 +367,22 @@ func TestFullStoreGets451AndTheSessionGoesOn(t *testing.T) {
 	}
 	t.Fatal("the store never filled up")
 }
+
+func TestFullBodyStoreGets451ForALargeMessage(t *testing.T) {
+	n := startNATS(t)
+	sp := n.spool(t, func(c *spool.Config) { c.MaxBodyBytes = 512 << 10 })
+	g := startGateway(t, sp, nil)
+	c := dialReady(t, g.addr)
+	c.cmd("MAIL FROM:<a@example.org>", 250)
+	c.cmd("RCPT TO:<b@example.net>", 250)
+	c.cmd("DATA", 354)
+	line := strings.Repeat("b", 98) + "\r\n"
+	c.send(simpleMessage("big-full", strings.Repeat(line, 20000)) + ".\r\n") // 2 MB: chunked
+	if reply := c.expect(451); !strings.HasPrefix(reply, "451 4.3.0 ") {
+		t.Fatalf("a full body store answered %q, want 451 4.3.0", reply)
+	}
+	c.cmd("NOOP", 250)
+	if got := len(queued(t, sp)); got != 0 {
+		t.Fatalf("%d queued after a failed body write", got)
+	}
+}

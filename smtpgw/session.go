@@ -242,7 +242,7 @@ func (s *session) dataError(log *zap.Logger, start time.Time, qid string, n int6
 		return s.finishData(log, start, qid, n, "rejected", se, err)
 	default:
 		// The client went away (EOF, reset) or the body store failed.
-		if strings.Contains(err.Error(), "spool:") {
+		if errors.Is(err, spool.ErrWrite) {
 			return s.finishData(log, start, qid, n, "tempfail", errTempFail, err)
 		}
 		s.finishData(log, start, qid, n, "aborted", nil, err)
@@ -331,5 +331,3 @@ func (s *session) Logout() error {
 	s.resetTransaction()
 	return nil
 }
-
-func fieldUser(u string) zap.Field { return zap.String("user", u) }

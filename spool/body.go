@@ -14,6 +14,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// ErrWrite means a body could not be stored; the mail is not queued and the
+// client should try again later.
+var ErrWrite = errors.New("spool: write failed")
+
 // ErrBodyCorrupt means a body read back does not match its digest.
 var ErrBodyCorrupt = errors.New("spool: body does not match its digest")
 
@@ -75,7 +79,7 @@ func (b *Body) flushChunk(p []byte) error {
 		jetstream.WithMsgID(fmt.Sprintf("%s.%d", b.id, b.chunks)),
 		jetstream.WithExpectStream(BodyStream))
 	if err != nil {
-		return fmt.Errorf("spool: write body chunk %s: %w", subj, err)
+		return fmt.Errorf("%w: body chunk %s: %w", ErrWrite, subj, err)
 	}
 	b.chunks++
 	return nil
