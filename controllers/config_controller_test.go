@@ -52,6 +52,8 @@ func TestAPIServerRejectsInvalidObjects(t *testing.T) {
 			Spec: v1alpha1.DeliveryPolicySpec{RetryIntervals: []metav1.Duration{{Duration: time.Minute}, *neg}}},
 		"a DeliveryPolicy with a negative session deadline": &v1alpha1.DeliveryPolicy{ObjectMeta: metav1.ObjectMeta{Name: "session"},
 			Spec: v1alpha1.DeliveryPolicySpec{Timeouts: &v1alpha1.OutboundTimeouts{Session: neg}}},
+		"a DeliveryPolicy with a negative dead-destination time": &v1alpha1.DeliveryPolicy{ObjectMeta: metav1.ObjectMeta{Name: "dead"},
+			Spec: v1alpha1.DeliveryPolicySpec{DeadDestinationTime: neg}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			obj.SetNamespace(w.ns)

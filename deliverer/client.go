@@ -195,6 +195,11 @@ type RcptResult struct {
 	// recipient, so it has taken over delivery status notification
 	// (RFC 3461 §4.2): no "relayed" notice is due from us.
 	DSNPassed bool
+	// PassedOver is set when no hop took the transaction: every one was
+	// unreachable or refused the session (greeting, EHLO, TLS, AUTH, or a
+	// 4xx to MAIL FROM). It says the destination is down, not that
+	// anything is wrong with this message.
+	PassedOver bool
 }
 
 // Client delivers over SMTP and keeps connections open for reuse. Its
@@ -264,6 +269,11 @@ func (c *Client) Deliver(ctx context.Context, hops []Hop, pol TLSPolicy, auth *C
 		}
 	}
 	deferAll(res, last, lastHop)
+	if ctx.Err() == nil {
+		for i := range res {
+			res[i].PassedOver = true
+		}
+	}
 	return res
 }
 

@@ -78,6 +78,16 @@ type Deliverer struct {
 	destFree    map[string]chan struct{}
 	sessions    int
 	slotFree    chan struct{} // signalled when a session slot frees up
+	// dead remembers destinations whose every next hop just failed.
+	dead map[string]*deadDest
+}
+
+// deadDest is a destination left alone for a while: its mail is deferred
+// without a connection until until, then one attempt (the probe) tries it.
+type deadDest struct {
+	until   time.Time
+	err     *Error
+	probing bool
 }
 
 // New checks cfg and returns a Deliverer.
@@ -111,7 +121,7 @@ func New(cfg Config) (*Deliverer, error) {
 	}
 	return &Deliverer{cfg: cfg, log: cfg.Log, metrics: newMetrics(cfg.Registerer),
 		perDest: map[string]int{}, destWaiting: map[string]int{}, destFree: map[string]chan struct{}{},
-		slotFree: make(chan struct{}, 1)}, nil
+		slotFree: make(chan struct{}, 1), dead: map[string]*deadDest{}}, nil
 }
 
 // Run consumes the queue until ctx ends, then lets attempts in flight
@@ -348,14 +358,10 @@ func (a *attempt) expire() {
 // run attempts delivery to every pending recipient, one session per
 // destination, destinations in parallel.
 func (a *attempt) run(ctx context.Context) {
-	body, err := a.d.cfg.Spool.ReadBody(ctx, a.m)
-	if err != nil {
-		a.log.Error("reading the message body", zap.Error(err))
-		for _, r := range a.pending() {
-			a.record(r, RcptResult{Rcpt: r, Status: RcptDeferred, Err: Temporary(451, "4.3.0", "queue read error")}, 0)
-		}
-		return
-	}
+	// The body is read once, by the first destination that gets as far as
+	// a session slot: mail for a destination that is down or busy is
+	// deferred without reading it.
+	body := sync.OnceValues(func() ([]byte, error) { return a.d.cfg.Spool.ReadBody(ctx, a.m) })
 	groups := map[string][]spool.Rcpt{}
 	var domains []string
 	for _, r := range a.pending() {
@@ -420,7 +426,7 @@ func (a *attempt) run(ctx context.Context) {
 
 // deliverDomain routes and delivers one domain's recipients. skipped is
 // true when the destination had no free session slot.
-func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spool.Rcpt, body []byte) ([]RcptResult, bool) {
+func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spool.Rcpt, body func() ([]byte, error)) ([]RcptResult, bool) {
 	d := a.d
 	all := func(e *Error) []RcptResult {
 		st := RcptDeferred
@@ -441,12 +447,24 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 		dest  = domain
 		err   error
 	)
-	if r := a.pol.Route(domain); r != nil {
-		dest, tlsp, to = r.Name, TLSPolicy(r.TLS), toTimeouts(r.Timeouts)
-		if r.Auth != nil {
-			creds = &Credentials{Username: r.Auth.Username, Password: r.Auth.Password}
+	route := a.pol.Route(domain)
+	if route != nil {
+		dest = route.Name
+	}
+	suspended, probe := d.checkDead(dest, a.now)
+	if suspended != nil {
+		d.metrics.suspended.Inc()
+		return all(suspended), false
+	}
+	if probe {
+		defer d.endProbe(dest)
+	}
+	if route != nil {
+		tlsp, to = TLSPolicy(route.TLS), toTimeouts(route.Timeouts)
+		if route.Auth != nil {
+			creds = &Credentials{Username: route.Auth.Username, Password: route.Auth.Password}
 		}
-		hops, err = d.routeHops(ctx, r)
+		hops, err = d.routeHops(ctx, route)
 	} else {
 		hops, err = d.cfg.Resolver.Lookup(ctx, domain)
 		for i := range hops {
@@ -460,8 +478,78 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 		return nil, true
 	}
 	defer d.release(dest)
-	t := &Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts, Body: body}
-	return d.cfg.Client.Deliver(ctx, hops, tlsp, creds, to, t), false
+	data, err := body()
+	if err != nil {
+		a.log.Error("reading the message body", zap.Error(err))
+		return all(Temporary(451, "4.3.0", "queue read error")), false
+	}
+	t := &Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts, Body: data}
+	res := d.cfg.Client.Deliver(ctx, hops, tlsp, creds, to, t)
+	d.noteDest(dest, res, a.pol)
+	return res, false
+}
+
+// checkDead tells whether dest is left alone for now, with the error its
+// mail is deferred with. Once the time is up, one caller gets probe=true
+// and tries the destination; the others stay deferred until it reports
+// (noteDest), and must call endProbe when done.
+func (d *Deliverer) checkDead(dest string, now time.Time) (suspended *Error, probe bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	dd := d.dead[dest]
+	if dd == nil {
+		return nil, false
+	}
+	if dd.probing || now.Before(dd.until) {
+		return dd.err, false
+	}
+	dd.probing = true
+	return nil, true
+}
+
+// endProbe lets another attempt probe dest if this one did not settle it
+// (no session slot, a DNS error, a shutdown).
+func (d *Deliverer) endProbe(dest string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if dd := d.dead[dest]; dd != nil {
+		dd.probing = false
+	}
+}
+
+// noteDest updates what is known of dest from one delivery: every hop
+// failing makes it dead for pol.DeadDestination; any hop taking the
+// transaction (whatever its replies to the recipients) brings it back.
+func (d *Deliverer) noteDest(dest string, res []RcptResult, pol *policy.Delivery) {
+	if len(res) == 0 {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !res[0].PassedOver {
+		if d.dead[dest] != nil {
+			delete(d.dead, dest)
+			d.metrics.dead.Set(float64(len(d.dead)))
+			d.log.Info("destination back", zap.String("destination", dest))
+		}
+		return
+	}
+	e := *res[0].Err
+	e.Text = "delivery temporarily suspended: " + strings.TrimPrefix(e.Text, "delivery temporarily suspended: ")
+	now := d.cfg.Now()
+	if d.dead[dest] == nil {
+		d.log.Warn("destination down, deferring its mail without trying", zap.String("destination", dest),
+			zap.Duration("for", pol.DeadDestination), zap.String("last_error", res[0].Err.Error()))
+		// Forget destinations nobody has asked for since well after their
+		// time ran out, so the record does not grow forever.
+		for k, dd := range d.dead {
+			if !dd.probing && now.Sub(dd.until) > 10*pol.DeadDestination {
+				delete(d.dead, k)
+			}
+		}
+	}
+	d.dead[dest] = &deadDest{until: now.Add(pol.DeadDestination), err: &e}
+	d.metrics.dead.Set(float64(len(d.dead)))
 }
 
 // routeHops resolves a static route's next hops, in order: A/AAAA only.

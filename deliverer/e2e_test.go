@@ -234,6 +234,24 @@ type e2eReplicaOpt func(c *Config, own *bool)
 // as another pod would have.
 func e2eOwnConn() e2eReplicaOpt { return func(_ *Config, own *bool) { *own = true } }
 
+// e2eCountDials counts the connections the replica's client tries.
+func e2eCountDials(n *atomic.Int64) e2eReplicaOpt {
+	return func(c *Config, _ *bool) {
+		var d net.Dialer
+		c.Client.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			n.Add(1)
+			return d.DialContext(ctx, network, addr)
+		}
+	}
+}
+
+// e2eClock runs the replica on the real clock moved forward by *skew.
+func e2eClock(skew *atomic.Int64) e2eReplicaOpt {
+	return func(c *Config, _ *bool) {
+		c.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	}
+}
+
 func e2eGrace(g time.Duration) e2eReplicaOpt {
 	return func(c *Config, _ *bool) { c.Grace = g }
 }
@@ -765,6 +783,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			"down.test. 60 IN MX 20 mx2.down.test.", "mx2.down.test. 60 IN A "+e2eMX2)
 		e.down(e2eMX1)
 		e.down(e2eMX2)
+		e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) { sp.DeadDestinationTime = e2eDur(time.Second) }, nil, nil)
 		r := e.startDeliverer()
 		qid := e.enqueue(e2eSender, "carol@down.test")
 		st := e.waitState(qid, 10*time.Second, "the first deferral", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
@@ -779,6 +798,55 @@ func TestDelivererEndToEnd(t *testing.T) {
 		}
 		r.stop(t)
 		checkServersClosed(t, mx2.e2eCounter)
+	})
+
+	t.Run("a destination found down is left alone for deadDestinationTime, then one attempt probes it", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) { sp.DeadDestinationTime = e2eDur(time.Hour) }, nil, nil)
+		e.dns.add(t, "dead.test. 60 IN MX 10 mx1.dead.test.", "mx1.dead.test. 60 IN A "+e2eMX1)
+		e.down(e2eMX1)
+		var dials, skew atomic.Int64
+		r := e.startDeliverer(e2eCountDials(&dials), e2eClock(&skew))
+		first := e.enqueue(e2eSender, "first@dead.test")
+		e.waitState(first, 10*time.Second, "the first deferral", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
+		tried := dials.Load()
+		if tried != 1 {
+			t.Errorf("the first attempt tried %d connections, want 1", tried)
+		}
+		// Later mail, and the first message's own retries (every second),
+		// are deferred without a connection while the destination is down.
+		var later []string
+		for i := range 3 {
+			later = append(later, e.enqueue(e2eSender, fmt.Sprintf("later%d@dead.test", i)))
+		}
+		for _, qid := range append(later, first) {
+			st := e.waitState(qid, 10*time.Second, "a suspended deferral", func(st *spool.DeliveryState) bool {
+				return strings.HasPrefix(e2eRcptState(st, st.Rcpts[0].Addr).Text, "delivery temporarily suspended: ")
+			})
+			if rs := st.Rcpts[0]; rs.Status != spool.RcptDeferred || rs.Enhanced != "4.4.1" || rs.Code != 451 {
+				t.Errorf("%s: %+v, want deferred 451 4.4.1", qid, rs)
+			}
+		}
+		if n := dials.Load(); n != tried {
+			t.Errorf("%d connections tried while the destination was known down", n-tried)
+		}
+		// The destination comes back; once the hour is over one attempt
+		// probes it and the rest follow.
+		mx := e.startMX(e2eMX1, &e2eMX{})
+		skew.Store(int64(time.Hour + time.Second))
+		e.waitEmpty(20 * time.Second)
+		got := map[string]int{}
+		for _, txn := range mx.transactions() {
+			for _, rc := range txn.rcpts {
+				got[rc]++
+			}
+		}
+		if len(got) != 4 || got["first@dead.test"] != 1 || got["later0@dead.test"] != 1 || got["later2@dead.test"] != 1 {
+			t.Errorf("deliveries per recipient after the destination came back: %v", got)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx.e2eCounter)
 	})
 
 	t.Run("a null MX bounces with 5.1.10", func(t *testing.T) {

@@ -9,6 +9,8 @@ type metrics struct {
 	bounces       *prometheus.CounterVec
 	expired       prometheus.Counter
 	throttled     prometheus.Counter
+	suspended     prometheus.Counter
+	dead          prometheus.Gauge
 	deadlineKills prometheus.Counter
 	depth         prometheus.Gauge
 	oldest        prometheus.Gauge
@@ -41,6 +43,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_delivery_destination_busy_total",
 			Help: "Attempts postponed because their destination had no free session slot.",
 		}),
+		suspended: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "jetmail_delivery_suspended_total",
+			Help: "Recipients deferred without a connection because their destination was found down (deadDestinationTime).",
+		}),
+		dead: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "jetmail_delivery_destinations_down",
+			Help: "Destinations this deliverer is leaving alone because every next hop failed.",
+		}),
 		deadlineKills: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "jetmail_delivery_deadline_kills_total",
 			Help: "Outbound sessions cut off by the hard session deadline or the minimum data rate.",
@@ -55,7 +65,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.attempts, m.latency, m.sessions, m.bounces, m.expired, m.throttled, m.deadlineKills, m.depth, m.oldest)
+		reg.MustRegister(m.attempts, m.latency, m.sessions, m.bounces, m.expired, m.throttled, m.suspended, m.dead, m.deadlineKills, m.depth, m.oldest)
 	}
 	return m
 }

@@ -28,6 +28,7 @@ const (
 	DefaultOutboundMinRate   = 512
 	DefaultOutboundRateGrace = 30 * time.Second
 	DefaultQueueLifetime     = 5 * 24 * time.Hour
+	DefaultDeadDestination   = time.Minute
 	DefaultMaxSessions       = 100
 	DefaultMaxPerDestination = 20
 	DefaultPerConnection     = 100
@@ -54,11 +55,14 @@ type Delivery struct {
 	RetryIntervals []time.Duration
 	QueueLifetime  time.Duration
 	DelayWarning   time.Duration // 0: off
-	MaxSessions    int
-	MaxPerDest     int
-	PerConnection  int
-	Port           uint16
-	Postmaster     string
+	// DeadDestination is how long a destination whose every next hop
+	// failed is left alone before one attempt probes it again.
+	DeadDestination time.Duration
+	MaxSessions     int
+	MaxPerDest      int
+	PerConnection   int
+	Port            uint16
+	Postmaster      string
 
 	localNames map[string]bool
 	localAddrs map[netip.Addr]bool
@@ -112,16 +116,17 @@ func DefaultDelivery() *Delivery {
 // host:port (Postfix's relayhost), as `serve --relayhost` gives it.
 func CompileDelivery(dps []v1alpha1.DeliveryPolicy, routes []v1alpha1.MailRoute, secrets Secrets, relayhost string) (*Delivery, error) {
 	d := &Delivery{
-		Timeouts:       defaultOutbound(),
-		RetryIntervals: DefaultRetryIntervals,
-		QueueLifetime:  DefaultQueueLifetime,
-		MaxSessions:    DefaultMaxSessions,
-		MaxPerDest:     DefaultMaxPerDestination,
-		PerConnection:  DefaultPerConnection,
-		Port:           DefaultSMTPPort,
-		localNames:     map[string]bool{},
-		localAddrs:     map[netip.Addr]bool{},
-		exact:          map[string]*Route{},
+		Timeouts:        defaultOutbound(),
+		RetryIntervals:  DefaultRetryIntervals,
+		QueueLifetime:   DefaultQueueLifetime,
+		DeadDestination: DefaultDeadDestination,
+		MaxSessions:     DefaultMaxSessions,
+		MaxPerDest:      DefaultMaxPerDestination,
+		PerConnection:   DefaultPerConnection,
+		Port:            DefaultSMTPPort,
+		localNames:      map[string]bool{},
+		localAddrs:      map[netip.Addr]bool{},
+		exact:           map[string]*Route{},
 	}
 	if len(dps) > 1 {
 		return nil, fmt.Errorf("%s: a DeliveryPolicy is already defined by %s; there can be only one",
@@ -208,6 +213,9 @@ func (d *Delivery) compilePolicy(o *v1alpha1.DeliveryPolicy) error {
 		return err
 	}
 	if err := positive(name, "spec.delayWarning", sp.DelayWarning, &d.DelayWarning); err != nil {
+		return err
+	}
+	if err := positive(name, "spec.deadDestinationTime", sp.DeadDestinationTime, &d.DeadDestination); err != nil {
 		return err
 	}
 	for _, f := range []struct {

@@ -7,9 +7,12 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/jetmail/jetmail/api/v1alpha1"
 	"github.com/jetmail/jetmail/policy"
 )
 
@@ -349,5 +352,23 @@ func TestTheSamplesInConfigCompile(t *testing.T) {
 	}
 	if r := cfg.Delivery.Route("anything.test"); r == nil || r.Auth == nil || r.Auth.Username != "relay-user" {
 		t.Errorf("the smarthost route does not catch everything else: %+v", r)
+	}
+	if cfg.Delivery.DeadDestination != time.Minute {
+		t.Errorf("deadDestinationTime: %s, want the sample's 1m", cfg.Delivery.DeadDestination)
+	}
+}
+
+func TestDeliveryPolicyDeadDestinationTime(t *testing.T) {
+	d, err := policy.CompileDelivery(nil, nil, nil, "")
+	if err != nil || d.DeadDestination != policy.DefaultDeadDestination {
+		t.Fatalf("default: %v, %v; want %s", d.DeadDestination, err, policy.DefaultDeadDestination)
+	}
+	for _, v := range []time.Duration{0, -time.Second} {
+		dp := v1alpha1.DeliveryPolicy{ObjectMeta: metav1.ObjectMeta{Name: "d", Namespace: "mail"},
+			Spec: v1alpha1.DeliveryPolicySpec{DeadDestinationTime: &metav1.Duration{Duration: v}}}
+		_, err := policy.CompileDelivery([]v1alpha1.DeliveryPolicy{dp}, nil, nil, "")
+		if err == nil || !strings.Contains(err.Error(), "DeliveryPolicy mail/d: spec.deadDestinationTime") {
+			t.Errorf("deadDestinationTime %s: %v, want an error naming the object and field", v, err)
+		}
 	}
 }

@@ -61,6 +61,17 @@ type DeliveryPolicySpec struct {
 	// +kubebuilder:validation:XValidation:rule="duration(self) > duration('0s')",message="must be positive"
 	DelayWarning *metav1.Duration `json:"delayWarning,omitempty"`
 
+	// DeadDestinationTime is how long a destination is left alone after
+	// an attempt found every one of its next hops unreachable or refusing
+	// the session. Meanwhile its mail is deferred without a connection
+	// ("delivery temporarily suspended", as Postfix's queue manager does
+	// for minimal_backoff_time) and without reading the message; then one
+	// attempt probes the destination, and its success lets the rest
+	// through. Each deliverer keeps its own record. Default 1m.
+	// +optional
+	// +kubebuilder:validation:XValidation:rule="duration(self) > duration('0s')",message="must be positive"
+	DeadDestinationTime *metav1.Duration `json:"deadDestinationTime,omitempty"`
+
 	// MaxSessions is the number of concurrent outbound sessions per
 	// deliverer. Default 100.
 	// +optional

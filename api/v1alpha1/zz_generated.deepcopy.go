@@ -113,6 +113,11 @@ func (in *DeliveryPolicySpec) DeepCopyInto(out *DeliveryPolicySpec) {
 		*out = new(v1.Duration)
 		**out = **in
 	}
+	if in.DeadDestinationTime != nil {
+		in, out := &in.DeadDestinationTime, &out.DeadDestinationTime
+		*out = new(v1.Duration)
+		**out = **in
+	}
 	if in.MaxSessions != nil {
 		in, out := &in.MaxSessions, &out.MaxSessions
 		*out = new(int32)
