@@ -4,15 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"io"
-	"log"
-	"math/big"
 	"net"
 	"net/netip"
 	"strings"
@@ -21,374 +14,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
 	"github.com/jetmail/jetmail/spool"
 )
-
-// connCounter counts a test server's connections as the server sees them.
-type connCounter struct {
-	accepted atomic.Int64
-	open     atomic.Int64
-}
-
-type countedConn struct {
-	net.Conn
-	once sync.Once
-	cnt  *connCounter
-}
-
-func (c *countedConn) Close() error {
-	c.once.Do(func() { c.cnt.open.Add(-1) })
-	return c.Conn.Close()
-}
-
-type countingListener struct {
-	net.Listener
-	cnt *connCounter
-	// shrink sets a small receive buffer on accepted connections, so that a
-	// server that stops reading stops the sender soon.
-	shrink bool
-}
-
-func (l *countingListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	if tc, ok := c.(*net.TCPConn); ok && l.shrink {
-		_ = tc.SetReadBuffer(8 << 10)
-	}
-	l.cnt.accepted.Add(1)
-	l.cnt.open.Add(1)
-	return &countedConn{Conn: c, cnt: l.cnt}, nil
-}
-
-func listenCounting(t *testing.T, shrink bool) (*countingListener, Hop) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cl := &countingListener{Listener: ln, cnt: &connCounter{}, shrink: shrink}
-	return cl, Hop{Host: "mx.test", Addr: netip.MustParseAddrPort(ln.Addr().String())}
-}
-
-// remoteTxn is one transaction a test server received.
-type remoteTxn struct {
-	from     string
-	mailOpts smtp.MailOptions
-	rcpts    []string
-	rcptOpts []smtp.RcptOptions
-	body     []byte
-	user     string
-	tls      bool
-}
-
-// remoteBackend is a scripted go-smtp backend that records what it gets.
-type remoteBackend struct {
-	mail  func(from string) error
-	rcpt  func(to string) error
-	data  func(body []byte) error
-	users map[string]string // AUTH PLAIN accounts; nil: no AUTH
-	// requireAuth refuses MAIL before AUTH.
-	requireAuth bool
-
-	mu        sync.Mutex
-	txns      []remoteTxn
-	dataCalls int
-	sessions  int
-}
-
-func (b *remoteBackend) NewSession(c *smtp.Conn) (smtp.Session, error) {
-	_, isTLS := c.TLSConnectionState()
-	b.mu.Lock()
-	b.sessions++
-	b.mu.Unlock()
-	return &remoteSession{b: b, tls: isTLS}, nil
-}
-
-func (b *remoteBackend) transactions() []remoteTxn {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return append([]remoteTxn(nil), b.txns...)
-}
-
-func (b *remoteBackend) dataCount() int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.dataCalls
-}
-
-type remoteSession struct {
-	b    *remoteBackend
-	tls  bool
-	user string
-	cur  remoteTxn
-}
-
-var (
-	_ smtp.Session     = (*remoteSession)(nil)
-	_ smtp.AuthSession = (*remoteSession)(nil)
-)
-
-func (s *remoteSession) AuthMechanisms() []string {
-	if s.b.users == nil {
-		return nil
-	}
-	return []string{sasl.Plain}
-}
-
-func (s *remoteSession) Auth(mech string) (sasl.Server, error) {
-	return sasl.NewPlainServer(func(_, user, pass string) error {
-		if p, ok := s.b.users[user]; ok && p == pass {
-			s.user = user
-			return nil
-		}
-		return smtp.ErrAuthFailed
-	}), nil
-}
-
-func (s *remoteSession) Mail(from string, opts *smtp.MailOptions) error {
-	if s.b.requireAuth && s.user == "" {
-		return smtp.ErrAuthRequired
-	}
-	if s.b.mail != nil {
-		if err := s.b.mail(from); err != nil {
-			return err
-		}
-	}
-	s.cur = remoteTxn{from: from, user: s.user, tls: s.tls}
-	if opts != nil {
-		s.cur.mailOpts = *opts
-	}
-	return nil
-}
-
-func (s *remoteSession) Rcpt(to string, opts *smtp.RcptOptions) error {
-	if s.b.rcpt != nil {
-		if err := s.b.rcpt(to); err != nil {
-			return err
-		}
-	}
-	s.cur.rcpts = append(s.cur.rcpts, to)
-	var o smtp.RcptOptions
-	if opts != nil {
-		o = *opts
-	}
-	s.cur.rcptOpts = append(s.cur.rcptOpts, o)
-	return nil
-}
-
-func (s *remoteSession) Data(r io.Reader) error {
-	body, err := io.ReadAll(r)
-	if err != nil {
-		return err
-	}
-	s.b.mu.Lock()
-	s.b.dataCalls++
-	s.b.mu.Unlock()
-	if s.b.data != nil {
-		if err := s.b.data(body); err != nil {
-			return err
-		}
-	}
-	s.cur.body = body
-	s.b.mu.Lock()
-	s.b.txns = append(s.b.txns, s.cur)
-	s.b.mu.Unlock()
-	return nil
-}
-
-func (s *remoteSession) Reset()        { s.cur = remoteTxn{} }
-func (s *remoteSession) Logout() error { return nil }
-
-// remoteServer is a real go-smtp server on loopback.
-type remoteServer struct {
-	*connCounter
-	hop   Hop
-	be    *remoteBackend
-	srv   *smtp.Server
-	debug *trafficLog
-}
-
-type trafficLog struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *trafficLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *trafficLog) count(s string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Count(l.b.String(), s)
-}
-
-func startRemote(t *testing.T, be *remoteBackend, mut ...func(*smtp.Server)) *remoteServer {
-	t.Helper()
-	ln, hop := listenCounting(t, false)
-	s := smtp.NewServer(be)
-	s.Domain = "mx.test"
-	s.AllowInsecureAuth = true
-	s.ReadTimeout = 10 * time.Second
-	s.WriteTimeout = 10 * time.Second
-	s.MaxMessageBytes = 50 << 20
-	s.MaxRecipients = 100
-	s.ErrorLog = log.New(io.Discard, "", 0)
-	dbg := &trafficLog{}
-	s.Debug = dbg
-	for _, m := range mut {
-		m(s)
-	}
-	go s.Serve(ln)
-	t.Cleanup(func() { s.Close() })
-	return &remoteServer{connCounter: ln.cnt, hop: hop, be: be, srv: s, debug: dbg}
-}
-
-// scriptedServer runs a scripted handler per connection, for servers that
-// misbehave in ways go-smtp cannot. After the handler returns, the server
-// reads until the client closes, so open counts what the client has not
-// closed yet.
-type scriptedServer struct {
-	*connCounter
-	hop Hop
-}
-
-func startScripted(t *testing.T, shrink bool, handle func(c net.Conn, r *bufio.Reader)) *scriptedServer {
-	t.Helper()
-	ln, hop := listenCounting(t, shrink)
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Go(func() {
-				defer c.Close()
-				handle(c, bufio.NewReader(c))
-				_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
-				_, _ = io.Copy(io.Discard, c)
-			})
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return &scriptedServer{connCounter: ln.cnt, hop: hop}
-}
-
-// remoteScript is a minimal SMTP server for startScripted. Hooks replace
-// the default handling of one command; returning false ends the session.
-type remoteScript struct {
-	greeting string
-	exts     []string
-	ehlo     func(c net.Conn) bool
-	startTLS func(c net.Conn, r *bufio.Reader) bool
-	auth     func(c net.Conn, r *bufio.Reader, line string) bool
-	data     func(c net.Conn, r *bufio.Reader) bool
-	txns     atomic.Int64
-}
-
-func (s *remoteScript) handle(c net.Conn, r *bufio.Reader) {
-	say := func(lines ...string) bool {
-		_, err := io.WriteString(c, strings.Join(lines, "\r\n")+"\r\n")
-		return err == nil
-	}
-	greeting := s.greeting
-	if greeting == "" {
-		greeting = "220 raw.test ESMTP"
-	}
-	if !say(greeting) || !strings.HasPrefix(greeting, "220") {
-		return
-	}
-	for {
-		line, err := r.ReadString('\n')
-		if err != nil {
-			return
-		}
-		verb, _, _ := strings.Cut(strings.ToUpper(strings.TrimSpace(line)), " ")
-		ok := true
-		switch verb {
-		case "EHLO":
-			if s.ehlo != nil {
-				ok = s.ehlo(c)
-				break
-			}
-			lines := []string{"250-raw.test"}
-			for _, e := range s.exts {
-				lines = append(lines, "250-"+e)
-			}
-			lines[len(lines)-1] = "250 " + strings.TrimPrefix(lines[len(lines)-1], "250-")
-			ok = say(lines...)
-		case "HELO", "MAIL", "RCPT", "RSET", "NOOP":
-			ok = say("250 2.0.0 ok")
-		case "STARTTLS":
-			ok = s.startTLS(c, r)
-		case "AUTH":
-			ok = s.auth(c, r, line)
-		case "DATA":
-			if s.data != nil {
-				ok = s.data(c, r)
-				break
-			}
-			if !say("354 go ahead") || readToDot(r) != nil {
-				return
-			}
-			s.txns.Add(1)
-			ok = say("250 2.0.0 queued")
-		case "QUIT":
-			say("221 2.0.0 bye")
-			return
-		default:
-			ok = say("502 5.5.1 unknown command")
-		}
-		if !ok {
-			return
-		}
-	}
-}
-
-func readToDot(r *bufio.Reader) error {
-	for {
-		line, err := r.ReadString('\n')
-		if err != nil {
-			return err
-		}
-		if line == ".\r\n" {
-			return nil
-		}
-	}
-}
-
-// dribble writes s one byte per interval, forever, until the client goes.
-func dribble(c net.Conn, s string, interval time.Duration) {
-	for {
-		for i := 0; i < len(s); i++ {
-			if _, err := c.Write([]byte{s[i]}); err != nil {
-				return
-			}
-			time.Sleep(interval)
-		}
-	}
-}
 
 // refusingHop is an address where nothing listens.
 func refusingHop(t *testing.T) Hop {
@@ -428,31 +57,6 @@ func testTransfer(rcpts ...string) *Transfer {
 	return t
 }
 
-// within polls cond until it holds, failing the test when d has passed.
-func within(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// checkNoConnLeak closes the client and checks that no connection is left
-// open, on either side.
-func checkNoConnLeak(t *testing.T, c *Client, servers ...*connCounter) {
-	t.Helper()
-	c.Close()
-	if n := c.OpenConns(); n != 0 {
-		t.Errorf("client: %d connections open after Close", n)
-	}
-	for i, s := range servers {
-		within(t, 5*time.Second, "server "+string(rune('A'+i))+" to see its connections closed", func() bool { return s.open.Load() == 0 })
-	}
-}
-
 func wantStatuses(t *testing.T, res []RcptResult, want ...RcptStatus) {
 	t.Helper()
 	if len(res) != len(want) {
@@ -489,14 +93,14 @@ func wantRcptErr(t *testing.T, r RcptResult, code int, enhanced, text string) {
 
 func TestDeliverFailover(t *testing.T) {
 	t.Run("a primary that refuses connections hands the message to the secondary", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{refusingHop(t), srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != srv.hop || res[0].TLS {
 			t.Errorf("result from hop %+v TLS %v, want %+v in plaintext", res[0].Hop, res[0].TLS, srv.hop)
 		}
-		txns := srv.be.transactions()
+		txns := srv.transactions()
 		if len(txns) != 1 || txns[0].from != "sender@example.org" || !bytes.Equal(txns[0].body, []byte(transferBody)) {
 			t.Errorf("server got %+v", txns)
 		}
@@ -508,12 +112,12 @@ func TestDeliverFailover(t *testing.T) {
 
 	t.Run("a 421 greeting passes the hop over", func(t *testing.T) {
 		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{busy.hop, srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
-		if busy.accepted.Load() != 1 || len(srv.be.transactions()) != 1 {
-			t.Errorf("busy hop saw %d connections, good hop %d transactions", busy.accepted.Load(), len(srv.be.transactions()))
+		if busy.accepted.Load() != 1 || len(srv.transactions()) != 1 {
+			t.Errorf("busy hop saw %d connections, good hop %d transactions", busy.accepted.Load(), len(srv.transactions()))
 		}
 		checkNoConnLeak(t, c, busy.connCounter, srv.connCounter)
 	})
@@ -550,24 +154,24 @@ func TestDeliverFailover(t *testing.T) {
 	})
 
 	t.Run("a 4xx to MAIL FROM passes the hop over", func(t *testing.T) {
-		first := startRemote(t, &remoteBackend{mail: func(string) error {
+		first := startMX(t, &testMX{mail: func(string) error {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try later"}
 		}})
-		second := startRemote(t, &remoteBackend{})
+		second := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
-		if res[0].Hop != second.hop || len(second.be.transactions()) != 1 {
-			t.Errorf("delivered via %+v, second hop has %d transactions", res[0].Hop, len(second.be.transactions()))
+		if res[0].Hop != second.hop || len(second.transactions()) != 1 {
+			t.Errorf("delivered via %+v, second hop has %d transactions", res[0].Hop, len(second.transactions()))
 		}
 		checkNoConnLeak(t, c, first.connCounter, second.connCounter)
 	})
 
 	t.Run("a 5xx to MAIL FROM fails every recipient and tries no other hop", func(t *testing.T) {
-		first := startRemote(t, &remoteBackend{mail: func(string) error {
+		first := startMX(t, &testMX{mail: func(string) error {
 			return &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "sender rejected"}
 		}})
-		second := startRemote(t, &remoteBackend{})
+		second := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptFailed, RcptFailed)
@@ -581,7 +185,7 @@ func TestDeliverFailover(t *testing.T) {
 
 func TestDeliverReplies(t *testing.T) {
 	t.Run("a 4xx on one RCPT and 250 on another delivers one and defers the other", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{rcpt: func(to string) error {
+		srv := startMX(t, &testMX{rcpt: func(to string) error {
 			if to == "full@example.com" {
 				return &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 2, 2}, Message: "mailbox full"}
 			}
@@ -591,14 +195,14 @@ func TestDeliverReplies(t *testing.T) {
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("full@example.com", "ok@example.com"))
 		wantStatuses(t, res, RcptDeferred, RcptDelivered)
 		wantRcptErr(t, res[0], 452, "4.2.2", "mailbox full")
-		if txns := srv.be.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "ok@example.com" {
+		if txns := srv.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "ok@example.com" {
 			t.Errorf("server got %+v", txns)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a 5xx on RCPT fails the recipient with the remote's code, enhanced code and text", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{rcpt: func(to string) error {
+		srv := startMX(t, &testMX{rcpt: func(to string) error {
 			if to == "nobody@example.com" {
 				return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 			}
@@ -615,7 +219,7 @@ func TestDeliverReplies(t *testing.T) {
 	})
 
 	t.Run("a reply without an enhanced code gets one from its class", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{rcpt: func(string) error {
+		srv := startMX(t, &testMX{rcpt: func(string) error {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.NoEnhancedCode, Message: "go away"}
 		}})
 		c := newTestClient(t)
@@ -626,20 +230,20 @@ func TestDeliverReplies(t *testing.T) {
 	})
 
 	t.Run("no accepted recipient means no DATA", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{rcpt: func(string) error {
+		srv := startMX(t, &testMX{rcpt: func(string) error {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 		}})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptFailed, RcptFailed)
-		if n := srv.be.dataCount(); n != 0 {
+		if n := srv.dataCount(); n != 0 {
 			t.Errorf("server got DATA %d times", n)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("a 451 to the data defers the accepted recipients", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{data: func([]byte) error {
+		srv := startMX(t, &testMX{data: func(int) error {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "queue full"}
 		}})
 		c := newTestClient(t)
@@ -650,7 +254,7 @@ func TestDeliverReplies(t *testing.T) {
 	})
 
 	t.Run("a 554 to the data fails the accepted recipients", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{data: func([]byte) error {
+		srv := startMX(t, &testMX{data: func(int) error {
 			return &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "spam"}
 		}})
 		c := newTestClient(t)
@@ -663,30 +267,30 @@ func TestDeliverReplies(t *testing.T) {
 
 func TestDeliverExtensions(t *testing.T) {
 	t.Run("a message over the announced SIZE fails with 5.3.4 without DATA", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
+		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptFailed)
 		wantRcptErr(t, res[0], 552, "5.3.4", "exceeds")
-		if n := srv.be.dataCount(); n != 0 || srv.debug.count("MAIL FROM") != 0 {
-			t.Errorf("server got DATA %d times, MAIL %d times", n, srv.debug.count("MAIL FROM"))
+		if n := srv.dataCount(); n != 0 || srv.traffic.count("MAIL FROM") != 0 {
+			t.Errorf("server got DATA %d times, MAIL %d times", n, srv.traffic.count("MAIL FROM"))
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("SIZE is declared as the body length", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
-		if txns := srv.be.transactions(); len(txns) != 1 || txns[0].mailOpts.Size != int64(len(transferBody)) || txns[0].mailOpts.Body != smtp.Body8BitMIME {
+		if txns := srv.transactions(); len(txns) != 1 || txns[0].mailOpts.Size != int64(len(transferBody)) || txns[0].mailOpts.Body != smtp.Body8BitMIME {
 			t.Errorf("server got MAIL options %+v", txns[0].mailOpts)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("an SMTPUTF8 message to a server without SMTPUTF8 fails with 5.6.7", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
@@ -697,13 +301,13 @@ func TestDeliverExtensions(t *testing.T) {
 	})
 
 	t.Run("an SMTPUTF8 message to a server with SMTPUTF8 is delivered with SMTPUTF8", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.EnableSMTPUTF8 = true })
+		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.EnableSMTPUTF8 = true })
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), tr)
 		wantStatuses(t, res, RcptDelivered)
-		if txns := srv.be.transactions(); len(txns) != 1 || !txns[0].mailOpts.UTF8 || txns[0].rcpts[0] != "jörg@example.com" {
+		if txns := srv.transactions(); len(txns) != 1 || !txns[0].mailOpts.UTF8 || txns[0].rcpts[0] != "jörg@example.com" {
 			t.Errorf("server got %+v", txns)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -720,14 +324,14 @@ func TestDeliverExtensions(t *testing.T) {
 	}
 
 	t.Run("DSN parameters reach a server that offers DSN", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.EnableDSN = true })
+		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.EnableDSN = true })
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), dsnTransfer())
 		wantStatuses(t, res, RcptDelivered, RcptDelivered)
 		if !res[0].DSNPassed || !res[1].DSNPassed {
 			t.Errorf("DSNPassed %v %v, want true", res[0].DSNPassed, res[1].DSNPassed)
 		}
-		txns := srv.be.transactions()
+		txns := srv.transactions()
 		if len(txns) != 1 {
 			t.Fatalf("server got %d transactions", len(txns))
 		}
@@ -749,45 +353,18 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("DSN parameters are left out for a server without DSN", func(t *testing.T) {
 		// go-smtp's server refuses NOTIFY, RET and ENVID unless it offers
 		// DSN, so a delivery proves they were not sent.
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), dsnTransfer())
 		wantStatuses(t, res, RcptDelivered, RcptDelivered)
 		if res[0].DSNPassed {
 			t.Error("DSNPassed for a server without DSN")
 		}
-		if srv.debug.count("NOTIFY=") != 0 || srv.debug.count("ENVID=") != 0 {
+		if srv.traffic.count("NOTIFY=") != 0 || srv.traffic.count("ENVID=") != 0 {
 			t.Error("DSN parameters sent to a server without DSN")
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
-}
-
-// selfSignedCert returns a self-signed server certificate for name and a pool
-// that trusts it.
-func selfSignedCert(t *testing.T, name string) (tls.Certificate, *x509.CertPool) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, BasicConstraintsValid: true, IsCA: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
 }
 
 // brokenTLSScript offers STARTTLS, says 220, and answers the ClientHello with
@@ -868,12 +445,12 @@ func TestDeliverTLS(t *testing.T) {
 	})
 
 	t.Run("required TLS defers when STARTTLS is not offered", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "STARTTLS")
-		if len(srv.be.transactions()) != 0 {
+		if len(srv.transactions()) != 0 {
 			t.Error("message sent in plaintext under TLSRequired")
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -881,11 +458,11 @@ func TestDeliverTLS(t *testing.T) {
 
 	t.Run("required TLS accepts a certificate it cannot verify", func(t *testing.T) {
 		cert, _ := selfSignedCert(t, "mx.right.test")
-		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
+		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
-		if txns := srv.be.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
+		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -893,7 +470,7 @@ func TestDeliverTLS(t *testing.T) {
 
 	t.Run("verify defers a certificate for another name", func(t *testing.T) {
 		cert, roots := selfSignedCert(t, "mx.right.test")
-		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
+		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
 		c.RootCAs = roots
 		hop := srv.hop
@@ -901,7 +478,7 @@ func TestDeliverTLS(t *testing.T) {
 		res := c.Deliver(context.Background(), []Hop{hop}, TLSVerify, nil, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "mx.wrong.test")
-		if len(srv.be.transactions()) != 0 {
+		if len(srv.transactions()) != 0 {
 			t.Error("message sent to a server whose certificate did not verify")
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -909,14 +486,14 @@ func TestDeliverTLS(t *testing.T) {
 
 	t.Run("verify delivers over TLS to the right name", func(t *testing.T) {
 		cert, roots := selfSignedCert(t, "mx.right.test")
-		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
+		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
 		c.RootCAs = roots
 		hop := srv.hop
 		hop.Host = "mx.right.test"
 		res := c.Deliver(context.Background(), []Hop{hop}, TLSVerify, nil, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
-		if txns := srv.be.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
+		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -924,8 +501,8 @@ func TestDeliverTLS(t *testing.T) {
 }
 
 func TestDeliverAuth(t *testing.T) {
-	authServer := func(t *testing.T) *remoteServer {
-		return startRemote(t, &remoteBackend{users: map[string]string{"relay": "s3cret"}, requireAuth: true})
+	authServer := func(t *testing.T) *testMX {
+		return startMX(t, &testMX{users: map[string]string{"relay": "s3cret"}, requireAuth: true})
 	}
 
 	t.Run("AUTH PLAIN to a relay that requires it", func(t *testing.T) {
@@ -934,7 +511,7 @@ func TestDeliverAuth(t *testing.T) {
 		c.AllowInsecureAuth = true
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
-		if txns := srv.be.transactions(); len(txns) != 1 || txns[0].user != "relay" {
+		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" {
 			t.Errorf("server got %+v", txns)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -972,7 +549,7 @@ func TestDeliverAuth(t *testing.T) {
 	})
 
 	t.Run("a hop that refuses the credentials is passed over for the next", func(t *testing.T) {
-		refusing := startRemote(t, &remoteBackend{users: map[string]string{"relay": "other"}, requireAuth: true})
+		refusing := startMX(t, &testMX{users: map[string]string{"relay": "other"}, requireAuth: true})
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
@@ -1000,7 +577,7 @@ func TestDeliverAuth(t *testing.T) {
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.10", "unencrypted")
-		if srv.debug.count("AUTH PLAIN ") != 0 {
+		if srv.traffic.count("AUTH PLAIN ") != 0 {
 			t.Error("credentials sent in plaintext")
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -1008,14 +585,14 @@ func TestDeliverAuth(t *testing.T) {
 
 	t.Run("AUTH PLAIN over STARTTLS without AllowInsecureAuth", func(t *testing.T) {
 		cert, _ := selfSignedCert(t, "mx.test")
-		srv := startRemote(t, &remoteBackend{users: map[string]string{"relay": "s3cret"}, requireAuth: true}, func(s *smtp.Server) {
+		srv := startMX(t, &testMX{users: map[string]string{"relay": "s3cret"}, requireAuth: true}, func(s *smtp.Server) {
 			s.AllowInsecureAuth = false
 			s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 		})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
-		if txns := srv.be.transactions(); len(txns) != 1 || txns[0].user != "relay" || !txns[0].tls {
+		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" || !txns[0].tls {
 			t.Errorf("server got %+v", txns)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -1146,7 +723,7 @@ func TestDeliverDeadlines(t *testing.T) {
 	})
 
 	t.Run("a connect timeout passes the hop over", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		blackhole := Hop{Host: "blackhole.test", Addr: netip.MustParseAddrPort("192.0.2.1:25")}
 		c.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -1178,39 +755,39 @@ func TestClientReuse(t *testing.T) {
 	}
 
 	t.Run("three messages to one hop share one connection and one EHLO", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		deliverN(t, c, srv.hop, 3)
-		if a, n, e := srv.accepted.Load(), len(srv.be.transactions()), srv.debug.count("EHLO client.test"); a != 1 || n != 3 || e != 1 {
+		if a, n, e := srv.accepted.Load(), len(srv.transactions()), srv.traffic.count("EHLO client.test"); a != 1 || n != 3 || e != 1 {
 			t.Errorf("server saw %d connections, %d transactions, %d EHLO; want 1, 3, 1", a, n, e)
 		}
 		if n := c.OpenConns(); n != 1 {
 			t.Errorf("%d open connections between messages, want 1", n)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
-		if srv.debug.count("QUIT") != 1 {
-			t.Errorf("QUIT sent %d times on Close, want 1", srv.debug.count("QUIT"))
+		if srv.traffic.count("QUIT") != 1 {
+			t.Errorf("QUIT sent %d times on Close, want 1", srv.traffic.count("QUIT"))
 		}
 	})
 
 	t.Run("a connection that has carried MaxPerConn messages is replaced", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		c.MaxPerConn = 2
 		deliverN(t, c, srv.hop, 3)
-		if a, n := srv.accepted.Load(), len(srv.be.transactions()); a != 2 || n != 3 {
+		if a, n := srv.accepted.Load(), len(srv.transactions()); a != 2 || n != 3 {
 			t.Errorf("server saw %d connections and %d transactions, want 2 and 3", a, n)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("an idle connection is closed after IdleTime and the next message dials anew", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{})
+		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		c.IdleTime = 200 * time.Millisecond
 		deliverN(t, c, srv.hop, 1)
 		within(t, 5*time.Second, "the idle connection to be closed", func() bool { return c.OpenConns() == 0 && srv.open.Load() == 0 })
-		if srv.debug.count("QUIT") != 1 {
+		if srv.traffic.count("QUIT") != 1 {
 			t.Error("idle connection closed without QUIT")
 		}
 		deliverN(t, c, srv.hop, 1)
@@ -1221,7 +798,7 @@ func TestClientReuse(t *testing.T) {
 	})
 
 	t.Run("a pooled connection the server closed is replaced transparently", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{}, func(s *smtp.Server) { s.ReadTimeout = 300 * time.Millisecond })
+		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.ReadTimeout = 300 * time.Millisecond })
 		c := newTestClient(t)
 		deliverN(t, c, srv.hop, 1)
 		within(t, 5*time.Second, "the server to close the idle connection", func() bool { return srv.open.Load() == 0 })
@@ -1229,14 +806,14 @@ func TestClientReuse(t *testing.T) {
 			t.Fatalf("%d client connections, want the dead one still pooled", c.OpenConns())
 		}
 		deliverN(t, c, srv.hop, 1)
-		if a, n := srv.accepted.Load(), len(srv.be.transactions()); a != 2 || n != 2 {
+		if a, n := srv.accepted.Load(), len(srv.transactions()); a != 2 || n != 2 {
 			t.Errorf("server saw %d connections and %d transactions, want 2 and 2", a, n)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
 
 	t.Run("connections differ by TLS policy and user", func(t *testing.T) {
-		srv := startRemote(t, &remoteBackend{users: map[string]string{"u1": "p", "u2": "p"}})
+		srv := startMX(t, &testMX{users: map[string]string{"u1": "p", "u2": "p"}})
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
 		for _, a := range []*Credentials{nil, {"u1", "p"}, {"u2", "p"}, {"u1", "p"}} {
@@ -1251,7 +828,7 @@ func TestClientReuse(t *testing.T) {
 
 	t.Run("concurrent deliveries never share a connection", func(t *testing.T) {
 		var inData, maxInData atomic.Int64
-		srv := startRemote(t, &remoteBackend{data: func([]byte) error {
+		srv := startMX(t, &testMX{data: func(int) error {
 			n := inData.Add(1)
 			for {
 				m := maxInData.Load()
@@ -1282,7 +859,7 @@ func TestClientReuse(t *testing.T) {
 		if failed.Load() != 0 {
 			t.Errorf("%d recipients not delivered", failed.Load())
 		}
-		if n := len(srv.be.transactions()); n != 40 {
+		if n := len(srv.transactions()); n != 40 {
 			t.Errorf("server got %d transactions, want 40", n)
 		}
 		if a := srv.accepted.Load(); a > 8 || maxInData.Load() < 2 {

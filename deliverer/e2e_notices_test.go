@@ -1,7 +1,7 @@
 package deliverer
 
 // End-to-end tests of the notices the Deliverer sends (delay warnings,
-// success notices, NOTIFY=NEVER) and of chunked bodies, on the harness of
+// success notices, NOTIFY=NEVER) and of chunked bodies, on the environment of
 // e2e_test.go.
 
 import (
@@ -91,7 +91,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 			s.RetryIntervals = []metav1.Duration{{Duration: time.Second}}
 		}, nil, nil)
 		e.dns.add(t, "busy.test. 60 IN MX 10 mx1.busy.test.", "mx1.busy.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 2, 1}, "mailbox busy, try later")
 		}})
 		capture := e.capture()
@@ -135,14 +135,14 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		if n := mx.rcptCount("mia@busy.test"); n < warnedAt+3 {
 			t.Errorf("MX tried %d times, want at least %d", n, warnedAt+3)
 		}
-		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
 	t.Run("NOTIFY=SUCCESS to a next hop without DSN is reported as relayed", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.add(t, "nodsn.test. 60 IN MX 10 mx1.nodsn.test.", "mx1.nodsn.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{})
+		mx := e.startMX(e2eMX1, &testMX{})
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueueMail(e2eSender, []spool.Rcpt{e2eRcpt("nina@nodsn.test", "SUCCESS", "FAILURE")},
@@ -166,14 +166,14 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		if n := len(capture.transactions()); n != 1 {
 			t.Errorf("the sender got %d notices, want 1", n)
 		}
-		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
 	t.Run("NOTIFY=SUCCESS to a next hop with DSN is passed on and not reported by us", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.add(t, "dsn.test. 60 IN MX 10 mx1.dsn.test.", "mx1.dsn.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{}, func(s *smtp.Server) { s.EnableDSN = true })
+		mx := e.startMX(e2eMX1, &testMX{}, func(s *smtp.Server) { s.EnableDSN = true })
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueueMail(e2eSender, []spool.Rcpt{e2eRcpt("olga@dsn.test", "SUCCESS")},
@@ -194,14 +194,14 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		if n := e2eCount(t, r.d.metrics.bounces.WithLabelValues("success")); n != 0 {
 			t.Errorf("%v success notices queued", n)
 		}
-		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
 	t.Run("NOTIFY=NEVER suppresses the bounce of a 5xx, NOTIFY=FAILURE gets it", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.add(t, "gone.test. 60 IN MX 10 mx1.gone.test.", "mx1.gone.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
 		}})
 		capture := e.capture()
@@ -229,14 +229,14 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		if n := e2eCount(t, r.d.metrics.bounces.WithLabelValues("failed")); n != 1 {
 			t.Errorf("%v bounces queued, want 1", n)
 		}
-		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
 	t.Run("a chunked body arrives intact and its chunks are purged", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.add(t, "big.test. 60 IN MX 10 mx1.big.test.", "mx1.big.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{})
+		mx := e.startMX(e2eMX1, &testMX{})
 		var body bytes.Buffer
 		body.WriteString("From: <" + e2eSender + ">\r\nTo: <pat@big.test>\r\nSubject: big\r\n\r\n")
 		for i := 0; body.Len() < 3<<20; i++ {
@@ -271,6 +271,6 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 			t.Errorf("%d chunks left in %s after delivery", n, spool.BodyStream)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.e2eCounter)
+		checkServersClosed(t, mx.connCounter)
 	})
 }

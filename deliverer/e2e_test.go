@@ -5,24 +5,17 @@ package deliverer
 // zone, and go-smtp servers as MX hosts, each on its own loopback address
 // (127.0.0.2, 127.0.0.3, ...) at one shared port, the DeliveryPolicy port.
 // Bounces are mail too: the senders' domain sender.test has an MX that
-// captures what it gets, and the tests read the DSNs from there.
-//
-// Every name here starts with e2e, so the file does not collide with the
-// helpers of the other test files.
+// captures what it gets, and the tests read the DSNs from there. The MX
+// hosts, the connection counting and the polling are the shared harness of
+// harness_test.go.
 
 import (
+	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"fmt"
-	"io"
-	"log"
-	"math/big"
 	"net"
+	"net/textproto"
 	"runtime"
 	"strconv"
 	"strings"
@@ -31,7 +24,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	"github.com/miekg/dns"
 	"github.com/nats-io/nats-server/v2/server"
@@ -303,281 +295,45 @@ func (r *e2eReplica) stop(t *testing.T) {
 			buf := make([]byte, 1<<20)
 			t.Fatalf("Run did not return within 15s of its context ending\n%s", buf[:runtime.Stack(buf, true)])
 		}
-		r.client.Close()
-		if n := r.client.OpenConns(); n != 0 {
-			t.Errorf("client: %d connections open after Close", n)
-		}
+		checkNoConnLeak(t, r.client)
 	})
 }
 
-// e2eCounter counts a server's connections as the server sees them.
-type e2eCounter struct {
-	accepted atomic.Int64
-	open     atomic.Int64
-}
-
-type e2eListener struct {
-	net.Listener
-	cnt *e2eCounter
-}
-
-type e2eConn struct {
-	net.Conn
-	once sync.Once
-	cnt  *e2eCounter
-}
-
-func (c *e2eConn) Close() error {
-	c.once.Do(func() { c.cnt.open.Add(-1) })
-	return c.Conn.Close()
-}
-
-func (l *e2eListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	l.cnt.accepted.Add(1)
-	l.cnt.open.Add(1)
-	return &e2eConn{Conn: c, cnt: l.cnt}, nil
-}
-
-// e2eTxn is a transaction an MX completed.
-type e2eTxn struct {
-	from  string
-	rcpts []string
-	body  []byte
-	user  string
-	tls   bool
-}
-
-// e2eMX is a go-smtp server as an MX host. Hooks run on every call and may
-// answer with an error.
-type e2eMX struct {
-	*e2eCounter
-	ip    string
-	rcpt  func(to string) error
-	data  func(n int) error // n: the DATA call, from 1
-	users map[string]string // AUTH PLAIN accounts, required when set
-
-	mu        sync.Mutex
-	txns      []e2eTxn
-	rcptCalls map[string]int
-	rcptOpts  map[string]smtp.RcptOptions // the last RCPT TO parameters per address
-	dataCalls int
-}
-
-func (m *e2eMX) NewSession(c *smtp.Conn) (smtp.Session, error) {
-	_, isTLS := c.TLSConnectionState()
-	return &e2eSession{mx: m, tls: isTLS}, nil
-}
-
-func (m *e2eMX) transactions() []e2eTxn {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return append([]e2eTxn(nil), m.txns...)
-}
-
-func (m *e2eMX) rcptCount(addr string) int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.rcptCalls[addr]
-}
-
-// rcptNotify returns the NOTIFY values of the last RCPT TO for addr.
-func (m *e2eMX) rcptNotify(addr string) []smtp.DSNNotify {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.rcptOpts[addr].Notify
-}
-
-func (m *e2eMX) dataCount() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.dataCalls
-}
-
-type e2eSession struct {
-	mx   *e2eMX
-	tls  bool
-	user string
-	cur  e2eTxn
-}
-
-var (
-	_ smtp.Session     = (*e2eSession)(nil)
-	_ smtp.AuthSession = (*e2eSession)(nil)
-)
-
-func (s *e2eSession) AuthMechanisms() []string {
-	if s.mx.users == nil {
-		return nil
-	}
-	return []string{sasl.Plain}
-}
-
-func (s *e2eSession) Auth(string) (sasl.Server, error) {
-	return sasl.NewPlainServer(func(_, user, pass string) error {
-		if p, ok := s.mx.users[user]; ok && p == pass {
-			s.user = user
-			return nil
-		}
-		return smtp.ErrAuthFailed
-	}), nil
-}
-
-func (s *e2eSession) Mail(from string, _ *smtp.MailOptions) error {
-	if s.mx.users != nil && s.user == "" {
-		return smtp.ErrAuthRequired
-	}
-	s.cur = e2eTxn{from: from, user: s.user, tls: s.tls}
-	return nil
-}
-
-func (s *e2eSession) Rcpt(to string, opts *smtp.RcptOptions) error {
-	s.mx.mu.Lock()
-	if s.mx.rcptCalls == nil {
-		s.mx.rcptCalls = map[string]int{}
-		s.mx.rcptOpts = map[string]smtp.RcptOptions{}
-	}
-	s.mx.rcptCalls[to]++
-	if opts != nil {
-		s.mx.rcptOpts[to] = *opts
-	} else {
-		delete(s.mx.rcptOpts, to)
-	}
-	s.mx.mu.Unlock()
-	if s.mx.rcpt != nil {
-		if err := s.mx.rcpt(to); err != nil {
-			return err
-		}
-	}
-	s.cur.rcpts = append(s.cur.rcpts, to)
-	return nil
-}
-
-func (s *e2eSession) Data(r io.Reader) error {
-	body, err := io.ReadAll(r)
-	if err != nil {
-		return err
-	}
-	s.mx.mu.Lock()
-	s.mx.dataCalls++
-	n := s.mx.dataCalls
-	s.mx.mu.Unlock()
-	if s.mx.data != nil {
-		if err := s.mx.data(n); err != nil {
-			return err
-		}
-	}
-	s.cur.body = body
-	s.mx.mu.Lock()
-	s.mx.txns = append(s.mx.txns, s.cur)
-	s.mx.mu.Unlock()
-	return nil
-}
-
-func (s *e2eSession) Reset()        { s.cur = e2eTxn{} }
-func (s *e2eSession) Logout() error { return nil }
-
 // startMX serves m on ip at the environment's port.
-func (e *e2eEnv) startMX(ip string, m *e2eMX, mut ...func(*smtp.Server)) *e2eMX {
+func (e *e2eEnv) startMX(ip string, m *testMX, mut ...func(*smtp.Server)) *testMX {
 	e.t.Helper()
-	m.ip, m.e2eCounter = ip, &e2eCounter{}
-	srv := smtp.NewServer(m)
-	srv.Domain = "mx-" + ip + ".e2e.test"
-	srv.ReadTimeout = 10 * time.Second
-	srv.WriteTimeout = 10 * time.Second
-	srv.MaxMessageBytes = 10 << 20
-	srv.MaxRecipients = 100
-	srv.AllowInsecureAuth = true
-	srv.ErrorLog = log.New(io.Discard, "", 0)
-	for _, f := range mut {
-		f(srv)
-	}
-	go srv.Serve(&e2eListener{Listener: e.listener(ip), cnt: m.e2eCounter})
-	e.t.Cleanup(func() { srv.Close() })
-	return m
+	return serveMX(e.t, countConns(e.listener(ip)), "mx-"+ip+".e2e.test", m, mut...)
 }
 
 // capture is the MX of sender.test, where bounces arrive.
-func (e *e2eEnv) capture() *e2eMX { return e.startMX(e2eCapture, &e2eMX{}) }
+func (e *e2eEnv) capture() *testMX { return e.startMX(e2eCapture, &testMX{}) }
 
-// e2eTarpit accepts connections and dribbles a greeting that never ends,
-// one byte every 200 ms, until the client goes. It records when each
-// connection was accepted and when the client was found gone.
-type e2eTarpit struct {
-	*e2eCounter
-	mu     sync.Mutex
-	spans  [][2]time.Time
-	wg     sync.WaitGroup
-	ln     net.Listener
-	closed chan struct{}
+// tarpit accepts connections and dribbles a greeting that never ends, one
+// byte every 200 ms, until the client goes. It records when each session
+// began and when the client was found gone.
+type tarpit struct {
+	*connCounter
+	mu    sync.Mutex
+	spans [][2]time.Time
 }
 
-func (e *e2eEnv) startTarpit(ip string) *e2eTarpit {
-	tp := &e2eTarpit{e2eCounter: &e2eCounter{}, ln: e.listener(ip), closed: make(chan struct{})}
-	go func() {
-		for {
-			c, err := tp.ln.Accept()
-			if err != nil {
-				return
-			}
-			tp.accepted.Add(1)
-			tp.open.Add(1)
-			start := time.Now()
-			tp.wg.Go(func() {
-				defer tp.open.Add(-1)
-				defer c.Close()
-				line := "220-tarpit.e2e.test still thinking\r\n"
-				for i := 0; ; i++ {
-					if _, err := c.Write([]byte{line[i%len(line)]}); err != nil {
-						break
-					}
-					select {
-					case <-time.After(200 * time.Millisecond):
-					case <-tp.closed:
-						return
-					}
-				}
-				tp.mu.Lock()
-				tp.spans = append(tp.spans, [2]time.Time{start, time.Now()})
-				tp.mu.Unlock()
-			})
-		}
-	}()
-	e.t.Cleanup(func() {
-		close(tp.closed)
-		tp.ln.Close()
-		tp.wg.Wait()
+func (e *e2eEnv) startTarpit(ip string) *tarpit {
+	ln := countConns(e.listener(ip))
+	tp := &tarpit{connCounter: ln.cnt}
+	serveScripted(e.t, ln, func(c net.Conn, _ *bufio.Reader) {
+		start := time.Now()
+		dribble(c, "220-tarpit.e2e.test still thinking\r\n", 200*time.Millisecond)
+		tp.mu.Lock()
+		tp.spans = append(tp.spans, [2]time.Time{start, time.Now()})
+		tp.mu.Unlock()
 	})
 	return tp
 }
 
-func (tp *e2eTarpit) finished() [][2]time.Time {
+func (tp *tarpit) finished() [][2]time.Time {
 	tp.mu.Lock()
 	defer tp.mu.Unlock()
 	return append([][2]time.Time(nil), tp.spans...)
-}
-
-// e2eWithin polls cond every 20 ms until it holds or d has passed.
-func e2eWithin(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// checkServersClosed checks that the servers saw every connection closed.
-func checkServersClosed(t *testing.T, servers ...*e2eCounter) {
-	t.Helper()
-	for i, s := range servers {
-		e2eWithin(t, 5*time.Second, fmt.Sprintf("server %d to see its connections closed", i), func() bool { return s.open.Load() == 0 })
-	}
 }
 
 // enqueue queues a mail from `from` to rcpts, as the gateway would, and
@@ -620,14 +376,14 @@ func (e *e2eEnv) queued() []string {
 
 func (e *e2eEnv) waitEmpty(d time.Duration) {
 	e.t.Helper()
-	e2eWithin(e.t, d, "the queue to be empty", func() bool { return len(e.queued()) == 0 })
+	within(e.t, d, "the queue to be empty", func() bool { return len(e.queued()) == 0 })
 }
 
 // waitState polls the delivery state of qid until cond accepts it.
 func (e *e2eEnv) waitState(qid string, d time.Duration, what string, cond func(*spool.DeliveryState) bool) *spool.DeliveryState {
 	e.t.Helper()
 	var st *spool.DeliveryState
-	e2eWithin(e.t, d, what, func() bool {
+	within(e.t, d, what, func() bool {
 		var err error
 		st, err = e.sp.LoadState(context.Background(), qid)
 		if err != nil {
@@ -649,7 +405,7 @@ func e2eRcptState(st *spool.DeliveryState, addr string) spool.RcptState {
 
 // e2eBounce is a DSN as received by the sender's MX.
 type e2eBounce struct {
-	txn     e2eTxn
+	txn     mxTxn
 	parsed  dsnParsed
 	message map[string]string   // per-message status fields
 	rcpts   []map[string]string // per-recipient status fields
@@ -657,9 +413,9 @@ type e2eBounce struct {
 
 // waitBounce waits for the capture server's nth transaction and takes the
 // DSN in it apart.
-func waitBounce(t *testing.T, capture *e2eMX, n int, d time.Duration) e2eBounce {
+func waitBounce(t *testing.T, capture *testMX, n int, d time.Duration) e2eBounce {
 	t.Helper()
-	e2eWithin(t, d, fmt.Sprintf("%d bounce(s) at the sender's MX", n), func() bool { return len(capture.transactions()) >= n })
+	within(t, d, fmt.Sprintf("%d bounce(s) at the sender's MX", n), func() bool { return len(capture.transactions()) >= n })
 	txn := capture.transactions()[n-1]
 	b := e2eBounce{txn: txn, parsed: parseDSN(t, txn.body)}
 	if got := b.parsed.contentTypes(); len(got) != 3 || got[1] != "message/delivery-status" {
@@ -694,7 +450,7 @@ func (b e2eBounce) wantRcpt(t *testing.T, want map[string]string) {
 	}
 	got := b.rcpts[0]
 	for k, v := range want {
-		g, ok := got[textprotoKey(k)]
+		g, ok := got[textproto.CanonicalMIMEHeaderKey(k)]
 		switch {
 		case !ok:
 			t.Errorf("DSN has no %s (fields %v)", k, got)
@@ -703,34 +459,6 @@ func (b e2eBounce) wantRcpt(t *testing.T, want map[string]string) {
 			t.Errorf("DSN %s = %q, want %q", k, g, v)
 		}
 	}
-}
-
-func textprotoKey(k string) string {
-	parts := strings.Split(strings.ToLower(k), "-")
-	for i, p := range parts {
-		if p != "" {
-			parts[i] = strings.ToUpper(p[:1]) + p[1:]
-		}
-	}
-	return strings.Join(parts, "-")
-}
-
-func e2eCert(t *testing.T) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "relay-hop.e2e.test"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		DNSNames: []string{"relay-hop.e2e.test"},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
 
 // e2eCount reads a counter.
@@ -755,7 +483,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			"fail.test. 60 IN MX 10 mx1.fail.test.", "mx1.fail.test. 60 IN A "+e2eMX1,
 			"fail.test. 60 IN MX 20 mx2.fail.test.", "mx2.fail.test. 60 IN A "+e2eMX2)
 		e.down(e2eMX1)
-		mx2 := e.startMX(e2eMX2, &e2eMX{})
+		mx2 := e.startMX(e2eMX2, &testMX{})
 		capture := e.capture()
 		r := e.startDeliverer()
 		qid := e.enqueue(e2eSender, "bob@fail.test")
@@ -772,7 +500,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if n := len(capture.transactions()); n != 0 {
 			t.Errorf("%d notices sent for a delivered mail", n)
 		}
-		checkServersClosed(t, mx2.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx2.connCounter, capture.connCounter)
 	})
 
 	t.Run("mail for a domain whose MX hosts are all down is deferred, then delivered when one comes up", func(t *testing.T) {
@@ -791,13 +519,13 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if st.Attempts != 1 || rs.Status != spool.RcptDeferred || rs.Enhanced != "4.4.1" || !st.NextAttempt.After(st.LastAttempt) {
 			t.Errorf("state after the first attempt: %+v", st)
 		}
-		mx2 := e.startMX(e2eMX2, &e2eMX{})
+		mx2 := e.startMX(e2eMX2, &testMX{})
 		e.waitEmpty(10 * time.Second)
 		if txns := mx2.transactions(); len(txns) != 1 || txns[0].rcpts[0] != "carol@down.test" {
 			t.Errorf("MX that came up got %+v", txns)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx2.e2eCounter)
+		checkServersClosed(t, mx2.connCounter)
 	})
 
 	t.Run("a destination found down is left alone for deadDestinationTime, then one attempt probes it", func(t *testing.T) {
@@ -833,7 +561,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		}
 		// The destination comes back; once the hour is over one attempt
 		// probes it and the rest follow.
-		mx := e.startMX(e2eMX1, &e2eMX{})
+		mx := e.startMX(e2eMX1, &testMX{})
 		skew.Store(int64(time.Hour + time.Second))
 		e.waitEmpty(20 * time.Second)
 		got := map[string]int{}
@@ -846,7 +574,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("deliveries per recipient after the destination came back: %v", got)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.e2eCounter)
+		checkServersClosed(t, mx.connCounter)
 	})
 
 	t.Run("a null MX bounces with 5.1.10", func(t *testing.T) {
@@ -863,7 +591,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		b.wantRcpt(t, map[string]string{"Action": "failed", "Status": "5.1.10", "Final-Recipient": "rfc822; dave@nullmx.test"})
 		e.waitEmpty(10 * time.Second)
 		r.stop(t)
-		checkServersClosed(t, capture.e2eCounter)
+		checkServersClosed(t, capture.connCounter)
 	})
 
 	t.Run("a domain that does not exist bounces with 5.1.2", func(t *testing.T) {
@@ -876,7 +604,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		b.wantRcpt(t, map[string]string{"Action": "failed", "Status": "5.1.2", "Final-Recipient": "rfc822; erin@nowhere.test"})
 		e.waitEmpty(10 * time.Second)
 		r.stop(t)
-		checkServersClosed(t, capture.e2eCounter)
+		checkServersClosed(t, capture.connCounter)
 	})
 
 	t.Run("a DNS server failure defers and does not bounce", func(t *testing.T) {
@@ -897,14 +625,14 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if n := len(capture.transactions()); n != 0 {
 			t.Errorf("%d notices for a deferred mail", n)
 		}
-		checkServersClosed(t, capture.e2eCounter)
+		checkServersClosed(t, capture.connCounter)
 	})
 
 	t.Run("a domain without MX records gets its mail at its own address", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.add(t, "plain.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{})
+		mx := e.startMX(e2eMX1, &testMX{})
 		r := e.startDeliverer()
 		e.enqueue(e2eSender, "gina@plain.test")
 		e.waitEmpty(10 * time.Second)
@@ -912,7 +640,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("implicit MX got %+v", txns)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.e2eCounter)
+		checkServersClosed(t, mx.connCounter)
 	})
 
 	t.Run("MX hosts of equal preference share the load", func(t *testing.T) {
@@ -921,8 +649,8 @@ func TestDelivererEndToEnd(t *testing.T) {
 		e.dns.add(t,
 			"share.test. 60 IN MX 10 mx1.share.test.", "mx1.share.test. 60 IN A "+e2eMX1,
 			"share.test. 60 IN MX 10 mx2.share.test.", "mx2.share.test. 60 IN A "+e2eMX2)
-		mx1 := e.startMX(e2eMX1, &e2eMX{})
-		mx2 := e.startMX(e2eMX2, &e2eMX{})
+		mx1 := e.startMX(e2eMX1, &testMX{})
+		mx2 := e.startMX(e2eMX2, &testMX{})
 		r := e.startDeliverer()
 		const n = 20
 		for i := range n {
@@ -934,7 +662,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("MX hosts got %d and %d messages, want %d shared between both", n1, n2, n)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx1.e2eCounter, mx2.e2eCounter)
+		checkServersClosed(t, mx1.connCounter, mx2.connCounter)
 	})
 
 	t.Run("a 4xx to one recipient and 250 to another retries only the deferred one", func(t *testing.T) {
@@ -942,7 +670,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		e := newE2E(t)
 		e.dns.add(t, "part.test. 60 IN MX 10 mx1.part.test.", "mx1.part.test. 60 IN A "+e2eMX1)
 		var refusals atomic.Int32
-		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(to string) error {
+		mx := e.startMX(e2eMX1, &testMX{rcpt: func(to string) error {
 			if to == "later@part.test" && refusals.Add(1) <= 2 {
 				return e2eSMTPError(451, [3]int{4, 2, 0}, "mailbox busy, try later")
 			}
@@ -971,14 +699,14 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if n := len(capture.transactions()); n != 0 {
 			t.Errorf("%d notices, want none (no DELAY warning configured)", n)
 		}
-		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
 	t.Run("a 5xx to a recipient bounces with a DSN that carries the remote reply", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(to string) error {
+		mx := e.startMX(e2eMX1, &testMX{rcpt: func(to string) error {
 			if to == "nobody@bad.test" {
 				return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
 			}
@@ -1012,7 +740,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("MX got %+v", txns)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
 	t.Run("a tarpit MX loses the session at its hard deadline and the mail is deferred", func(t *testing.T) {
@@ -1035,7 +763,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if rs.Status != spool.RcptDeferred || rs.Enhanced != "4.4.2" || !strings.Contains(rs.Text, "session deadline") {
 			t.Errorf("recipient state %+v, want deferred 4.4.2 at the session deadline", rs)
 		}
-		e2eWithin(t, 5*time.Second, "the tarpit to see the client gone", func() bool { return len(tp.finished()) == 1 })
+		within(t, 5*time.Second, "the tarpit to see the client gone", func() bool { return len(tp.finished()) == 1 })
 		span := tp.finished()[0]
 		if held := span[1].Sub(span[0]); held < session-100*time.Millisecond || held > session+time.Second {
 			t.Errorf("tarpit held the session %s, want the %s deadline plus a small margin", held, session)
@@ -1053,7 +781,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("tarpit accepted %d connections, want 1", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, tp.e2eCounter)
+		checkServersClosed(t, tp.connCounter)
 	})
 
 	t.Run("a static route fails over to its second next hop and logs in there", func(t *testing.T) {
@@ -1081,8 +809,8 @@ func TestDelivererEndToEnd(t *testing.T) {
 		}
 		e.setPolicy(nil, []v1alpha1.MailRoute{route}, secrets)
 		e.down(e2eMX1)
-		cert := e2eCert(t)
-		mx2 := e.startMX(e2eMX2, &e2eMX{users: map[string]string{"relayuser": "s3cret pass"}}, func(s *smtp.Server) {
+		cert, _ := selfSignedCert(t, "relay-hop.e2e.test")
+		mx2 := e.startMX(e2eMX2, &testMX{users: map[string]string{"relayuser": "s3cret pass"}, requireAuth: true}, func(s *smtp.Server) {
 			s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 			s.AllowInsecureAuth = false
 		})
@@ -1097,7 +825,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("%d MX queries for a routed domain", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx2.e2eCounter)
+		checkServersClosed(t, mx2.connCounter)
 	})
 
 	t.Run("mail still deferred when its queue lifetime ends is bounced with 4.4.7", func(t *testing.T) {
@@ -1109,7 +837,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			s.RetryIntervals = []metav1.Duration{{Duration: time.Hour}}
 		}, nil, nil)
 		e.dns.add(t, "slow.test. 60 IN MX 10 mx1.slow.test.", "mx1.slow.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 3, 2}, "system not accepting mail right now")
 		}})
 		capture := e.capture()
@@ -1132,7 +860,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("MX was tried %d times, want once (the next retry was an hour away)", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
 	t.Run("a deliverer killed mid-delivery leaves the mail to another replica, and one copy arrives", func(t *testing.T) {
@@ -1140,7 +868,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		e := newE2E(t)
 		e.dns.add(t, "kill.test. 60 IN MX 10 mx1.kill.test.", "mx1.kill.test. 60 IN A "+e2eMX1)
 		inData, release := make(chan struct{}), make(chan struct{})
-		mx := e.startMX(e2eMX1, &e2eMX{data: func(n int) error {
+		mx := e.startMX(e2eMX1, &testMX{data: func(n int) error {
 			if n > 1 {
 				return nil
 			}
@@ -1175,20 +903,20 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("MX saw DATA %d times, want 2 (the killed one and the good one)", n)
 		}
 		second.stop(t)
-		checkServersClosed(t, mx.e2eCounter)
+		checkServersClosed(t, mx.connCounter)
 	})
 
 	t.Run("a bounce that fails is dropped, not bounced", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
 		}})
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueue("", "nobody@bad.test")
-		e2eWithin(t, 10*time.Second, "the MX to refuse the recipient", func() bool { return mx.rcptCount("nobody@bad.test") == 1 })
+		within(t, 10*time.Second, "the MX to refuse the recipient", func() bool { return mx.rcptCount("nobody@bad.test") == 1 })
 		// A notice would be queued before the mail leaves the queue, so
 		// once the queue is empty nothing is coming.
 		e.waitEmpty(10 * time.Second)
@@ -1199,7 +927,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if n := len(capture.transactions()); n != 0 {
 			t.Errorf("the sender's MX got %d messages", n)
 		}
-		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
 	t.Run("a bounce that fails is reported to the postmaster when one is configured", func(t *testing.T) {
@@ -1207,7 +935,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		e := newE2E(t)
 		e.setPolicy(func(s *v1alpha1.DeliveryPolicySpec) { s.Postmaster = "postmaster@sender.test" }, nil, nil)
 		e.dns.add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
 		}})
 		capture := e.capture()
@@ -1223,7 +951,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("the postmaster got %d messages, want 1", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.e2eCounter, capture.e2eCounter)
+		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
 	t.Run("a route changed between attempts is followed by the next attempt", func(t *testing.T) {
@@ -1239,10 +967,10 @@ func TestDelivererEndToEnd(t *testing.T) {
 			s.RetryIntervals = []metav1.Duration{{Duration: 2 * time.Second}}
 		}
 		e.setPolicy(slow, route(e.hop(e2eMX1)), nil)
-		old := e.startMX(e2eMX1, &e2eMX{rcpt: func(string) error {
+		old := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 3, 0}, "going away")
 		}})
-		next := e.startMX(e2eMX2, &e2eMX{})
+		next := e.startMX(e2eMX2, &testMX{})
 		r := e.startDeliverer()
 		qid := e.enqueue(e2eSender, "leo@moving.test")
 		e.waitState(qid, 10*time.Second, "the deferral at the old hop", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
@@ -1255,6 +983,6 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("the new hop got %d messages, want 1", len(txns))
 		}
 		r.stop(t)
-		checkServersClosed(t, old.e2eCounter, next.e2eCounter)
+		checkServersClosed(t, old.connCounter, next.connCounter)
 	})
 }
