@@ -128,6 +128,15 @@ topologySpreadConstraints:
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
+{{- $ownLimit := false }}
+{{- range .extraEnv }}{{ if eq .name "GOMEMLIMIT" }}{{ $ownLimit = true }}{{ end }}{{ end }}
+{{- if and .resources .resources.limits .resources.limits.memory (not $ownLimit) }}
+{{- /* The Go runtime collects harder as it nears the container's limit instead of being OOM-killed. */}}
+- name: GOMEMLIMIT
+  valueFrom:
+    resourceFieldRef:
+      resource: limits.memory
+{{- end }}
 {{- with .extraEnv }}
 {{ toYaml . }}
 {{- end }}
