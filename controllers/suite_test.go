@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -19,9 +20,7 @@ import (
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
 	"github.com/jetmail/jetmail/policy"
@@ -73,12 +72,19 @@ type world struct {
 	sp    *spool.Spool
 }
 
-var (
-	nsCounter          int
-	skipNameValidation = true
-)
+var nsCounter int
 
+// newWorld is a world with one reconciler running, without leader
+// election.
 func newWorld(t *testing.T) *world {
+	t.Helper()
+	w := newBareWorld(t)
+	w.startManager(ManagerOptions{})
+	return w
+}
+
+// newBareWorld is a world with nothing reconciling yet.
+func newBareWorld(t *testing.T) *world {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -109,25 +115,6 @@ func newWorld(t *testing.T) *world {
 
 	nsCounter++
 	name := fmt.Sprintf("jetmail-%d-%d", os.Getpid()%10000, nsCounter)
-	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
-		Scheme:  scheme,
-		Metrics: metricsserver.Options{BindAddress: "0"},
-		// One manager per test, each with its own namespace.
-		Controller: config.Controller{SkipNameValidation: &skipNameValidation},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := &ConfigReconciler{Client: mgr.GetClient(), Store: store, Recorder: mgr.GetEventRecorder("jetmail-controller"),
-		Namespace: name, ReadyPoll: 200 * time.Millisecond}
-	if err := r.SetupWithManager(mgr); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		if err := mgr.Start(ctx); err != nil {
-			t.Errorf("manager: %v", err)
-		}
-	}()
 	c, err := client.New(restConfig, client.Options{Scheme: scheme})
 	if err != nil {
 		t.Fatal(err)
@@ -135,6 +122,31 @@ func newWorld(t *testing.T) *world {
 	w := &world{t: t, ns: name, c: c, store: store, js: sp.JetStream(), sp: sp}
 	w.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}})
 	return w
+}
+
+// startManager runs a manager as `jetmail controller` builds it, on the
+// world's namespace and store, with o's election settings, until the test
+// ends or stop is called; stop waits for it to return.
+func (w *world) startManager(o ManagerOptions) (mgr ctrl.Manager, stop func()) {
+	w.t.Helper()
+	o.Namespace, o.MetricsAddr, o.ProbeAddr = w.ns, "0", "0"
+	o.ReadyPoll, o.SkipNameValidation = 200*time.Millisecond, true
+	mgr, err := NewManager(restConfig, w.store, o)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := mgr.Start(ctx); err != nil {
+			w.t.Errorf("manager: %v", err)
+		}
+	}()
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	w.t.Cleanup(stop)
+	return mgr, stop
 }
 
 // create creates obj (in the test's namespace unless it is cluster-scoped).

@@ -7,15 +7,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
-	"k8s.io/apimachinery/pkg/runtime"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/cache"
-	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	ctrlzap "sigs.k8s.io/controller-runtime/pkg/log/zap"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
-	"github.com/jetmail/jetmail/api/v1alpha1"
 	"github.com/jetmail/jetmail/controllers"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
@@ -50,35 +44,12 @@ func controllerCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			scheme := runtime.NewScheme()
-			if err := clientgoscheme.AddToScheme(scheme); err != nil {
-				return err
-			}
-			if err := v1alpha1.AddToScheme(scheme); err != nil {
-				return err
-			}
-			opts := ctrl.Options{
-				Scheme:                  scheme,
-				Metrics:                 metricsserver.Options{BindAddress: metrics},
-				HealthProbeBindAddress:  probes,
-				LeaderElection:          leaderElect,
-				LeaderElectionID:        "jetmail-controller",
-				LeaderElectionNamespace: namespace,
-			}
-			if namespace != "" {
-				opts.Cache = cache.Options{DefaultNamespaces: map[string]cache.Config{namespace: {}}}
-			}
-			mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), opts)
+			mgr, err := controllers.NewManager(ctrl.GetConfigOrDie(), store, controllers.ManagerOptions{
+				Namespace: namespace, LeaderElect: leaderElect, MetricsAddr: metrics, ProbeAddr: probes,
+			})
 			if err != nil {
 				return err
 			}
-			r := &controllers.ConfigReconciler{Client: mgr.GetClient(), Store: store,
-				Recorder: mgr.GetEventRecorder("jetmail-controller"), Namespace: namespace}
-			if err := r.SetupWithManager(mgr); err != nil {
-				return err
-			}
-			_ = mgr.AddHealthzCheck("healthz", healthz.Ping)
-			_ = mgr.AddReadyzCheck("readyz", healthz.Ping)
 			zap.L().Info("controller starting")
 			return mgr.Start(ctx)
 		},
