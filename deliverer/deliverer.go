@@ -310,8 +310,6 @@ type attempt struct {
 	now time.Time
 	log *zap.Logger
 
-	// Recipients not attempted because their destination was busy.
-	throttled bool
 	// Results of this attempt, for notifications.
 	reports []DSNRecipient
 	// Recipients whose delivery asks for a success notice.
@@ -328,11 +326,26 @@ func (a *attempt) rcptState(addr string) *spool.RcptState {
 	return &a.st.Rcpts[len(a.st.Rcpts)-1]
 }
 
+// pending lists the recipients not delivered or failed yet.
 func (a *attempt) pending() []spool.Rcpt {
 	var out []spool.Rcpt
 	for _, r := range a.m.Envelope.Rcpts {
 		switch a.rcptState(r.Addr).Status {
 		case spool.RcptQueued, spool.RcptDeferred:
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// due lists the pending recipients whose retry time has come: each
+// recipient follows the retry schedule by its own attempt count, so one
+// that was deferred for the first time is not kept waiting as long as
+// another that has been failing for a day.
+func (a *attempt) due() []spool.Rcpt {
+	var out []spool.Rcpt
+	for _, r := range a.pending() {
+		if !a.rcptState(r.Addr).NextAttempt.After(a.now) {
 			out = append(out, r)
 		}
 	}
@@ -364,7 +377,7 @@ func (a *attempt) run(ctx context.Context) {
 	body := sync.OnceValues(func() ([]byte, error) { return a.d.cfg.Spool.ReadBody(ctx, a.m) })
 	groups := map[string][]spool.Rcpt{}
 	var domains []string
-	for _, r := range a.pending() {
+	for _, r := range a.due() {
 		dom := strings.ToLower(r.Addr[strings.LastIndexByte(r.Addr, '@')+1:])
 		if _, ok := groups[dom]; !ok {
 			domains = append(domains, dom)
@@ -409,7 +422,9 @@ func (a *attempt) run(ctx context.Context) {
 	wg.Wait()
 	for _, g := range out {
 		if g.skipped {
-			a.throttled = true
+			// Busy destination: not an attempt for these recipients;
+			// their retry time stays as it was, and finish brings the
+			// message back soon.
 			continue
 		}
 		killed := false
@@ -591,7 +606,7 @@ func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
 	var status string
 	switch res.Status {
 	case RcptDelivered:
-		rs.Status, rs.Code, rs.Enhanced, rs.Text = spool.RcptDelivered, 250, "2.0.0", res.Reply
+		rs.Status, rs.Code, rs.Enhanced, rs.Text, rs.NextAttempt = spool.RcptDelivered, 250, "2.0.0", res.Reply, time.Time{}
 		status = "sent"
 		fields = append(fields, zap.String("reply", res.Reply))
 		a.d.metrics.latency.Observe(a.d.cfg.Now().Sub(a.m.Envelope.Received).Seconds())
@@ -610,8 +625,10 @@ func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
 		report.Status, report.Diagnostic = e.Enhanced, fmt.Sprintf("%d %s %s", e.Code, e.Enhanced, e.Text)
 		if res.Status == RcptFailed || e.Permanent {
 			rs.Status, status, report.Action = spool.RcptFailed, "bounced", ActionFailed
+			rs.NextAttempt = time.Time{}
 		} else {
 			rs.Status, status, report.Action = spool.RcptDeferred, "deferred", ActionDelayed
+			rs.NextAttempt = a.now.Add(a.pol.RetryDelay(rs.Attempts))
 		}
 		fields = append(fields, zap.Int("code", e.Code), zap.String("dsn", e.Enhanced), zap.String("reply", e.Text))
 		a.reports = append(a.reports, report)
@@ -689,21 +706,30 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 	}
 
 	expires := a.m.Envelope.Received.Add(a.pol.QueueLifetime)
-	delay := a.pol.RetryDelay(a.st.Attempts)
-	if a.throttled {
-		// A destination was busy: its recipients wait in the queue, not in
-		// a worker, and come back soon. That is not an attempt for them.
-		if !a.anyAttempted() {
-			a.st.Attempts--
+	if !a.anyAttempted() {
+		// Every destination was busy (or nothing was due): not an attempt.
+		a.st.Attempts--
+	}
+	// The message comes back when its first pending recipient is due.
+	var next time.Time
+	for _, r := range a.pending() {
+		rs := a.rcptState(r.Addr)
+		if interrupted && rs.LastAttempt.Equal(a.now) {
+			// Cut short by a shutdown, not by the remote: another replica
+			// can try again at once.
+			rs.NextAttempt = a.now
 		}
-		delay = min(delay, time.Second+time.Duration(rand.Int64N(int64(2*time.Second))))
+		t := rs.NextAttempt
+		if !t.After(a.now) && !interrupted {
+			// Due but not attempted: its destination was busy. Its
+			// recipients wait in the queue, not in a worker, and come
+			// back soon.
+			t = a.now.Add(time.Second + time.Duration(rand.Int64N(int64(2*time.Second))))
+		}
+		if next.IsZero() || t.Before(next) {
+			next = t
+		}
 	}
-	if interrupted {
-		// Cut short by a shutdown, not by the remote: another replica
-		// can try again at once.
-		delay = 0
-	}
-	next := a.now.Add(delay)
 	if next.After(expires) {
 		next = expires
 	}
@@ -724,7 +750,7 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 			}
 		}
 	}
-	if a.throttled && !a.anyAttempted() && !hadState {
+	if !a.anyAttempted() && !hadState {
 		// Nothing happened to this message: no need to write anything,
 		// the schedule travels with the negative acknowledgement.
 		_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))

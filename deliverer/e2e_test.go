@@ -702,6 +702,54 @@ func TestDelivererEndToEnd(t *testing.T) {
 		checkServersClosed(t, mx.connCounter, capture.connCounter)
 	})
 
+	t.Run("each recipient follows the retry schedule by its own attempts", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		// A second attempt waits 1s, a third an hour.
+		e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) {
+			sp.RetryIntervals = []metav1.Duration{{Duration: time.Second}, {Duration: time.Hour}}
+		}, nil, nil)
+		e.dns.add(t, "sched.test. 60 IN MX 10 mx1.sched.test.", "mx1.sched.test. 60 IN A "+e2eMX1)
+		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
+			return e2eSMTPError(451, [3]int{4, 2, 0}, "mailbox busy, try later")
+		}})
+		qid := e.enqueue(e2eSender, "old@sched.test", "new@sched.test")
+		// old@ has been deferred once already (say its destination was
+		// busy for new@ then); both are due now.
+		past := time.Now().Add(-time.Minute)
+		seed := &spool.DeliveryState{QueueID: qid, Attempts: 1, LastAttempt: past, NextAttempt: past, Rcpts: []spool.RcptState{
+			{Addr: "old@sched.test", Status: spool.RcptDeferred, Attempts: 1, Code: 451, LastAttempt: past, NextAttempt: past},
+			{Addr: "new@sched.test", Status: spool.RcptQueued},
+		}}
+		if err := e.sp.SaveState(context.Background(), seed); err != nil {
+			t.Fatal(err)
+		}
+		r := e.startDeliverer()
+		st := e.waitState(qid, 10*time.Second, "the attempt", func(st *spool.DeliveryState) bool { return st.Attempts >= 2 })
+		old, nw := e2eRcptState(st, "old@sched.test"), e2eRcptState(st, "new@sched.test")
+		if old.Attempts != 2 || old.NextAttempt.Sub(old.LastAttempt) < time.Hour {
+			t.Errorf("old@ after its second attempt: %d attempts, next in %s; want 2 and an hour", old.Attempts, old.NextAttempt.Sub(old.LastAttempt))
+		}
+		if d := nw.NextAttempt.Sub(nw.LastAttempt); nw.Attempts != 1 || d < time.Second || d > 2*time.Second {
+			t.Errorf("new@ after its first attempt: %d attempts, next in %s; want 1 and a second", nw.Attempts, d)
+		}
+		if !st.NextAttempt.Equal(nw.NextAttempt) {
+			t.Errorf("the message is due at %s, want its first recipient's time %s", st.NextAttempt, nw.NextAttempt)
+		}
+		// A second later only new@ is tried again; old@ is not due.
+		st = e.waitState(qid, 10*time.Second, "new@'s second attempt", func(st *spool.DeliveryState) bool {
+			return e2eRcptState(st, "new@sched.test").Attempts >= 2
+		})
+		if old := e2eRcptState(st, "old@sched.test"); old.Attempts != 2 || mx.rcptCount("old@sched.test") != 1 {
+			t.Errorf("old@ was tried again before it was due: %d attempts, %d RCPTs", old.Attempts, mx.rcptCount("old@sched.test"))
+		}
+		if c := mx.rcptCount("new@sched.test"); c != 2 {
+			t.Errorf("new@ got %d RCPTs, want 2", c)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx.connCounter)
+	})
+
 	t.Run("a 5xx to a recipient bounces with a DSN that carries the remote reply", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)

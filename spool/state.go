@@ -44,6 +44,9 @@ type RcptState struct {
 	Text        string    `json:"text,omitempty"`
 	RemoteMTA   string    `json:"remoteMta,omitempty"`
 	LastAttempt time.Time `json:"lastAttempt,omitempty"`
+	// NextAttempt is when a deferred recipient is due again, from its own
+	// attempt count and the retry schedule.
+	NextAttempt time.Time `json:"nextAttempt,omitempty"`
 }
 
 // LoadState returns the delivery state of qid, or nil if it has none.
