@@ -62,6 +62,12 @@ type Config struct {
 	Grace time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// SweepEvery is how often orphan message bodies are looked for (see
+	// spool.SweepBodies); default 1h, negative: never.
+	SweepEvery time.Duration
+	// OrphanAge is how old an unreferenced body must be to be deleted; it
+	// must exceed the gateways' session deadline. Default 24h.
+	OrphanAge time.Duration
 }
 
 // Deliverer consumes the queue and delivers.
@@ -113,6 +119,12 @@ func New(cfg Config) (*Deliverer, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.SweepEvery == 0 {
+		cfg.SweepEvery = time.Hour
+	}
+	if cfg.OrphanAge <= 0 {
+		cfg.OrphanAge = 24 * time.Hour
+	}
 	if cfg.Hostname == "" {
 		cfg.Hostname = "localhost"
 	}
@@ -148,6 +160,9 @@ func (d *Deliverer) Run(ctx context.Context) error {
 		}
 	}()
 	go d.watchQueue(ctx, cons)
+	if d.cfg.SweepEvery > 0 {
+		go d.sweepBodies(ctx)
+	}
 
 	sem := make(chan struct{}, d.cfg.MaxInFlight)
 	var wg sync.WaitGroup
@@ -970,6 +985,27 @@ func (d *Deliverer) watchQueue(ctx context.Context, cons jetstream.Consumer) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+	}
+}
+
+// sweepBodies deletes orphan message bodies now and then. Every replica
+// does; a sweep that finds nothing old enough costs one stream info call.
+func (d *Deliverer) sweepBodies(ctx context.Context) {
+	wait := rand.N(d.cfg.SweepEvery) // replicas spread out
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = d.cfg.SweepEvery
+		n, err := d.cfg.Spool.SweepBodies(ctx, d.cfg.OrphanAge, d.cfg.Now())
+		if err != nil {
+			d.log.Warn("sweeping orphan message bodies", zap.Error(err))
+		}
+		if n > 0 {
+			d.log.Info("orphan message bodies deleted", zap.Int("bodies", n), zap.Duration("older_than", d.cfg.OrphanAge))
 		}
 	}
 }

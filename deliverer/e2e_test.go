@@ -11,6 +11,7 @@ package deliverer
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -28,6 +29,7 @@ import (
 	"github.com/miekg/dns"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -575,6 +577,47 @@ func TestDelivererEndToEnd(t *testing.T) {
 		}
 		r.stop(t)
 		checkServersClosed(t, mx.connCounter)
+	})
+
+	t.Run("bodies no queued mail refers to are swept once old enough", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		ctx := context.Background()
+		chunks := func(qid string) int {
+			st, err := e.sp.JetStream().Stream(ctx, spool.BodyStream)
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, err := st.Info(ctx, jetstream.WithSubjectFilter("jetmail.body.>"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := 0
+			for subj := range info.State.Subjects {
+				if strings.HasPrefix(subj, "jetmail.body."+qid+"-") {
+					n++
+				}
+			}
+			return n
+		}
+		// A body written two hours ago whose envelope never came (its
+		// gateway died), and one begun just now.
+		big := bytes.Repeat([]byte("orphan body line\r\n"), 3*e.sp.InlineMax()/18)
+		orphan, fresh := spool.NewQueueID(time.Now().Add(-2*time.Hour)), spool.NewQueueID(time.Now())
+		for _, qid := range []string{orphan, fresh} {
+			if _, err := e.sp.NewBody(ctx, qid).Write(big); err != nil {
+				t.Fatal(err)
+			}
+			if chunks(qid) == 0 {
+				t.Fatalf("%s: no chunk written", qid)
+			}
+		}
+		r := e.startDeliverer(func(c *Config, _ *bool) { c.SweepEvery, c.OrphanAge = 100*time.Millisecond, time.Hour })
+		within(t, 10*time.Second, "the orphan to be swept", func() bool { return chunks(orphan) == 0 })
+		if chunks(fresh) == 0 {
+			t.Error("a body begun just now was swept")
+		}
+		r.stop(t)
 	})
 
 	t.Run("a null MX bounces with 5.1.10", func(t *testing.T) {

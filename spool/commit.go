@@ -66,6 +66,7 @@ func (s *Spool) Commit(ctx context.Context, env *Envelope, body *Body, guard str
 	}
 	msg := &nats.Msg{Subject: queueSubject(key), Header: nats.Header{}, Data: payload}
 	msg.Header.Set(HeaderQueueID, env.QueueID)
+	msg.Header.Set(HeaderBodyID, ref.ID)
 
 	ack, err := s.publish(ctx, msg, ref.ID)
 	if err == nil {
@@ -197,6 +198,22 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 // Scan calls fn for every queued mail (tombstones skipped), oldest first,
 // as of the moment Scan starts.
 func (s *Spool) Scan(ctx context.Context, fn func(*Message) error) error {
+	return s.walkQueue(ctx, false, func(raw jetstream.Msg, md *jetstream.MsgMetadata) error {
+		m, err := decode(raw.Subject(), md.Sequence.Stream, raw.Headers(), raw.Data())
+		if err != nil {
+			return err
+		}
+		if m.Tombstone {
+			return nil
+		}
+		return fn(m)
+	})
+}
+
+// walkQueue calls fn for every record of the queue stream (envelopes and
+// tombstones), oldest first, as of the moment it starts; with headersOnly
+// the records come without their data.
+func (s *Spool) walkQueue(ctx context.Context, headersOnly bool, fn func(jetstream.Msg, *jetstream.MsgMetadata) error) error {
 	info, err := s.queue.Info(ctx)
 	if err != nil {
 		return err
@@ -205,7 +222,7 @@ func (s *Spool) Scan(ctx context.Context, fn func(*Message) error) error {
 	if info.State.Msgs == 0 {
 		return nil
 	}
-	c, err := s.queue.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	c, err := s.queue.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{HeadersOnly: headersOnly})
 	if err != nil {
 		return err
 	}
@@ -221,14 +238,8 @@ func (s *Spool) Scan(ctx context.Context, fn func(*Message) error) error {
 			if err != nil {
 				return err
 			}
-			m, err := decode(raw.Subject(), md.Sequence.Stream, raw.Headers(), raw.Data())
-			if err != nil {
+			if err := fn(raw, md); err != nil {
 				return err
-			}
-			if !m.Tombstone {
-				if err := fn(m); err != nil {
-					return err
-				}
 			}
 			if md.Sequence.Stream >= last || md.NumPending == 0 {
 				return nil

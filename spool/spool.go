@@ -27,6 +27,9 @@ const (
 	HeaderQueueID = "Jetmail-Queue-Id"
 	// HeaderTombstone marks an envelope replaced after the mail left the queue.
 	HeaderTombstone = "Jetmail-Tombstone"
+	// HeaderBodyID names the body an envelope refers to, so the body
+	// sweeper can read the queue's headers alone.
+	HeaderBodyID = "Jetmail-Body-Id"
 )
 
 // Config sets up the spool. The zero value is not useful; start from
