@@ -129,10 +129,19 @@ func (c *conn) endData() {
 	c.mu.Unlock()
 }
 
+// setTransaction notes a transaction starting or ending. One ending while
+// the gateway shuts down ends the session too: its reply goes out, and the
+// next read finds the deadline passed, so the client gets 421 at once
+// instead of the session waiting for the rest of the grace period.
 func (c *conn) setTransaction(on bool) {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	c.inTransaction = on
-	c.mu.Unlock()
+	if !on && c.draining {
+		if now := time.Now(); now.Before(c.sessionEnd) {
+			c.sessionEnd = now
+		}
+	}
 }
 
 // Read passes bytes through, watching plaintext for CR LF "." CR followed by

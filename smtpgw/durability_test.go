@@ -326,13 +326,22 @@ func TestShutdownLetsTransactionsFinishAndRefusesNewWork(t *testing.T) {
 		t.Errorf("idle session got %q", line)
 	}
 	idle.expectClosed()
-	// The transaction in flight completes.
+	// The transaction in flight completes, and then the session ends at
+	// once rather than when the grace runs out.
 	busy.send("body\r\n.\r\n")
 	busy.expect(250)
+	finished := time.Now()
+	if line := busy.expect(421); !strings.HasPrefix(line, "421 4.3.2") {
+		t.Errorf("after its transaction the session got %q, want 421 4.3.2", line)
+	}
+	busy.expectClosed()
 	select {
 	case err := <-done:
 		if err != nil {
 			t.Errorf("Shutdown: %v", err)
+		}
+		if waited := time.Since(finished); waited > 2*time.Second {
+			t.Errorf("Shutdown returned %s after the last transaction ended; the grace is 5s, nothing was left to wait for", waited)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Shutdown did not return")
