@@ -195,10 +195,10 @@ type RcptResult struct {
 	// recipient, so it has taken over delivery status notification
 	// (RFC 3461 §4.2): no "relayed" notice is due from us.
 	DSNPassed bool
-	// PassedOver is set when no hop took the transaction: every one was
-	// unreachable or refused the session (greeting, EHLO, TLS, AUTH, or a
-	// 4xx to MAIL FROM). It says the destination is down, not that
-	// anything is wrong with this message.
+	// PassedOver is set when no hop took the transaction because every
+	// one was unreachable or refused the session (greeting, EHLO, TLS,
+	// AUTH). It says the destination is down, not that anything is wrong
+	// with this message; a 4xx to MAIL FROM does not set it.
 	PassedOver bool
 }
 
@@ -251,15 +251,16 @@ func (c *Client) Deliver(ctx context.Context, hops []Hop, pol TLSPolicy, auth *C
 		return res
 	}
 	var (
-		last    *Error
-		lastHop Hop
+		last            *Error
+		lastHop         Hop
+		sessionsRefused = true
 	)
 	for _, hop := range hops {
 		if ctx.Err() != nil {
 			last, lastHop = canceledError(ctx, hop, "connect"), Hop{}
 			break
 		}
-		final, err, reached := c.attempt(ctx, hop, pol, auth, to, t, res)
+		final, err, reached, session := c.attempt(ctx, hop, pol, auth, to, t, res)
 		if final {
 			return res
 		}
@@ -267,9 +268,13 @@ func (c *Client) Deliver(ctx context.Context, hops []Hop, pol TLSPolicy, auth *C
 		if reached {
 			lastHop = hop
 		}
+		// A hop that got as far as MAIL FROM and answered it with 4xx
+		// (greylisting, a sender's rate limit) is up: that was about the
+		// message.
+		sessionsRefused = sessionsRefused && !session
 	}
 	deferAll(res, last, lastHop)
-	if ctx.Err() == nil {
+	if ctx.Err() == nil && sessionsRefused {
 		for i := range res {
 			res[i].PassedOver = true
 		}
@@ -290,17 +295,18 @@ func (c *Client) OpenConns() int {
 }
 
 // attempt runs one hop. final says the hop took the transaction and res is
-// filled; otherwise err says why the hop was passed over and reached
-// whether a connection was made.
-func (c *Client) attempt(ctx context.Context, hop Hop, pol TLSPolicy, auth *Credentials, to Timeouts, t *Transfer, res []RcptResult) (final bool, err *Error, reached bool) {
+// filled; otherwise err says why the hop was passed over, reached whether
+// a connection was made and session whether the session got as far as MAIL
+// FROM.
+func (c *Client) attempt(ctx context.Context, hop Hop, pol TLSPolicy, auth *Credentials, to Timeouts, t *Transfer, res []RcptResult) (final bool, err *Error, reached, session bool) {
 	limit := time.Now().Add(to.Session)
 	cn, err, reached := c.acquire(ctx, hop, pol, auth, to, limit)
 	if err != nil {
-		return false, err, reached
+		return false, err, reached, false
 	}
 	final, err = cn.transact(t, to, res)
 	c.release(cn, to)
-	return final, err, true
+	return final, err, true, true
 }
 
 func (c *Client) hostname() string {

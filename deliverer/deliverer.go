@@ -325,6 +325,8 @@ type attempt struct {
 	now time.Time
 	log *zap.Logger
 
+	// recorded counts the results of this attempt, whatever they were.
+	recorded int
 	// Results of this attempt, for notifications.
 	reports []DSNRecipient
 	// Recipients whose delivery asks for a success notice.
@@ -422,6 +424,9 @@ func (a *attempt) run(ctx context.Context) {
 		results []RcptResult
 		elapsed time.Duration
 		skipped bool
+		// cut is set when the attempt's context had ended by the time the
+		// session returned: a shutdown past its grace.
+		cut bool
 	}
 	out := make([]groupResult, len(domains))
 	var wg sync.WaitGroup
@@ -431,7 +436,7 @@ func (a *attempt) run(ctx context.Context) {
 			defer wg.Done()
 			start := time.Now()
 			res, skipped := a.deliverDomain(ctx, dom, groups[dom], body)
-			out[i] = groupResult{rcpts: groups[dom], results: res, elapsed: time.Since(start), skipped: skipped}
+			out[i] = groupResult{rcpts: groups[dom], results: res, elapsed: time.Since(start), skipped: skipped, cut: ctx.Err() != nil}
 		}()
 	}
 	wg.Wait()
@@ -444,8 +449,16 @@ func (a *attempt) run(ctx context.Context) {
 		}
 		killed := false
 		for i, r := range g.rcpts {
-			a.record(r, g.results[i], g.elapsed)
-			killed = killed || deadlineKill(g.results[i].Err)
+			res := g.results[i]
+			a.record(r, res, g.elapsed)
+			killed = killed || deadlineKill(res.Err)
+			if g.cut && res.Status == RcptDeferred && (res.Err == nil || res.Err.Remote == "") {
+				// Cut short by our shutdown, not by the remote: not an
+				// attempt, and another replica may try again at once.
+				rs := a.rcptState(r.Addr)
+				rs.Attempts--
+				rs.NextAttempt = a.now
+			}
 		}
 		if killed {
 			// Once per session, not per recipient.
@@ -483,7 +496,7 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 	}
 	suspended, probe := d.checkDead(dest, a.now)
 	if suspended != nil {
-		d.metrics.suspended.Inc()
+		d.metrics.suspended.Add(float64(len(rcpts)))
 		return all(suspended), false
 	}
 	if probe {
@@ -515,7 +528,10 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 	}
 	t := &Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts, Body: data}
 	res := d.cfg.Client.Deliver(ctx, hops, tlsp, creds, to, t)
-	d.noteDest(dest, res, a.pol)
+	if ctx.Err() == nil {
+		// A session cut short by a shutdown says nothing about dest.
+		d.noteDest(dest, res, a.pol)
+	}
 	return res, false
 }
 
@@ -607,6 +623,7 @@ func (d *Deliverer) routeHops(ctx context.Context, r *policy.Route) ([]Hop, erro
 // line per recipient per attempt, like Postfix's status= lines.
 func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
 	rs := a.rcptState(r.Addr)
+	a.recorded++
 	rs.Attempts++
 	rs.LastAttempt = a.now
 	fields := []zap.Field{
@@ -729,16 +746,11 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 	var next time.Time
 	for _, r := range a.pending() {
 		rs := a.rcptState(r.Addr)
-		if interrupted && rs.LastAttempt.Equal(a.now) {
-			// Cut short by a shutdown, not by the remote: another replica
-			// can try again at once.
-			rs.NextAttempt = a.now
-		}
 		t := rs.NextAttempt
 		if !t.After(a.now) && !interrupted {
 			// Due but not attempted: its destination was busy. Its
 			// recipients wait in the queue, not in a worker, and come
-			// back soon.
+			// back soon. (After a shutdown they may come back at once.)
 			t = a.now.Add(time.Second + time.Duration(rand.Int64N(int64(2*time.Second))))
 		}
 		if next.IsZero() || t.Before(next) {
@@ -800,7 +812,9 @@ func (a *attempt) failedReport(rs spool.RcptState) DSNRecipient {
 	return r
 }
 
-func (a *attempt) anyAttempted() bool { return len(a.reports) > 0 || len(a.successes) > 0 }
+// anyAttempted tells whether any recipient got a result in this attempt:
+// a delivery too, which must be recorded before the message comes back.
+func (a *attempt) anyAttempted() bool { return a.recorded > 0 }
 
 // retryLater gives the message back when we could not record an outcome.
 func (a *attempt) retryLater(err error) {

@@ -561,10 +561,19 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if n := dials.Load(); n != tried {
 			t.Errorf("%d connections tried while the destination was known down", n-tried)
 		}
-		// The destination comes back; once the hour is over one attempt
-		// probes it and the rest follow.
-		mx := e.startMX(e2eMX1, &testMX{})
+		// The hour is over but the destination is still down: one attempt
+		// probes it, fails, and the destination is left alone again.
 		skew.Store(int64(time.Hour + time.Second))
+		within(t, 10*time.Second, "one probe", func() bool { return dials.Load() == tried+1 })
+		probes := e2eCount(t, r.d.metrics.suspended)
+		within(t, 10*time.Second, "more suspended deferrals", func() bool { return e2eCount(t, r.d.metrics.suspended) >= probes+2 })
+		if n := dials.Load(); n != tried+1 {
+			t.Errorf("%d connections tried after the first hour, want the one probe", n-tried)
+		}
+		// The destination comes back; once the next hour is over one
+		// attempt probes it and the rest follow.
+		mx := e.startMX(e2eMX1, &testMX{})
+		skew.Store(int64(2*time.Hour + 2*time.Second))
 		e.waitEmpty(20 * time.Second)
 		got := map[string]int{}
 		for _, txn := range mx.transactions() {
@@ -618,6 +627,35 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Error("a body begun just now was swept")
 		}
 		r.stop(t)
+	})
+
+	t.Run("a 4xx to MAIL FROM defers the message but does not mark the destination down", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) {
+			sp.RetryIntervals = []metav1.Duration{{Duration: time.Hour}}
+			sp.DeadDestinationTime = e2eDur(time.Hour)
+		}, nil, nil)
+		e.dns.add(t, "grey.test. 60 IN MX 10 mx1.grey.test.", "mx1.grey.test. 60 IN A "+e2eMX1)
+		mx := e.startMX(e2eMX1, &testMX{mail: func(from string) error {
+			if from == "limited@sender.test" {
+				return e2eSMTPError(451, [3]int{4, 7, 1}, "sender rate limited, try later")
+			}
+			return nil
+		}})
+		r := e.startDeliverer()
+		limited := e.enqueue("limited@sender.test", "x@grey.test")
+		st := e.waitState(limited, 10*time.Second, "the deferral", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
+		if rs := st.Rcpts[0]; rs.Status != spool.RcptDeferred || rs.Code != 451 || strings.Contains(rs.Text, "suspended") {
+			t.Errorf("limited sender's recipient: %+v, want deferred with the remote's 451", rs)
+		}
+		e.enqueue(e2eSender, "y@grey.test")
+		within(t, 10*time.Second, "another sender's mail to be delivered at once", func() bool { return mx.rcptCount("y@grey.test") == 1 })
+		if n := e2eCount(t, r.d.metrics.suspended); n != 0 {
+			t.Errorf("%v recipients suspended, want none", n)
+		}
+		r.stop(t)
+		checkServersClosed(t, mx.connCounter)
 	})
 
 	t.Run("a null MX bounces with 5.1.10", func(t *testing.T) {
@@ -791,6 +829,52 @@ func TestDelivererEndToEnd(t *testing.T) {
 		}
 		r.stop(t)
 		checkServersClosed(t, mx.connCounter)
+	})
+
+	t.Run("a recipient delivered while another's destination is busy is not sent again", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		one := int32(1)
+		e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) {
+			sp.RetryIntervals = []metav1.Duration{{Duration: time.Hour}}
+			sp.MaxSessionsPerDestination = &one
+			sp.Timeouts.Greeting = e2eDur(time.Minute)
+			sp.Timeouts.Session = e2eDur(30 * time.Second)
+		}, nil, nil)
+		e.dns.add(t,
+			"slow.test. 60 IN MX 10 mx1.slow.test.", "mx1.slow.test. 60 IN A "+e2eMX1,
+			"fast.test. 60 IN MX 10 mx1.fast.test.", "mx1.fast.test. 60 IN A "+e2eMX2)
+		tp := e.startTarpit(e2eMX1)
+		fast := e.startMX(e2eMX2, &testMX{})
+		// Three workers: one held by the tarpit, one waiting for slow.test's
+		// only slot, and one more; a second waiter for slow.test is turned
+		// away (it may not take more than half the workers).
+		r := e.startDeliverer(func(c *Config, _ *bool) { c.MaxInFlight = 3 })
+		e.enqueue(e2eSender, "held@slow.test")
+		within(t, 10*time.Second, "the tarpit to hold slow.test's slot", func() bool { return tp.accepted.Load() == 1 })
+		e.enqueue(e2eSender, "waiting@slow.test")
+		within(t, 10*time.Second, "a worker to wait for slow.test", func() bool {
+			r.d.mu.Lock()
+			defer r.d.mu.Unlock()
+			return r.d.destWaiting["slow.test"] == 1
+		})
+		qid := e.enqueue(e2eSender, "a@fast.test", "b@slow.test")
+		st := e.waitState(qid, 10*time.Second, "a@fast.test's delivery to be recorded", func(st *spool.DeliveryState) bool {
+			return e2eRcptState(st, "a@fast.test").Status == spool.RcptDelivered
+		})
+		if b := e2eRcptState(st, "b@slow.test"); b.Attempts != 0 || b.Status != spool.RcptQueued {
+			t.Errorf("b@slow.test was never tried (its destination was busy), yet its state is %+v", b)
+		}
+		// The message keeps coming back for b@slow.test every few seconds.
+		busy := e2eCount(t, r.d.metrics.throttled)
+		within(t, 20*time.Second, "the message to come back twice more", func() bool {
+			return e2eCount(t, r.d.metrics.throttled) >= busy+2
+		})
+		if n := fast.rcptCount("a@fast.test"); n != 1 {
+			t.Errorf("a@fast.test got %d copies, want 1", n)
+		}
+		r.stop(t)
+		checkServersClosed(t, fast.connCounter)
 	})
 
 	t.Run("a 5xx to a recipient bounces with a DSN that carries the remote reply", func(t *testing.T) {
