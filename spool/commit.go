@@ -198,7 +198,7 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 // Scan calls fn for every queued mail (tombstones skipped), oldest first,
 // as of the moment Scan starts.
 func (s *Spool) Scan(ctx context.Context, fn func(*Message) error) error {
-	return s.walkQueue(ctx, false, func(raw jetstream.Msg, md *jetstream.MsgMetadata) error {
+	err := s.walkQueue(ctx, false, func(raw jetstream.Msg, md *jetstream.MsgMetadata) error {
 		m, err := decode(raw.Subject(), md.Sequence.Stream, raw.Headers(), raw.Data())
 		if err != nil {
 			return err
@@ -208,11 +208,23 @@ func (s *Spool) Scan(ctx context.Context, fn func(*Message) error) error {
 		}
 		return fn(m)
 	})
+	if errors.Is(err, errWalkIncomplete) {
+		// The rest expired or left the queue meanwhile, as far as a
+		// listing can tell.
+		return nil
+	}
+	return err
 }
+
+// errWalkIncomplete means a walk of the queue got no more records before
+// it reached the last one it saw at the start: they may have left the
+// queue meanwhile, or the server may have been away.
+var errWalkIncomplete = errors.New("spool: the queue walk ended early")
 
 // walkQueue calls fn for every record of the queue stream (envelopes and
 // tombstones), oldest first, as of the moment it starts; with headersOnly
-// the records come without their data.
+// the records come without their data. It returns errWalkIncomplete when
+// a fetch comes back empty before the last record was reached.
 func (s *Spool) walkQueue(ctx context.Context, headersOnly bool, fn func(jetstream.Msg, *jetstream.MsgMetadata) error) error {
 	info, err := s.queue.Info(ctx)
 	if err != nil {
@@ -249,7 +261,7 @@ func (s *Spool) walkQueue(ctx context.Context, headersOnly bool, fn func(jetstre
 			return err
 		}
 		if n == 0 {
-			return nil
+			return errWalkIncomplete
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package spool_test
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -41,6 +42,17 @@ func TestSweepBodiesDeletesOnlyOrphansOldEnough(t *testing.T) {
 	now := time.Now()
 	old := now.Add(-3 * time.Hour)
 
+	// More than one fetch of records ahead of it, some of them tombstones.
+	next := queueIDs()
+	for i := range 300 {
+		env := newEnvelope(next())
+		mustCommit(t, sp, env, []byte(fmt.Sprintf("Subject: filler %d\r\n\r\nsmall\r\n", i)), "")
+		if i%3 == 0 {
+			if err := sp.Complete(ctxT(t), findQueued(t, sp, env.QueueID)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	// Queued three hours ago with a chunked body, not delivered yet: kept.
 	queued := newEnvelope(spool.NewQueueID(old))
 	mustCommit(t, sp, queued, big, "")
