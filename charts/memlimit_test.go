@@ -2,24 +2,18 @@ package charts
 
 import "testing"
 
-// A memory limit gives the Go runtime a matching GOMEMLIMIT, unless the
-// operator sets one through extraEnv; no limit, no GOMEMLIMIT.
-func TestMemoryLimitSetsGOMEMLIMIT(t *testing.T) {
+// A memory limit reaches the binary as JETMAIL_MEMORY_LIMIT (from the
+// container's limits.memory); no limit, no variable.
+func TestMemoryLimitReachesTheBinary(t *testing.T) {
 	type envVar struct {
 		Name      string `json:"name"`
-		Value     string `json:"value"`
 		ValueFrom *struct {
 			ResourceFieldRef *struct {
 				Resource string `json:"resource"`
 			} `json:"resourceFieldRef"`
 		} `json:"valueFrom"`
 	}
-	m := index(t, render(t,
-		"deliverer.resources.limits.memory=512Mi",
-		"gateway.resources.limits.memory=256Mi",
-		"gateway.extraEnv[0].name=GOMEMLIMIT",
-		"gateway.extraEnv[0].value=200MiB",
-	))
+	m := index(t, render(t, "deliverer.resources.limits.memory=512Mi"))
 	env := func(component string) map[string]envVar {
 		t.Helper()
 		o := m.get(t, "Deployment", release+"-jetmail-"+component)
@@ -35,14 +29,13 @@ func TestMemoryLimitSetsGOMEMLIMIT(t *testing.T) {
 		}
 		return out
 	}
-	if e, ok := env("deliverer")["GOMEMLIMIT"]; !ok || e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil ||
+	if e, ok := env("deliverer")["JETMAIL_MEMORY_LIMIT"]; !ok || e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil ||
 		e.ValueFrom.ResourceFieldRef.Resource != "limits.memory" {
-		t.Errorf("deliverer: GOMEMLIMIT %+v, want it from the container's limits.memory", e)
+		t.Errorf("deliverer: JETMAIL_MEMORY_LIMIT %+v, want it from the container's limits.memory", e)
 	}
-	if e := env("gateway")["GOMEMLIMIT"]; e.Value != "200MiB" || e.ValueFrom != nil {
-		t.Errorf("gateway: GOMEMLIMIT %+v, want the extraEnv value alone", e)
-	}
-	if e, ok := env("controller")["GOMEMLIMIT"]; ok {
-		t.Errorf("controller: GOMEMLIMIT %+v without a memory limit", e)
+	for _, c := range []string{"gateway", "controller"} {
+		if e, ok := env(c)["JETMAIL_MEMORY_LIMIT"]; ok {
+			t.Errorf("%s: JETMAIL_MEMORY_LIMIT %+v without a memory limit", c, e)
+		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 )
 
 func main() {
+	applyMemoryLimit()
 	root := &cobra.Command{
 		Use:           "jetmail",
 		Short:         "jetmail: a Kubernetes-native clustered mail transfer agent on NATS JetStream",

@@ -128,11 +128,9 @@ topologySpreadConstraints:
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
-{{- $ownLimit := false }}
-{{- range .extraEnv }}{{ if eq .name "GOMEMLIMIT" }}{{ $ownLimit = true }}{{ end }}{{ end }}
-{{- if and .resources .resources.limits .resources.limits.memory (not $ownLimit) }}
-{{- /* The Go runtime collects harder as it nears the container's limit instead of being OOM-killed. */}}
-- name: GOMEMLIMIT
+{{- if and .resources .resources.limits .resources.limits.memory }}
+{{- /* jetmail sets the Go runtime's soft limit to 90% of it (an explicit GOMEMLIMIT in extraEnv wins). */}}
+- name: JETMAIL_MEMORY_LIMIT
   valueFrom:
     resourceFieldRef:
       resource: limits.memory
