@@ -1,9 +1,7 @@
 package controllers
 
 import (
-	"bufio"
 	"context"
-	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -19,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/internal/smtptest"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/smtpgw"
 )
@@ -116,34 +115,15 @@ func startDataPlane(t *testing.T, w *world, pod string) *dataPlane {
 // rcptReply opens a session and returns the reply to one RCPT TO.
 func rcptReply(t *testing.T, addr, to string) string {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := smtptest.DialReady(t, addr)
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	r := bufio.NewReader(c)
-	read := func() string {
-		var last string
-		for {
-			line, err := r.ReadString('\n')
-			if err != nil {
-				t.Fatalf("read: %v", err)
-			}
-			last = strings.TrimRight(line, "\r\n")
-			if len(line) >= 4 && line[3] == ' ' {
-				return last
-			}
-		}
+	c.Cmd("MAIL FROM:<a@example.org>", 250)
+	c.Send("RCPT TO:<" + to + ">\r\n")
+	_, reply, err := c.ReadReply()
+	if err != nil {
+		t.Fatalf("RCPT TO:<%s>: %v", to, err)
 	}
-	read()
-	fmt.Fprintf(c, "EHLO client.test\r\n")
-	read()
-	fmt.Fprintf(c, "MAIL FROM:<a@example.org>\r\n")
-	read()
-	fmt.Fprintf(c, "RCPT TO:<%s>\r\n", to)
-	reply := read()
-	fmt.Fprintf(c, "QUIT\r\n")
+	c.Send("QUIT\r\n")
 	return reply
 }
 

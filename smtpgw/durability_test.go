@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/jetmail/jetmail/internal/smtptest"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -21,20 +22,20 @@ func TestRetransmissionToASecondGatewayIsAnsweredWithTheOriginalQueueID(t *testi
 
 	// The client sends the final dot and drops the connection before
 	// reading our reply: it never learns that the mail was queued.
-	c := dialReady(t, g1.addr)
-	c.cmd("MAIL FROM:<alice@example.org>", 250)
-	c.cmd("RCPT TO:<bob@example.net>", 250)
-	c.cmd("RCPT TO:<carol@example.net>", 250)
-	c.cmd("DATA", 354)
-	c.send(msg + ".\r\n")
-	c.conn.Close()
+	c := smtptest.DialReady(t, g1.addr)
+	c.Cmd("MAIL FROM:<alice@example.org>", 250)
+	c.Cmd("RCPT TO:<bob@example.net>", 250)
+	c.Cmd("RCPT TO:<carol@example.net>", 250)
+	c.Cmd("DATA", 354)
+	c.Send(msg + ".\r\n")
+	c.Conn.Close()
 	eventually(t, 5*time.Second, "the first transmission to be queued", func() bool { return len(queued(t, g1.sp)) == 1 })
 	first := queued(t, g1.sp)[0].Envelope.QueueID
 
 	// It retries through another gateway, listing the recipients in
 	// another order.
-	c2 := dialReady(t, g2.addr)
-	reply := c2.mail("alice@example.org", []string{"carol@example.net", "bob@example.net"}, msg, 250)
+	c2 := smtptest.DialReady(t, g2.addr)
+	reply := c2.Mail("alice@example.org", []string{"carol@example.net", "bob@example.net"}, msg, 250)
 	if got := queueIDOf(t, reply); got != first {
 		t.Errorf("retransmission answered with %s, want the original %s", got, first)
 	}
@@ -44,7 +45,7 @@ func TestRetransmissionToASecondGatewayIsAnsweredWithTheOriginalQueueID(t *testi
 
 	// A different message from the same sender to the same recipients is
 	// new mail.
-	reply = c2.mail("alice@example.org", []string{"bob@example.net", "carol@example.net"}, simpleMessage("retransmit-2", "another"), 250)
+	reply = c2.Mail("alice@example.org", []string{"bob@example.net", "carol@example.net"}, simpleMessage("retransmit-2", "another"), 250)
 	if queueIDOf(t, reply) == first {
 		t.Error("a different message was taken for a duplicate")
 	}
@@ -59,10 +60,10 @@ func TestIdenticalMessagesWithoutMessageIDAreBothQueued(t *testing.T) {
 	// alert is worse than a duplicate, so neither is suppressed.
 	n := startNATS(t)
 	g := startGateway(t, n.spool(t), nil)
-	c := dialReady(t, g.addr)
+	c := smtptest.DialReady(t, g.addr)
 	alert := "Subject: disk full\r\n\r\n/var is full\r\n"
-	a := queueIDOf(t, c.mail("monitor@example.org", []string{"ops@example.net"}, alert, 250))
-	b := queueIDOf(t, c.mail("monitor@example.org", []string{"ops@example.net"}, alert, 250))
+	a := queueIDOf(t, c.Mail("monitor@example.org", []string{"ops@example.net"}, alert, 250))
+	b := queueIDOf(t, c.Mail("monitor@example.org", []string{"ops@example.net"}, alert, 250))
 	if a == b {
 		t.Fatalf("both alerts got queue ID %s", a)
 	}
@@ -75,14 +76,14 @@ func TestDuplicateGuardHoldsAfterTheMailLeftTheQueue(t *testing.T) {
 	n := startNATS(t)
 	sp := n.spool(t)
 	g := startGateway(t, sp, nil)
-	c := dialReady(t, g.addr)
+	c := smtptest.DialReady(t, g.addr)
 	msg := simpleMessage("after-delivery", "x")
-	first := queueIDOf(t, c.mail("a@example.org", []string{"b@example.net"}, msg, 250))
+	first := queueIDOf(t, c.Mail("a@example.org", []string{"b@example.net"}, msg, 250))
 	m := queued(t, sp)[0]
 	if err := sp.Complete(context.Background(), m); err != nil {
 		t.Fatal(err)
 	}
-	if got := queueIDOf(t, c.mail("a@example.org", []string{"b@example.net"}, msg, 250)); got != first {
+	if got := queueIDOf(t, c.Mail("a@example.org", []string{"b@example.net"}, msg, 250)); got != first {
 		t.Errorf("retransmission after delivery got %s, want %s", got, first)
 	}
 	if msgs := queued(t, sp); len(msgs) != 0 {
@@ -100,19 +101,19 @@ func TestLostNATSConnectionDuringDataGets451AndQueuesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	g := startGateway(t, sp, nil)
-	c := dialReady(t, g.addr)
-	c.cmd("MAIL FROM:<a@example.org>", 250)
-	c.cmd("RCPT TO:<b@example.net>", 250)
-	c.cmd("DATA", 354)
-	c.send("Subject: cut\r\nMessage-ID: <cut@x>\r\n\r\nfirst half\r\n")
+	c := smtptest.DialReady(t, g.addr)
+	c.Cmd("MAIL FROM:<a@example.org>", 250)
+	c.Cmd("RCPT TO:<b@example.net>", 250)
+	c.Cmd("DATA", 354)
+	c.Send("Subject: cut\r\nMessage-ID: <cut@x>\r\n\r\nfirst half\r\n")
 
 	// JetStream goes away while the client is still sending.
 	n.srv.Shutdown()
 	n.srv.WaitForShutdown()
 
-	c.send("second half\r\n.\r\n")
+	c.Send("second half\r\n.\r\n")
 	start := time.Now()
-	reply := c.expect(451)
+	reply := c.Expect(451)
 	if !strings.HasPrefix(reply, "451 4.3.0 ") {
 		t.Errorf("reply %q, want 451 4.3.0", reply)
 	}
@@ -120,7 +121,7 @@ func TestLostNATSConnectionDuringDataGets451AndQueuesNothing(t *testing.T) {
 		t.Errorf("451 took %s, more than the publish timeout", d)
 	}
 	// The session is still usable for a QUIT.
-	c.cmd("QUIT", 221)
+	c.Cmd("QUIT", 221)
 
 	// Bring the store back: nothing was queued.
 	n2 := startNATSAt(t, n.dir, -1)
@@ -148,12 +149,12 @@ spec:
 		fmt.Fprintf(&b, "%08d %s\r\n", i, line)
 	}
 	data := b.String()
-	c := dialReady(t, g.addr)
-	c.cmd("MAIL FROM:<a@example.org> SIZE="+fmt.Sprint(len(data)), 250)
-	c.cmd("RCPT TO:<b@example.net>", 250)
-	c.cmd("DATA", 354)
-	c.send(data + ".\r\n")
-	qid := queueIDOf(t, c.expect(250))
+	c := smtptest.DialReady(t, g.addr)
+	c.Cmd("MAIL FROM:<a@example.org> SIZE="+fmt.Sprint(len(data)), 250)
+	c.Cmd("RCPT TO:<b@example.net>", 250)
+	c.Cmd("DATA", 354)
+	c.Send(data + ".\r\n")
+	qid := queueIDOf(t, c.Expect(250))
 
 	msgs := queued(t, sp)
 	if len(msgs) != 1 || msgs[0].Envelope.QueueID != qid {
@@ -185,15 +186,15 @@ spec:
     data: 3s
     minDataRate: 0
 `))
-	c := dialReady(t, g.addr)
-	c.cmd("MAIL FROM:<a@example.org>", 250)
-	c.cmd("RCPT TO:<b@example.net>", 250)
+	c := smtptest.DialReady(t, g.addr)
+	c.Cmd("MAIL FROM:<a@example.org>", 250)
+	c.Cmd("RCPT TO:<b@example.net>", 250)
 	// The gateway starts the data clock when go-smtp hands it the body,
 	// after it has written the 354: a clock started here on reading the
 	// 354 can start later than the gateway's and see the cut-off a hair
 	// before 3s. Starting it before sending DATA bounds it from below.
 	start := time.Now()
-	c.cmd("DATA", 354)
+	c.Cmd("DATA", 354)
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
@@ -205,12 +206,12 @@ spec:
 				return
 			case <-time.After(300 * time.Millisecond):
 			}
-			if _, err := c.conn.Write([]byte("x")); err != nil {
+			if _, err := c.Conn.Write([]byte("x")); err != nil {
 				return
 			}
 		}
 	}()
-	reply := c.expect(421)
+	reply := c.Expect(421)
 	elapsed := time.Since(start)
 	if !strings.HasPrefix(reply, "421 4.4.2 ") {
 		t.Errorf("reply %q, want 421 4.4.2", reply)
@@ -218,7 +219,7 @@ spec:
 	if elapsed < 3*time.Second || elapsed > 4500*time.Millisecond {
 		t.Errorf("cut off after %s, want at the 3s deadline", elapsed)
 	}
-	c.expectClosed()
+	c.ExpectClosed()
 	if msgs := queued(t, sp); len(msgs) != 0 {
 		t.Errorf("%d queued", len(msgs))
 	}
@@ -238,10 +239,10 @@ spec:
     minDataRate: 1000
     dataRateGrace: 1s
 `))
-	c := dialReady(t, g.addr)
-	c.cmd("MAIL FROM:<a@example.org>", 250)
-	c.cmd("RCPT TO:<b@example.net>", 250)
-	c.cmd("DATA", 354)
+	c := smtptest.DialReady(t, g.addr)
+	c.Cmd("MAIL FROM:<a@example.org>", 250)
+	c.Cmd("RCPT TO:<b@example.net>", 250)
+	c.Cmd("DATA", 354)
 	start := time.Now()
 	stop := make(chan struct{})
 	defer close(stop)
@@ -252,19 +253,19 @@ spec:
 				return
 			case <-time.After(100 * time.Millisecond):
 			}
-			if _, err := c.conn.Write([]byte("y")); err != nil {
+			if _, err := c.Conn.Write([]byte("y")); err != nil {
 				return
 			}
 		}
 	}()
-	reply := c.expect(421)
+	reply := c.Expect(421)
 	if !strings.HasPrefix(reply, "421 4.4.2 ") {
 		t.Errorf("reply %q", reply)
 	}
 	if d := time.Since(start); d > 3*time.Second {
 		t.Errorf("cut off after %s, want soon after the 1s grace", d)
 	}
-	c.expectClosed()
+	c.ExpectClosed()
 }
 
 func TestSessionDeadlineEndsABusyIdleSession(t *testing.T) {
@@ -283,11 +284,11 @@ spec:
 	// before its greeting and the EHLO: start ours before dialling, or it
 	// starts later and can see the cut-off before 2s.
 	start := time.Now()
-	c := dialReady(t, g.addr)
+	c := smtptest.DialReady(t, g.addr)
 	// NOOPs keep the session from ever being idle.
 	for i := 0; i < 100; i++ {
-		c.send("NOOP\r\n")
-		code, text, err := c.readReply()
+		c.Send("NOOP\r\n")
+		code, text, err := c.ReadReply()
 		if err != nil {
 			t.Fatalf("after %s: %v", time.Since(start), err)
 		}
@@ -298,7 +299,7 @@ spec:
 			if d := time.Since(start); d < 2*time.Second || d > 3500*time.Millisecond {
 				t.Errorf("ended after %s, want at the 2s deadline", d)
 			}
-			c.expectClosed()
+			c.ExpectClosed()
 			return
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -311,30 +312,30 @@ func TestShutdownLetsTransactionsFinishAndRefusesNewWork(t *testing.T) {
 	sp := n.spool(t)
 	g := startGateway(t, sp, nil, func(c *Config) { c.ShutdownGrace = 5 * time.Second })
 
-	busy := dialReady(t, g.addr)
-	busy.cmd("MAIL FROM:<a@example.org>", 250)
-	busy.cmd("RCPT TO:<b@example.net>", 250)
-	busy.cmd("DATA", 354)
-	busy.send("Subject: in flight\r\n\r\n")
-	idle := dialReady(t, g.addr)
+	busy := smtptest.DialReady(t, g.addr)
+	busy.Cmd("MAIL FROM:<a@example.org>", 250)
+	busy.Cmd("RCPT TO:<b@example.net>", 250)
+	busy.Cmd("DATA", 354)
+	busy.Send("Subject: in flight\r\n\r\n")
+	idle := smtptest.DialReady(t, g.addr)
 
 	done := make(chan error, 1)
 	go func() { done <- g.Shutdown(context.Background()) }()
 
 	// The idle session is told to go away.
-	if line := idle.expect(421); !strings.HasPrefix(line, "421 4.3.2") {
+	if line := idle.Expect(421); !strings.HasPrefix(line, "421 4.3.2") {
 		t.Errorf("idle session got %q", line)
 	}
-	idle.expectClosed()
+	idle.ExpectClosed()
 	// The transaction in flight completes, and then the session ends at
 	// once rather than when the grace runs out.
-	busy.send("body\r\n.\r\n")
-	busy.expect(250)
+	busy.Send("body\r\n.\r\n")
+	busy.Expect(250)
 	finished := time.Now()
-	if line := busy.expect(421); !strings.HasPrefix(line, "421 4.3.2") {
+	if line := busy.Expect(421); !strings.HasPrefix(line, "421 4.3.2") {
 		t.Errorf("after its transaction the session got %q, want 421 4.3.2", line)
 	}
-	busy.expectClosed()
+	busy.ExpectClosed()
 	select {
 	case err := <-done:
 		if err != nil {
@@ -355,15 +356,15 @@ func TestFullStoreGets451AndTheSessionGoesOn(t *testing.T) {
 	n := startNATS(t)
 	sp := n.spool(t, func(c *spool.Config) { c.MaxQueueBytes = 16 << 10 })
 	g := startGateway(t, sp, nil)
-	c := dialReady(t, g.addr)
+	c := smtptest.DialReady(t, g.addr)
 	body := strings.Repeat("z", 3000)
 	stored := 0
 	for i := 0; i < 20; i++ {
-		c.cmd("MAIL FROM:<a@example.org>", 250)
-		c.cmd("RCPT TO:<b@example.net>", 250)
-		c.cmd("DATA", 354)
-		c.send(simpleMessage(fmt.Sprintf("full-%d", i), body) + ".\r\n")
-		code, line, err := c.readReply()
+		c.Cmd("MAIL FROM:<a@example.org>", 250)
+		c.Cmd("RCPT TO:<b@example.net>", 250)
+		c.Cmd("DATA", 354)
+		c.Send(simpleMessage(fmt.Sprintf("full-%d", i), body) + ".\r\n")
+		code, line, err := c.ReadReply()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -375,7 +376,7 @@ func TestFullStoreGets451AndTheSessionGoesOn(t *testing.T) {
 			t.Fatalf("a full store answered %q, want 451 4.3.0", line)
 		}
 		// Still serving: the client may try again later on this session.
-		c.cmd("NOOP", 250)
+		c.Cmd("NOOP", 250)
 		if got := len(queued(t, sp)); got != stored {
 			t.Fatalf("%d queued, want the %d acknowledged", got, stored)
 		}
@@ -388,16 +389,16 @@ func TestFullBodyStoreGets451ForALargeMessage(t *testing.T) {
 	n := startNATS(t)
 	sp := n.spool(t, func(c *spool.Config) { c.MaxBodyBytes = 512 << 10 })
 	g := startGateway(t, sp, nil)
-	c := dialReady(t, g.addr)
-	c.cmd("MAIL FROM:<a@example.org>", 250)
-	c.cmd("RCPT TO:<b@example.net>", 250)
-	c.cmd("DATA", 354)
+	c := smtptest.DialReady(t, g.addr)
+	c.Cmd("MAIL FROM:<a@example.org>", 250)
+	c.Cmd("RCPT TO:<b@example.net>", 250)
+	c.Cmd("DATA", 354)
 	line := strings.Repeat("b", 98) + "\r\n"
-	c.send(simpleMessage("big-full", strings.Repeat(line, 20000)) + ".\r\n") // 2 MB: chunked
-	if reply := c.expect(451); !strings.HasPrefix(reply, "451 4.3.0 ") {
+	c.Send(simpleMessage("big-full", strings.Repeat(line, 20000)) + ".\r\n") // 2 MB: chunked
+	if reply := c.Expect(451); !strings.HasPrefix(reply, "451 4.3.0 ") {
 		t.Fatalf("a full body store answered %q, want 451 4.3.0", reply)
 	}
-	c.cmd("NOOP", 250)
+	c.Cmd("NOOP", 250)
 	if got := len(queued(t, sp)); got != 0 {
 		t.Fatalf("%d queued after a failed body write", got)
 	}

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jetmail/jetmail/internal/smtptest"
 )
 
 func TestQueuedMessageLandsInTheStreamWithItsEnvelope(t *testing.T) {
@@ -13,18 +15,18 @@ func TestQueuedMessageLandsInTheStreamWithItsEnvelope(t *testing.T) {
 	sp := n.spool(t)
 	g := startGateway(t, sp, nil)
 
-	c := dialReady(t, g.addr)
-	c.cmd("MAIL FROM:<alice@example.org> SIZE=200 BODY=8BITMIME RET=HDRS ENVID=abc123", 250)
-	c.cmd("RCPT TO:<bob@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@example.net", 250)
-	c.cmd("RCPT TO:<carol@example.com>", 250)
-	c.cmd("DATA", 354)
-	c.send(simpleMessage("m1", "hello") + ".\r\n")
-	reply := c.expect(250)
+	c := smtptest.DialReady(t, g.addr)
+	c.Cmd("MAIL FROM:<alice@example.org> SIZE=200 BODY=8BITMIME RET=HDRS ENVID=abc123", 250)
+	c.Cmd("RCPT TO:<bob@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@example.net", 250)
+	c.Cmd("RCPT TO:<carol@example.com>", 250)
+	c.Cmd("DATA", 354)
+	c.Send(simpleMessage("m1", "hello") + ".\r\n")
+	reply := c.Expect(250)
 	if !strings.HasPrefix(reply, "250 2.0.0 Ok: queued as ") {
 		t.Fatalf("reply %q", reply)
 	}
 	qid := queueIDOf(t, reply)
-	c.cmd("QUIT", 221)
+	c.Cmd("QUIT", 221)
 
 	msgs := queued(t, sp)
 	if len(msgs) != 1 {
@@ -68,8 +70,8 @@ spec:
   relayNetworks: [127.0.0.0/8]
   maxMessageBytes: 4096
 `))
-	size := func(c *client) string {
-		c.send("EHLO client.test\r\n")
+	size := func(c *smtptest.Client) string {
+		c.Send("EHLO client.test\r\n")
 		var sizeLine string
 		for {
 			code, line, err := readLine(c)
@@ -84,8 +86,8 @@ spec:
 			}
 		}
 	}
-	old := dial(t, g.addr)
-	old.expect(220)
+	old := smtptest.Dial(t, g.addr)
+	old.Expect(220)
 	if got := size(old); got != "SIZE 4096" {
 		t.Fatalf("advertised %q, want SIZE 4096", got)
 	}
@@ -98,8 +100,8 @@ spec:
   relayNetworks: [127.0.0.0/8]
   maxMessageBytes: 8192
 `))
-	fresh := dial(t, g.addr)
-	fresh.expect(220)
+	fresh := smtptest.Dial(t, g.addr)
+	fresh.Expect(220)
 	if got := size(fresh); got != "SIZE 8192" {
 		t.Errorf("a new connection is offered %q, want SIZE 8192", got)
 	}
@@ -108,17 +110,17 @@ spec:
 	if got := size(old); got != "SIZE 4096" {
 		t.Errorf("the open connection is now offered %q, want SIZE 4096", got)
 	}
-	old.mail("a@example.org", []string{"b@example.net"}, simpleMessage("old-front", "x"), 250)
-	fresh.mail("a@example.org", []string{"b@example.net"}, simpleMessage("new-front", strings.Repeat("y", 5000)), 250)
+	old.Mail("a@example.org", []string{"b@example.net"}, simpleMessage("old-front", "x"), 250)
+	fresh.Mail("a@example.org", []string{"b@example.net"}, simpleMessage("new-front", strings.Repeat("y", 5000)), 250)
 	if n := len(queued(t, sp)); n != 2 {
 		t.Fatalf("%d queued, want 2", n)
 	}
 }
 
 // readLine reads one line of a (possibly multi-line) reply.
-func readLine(c *client) (int, string, error) {
-	_ = c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
-	line, err := c.r.ReadString('\n')
+func readLine(c *smtptest.Client) (int, string, error) {
+	_ = c.Conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	line, err := c.R.ReadString('\n')
 	if err != nil || len(line) < 4 {
 		return 0, line, fmt.Errorf("short reply %q: %v", line, err)
 	}

@@ -1,9 +1,7 @@
 package smtpgw
 
 import (
-	"bufio"
 	"context"
-	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -130,106 +128,6 @@ func compile(t testing.TB, yaml string) *policy.Relay {
 		t.Fatal(err)
 	}
 	return cfg.Relay
-}
-
-// client scripts an SMTP session line by line over real TCP.
-type client struct {
-	t    testing.TB
-	conn net.Conn
-	r    *bufio.Reader
-}
-
-func dial(t testing.TB, addr string) *client {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return &client{t: t, conn: c, r: bufio.NewReader(c)}
-}
-
-// dialReady connects, checks the greeting and says EHLO.
-func dialReady(t testing.TB, addr string) *client {
-	c := dial(t, addr)
-	c.expect(220)
-	c.cmd("EHLO client.test", 250)
-	return c
-}
-
-// readReply reads one (possibly multi-line) reply and returns its code and
-// last line.
-func (c *client) readReply() (int, string, error) {
-	_ = c.conn.SetReadDeadline(time.Now().Add(15 * time.Second))
-	var code int
-	var text string
-	for {
-		line, err := c.r.ReadString('\n')
-		if err != nil {
-			return 0, line, err
-		}
-		if len(line) < 4 {
-			return 0, line, fmt.Errorf("short reply %q", line)
-		}
-		if _, err := fmt.Sscanf(line[:3], "%d", &code); err != nil {
-			return 0, line, err
-		}
-		text = strings.TrimRight(line, "\r\n")
-		if line[3] == ' ' {
-			return code, text, nil
-		}
-	}
-}
-
-// expect reads a reply and fails unless its code is want. It returns the
-// last line.
-func (c *client) expect(want int) string {
-	c.t.Helper()
-	code, text, err := c.readReply()
-	if err != nil {
-		c.t.Fatalf("reading reply (want %d): %v (got %q)", want, err, text)
-	}
-	if code != want {
-		c.t.Fatalf("got %q, want code %d", text, want)
-	}
-	return text
-}
-
-// send writes raw bytes.
-func (c *client) send(s string) {
-	c.t.Helper()
-	_ = c.conn.SetWriteDeadline(time.Now().Add(15 * time.Second))
-	if _, err := c.conn.Write([]byte(s)); err != nil {
-		c.t.Fatalf("write: %v", err)
-	}
-}
-
-// cmd sends a command line and expects a reply code; it returns the reply.
-func (c *client) cmd(line string, want int) string {
-	c.t.Helper()
-	c.send(line + "\r\n")
-	return c.expect(want)
-}
-
-// mail runs one whole transaction and returns the final reply line.
-func (c *client) mail(from string, to []string, data string, want int) string {
-	c.t.Helper()
-	c.cmd("MAIL FROM:<"+from+">", 250)
-	for _, r := range to {
-		c.cmd("RCPT TO:<"+r+">", 250)
-	}
-	c.cmd("DATA", 354)
-	c.send(data + ".\r\n")
-	return c.expect(want)
-}
-
-// expectClosed checks that the server closed the connection.
-func (c *client) expectClosed() {
-	c.t.Helper()
-	_ = c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if line, err := c.r.ReadString('\n'); err == nil {
-		c.t.Fatalf("connection still open, got %q", line)
-	}
 }
 
 // queued lists the mail in the spool.

@@ -1,9 +1,7 @@
 package smtpgw
 
 import (
-	"bufio"
 	"context"
-	"crypto/tls"
 	"encoding/base64"
 	"fmt"
 	"net"
@@ -14,6 +12,7 @@ import (
 	proxyproto "github.com/pires/go-proxyproto"
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/jetmail/jetmail/internal/smtptest"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -45,59 +44,39 @@ const nonRelaySpec = `  relayNetworks: ["10.0.0.0/8"]
 // it has already sent.
 const replyTimeout = 5 * time.Second
 
-// readReplyLines reads one whole reply, all its lines.
-func readReplyLines(c *client) ([]string, error) {
-	_ = c.conn.SetReadDeadline(time.Now().Add(replyTimeout))
-	var lines []string
-	for {
-		line, err := c.r.ReadString('\n')
-		if err != nil {
-			return lines, fmt.Errorf("%w (read so far %q)", err, append(lines, line))
-		}
-		line = strings.TrimRight(line, "\r\n")
-		if len(line) < 4 {
-			return lines, fmt.Errorf("short reply line %q", line)
-		}
-		lines = append(lines, line)
-		if line[3] == ' ' {
-			return lines, nil
-		}
-	}
-}
-
 // replyWant reads one reply and fails unless its last line starts with
 // want, a code and enhanced status code such as "554 5.7.1" (or a code
 // alone for replies that carry none, such as 334).
-func replyWant(c *client, want string) string {
-	c.t.Helper()
-	lines, err := readReplyLines(c)
+func replyWant(c *smtptest.Client, want string) string {
+	c.T.Helper()
+	lines, err := c.ReplyLines(replyTimeout)
 	if err != nil {
-		c.t.Fatalf("reading reply (want %q): %v", want, err)
+		c.T.Fatalf("reading reply (want %q): %v", want, err)
 	}
 	last := lines[len(lines)-1]
 	if !strings.HasPrefix(last+" ", want+" ") {
-		c.t.Fatalf("got %q, want %q", last, want)
+		c.T.Fatalf("got %q, want %q", last, want)
 	}
 	return last
 }
 
 // cmdWant sends a command line and checks the reply like replyWant.
-func cmdWant(c *client, line, want string) string {
-	c.t.Helper()
-	c.send(line + "\r\n")
+func cmdWant(c *smtptest.Client, line, want string) string {
+	c.T.Helper()
+	c.Send(line + "\r\n")
 	return replyWant(c, want)
 }
 
 // ehlo says EHLO and returns the extension keywords offered.
-func ehlo(c *client, name string) []string {
-	c.t.Helper()
-	c.send("EHLO " + name + "\r\n")
-	lines, err := readReplyLines(c)
+func ehlo(c *smtptest.Client, name string) []string {
+	c.T.Helper()
+	c.Send("EHLO " + name + "\r\n")
+	lines, err := c.ReplyLines(replyTimeout)
 	if err != nil {
-		c.t.Fatalf("EHLO: %v", err)
+		c.T.Fatalf("EHLO: %v", err)
 	}
 	if !strings.HasPrefix(lines[0], "250") {
-		c.t.Fatalf("EHLO: got %q", lines)
+		c.T.Fatalf("EHLO: got %q", lines)
 	}
 	var caps []string
 	for _, l := range lines[1:] {
@@ -117,10 +96,10 @@ func hasCap(caps []string, prefix string) bool {
 
 // expectNOOPNext proves that no reply is pending: the next reply must be
 // the NOOP's own, not one to a command the server found in message data.
-func expectNOOPNext(c *client) {
-	c.t.Helper()
+func expectNOOPNext(c *smtptest.Client) {
+	c.T.Helper()
 	if r := cmdWant(c, "NOOP", "250 2.0.0"); !strings.Contains(r, "done nothing") {
-		c.t.Fatalf("reply to NOOP is %q: a reply to some other command was pending", r)
+		c.T.Fatalf("reply to NOOP is %q: a reply to some other command was pending", r)
 	}
 }
 
@@ -162,26 +141,13 @@ func storedBody(t testing.TB, sp *spool.Spool, m *spool.Message) string {
 // sendMail runs MAIL, RCPT and DATA expecting 250 2.0.0 for the envelope
 // commands and 354 for DATA, sends data (which must end with CRLF) and
 // returns the final reply, checked against want.
-func sendMail(c *client, from, to, data, want string) string {
-	c.t.Helper()
+func sendMail(c *smtptest.Client, from, to, data, want string) string {
+	c.T.Helper()
 	cmdWant(c, "MAIL FROM:<"+from+">", "250 2.0.0")
 	cmdWant(c, "RCPT TO:<"+to+">", "250 2.0.0")
 	cmdWant(c, "DATA", "354")
-	c.send(data + ".\r\n")
+	c.Send(data + ".\r\n")
 	return replyWant(c, want)
-}
-
-// dialFrom connects from a chosen loopback address (Linux routes all of
-// 127.0.0.0/8 to lo), so that tests can be several clients at once.
-func dialFrom(t testing.TB, addr, local string) *client {
-	t.Helper()
-	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}}
-	nc, err := d.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { nc.Close() })
-	return &client{t: t, conn: nc, r: bufio.NewReader(nc)}
 }
 
 func TestDefaultPolicyLetsLoopbackClientsRelayAnywhere(t *testing.T) {
@@ -195,7 +161,7 @@ func TestDefaultPolicyLetsLoopbackClientsRelayAnywhere(t *testing.T) {
 		"a loopback client may send to a percent-hack address":   "bob%other.test@example.net",
 	} {
 		t.Run(name, func(t *testing.T) {
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			reply := sendMail(c, "alice@example.org", rcpt, uniqueMessage(t, "hi"), "250 2.0.0")
 			e := queuedMail(t, sp, reply).Envelope
 			if e.ClientIP != "127.0.0.1" || len(e.Rcpts) != 1 || e.Rcpts[0].Addr != rcpt || e.AuthUser != "" {
@@ -228,7 +194,7 @@ func TestNonRelayClientMaySendOnlyToAcceptedDomains(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			cmdWant(c, "MAIL FROM:<alice@elsewhere.test>", "250 2.0.0")
 			cmdWant(c, "RCPT TO:<"+tc.rcpt+">", tc.want)
 			if tc.want != "250 2.0.0" {
@@ -239,7 +205,7 @@ func TestNonRelayClientMaySendOnlyToAcceptedDomains(t *testing.T) {
 				return
 			}
 			cmdWant(c, "DATA", "354")
-			c.send(uniqueMessage(t, "hi") + ".\r\n")
+			c.Send(uniqueMessage(t, "hi") + ".\r\n")
 			e := queuedMail(t, sp, replyWant(c, "250 2.0.0")).Envelope
 			if len(e.Rcpts) != 1 || e.Rcpts[0].Addr != tc.rcpt {
 				t.Errorf("rcpts %+v", e.Rcpts)
@@ -289,7 +255,7 @@ func TestNonRelayClientCannotRelayWithOpenRelayTricks(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			cmdWant(c, "MAIL FROM:<"+tc.from+">", "250 2.0.0")
 			cmdWant(c, "RCPT TO:<"+tc.to+">", tc.want)
 			cmdWant(c, "DATA", "502 5.5.1")
@@ -341,7 +307,7 @@ func TestAuthIsRefusedBeforeSTARTTLS(t *testing.T) {
 		{"AUTH LOGIN gets 523 5.7.10", "AUTH LOGIN"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dial(t, g.addr)
+			c := smtptest.Dial(t, g.addr)
 			replyWant(c, "220")
 			caps := ehlo(c, "client.test")
 			if !hasCap(caps, "STARTTLS") || hasCap(caps, "AUTH") {
@@ -392,7 +358,7 @@ func TestAuthOnPlaintextWhenAllowedInsecure(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dial(t, g.addr)
+			c := smtptest.Dial(t, g.addr)
 			replyWant(c, "220")
 			if caps := ehlo(c, "client.test"); !hasCap(caps, "AUTH PLAIN LOGIN") {
 				t.Fatalf("EHLO offers %q, want AUTH PLAIN LOGIN", caps)
@@ -411,7 +377,7 @@ func TestAuthOnPlaintextWhenAllowedInsecure(t *testing.T) {
 			}
 			cmdWant(c, "RCPT TO:<bob@other.test>", "250 2.0.0")
 			cmdWant(c, "DATA", "354")
-			c.send(uniqueMessage(t, "hi") + ".\r\n")
+			c.Send(uniqueMessage(t, "hi") + ".\r\n")
 			m := queuedMail(t, sp, replyWant(c, "250 2.0.0"))
 			if m.Envelope.AuthUser != "alice" || m.Envelope.TLS {
 				t.Errorf("envelope AuthUser %q TLS %v, want alice and false", m.Envelope.AuthUser, m.Envelope.TLS)
@@ -425,16 +391,10 @@ func TestAuthOnPlaintextWhenAllowedInsecure(t *testing.T) {
 }
 
 // startTLS upgrades an SMTP client connection after "STARTTLS" got 220.
-func startTLS(t testing.TB, c *client) *client {
-	t.Helper()
+func startTLS(c *smtptest.Client) {
+	c.T.Helper()
 	cmdWant(c, "STARTTLS", "220 2.0.0")
-	tc := tls.Client(c.conn, &tls.Config{ServerName: "mx.test", InsecureSkipVerify: true})
-	_ = tc.SetDeadline(time.Now().Add(replyTimeout))
-	if err := tc.Handshake(); err != nil {
-		t.Fatalf("TLS handshake: %v", err)
-	}
-	_ = tc.SetDeadline(time.Time{})
-	return &client{t: t, conn: tc, r: bufio.NewReader(tc)}
+	c.UpgradeTLS("mx.test")
 }
 
 func TestAuthAfterSTARTTLS(t *testing.T) {
@@ -460,10 +420,10 @@ func TestAuthAfterSTARTTLS(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dial(t, g.addr)
+			c := smtptest.Dial(t, g.addr)
 			replyWant(c, "220")
 			ehlo(c, "client.test")
-			c = startTLS(t, c)
+			startTLS(c)
 			caps := ehlo(c, "client.test")
 			if hasCap(caps, "STARTTLS") || !hasCap(caps, "AUTH PLAIN LOGIN") {
 				t.Fatalf("after STARTTLS the gateway offers %q; want AUTH PLAIN LOGIN and no STARTTLS", caps)
@@ -481,7 +441,7 @@ func TestAuthAfterSTARTTLS(t *testing.T) {
 			}
 			cmdWant(c, "RCPT TO:<bob@other.test>", "250 2.0.0")
 			cmdWant(c, "DATA", "354")
-			c.send(uniqueMessage(t, "hi") + ".\r\n")
+			c.Send(uniqueMessage(t, "hi") + ".\r\n")
 			m := queuedMail(t, sp, replyWant(c, "250 2.0.0"))
 			if e := m.Envelope; e.AuthUser != "alice" || !e.TLS || e.ClientIP != "127.0.0.1" {
 				t.Errorf("envelope %+v, want AuthUser alice and TLS", e)
@@ -515,7 +475,7 @@ func TestRejectSenders(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			cmdWant(c, "MAIL FROM:<"+tc.from+">", tc.want)
 			if tc.want != "250 2.0.0" {
 				cmdWant(c, "RCPT TO:<bob@example.net>", "502 5.5.1")
@@ -527,7 +487,7 @@ func TestRejectSenders(t *testing.T) {
 			}
 			cmdWant(c, "RCPT TO:<bob@example.net>", "250 2.0.0")
 			cmdWant(c, "DATA", "354")
-			c.send(uniqueMessage(t, "hi") + ".\r\n")
+			c.Send(uniqueMessage(t, "hi") + ".\r\n")
 			if e := queuedMail(t, sp, replyWant(c, "250 2.0.0")).Envelope; e.From != tc.from {
 				t.Errorf("envelope From %q, want %q", e.From, tc.from)
 			}
@@ -578,7 +538,7 @@ func TestMaxMessageBytes(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dial(t, g.addr)
+			c := smtptest.Dial(t, g.addr)
 			replyWant(c, "220")
 			if caps := ehlo(c, "client.test"); !hasCap(caps, "SIZE 2048") {
 				t.Fatalf("EHLO offers %q, want SIZE 2048", caps)
@@ -593,7 +553,7 @@ func TestMaxMessageBytes(t *testing.T) {
 				if len(data) != tc.size {
 					t.Fatalf("test message is %d octets, want %d", len(data), tc.size)
 				}
-				c.send(data + ".\r\n")
+				c.Send(data + ".\r\n")
 				reply := replyWant(c, tc.want)
 				if tc.want == "250 2.0.0" {
 					if body := storedBody(t, sp, queuedMail(t, sp, reply)); !strings.HasSuffix(body, "\r\n"+data) {
@@ -626,14 +586,14 @@ func TestMaxRecipients(t *testing.T) {
 		{"the 101st recipient gets 452 4.5.3 and the first 100 are stored", 101},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			cmdWant(c, "MAIL FROM:<alice@example.org>", "250 2.0.0")
 			// Pipelined, as a real client would, then the replies in order.
 			var cmds strings.Builder
 			for i := 1; i <= tc.rcpts; i++ {
 				fmt.Fprintf(&cmds, "RCPT TO:<r%d@example.net>\r\n", i)
 			}
-			c.send(cmds.String())
+			c.Send(cmds.String())
 			for i := 1; i <= tc.rcpts; i++ {
 				want := "250 2.0.0"
 				if i > policy.DefaultMaxRecipients {
@@ -642,7 +602,7 @@ func TestMaxRecipients(t *testing.T) {
 				replyWant(c, want)
 			}
 			cmdWant(c, "DATA", "354")
-			c.send(uniqueMessage(t, "hi") + ".\r\n")
+			c.Send(uniqueMessage(t, "hi") + ".\r\n")
 			e := queuedMail(t, sp, replyWant(c, "250 2.0.0")).Envelope
 			if len(e.Rcpts) != policy.DefaultMaxRecipients {
 				t.Fatalf("%d recipients stored, want %d", len(e.Rcpts), policy.DefaultMaxRecipients)
@@ -726,7 +686,7 @@ func TestRFC5321SizeLimits(t *testing.T) {
 			{"RCPT TO:<bob@example.net>", "250 2.0.0"}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dial(t, g.addr)
+			c := smtptest.Dial(t, g.addr)
 			replyWant(c, "220")
 			if first := tc.steps[0].send; !strings.HasPrefix(first, "HELO ") && !strings.HasPrefix(first, "EHLO ") {
 				ehlo(c, "client.test")
@@ -736,7 +696,7 @@ func TestRFC5321SizeLimits(t *testing.T) {
 			}
 			expectNOOPNext(c)
 			// A new connection is served as well.
-			dialReady(t, g.addr).cmd("QUIT", 221)
+			smtptest.DialReady(t, g.addr).Cmd("QUIT", 221)
 		})
 	}
 }
@@ -754,7 +714,7 @@ func TestRFC5321TextLineOf1000OctetsIsStoredUnchanged(t *testing.T) {
 		{"a dot-stuffed text line of 998 octets is stored with one dot", "." + strings.Repeat("t", 997)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			data := "Subject: long\r\n\r\n" + tc.line + "\r\nend\r\n"
 			sent := data
 			if strings.HasPrefix(tc.line, ".") {
@@ -763,7 +723,7 @@ func TestRFC5321TextLineOf1000OctetsIsStoredUnchanged(t *testing.T) {
 			cmdWant(c, "MAIL FROM:<alice@example.org>", "250 2.0.0")
 			cmdWant(c, "RCPT TO:<bob@example.net>", "250 2.0.0")
 			cmdWant(c, "DATA", "354")
-			c.send(sent + ".\r\n")
+			c.Send(sent + ".\r\n")
 			body := storedBody(t, sp, queuedMail(t, sp, replyWant(c, "250 2.0.0")))
 			if !strings.HasSuffix(body, "\r\n"+data) {
 				t.Fatalf("stored body does not end with the message as sent")
@@ -785,10 +745,10 @@ func TestLineOverMaxLineLengthClosesTheConnection(t *testing.T) {
 		{"a MAIL FROM over 64 KiB gets 500 5.4.0 and the connection is closed", "MAIL FROM:<" + strings.Repeat("a", 70<<10) + "@example.org>"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			cmdWant(c, tc.line, "500 5.4.0")
-			c.expectClosed()
-			dialReady(t, g.addr).cmd("QUIT", 221)
+			c.ExpectClosed()
+			smtptest.DialReady(t, g.addr).Cmd("QUIT", 221)
 		})
 	}
 }
@@ -812,7 +772,7 @@ func TestMaxErrorsClosesTheConnection(t *testing.T) {
 		{"four malformed addresses end the session with 421 4.7.0", authStep{"MAIL FROM:<x@-bad-.test>", "501 5.1.7"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			for i := 0; i < 3; i++ {
 				cmdWant(c, tc.bad.send, tc.bad.want)
 			}
@@ -820,7 +780,7 @@ func TestMaxErrorsClosesTheConnection(t *testing.T) {
 			expectNOOPNext(c)
 			cmdWant(c, tc.bad.send, tc.bad.want)
 			replyWant(c, "421 4.7.0")
-			c.expectClosed()
+			c.ExpectClosed()
 		})
 	}
 }
@@ -848,7 +808,7 @@ func TestMaxReceivedHeaders(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			reply := sendMail(c, "alice@example.org", "bob@example.net", tc.data, tc.want)
 			if tc.want == "250 2.0.0" {
 				if body := storedBody(t, sp, queuedMail(t, sp, reply)); !strings.HasSuffix(body, "\r\n"+tc.data) {
@@ -885,7 +845,7 @@ func TestSMTPUTF8(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			cmdWant(c, tc.mail, tc.mailWant)
 			if tc.rcpt == "" {
 				cmdWant(c, "RCPT TO:<bob@example.net>", "502 5.5.1")
@@ -900,7 +860,7 @@ func TestSMTPUTF8(t *testing.T) {
 				return
 			}
 			cmdWant(c, "DATA", "354")
-			c.send(uniqueMessage(t, "grüße") + ".\r\n")
+			c.Send(uniqueMessage(t, "grüße") + ".\r\n")
 			e := queuedMail(t, sp, replyWant(c, "250 2.0.0")).Envelope
 			from := strings.TrimSuffix(strings.TrimPrefix(tc.mail, "MAIL FROM:<"), "> SMTPUTF8")
 			to := strings.TrimSuffix(strings.TrimPrefix(tc.rcpt, "RCPT TO:<"), ">")
@@ -931,32 +891,32 @@ func TestConnectionLimits(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			g := startGateway(t, sp, relayPolicy(t, "  relayNetworks: [\"127.0.0.0/8\"]\n  limits:\n    "+tc.limits+"\n"))
-			a := dialFrom(t, g.addr, tc.clients[0])
+			a := smtptest.DialFrom(t, g.addr, tc.clients[0])
 			replyWant(a, "220")
-			b := dialFrom(t, g.addr, tc.clients[1])
+			b := smtptest.DialFrom(t, g.addr, tc.clients[1])
 			replyWant(b, "220")
-			var other *client
+			var other *smtptest.Client
 			if tc.other != "" {
-				other = dialFrom(t, g.addr, tc.other)
+				other = smtptest.DialFrom(t, g.addr, tc.other)
 				replyWant(other, "220")
 			}
-			third := dialFrom(t, g.addr, tc.clients[2])
+			third := smtptest.DialFrom(t, g.addr, tc.clients[2])
 			if r := replyWant(third, "421 4.7.0"); !strings.HasPrefix(r, tc.refusal) {
 				t.Errorf("refusal %q, want %q", r, tc.refusal)
 			}
-			third.expectClosed()
+			third.ExpectClosed()
 			// The admitted ones still work.
-			b.cmd("EHLO client.test", 250)
+			b.Cmd("EHLO client.test", 250)
 			if other != nil {
-				other.cmd("EHLO client.test", 250)
-				other.cmd("QUIT", 221)
+				other.Cmd("EHLO client.test", 250)
+				other.Cmd("QUIT", 221)
 			}
-			a.cmd("QUIT", 221)
+			a.Cmd("QUIT", 221)
 			want := 1
 			eventually(t, 5*time.Second, "the closed connections to free their slots", func() bool { return g.OpenConnections() == want })
-			d := dialFrom(t, g.addr, tc.clients[2])
+			d := smtptest.DialFrom(t, g.addr, tc.clients[2])
 			replyWant(d, "220")
-			d.cmd("EHLO client.test", 250)
+			d.Cmd("EHLO client.test", 250)
 		})
 	}
 }
@@ -994,8 +954,8 @@ func TestProxyProtocol(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dial(t, g.addr)
-			c.send(tc.header)
+			c := smtptest.Dial(t, g.addr)
+			c.Send(tc.header)
 			replyWant(c, "220")
 			ehlo(c, "client.test")
 			cmdWant(c, "MAIL FROM:<alice@example.org>", "250 2.0.0")
@@ -1008,7 +968,7 @@ func TestProxyProtocol(t *testing.T) {
 				cmdWant(c, "RCPT TO:<"+to+">", "250 2.0.0")
 			}
 			cmdWant(c, "DATA", "354")
-			c.send(uniqueMessage(t, "hi") + ".\r\n")
+			c.Send(uniqueMessage(t, "hi") + ".\r\n")
 			m := queuedMail(t, sp, replyWant(c, "250 2.0.0"))
 			if e := m.Envelope; e.ClientIP != tc.ip || len(e.Rcpts) != 1 || e.Rcpts[0].Addr != to {
 				t.Errorf("envelope ClientIP %q Rcpts %+v; want %s and %s", e.ClientIP, e.Rcpts, tc.ip, to)
@@ -1038,9 +998,9 @@ func TestProxyProtocolIsRequiredWhenConfigured(t *testing.T) {
 		{"a connection with a malformed v1 header is closed without a greeting", "PROXY TCP4 192.0.2.7\r\nEHLO client.test\r\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dial(t, g.addr)
-			c.send(tc.first)
-			c.expectClosed()
+			c := smtptest.Dial(t, g.addr)
+			c.Send(tc.first)
+			c.ExpectClosed()
 			eventually(t, 5*time.Second, "the refused connection to free its slot", func() bool { return g.OpenConnections() == 0 })
 			if got := queueCount(t, sp); got != 0 {
 				t.Fatalf("%d mails queued", got)

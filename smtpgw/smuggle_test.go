@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/jetmail/jetmail/internal/smtptest"
 )
 
 // SMTP smuggling (CVE-2023-51764 and kin): an outbound server that ends
@@ -46,21 +48,21 @@ func TestSmugglingSequencesInDATAAreRefused(t *testing.T) {
 	for _, tc := range smuggleCases {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			cmdWant(c, "MAIL FROM:<alice@example.org>", "250 2.0.0")
 			cmdWant(c, "RCPT TO:<bob@example.net>", "250 2.0.0")
 			cmdWant(c, "DATA", "354")
-			c.send(tc.data + ".\r\n")
+			c.Send(tc.data + ".\r\n")
 			replyWant(c, "554 5.5.2")
 			// Exactly one reply to the data, then the connection is
 			// closed: none of the smuggled commands ran.
-			c.expectClosed()
+			c.ExpectClosed()
 			if got := queueCount(t, sp); got != before {
 				t.Fatalf("%d mails queued from smuggled data", got-before)
 			}
 			// The gateway goes on serving, and a clean mail carries
 			// nothing of the smuggled one.
-			c = dialReady(t, g.addr)
+			c = smtptest.DialReady(t, g.addr)
 			reply := sendMail(c, "alice@example.org", "bob@example.net", uniqueMessage(t, "clean"), "250 2.0.0")
 			m := queuedMail(t, sp, reply)
 			if e := m.Envelope; e.From != "alice@example.org" || len(e.Rcpts) != 1 || e.Rcpts[0].Addr != "bob@example.net" {
@@ -77,13 +79,13 @@ func TestSmugglingSequencesInDATAAreRefused(t *testing.T) {
 }
 
 // bdat sends one BDAT chunk and checks the reply.
-func bdat(c *client, chunk string, last bool, want string) string {
-	c.t.Helper()
+func bdat(c *smtptest.Client, chunk string, last bool, want string) string {
+	c.T.Helper()
 	cmd := fmt.Sprintf("BDAT %d", len(chunk))
 	if last {
 		cmd += " LAST"
 	}
-	c.send(cmd + "\r\n" + chunk)
+	c.Send(cmd + "\r\n" + chunk)
 	return replyWant(c, want)
 }
 
@@ -124,7 +126,7 @@ func TestBDATChecksLineEndingsToo(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			cmdWant(c, "MAIL FROM:<alice@example.org>", "250 2.0.0")
 			cmdWant(c, "RCPT TO:<bob@example.net>", "250 2.0.0")
 			var reply string
@@ -189,15 +191,15 @@ func TestNormalizeLineEndingsFrom(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := queueCount(t, sp)
-			c := dialReady(t, g.addr)
+			c := smtptest.DialReady(t, g.addr)
 			cmdWant(c, "MAIL FROM:<alice@example.org>", "250 2.0.0")
 			cmdWant(c, "RCPT TO:<bob@example.net>", "250 2.0.0")
 			cmdWant(c, "DATA", "354")
-			c.send(tc.data + ".\r\n")
+			c.Send(tc.data + ".\r\n")
 			reply := replyWant(c, tc.want)
 			if tc.stored == "" {
 				// Refused, and the connection closed, as in strict mode.
-				c.expectClosed()
+				c.ExpectClosed()
 				if got := queueCount(t, sp); got != before {
 					t.Fatalf("%d mails queued from smuggled data", got-before)
 				}

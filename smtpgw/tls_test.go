@@ -1,7 +1,6 @@
 package smtpgw
 
 import (
-	"bufio"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -17,6 +16,8 @@ import (
 	"time"
 
 	"go.uber.org/zap/zaptest"
+
+	"github.com/jetmail/jetmail/internal/smtptest"
 )
 
 // writeCertPair writes a self-signed certificate for cn and returns its
@@ -56,16 +57,11 @@ func writeCertPair(t *testing.T, certFile, keyFile, cn string) *big.Int {
 	return serial
 }
 
-// startTLS runs STARTTLS on c and returns the server's certificate serial.
-func (c *client) startTLS(t *testing.T) (*tls.Conn, *big.Int) {
-	t.Helper()
-	c.cmd("STARTTLS", 220)
-	tc := tls.Client(c.conn, &tls.Config{InsecureSkipVerify: true, ServerName: "mx.test"})
-	if err := tc.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	c.conn = tc
-	c.r = bufio.NewReader(tc)
+// startTLSSerial runs STARTTLS on c and returns the server's certificate serial.
+func startTLSSerial(c *smtptest.Client) (*tls.Conn, *big.Int) {
+	c.T.Helper()
+	c.Cmd("STARTTLS", 220)
+	tc := c.UpgradeTLS("mx.test")
 	return tc, tc.ConnectionState().PeerCertificates[0].SerialNumber
 }
 
@@ -81,13 +77,13 @@ func TestRenewedCertificateIsServedWithoutRestart(t *testing.T) {
 	n := startNATS(t)
 	g := startGateway(t, n.spool(t), nil, func(c *Config) { c.TLS = r.TLSConfig() })
 
-	c := dialReady(t, g.addr)
-	if _, serial := c.startTLS(t); serial.Cmp(first) != 0 {
+	c := smtptest.DialReady(t, g.addr)
+	if _, serial := startTLSSerial(c); serial.Cmp(first) != 0 {
 		t.Fatalf("served serial %v, want %v", serial, first)
 	}
 	// Mail over TLS is marked so in the envelope and the Received: header.
-	c.cmd("EHLO client.test", 250)
-	c.mail("a@example.org", []string{"b@example.net"}, simpleMessage("tls", "secret"), 250)
+	c.Cmd("EHLO client.test", 250)
+	c.Mail("a@example.org", []string{"b@example.net"}, simpleMessage("tls", "secret"), 250)
 	m := queued(t, g.sp)[0]
 	if !m.Envelope.TLS {
 		t.Error("envelope does not record TLS")
@@ -101,8 +97,8 @@ func TestRenewedCertificateIsServedWithoutRestart(t *testing.T) {
 	time.Sleep(20 * time.Millisecond) // a distinct modification time
 	second := writeCertPair(t, certFile, keyFile, "mx.test")
 	eventually(t, 5*time.Second, "the renewed certificate to be served", func() bool {
-		c := dialReady(t, g.addr)
-		tc, serial := c.startTLS(t)
+		c := smtptest.DialReady(t, g.addr)
+		tc, serial := startTLSSerial(c)
 		tc.Close()
 		return serial.Cmp(second) == 0
 	})
@@ -110,8 +106,8 @@ func TestRenewedCertificateIsServedWithoutRestart(t *testing.T) {
 	// A broken renewal keeps the last good certificate.
 	os.WriteFile(certFile, []byte("not a certificate"), 0o600)
 	time.Sleep(100 * time.Millisecond)
-	c2 := dialReady(t, g.addr)
-	if _, serial := c2.startTLS(t); serial.Cmp(second) != 0 {
+	c2 := smtptest.DialReady(t, g.addr)
+	if _, serial := startTLSSerial(c2); serial.Cmp(second) != 0 {
 		t.Errorf("after a broken renewal served %v, want the previous %v", serial, second)
 	}
 }

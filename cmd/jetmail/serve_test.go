@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -17,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/jetmail/jetmail/internal/smtptest"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -115,34 +114,10 @@ func (p *serveProc) stop(t *testing.T) {
 // sendMail runs one SMTP transaction and returns the final reply.
 func sendMail(t *testing.T, addr, from, to, data string) string {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := smtptest.DialReady(t, addr)
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(20 * time.Second))
-	r := bufio.NewReader(c)
-	read := func() string {
-		var last string
-		for {
-			line, err := r.ReadString('\n')
-			if err != nil {
-				t.Fatalf("read: %v", err)
-			}
-			last = strings.TrimRight(line, "\r\n")
-			if len(line) >= 4 && line[3] == ' ' {
-				return last
-			}
-		}
-	}
-	read()
-	for _, cmd := range []string{"EHLO client.test", "MAIL FROM:<" + from + ">", "RCPT TO:<" + to + ">", "DATA"} {
-		fmt.Fprintf(c, "%s\r\n", cmd)
-		read()
-	}
-	fmt.Fprintf(c, "%s.\r\n", data)
-	reply := read()
-	fmt.Fprintf(c, "QUIT\r\n")
+	reply := c.Mail(from, []string{to}, data, 250)
+	c.Send("QUIT\r\n")
 	return reply
 }
 
