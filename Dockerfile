@@ -11,6 +11,8 @@ FROM --platform=$BUILDPLATFORM golang:1.26 AS build
 WORKDIR /src
 # Dependencies first: this layer stays cached while only the code changes.
 COPY go.mod go.sum ./
+# go-smtp with our patches (third_party/go-smtp/PATCHES.md), by a replace.
+COPY third_party/ third_party/
 RUN go mod download
 COPY . .
 ARG TARGETOS TARGETARCH

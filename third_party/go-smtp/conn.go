@@ -36,10 +36,9 @@ type Conn struct {
 	binarymime bool
 
 	lineLimitReader *lineLimitReader
-	bdatPipe        *io.PipeWriter
+	bdat            *bdatTransfer    // the BDAT transfer in progress, if any
 	bdatStatus      *statusCollector // used for BDAT on LMTP
-	dataResult      chan error
-	bytesReceived   int64 // counts total size of chunks when BDAT is used
+	bytesReceived   int64            // counts total size of chunks when BDAT is used
 
 	fromReceived bool
 	recipients   []string
@@ -167,13 +166,12 @@ func (c *Conn) setSession(session Session) {
 }
 
 func (c *Conn) Close() error {
+	// Stop a BDAT transfer and wait for the backend's Data to return, so
+	// that Logout never runs concurrently with it.
+	c.endBdat()
+
 	c.locker.Lock()
 	defer c.locker.Unlock()
-
-	if c.bdatPipe != nil {
-		c.bdatPipe.CloseWithError(ErrDataReset)
-		c.bdatPipe = nil
-	}
 
 	if c.session != nil {
 		c.session.Logout()
@@ -320,7 +318,7 @@ func (c *Conn) handleMail(arg string) {
 		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Please introduce yourself first.")
 		return
 	}
-	if c.bdatPipe != nil {
+	if c.bdat != nil {
 		c.writeResponse(502, EnhancedCode{5, 5, 1}, "MAIL not allowed during message transfer")
 		return
 	}
@@ -706,7 +704,7 @@ func (c *Conn) handleRcpt(arg string) {
 		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Missing MAIL FROM command.")
 		return
 	}
-	if c.bdatPipe != nil {
+	if c.bdat != nil {
 		c.writeResponse(502, EnhancedCode{5, 5, 1}, "RCPT not allowed during message transfer")
 		return
 	}
@@ -824,6 +822,13 @@ func (c *Conn) handleAuth(arg string) {
 		c.writeResponse(503, EnhancedCode{5, 5, 1}, "Already authenticated")
 		return
 	}
+	if c.fromReceived {
+		// RFC 4954 section 4: "The AUTH command is not permitted during a
+		// mail transaction. An AUTH command issued during a mail
+		// transaction MUST be rejected with a 503 reply."
+		c.writeResponse(503, EnhancedCode{5, 5, 1}, "AUTH not permitted during a mail transaction")
+		return
+	}
 
 	parts := strings.Fields(arg)
 	if len(parts) == 0 {
@@ -875,7 +880,8 @@ func (c *Conn) handleAuth(arg string) {
 
 		encoded, err = c.readLine()
 		if err != nil {
-			return // TODO: error handling
+			c.readFailed(err)
+			return
 		}
 
 		if encoded == "*" {
@@ -926,14 +932,28 @@ func (c *Conn) handleStartTLS() {
 		c.writeResponse(502, EnhancedCode{5, 5, 1}, "TLS not supported")
 		return
 	}
+	if c.bdat != nil {
+		// The session is logged out below, which must not happen while
+		// the backend is still reading a BDAT transfer.
+		c.writeResponse(502, EnhancedCode{5, 5, 1}, "STARTTLS not allowed during message transfer")
+		return
+	}
 
 	c.writeResponse(220, EnhancedCode{2, 0, 0}, "Ready to start TLS")
 
-	// Upgrade to TLS
+	// Upgrade to TLS. The handshake gets a read timeout of its own.
 	tlsConn := tls.Server(c.conn, c.server.TLSConfig)
+	if c.server.ReadTimeout != 0 {
+		c.conn.SetReadDeadline(time.Now().Add(c.server.ReadTimeout))
+	}
 
 	if err := tlsConn.Handshake(); err != nil {
-		c.writeResponse(550, EnhancedCode{5, 0, 0}, "Handshake error")
+		// After a failed handshake nothing the client sends can be
+		// trusted to be either plaintext SMTP or TLS, and continuing in
+		// plaintext would silently drop the protection the client asked
+		// for: close, as Postfix does.
+		c.server.ErrorLog.Printf("TLS handshake with %v failed: %v", c.conn.RemoteAddr(), err)
+		c.Close()
 		return
 	}
 
@@ -959,7 +979,7 @@ func (c *Conn) handleData(arg string) {
 		c.writeResponse(501, EnhancedCode{5, 5, 4}, "DATA command should not have any arguments")
 		return
 	}
-	if c.bdatPipe != nil {
+	if c.bdat != nil {
 		c.writeResponse(502, EnhancedCode{5, 5, 1}, "DATA not allowed during message transfer")
 		return
 	}
@@ -986,8 +1006,15 @@ func (c *Conn) handleData(arg string) {
 	r := newDataReader(c)
 	code, enhancedCode, msg := dataErrorToStatus(c.Session().Data(r))
 	r.limited = false
-	io.Copy(ioutil.Discard, r) // Make sure all the data has been consumed
+	// Make sure all the data has been consumed. If the connection fails
+	// first, the end of the data can no longer be found: the backend's
+	// reply is the last one, and the connection is closed so that nothing
+	// after it is read as a command.
+	_, err := io.Copy(ioutil.Discard, r)
 	c.writeResponse(code, enhancedCode, msg)
+	if err != nil {
+		c.Close()
+	}
 }
 
 func (c *Conn) handleBdat(arg string) {
@@ -1017,20 +1044,28 @@ func (c *Conn) handleBdat(arg string) {
 		return
 	}
 
+	// The chunk follows the command even when the command is rejected, and
+	// none of its bytes may ever be read as a command.
+	c.lineLimitReader.LineLimit = 0
+	defer func() {
+		c.lineLimitReader.LineLimit = c.server.MaxLineLength
+	}()
+	chunk := io.LimitReader(c.text.R, int64(size))
+
 	if !c.fromReceived || len(c.recipients) == 0 {
-		c.writeResponse(502, EnhancedCode{5, 5, 1}, "Missing RCPT TO command.")
-		// The chunk follows the command even when the command is rejected.
-		io.Copy(ioutil.Discard, io.LimitReader(c.text.R, int64(size)))
+		if c.discardChunk(chunk) {
+			c.writeResponse(502, EnhancedCode{5, 5, 1}, "Missing RCPT TO command.")
+		}
 		return
 	}
 
 	if c.server.MaxMessageBytes != 0 && c.bytesReceived+int64(size) > c.server.MaxMessageBytes {
-		c.writeResponse(552, EnhancedCode{5, 3, 4}, "Max message size exceeded")
-
 		// Discard chunk itself without passing it to backend.
-		io.Copy(ioutil.Discard, io.LimitReader(c.text.R, int64(size)))
-
+		if !c.discardChunk(chunk) {
+			return
+		}
 		c.reset()
+		c.writeResponse(552, EnhancedCode{5, 3, 4}, "Max message size exceeded")
 		return
 	}
 
@@ -1038,23 +1073,30 @@ func (c *Conn) handleBdat(arg string) {
 		c.bdatStatus = c.createStatusCollector()
 	}
 
-	if c.bdatPipe == nil {
-		var r *io.PipeReader
-		r, c.bdatPipe = io.Pipe()
+	if c.bdat == nil {
+		r, w := io.Pipe()
+		t := &bdatTransfer{pipe: w, done: make(chan struct{})}
+		c.locker.Lock()
+		c.bdat = t
+		c.locker.Unlock()
+		status := c.bdatStatus
 
-		c.dataResult = make(chan error, 1)
-
+		// The backend reads the chunks from the pipe in its own goroutine.
+		// Its result is handed over in t, never through a field that a
+		// later transaction may have replaced, and reset and Close wait
+		// for it before the next transaction can begin.
 		go func() {
+			var err error
 			defer func() {
-				if err := recover(); err != nil {
-					c.handlePanic(err, c.bdatStatus)
-
-					c.dataResult <- errPanic
-					r.CloseWithError(errPanic)
+				if p := recover(); p != nil {
+					c.handlePanic(p, status)
+					err = errPanic
 				}
+				t.err = err
+				close(t.done)
+				r.CloseWithError(err)
 			}()
 
-			var err error
 			if !c.server.LMTP {
 				err = c.Session().Data(r)
 			} else {
@@ -1062,46 +1104,44 @@ func (c *Conn) handleBdat(arg string) {
 				if !ok {
 					err = c.Session().Data(r)
 					for _, rcpt := range c.recipients {
-						c.bdatStatus.SetStatus(rcpt, err)
+						status.SetStatus(rcpt, err)
 					}
 				} else {
-					err = lmtpSession.LMTPData(r, c.bdatStatus)
+					err = lmtpSession.LMTPData(r, status)
 				}
 			}
-
-			c.dataResult <- err
-			r.CloseWithError(err)
 		}()
 	}
 
-	c.lineLimitReader.LineLimit = 0
-	defer func() {
-		c.lineLimitReader.LineLimit = c.server.MaxLineLength
-	}()
-
-	chunk := io.LimitReader(c.text.R, int64(size))
-	_, err = io.Copy(c.bdatPipe, chunk)
+	rr := &readErrRecorder{r: chunk}
+	_, err = io.Copy(c.bdat.pipe, rr)
+	if rr.err != nil {
+		// The connection failed in the middle of the chunk (timeout, a
+		// limit of the listener, a reset): where the chunk ends can no
+		// longer be known, so the rest of the stream must not be read as
+		// commands.
+		c.readFailed(rr.err)
+		return
+	}
 	if err != nil {
-		// Backend might return an error early using CloseWithError without consuming
-		// the whole chunk.
-		io.Copy(ioutil.Discard, chunk)
-
+		// The backend returned early, closing the pipe with its error,
+		// without consuming the whole chunk.
+		if !c.discardChunk(chunk) {
+			return
+		}
+		c.reset()
 		c.writeResponse(dataErrorToStatus(err))
-
 		if err == errPanic {
 			c.Close()
 		}
-
-		c.reset()
 		return
 	}
 
 	c.bytesReceived += int64(size)
 
 	if last {
-		c.bdatPipe.Close()
-
-		err := <-c.dataResult
+		c.bdat.pipe.Close()
+		err := c.endBdat()
 
 		if c.server.LMTP {
 			c.bdatStatus.fillRemaining(err)
@@ -1122,6 +1162,77 @@ func (c *Conn) handleBdat(arg string) {
 	} else {
 		c.writeResponse(250, EnhancedCode{2, 0, 0}, "Continue")
 	}
+}
+
+// endBdat ends a BDAT transfer, if one is in progress: the pipe is closed
+// with ErrDataReset unless it was closed already (BDAT LAST), and endBdat
+// waits for the backend's Data to return and returns its result.
+func (c *Conn) endBdat() error {
+	c.locker.Lock()
+	t := c.bdat
+	c.bdat = nil
+	c.locker.Unlock()
+	if t == nil {
+		return nil
+	}
+	t.pipe.CloseWithError(ErrDataReset)
+	<-t.done
+	return t.err
+}
+
+// bdatTransfer is one message sent with BDAT: the pipe its chunks are
+// written to, and the backend's Data reading them.
+type bdatTransfer struct {
+	pipe *io.PipeWriter
+	done chan struct{} // closed when Data has returned
+	err  error         // what Data returned, once done is closed
+}
+
+// discardChunk reads and drops the rest of a BDAT chunk. If the connection
+// fails first, it closes the connection (the rest of the chunk must never
+// be read as commands) and returns false.
+func (c *Conn) discardChunk(chunk io.Reader) bool {
+	if _, err := io.Copy(ioutil.Discard, chunk); err != nil {
+		c.readFailed(err)
+		return false
+	}
+	return true
+}
+
+// readErrRecorder remembers the first error of the reader it wraps, so that
+// a failed copy can tell a read error from a write error.
+type readErrRecorder struct {
+	r   io.Reader
+	err error
+}
+
+func (r *readErrRecorder) Read(b []byte) (int, error) {
+	n, err := r.r.Read(b)
+	if err != nil && err != io.EOF && r.err == nil {
+		r.err = err
+	}
+	return n, err
+}
+
+// readFailed gives the last reply for a read from the client that failed,
+// and closes the connection: after a failed read the position in the
+// command stream is lost. An *SMTPError from the connection (a listener
+// that enforces its own limits returns one from Read) is sent as it is.
+func (c *Conn) readFailed(err error) {
+	var smtpErr *SMTPError
+	var netErr net.Error
+	switch {
+	case err == io.EOF || err == io.ErrUnexpectedEOF || errors.Is(err, net.ErrClosed):
+	case errors.As(err, &smtpErr):
+		c.writeResponse(smtpErr.Code, smtpErr.EnhancedCode, smtpErr.Message)
+	case err == ErrTooLongLine:
+		c.writeResponse(500, EnhancedCode{5, 4, 0}, "Too long line, closing connection")
+	case errors.As(err, &netErr) && netErr.Timeout():
+		c.writeResponse(421, EnhancedCode{4, 4, 2}, "Idle timeout, bye bye")
+	default:
+		c.writeResponse(421, EnhancedCode{4, 4, 0}, "Connection error, sorry")
+	}
+	c.Close()
 }
 
 // ErrDataReset is returned by Reader pased to Data function if client does not
@@ -1331,17 +1442,26 @@ func (c *Conn) readLine() (string, error) {
 		}
 	}
 
-	return c.text.ReadLine()
+	// A line is a command only once its line ending has arrived: bytes
+	// left without one when the connection times out or ends are not
+	// executed (textproto's ReadLine returns them as a line).
+	line, err := c.text.R.ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	line = strings.TrimSuffix(line[:len(line)-1], "\r")
+	return line, nil
 }
 
 func (c *Conn) reset() {
+	// An unfinished BDAT transfer's Data must have returned before the
+	// session is reset: otherwise it would finish concurrently with the
+	// next transaction.
+	c.endBdat()
+
 	c.locker.Lock()
 	defer c.locker.Unlock()
 
-	if c.bdatPipe != nil {
-		c.bdatPipe.CloseWithError(ErrDataReset)
-		c.bdatPipe = nil
-	}
 	c.bdatStatus = nil
 	c.bytesReceived = 0
 

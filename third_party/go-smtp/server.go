@@ -186,20 +186,13 @@ func (s *Server) handleConn(c *Conn) error {
 
 			c.handle(cmd, arg)
 		} else {
-			if err == io.EOF || errors.Is(err, net.ErrClosed) {
+			c.readFailed(err)
+			var smtpErr *SMTPError
+			var netErr net.Error
+			if err == io.EOF || err == ErrTooLongLine || errors.Is(err, net.ErrClosed) ||
+				errors.As(err, &smtpErr) || (errors.As(err, &netErr) && netErr.Timeout()) {
 				return nil
 			}
-			if err == ErrTooLongLine {
-				c.writeResponse(500, EnhancedCode{5, 4, 0}, "Too long line, closing connection")
-				return nil
-			}
-
-			if neterr, ok := err.(net.Error); ok && neterr.Timeout() {
-				c.writeResponse(421, EnhancedCode{4, 4, 2}, "Idle timeout, bye bye")
-				return nil
-			}
-
-			c.writeResponse(421, EnhancedCode{4, 4, 0}, "Connection error, sorry")
 			return err
 		}
 	}
