@@ -2,14 +2,22 @@ package smtpgw
 
 import (
 	"errors"
+	"time"
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	"go.uber.org/zap"
 )
 
-// errAuthFailed is 535 5.7.8 (RFC 4954 §6).
-var errAuthFailed = &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Authentication credentials invalid"}
+// Replies to AUTH (RFC 4954 §6).
+var (
+	errAuthFailed = &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Authentication credentials invalid"}
+	errAuthBusy   = &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Temporary authentication failure, try again later"}
+)
+
+// authLockedLine ends the session of a client address that has used up its
+// AUTH failures.
+const authLockedLine = "421 4.7.0 Too many failed authentication attempts from your address, try again later"
 
 // AuthMechanisms lists PLAIN and LOGIN when users are configured.
 func (s *session) AuthMechanisms() []string {
@@ -21,28 +29,38 @@ func (s *session) AuthMechanisms() []string {
 
 // Auth authenticates against the policy's bcrypt users.
 func (s *session) Auth(mech string) (sasl.Server, error) {
-	check := func(user, pass string) error {
-		if s.pol.Authenticate(user, pass) {
+	guard := s.g.auth
+	check := func(identity, user, pass string) error {
+		if guard.locked(s.ip) {
+			s.g.metrics.auth.WithLabelValues("locked").Inc()
+			s.log.Warn("auth refused: too many failures from this address", zap.String("user", user))
+			s.reply(421)
+			s.closeWith(authLockedLine)
+			return errAuthBusy
+		}
+		ok := false
+		if !guard.check(func() { ok = s.pol.Authenticate(user, pass) }) {
+			s.g.metrics.auth.WithLabelValues("busy").Inc()
+			return s.fail(errAuthBusy)
+		}
+		if ok && (identity == "" || identity == user) {
+			s.g.metrics.auth.WithLabelValues("success").Inc()
 			s.authUser = user
 			s.mayRelay = true
 			s.reply(235)
 			return nil
 		}
-		s.log.Info("auth failed", zap.String("user", user))
-		s.reply(535)
-		return errAuthFailed
+		s.g.metrics.auth.WithLabelValues("failure").Inc()
+		delay := guard.failed(s.ip)
+		s.log.Info("auth failed", zap.String("user", user), zap.Duration("delay", delay))
+		time.Sleep(delay)
+		return s.fail(errAuthFailed)
 	}
 	switch mech {
 	case sasl.Plain:
-		return sasl.NewPlainServer(func(identity, user, pass string) error {
-			if identity != "" && identity != user {
-				s.reply(535)
-				return errAuthFailed
-			}
-			return check(user, pass)
-		}), nil
+		return sasl.NewPlainServer(check), nil
 	case sasl.Login:
-		return &loginServer{check: check}, nil
+		return &loginServer{check: func(user, pass string) error { return check("", user, pass) }}, nil
 	}
 	return nil, smtp.ErrAuthUnknownMechanism
 }

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/emersion/go-smtp"
 )
 
 // conn wraps every accepted connection underneath go-smtp (and underneath
@@ -38,6 +40,7 @@ type conn struct {
 	inTransaction bool
 	draining      bool
 	tlsStarted    bool
+	failure       error // the last limit a read failed on (a final reply)
 	errors        int
 	maxErrors     int
 	prevCR        bool  // the last byte read in the DATA phase was CR
@@ -153,13 +156,25 @@ func (c *conn) Read(b []byte) (int, error) {
 	inData := !c.dataEnd.IsZero()
 	if inData {
 		d := time.Now().Add(c.data.idle)
-		if hd := c.hardDeadline(); hd.Before(d) {
+		hd := c.hardDeadline()
+		c.clamped = !d.Before(hd)
+		if c.clamped {
 			d = hd
 		}
 		_ = c.Conn.SetReadDeadline(d)
 	}
 	c.mu.Unlock()
 	n, err := c.Conn.Read(b)
+	if err != nil && isTimeout(err) {
+		err = c.timeoutReply(err, inData)
+	}
+	defer func() {
+		if _, fatal := err.(*smtp.SMTPError); fatal {
+			c.mu.Lock()
+			c.failure = err
+			c.mu.Unlock()
+		}
+	}()
 	if n > 0 {
 		c.g.metrics.bytesIn.Add(float64(n))
 		c.mu.Lock()
@@ -171,13 +186,52 @@ func (c *conn) Read(b []byte) (int, error) {
 		if inData {
 			c.dataBytes += int64(n)
 			if el := time.Since(c.dataStart); c.data.minRate > 0 && el > c.data.grace &&
-				float64(c.dataBytes) < float64(c.data.minRate)*el.Seconds() {
+				float64(c.dataBytes) < float64(c.data.minRate)*el.Seconds() && err == nil {
+				c.g.metrics.deadlineKills.WithLabelValues("min_data_rate").Inc()
 				err = errTooSlow
 			}
 		}
 		c.mu.Unlock()
 	}
 	return n, err
+}
+
+// Final replies for a read that failed on one of our limits. conn.Read
+// returns them as errors; go-smtp (third_party/go-smtp) sends an
+// *smtp.SMTPError from a failed read as the last reply and closes the
+// connection, whether the read was for a command, an AUTH exchange or a
+// BDAT chunk, and whatever layer (plaintext or TLS) the reply goes out on;
+// the session does the same for DATA.
+var (
+	errTooSlow       = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Data rate below the minimum, closing connection"}
+	errDataIdle      = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Timeout waiting for data, closing connection"}
+	errDataDeadline  = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Time limit for this transfer exceeded, closing connection"}
+	errSessionLimit  = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Session time limit exceeded, closing connection"}
+	errDrainComplete = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "Service shutting down, try again later"}
+)
+
+// timeoutReply turns a read timeout into the reply that says why: the
+// shutdown, the session's or the transfer's hard deadline, or idleness in
+// the middle of a transfer. A plain idle wait for a command stays a
+// timeout, which go-smtp answers with its own 421 4.4.2.
+func (c *conn) timeoutReply(err error, inData bool) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	hard := c.clamped && !time.Now().Before(c.hardDeadline())
+	switch {
+	case c.draining && hard:
+		return errDrainComplete
+	case hard && inData && !c.dataEnd.After(c.sessionEnd):
+		c.g.metrics.deadlineKills.WithLabelValues("deadline").Inc()
+		return errDataDeadline
+	case hard:
+		c.g.metrics.deadlineKills.WithLabelValues("deadline").Inc()
+		return errSessionLimit
+	case inData:
+		c.g.metrics.deadlineKills.WithLabelValues("idle").Inc()
+		return errDataIdle
+	}
+	return err
 }
 
 // States of scanEOL's watch for CRLF "." CR.
@@ -237,6 +291,14 @@ func (c *conn) scanEOL(b []byte) bool {
 	return bad
 }
 
+// lastFailure is the limit the connection's last failed read hit, if any:
+// a BDAT transfer's Data only sees the transfer aborted, and this says why.
+func (c *conn) lastFailure() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.failure
+}
+
 // eolViolation reports whether the DATA phase broke the line-ending rules.
 func (c *conn) eolViolation() bool {
 	c.mu.Lock()
@@ -263,9 +325,6 @@ func (c *conn) Write(b []byte) (int, error) {
 		return c.Conn.Write(b)
 	}
 	code := string(b[:3])
-	if code == "421" {
-		b = c.rewrite421(b)
-	}
 	if bytes.HasPrefix(b, []byte("220 2.0.0 Ready to start TLS")) {
 		c.mu.Lock()
 		c.tlsStarted = true
@@ -285,24 +344,6 @@ func (c *conn) Write(b []byte) (int, error) {
 		}
 	}
 	return n, err
-}
-
-// rewrite421 gives go-smtp's generic idle-timeout reply the real reason when
-// it was the session deadline or a shutdown.
-func (c *conn) rewrite421(b []byte) []byte {
-	if !bytes.HasPrefix(b, []byte("421 4.4.2 Idle timeout")) {
-		return b
-	}
-	c.mu.Lock()
-	draining, clamped := c.draining, c.clamped && !time.Now().Before(c.hardDeadline())
-	c.mu.Unlock()
-	switch {
-	case draining:
-		return []byte("421 4.3.2 Service shutting down, try again later\r\n")
-	case clamped:
-		return []byte("421 4.4.2 Session time limit exceeded, closing connection\r\n")
-	}
-	return b
 }
 
 // countError adds one error reply and reports whether the budget is spent.
@@ -360,6 +401,7 @@ func (c *conn) drain(grace time.Duration) {
 		c.sessionEnd = end
 	}
 	hd := c.hardDeadline()
+	c.clamped = true
 	c.mu.Unlock()
 	c.Conn.SetReadDeadline(hd)
 }

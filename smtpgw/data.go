@@ -13,7 +13,6 @@ import (
 var (
 	errBareLineEnding = errors.New("bare CR or LF in message data")
 	errMessageTooBig  = errors.New("message exceeds the maximum size")
-	errTooSlow        = errors.New("data rate below the minimum")
 )
 
 // dataReader sits between go-smtp's DATA/BDAT reader and the spool. It

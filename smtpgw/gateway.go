@@ -39,6 +39,8 @@ type Config struct {
 	// ShutdownGrace is how long transactions in flight may take to finish
 	// after Shutdown. Default 30s.
 	ShutdownGrace time.Duration
+	// Auth bounds password guessing; zero fields take their defaults.
+	Auth AuthLimits
 }
 
 // Gateway is the SMTP ingress.
@@ -47,6 +49,7 @@ type Gateway struct {
 	spool   *spool.Spool
 	log     *zap.Logger
 	metrics *metrics
+	auth    *authGuard
 	pol     atomic.Pointer[policy.Relay]
 	front   atomic.Pointer[front]
 
@@ -69,7 +72,7 @@ func New(cfg Config, sp *spool.Spool, pol *policy.Relay, log *zap.Logger, reg pr
 	if cfg.ShutdownGrace == 0 {
 		cfg.ShutdownGrace = 30 * time.Second
 	}
-	g := &Gateway{cfg: cfg, spool: sp, log: log, metrics: newMetrics(reg),
+	g := &Gateway{cfg: cfg, spool: sp, log: log, metrics: newMetrics(reg), auth: newAuthGuard(cfg.Auth),
 		conns: map[*conn]struct{}{}, perIP: map[netip.Addr]int{}}
 	g.pol.Store(pol)
 

@@ -14,6 +14,7 @@ type metrics struct {
 	duplicates      prometheus.Counter
 	publishLatency  prometheus.Histogram
 	deadlineKills   *prometheus.CounterVec
+	auth            *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -55,10 +56,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_smtp_deadline_kills_total",
 			Help: "Sessions cut off by a hard deadline or the minimum data rate, by reason.",
 		}, []string{"reason"}),
+		auth: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_smtp_auth_total",
+			Help: "SMTP AUTH attempts by result: success, failure (wrong credentials), locked (the client address used up its failures), busy (no password check slot).",
+		}, []string{"result"}),
+	}
+	for _, r := range []string{"success", "failure", "locked", "busy"} {
+		m.auth.WithLabelValues(r)
 	}
 	if reg != nil {
 		reg.MustRegister(m.connections, m.connectionsOpen, m.transactions, m.bytesIn, m.messageBytes,
-			m.replies, m.duplicates, m.publishLatency, m.deadlineKills)
+			m.replies, m.duplicates, m.publishLatency, m.deadlineKills, m.auth)
 	}
 	return m
 }

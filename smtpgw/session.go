@@ -32,6 +32,7 @@ type session struct {
 	mayRelay bool
 
 	// The current transaction.
+	inTx    bool
 	from    string
 	mail    spool.MailParams
 	rcpts   []spool.Rcpt
@@ -53,6 +54,8 @@ var (
 	errLoop         = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 4, 6}, Message: "Too many Received headers: mail loop detected"}
 	errTempFail     = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Temporary failure storing the message, try again later"}
 	errNeedUTF8     = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7}, Message: "Non-ASCII address requires SMTPUTF8"}
+	errLineTooLong  = &smtp.SMTPError{Code: 500, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: "Line in message data too long, closing connection"}
+	errNestedMail   = &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1}, Message: "Nested MAIL command: a transaction is already in progress"}
 )
 
 func (s *session) reply(code int) {
@@ -63,18 +66,30 @@ func (s *session) reply(code int) {
 // connection cannot see replies, so the error budget is kept here.
 func (s *session) fail(err *smtp.SMTPError) error {
 	s.reply(err.Code)
-	if s.tls && err.Code >= 400 && s.tc != nil && s.tc.countError() {
-		s.closeWith("421 4.7.0 Too many errors, closing connection")
-	}
+	s.countError(err)
 	return err
+}
+
+// countError spends the error budget on a refusal under TLS (on plaintext
+// the connection counts every reply itself). When it is spent, the refusal
+// and 421 4.7.0 are the session's last replies.
+func (s *session) countError(err *smtp.SMTPError) {
+	if s.tls && err.Code >= 400 && s.tc != nil && s.tc.countError() {
+		s.closeWith(replyLine(err), "421 4.7.0 Too many errors, closing connection")
+	}
+}
+
+// replyLine is err as one reply line, without the line ending.
+func replyLine(err *smtp.SMTPError) string {
+	return fmt.Sprintf("%d %d.%d.%d %s", err.Code, err.EnhancedCode[0], err.EnhancedCode[1], err.EnhancedCode[2], err.Message)
 }
 
 // closeWith sends a final reply on whatever layer the session is on and
 // closes the connection; go-smtp's own reply that follows has nowhere to go.
-func (s *session) closeWith(line string) {
+func (s *session) closeWith(lines ...string) {
 	nc := s.c.Conn()
 	_ = nc.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	_, _ = io.WriteString(nc, line+"\r\n")
+	_, _ = io.WriteString(nc, strings.Join(lines, "\r\n")+"\r\n")
 	_ = nc.Close()
 	if s.tc != nil {
 		_ = s.tc.Close()
@@ -83,7 +98,11 @@ func (s *session) closeWith(line string) {
 
 // Mail starts a transaction.
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
-	s.resetTransaction()
+	if s.inTx {
+		// RFC 5321 section 4.1.4: MAIL inside a transaction is a bad
+		// sequence of commands, not a new transaction.
+		return s.fail(errNestedMail)
+	}
 	if s.tc != nil && s.tc.isDraining() {
 		return s.fail(errShuttingDown)
 	}
@@ -99,6 +118,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		s.mail = spool.MailParams{Size: opts.Size, Body: string(opts.Body), SMTPUTF8: opts.UTF8,
 			Ret: string(opts.Return), EnvID: opts.EnvelopeID}
 	}
+	s.inTx = true
 	s.from = from
 	s.started = time.Now()
 	if s.tc != nil {
@@ -224,20 +244,25 @@ func (s *session) dataError(log *zap.Logger, start time.Time, qid string, n int6
 		return reply
 	case errors.Is(err, errMessageTooBig), errors.As(err, &se) && se.Code == 552:
 		return s.finishData(log, start, qid, n, "rejected", errTooBig, err)
-	case errors.Is(err, errTooSlow):
-		s.g.metrics.deadlineKills.WithLabelValues("min_data_rate").Inc()
-		s.finishData(log, start, qid, n, "aborted", nil, err)
-		s.closeWith("421 4.4.2 Data rate below the minimum, closing connection")
+	case errors.Is(err, smtp.ErrDataReset) && s.tc != nil && s.tc.lastFailure() != nil:
+		// go-smtp aborted the BDAT transfer because a read of the chunk
+		// failed on one of our limits; it has sent the reply and closed.
+		s.finishData(log, start, qid, n, "aborted", nil, s.tc.lastFailure())
 		return errTempFail
-	case isTimeout(err):
-		reason, text := "idle", "421 4.4.2 Timeout waiting for data, closing connection"
-		if s.tc != nil && s.tc.hardDeadlinePassed() {
-			reason, text = "deadline", "421 4.4.2 Time limit for this transfer exceeded, closing connection"
+	case errors.As(err, &se) && se.Code == 421, isTimeout(err):
+		// A limit of the connection (conn.Read): the minimum rate, a
+		// deadline, idleness, a shutdown. The reply is the last one.
+		if se == nil {
+			se = errDataIdle
 		}
-		s.g.metrics.deadlineKills.WithLabelValues(reason).Inc()
 		s.finishData(log, start, qid, n, "aborted", nil, err)
-		s.closeWith(text)
+		s.closeWith(replyLine(se))
 		return errTempFail
+	case errors.Is(err, smtp.ErrTooLongLine):
+		reply := s.finishData(log, start, qid, n, "rejected", errLineTooLong, err)
+		// The rest of the line cannot be told from commands: go-smtp
+		// closes the connection after this reply.
+		return reply
 	case errors.As(err, &se):
 		return s.finishData(log, start, qid, n, "rejected", se, err)
 	default:
@@ -273,13 +298,12 @@ func (s *session) finishData(log *zap.Logger, start time.Time, qid string, n int
 	} else {
 		log.Warn("transaction", fields...)
 	}
-	s.resetTransaction()
+	// The transaction's state is reset by go-smtp, which calls Reset
+	// once Data has returned.
 	if reply == nil {
 		return errTempFail
 	}
-	if reply.Code >= 400 && s.tls && s.tc != nil && s.tc.countError() {
-		s.closeWith("421 4.7.0 Too many errors, closing connection")
-	}
+	s.countError(reply)
 	return reply
 }
 
@@ -315,6 +339,7 @@ func sanitizeHelo(h string) string {
 }
 
 func (s *session) resetTransaction() {
+	s.inTx = false
 	s.from = ""
 	s.mail = spool.MailParams{}
 	s.rcpts = nil
