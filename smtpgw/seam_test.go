@@ -499,3 +499,30 @@ func TestTimeoutsUnderTLSAndInAUTHSayWhatHappened(t *testing.T) {
 		t.Fatal("the session never ended")
 	})
 }
+
+func TestBDATChunkCutShortByTheClientStoresNothing(t *testing.T) {
+	n := startNATS(t)
+	sp := n.spool(t)
+	g := startGateway(t, sp, nil)
+	for _, first := range []bool{false, true} {
+		c := smtptest.DialReady(t, g.addr)
+		cmdWant(c, "MAIL FROM:<a@example.org>", "250 2.0.0")
+		cmdWant(c, "RCPT TO:<r@example.net>", "250 2.0.0")
+		if first {
+			bdat(c, "Subject: two chunks\r\n", false, "250 2.0.0")
+		}
+		// The client goes away 60 octets short of its last chunk: the
+		// part that came must not be stored as if it were the message.
+		c.Send("BDAT 100 LAST\r\nMessage-ID: <cut@seam.test>\r\n\r\ntruncated\r\n")
+		c.Close()
+	}
+	// A message sent afterwards is stored; the cut ones never are.
+	c := smtptest.DialReady(t, g.addr)
+	cmdWant(c, "MAIL FROM:<a@example.org>", "250 2.0.0")
+	cmdWant(c, "RCPT TO:<r@example.net>", "250 2.0.0")
+	queuedMail(t, sp, bdat(c, uniqueMessage(t, "whole"), true, "250 2.0.0"))
+	eventually(t, 5*time.Second, "the cut sessions to end", func() bool { return g.OpenConnections() == 1 })
+	if got := queueCount(t, sp); got != 1 {
+		t.Errorf("%d stored, want only the whole message", got)
+	}
+}

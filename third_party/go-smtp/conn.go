@@ -1050,7 +1050,7 @@ func (c *Conn) handleBdat(arg string) {
 	defer func() {
 		c.lineLimitReader.LineLimit = c.server.MaxLineLength
 	}()
-	chunk := io.LimitReader(c.text.R, int64(size))
+	chunk := &io.LimitedReader{R: c.text.R, N: int64(size)}
 
 	if !c.fromReceived || len(c.recipients) == 0 {
 		if c.discardChunk(chunk) {
@@ -1114,7 +1114,13 @@ func (c *Conn) handleBdat(arg string) {
 	}
 
 	rr := &readErrRecorder{r: chunk}
-	_, err = io.Copy(c.bdat.pipe, rr)
+	n, err := io.Copy(c.bdat.pipe, rr)
+	if err == nil && n < int64(size) {
+		// The connection ended before the chunk did: io.Copy takes that
+		// EOF for the chunk's end, and a LAST chunk cut short would be
+		// stored as the whole message.
+		rr.err = io.ErrUnexpectedEOF
+	}
 	if rr.err != nil {
 		// The connection failed in the middle of the chunk (timeout, a
 		// limit of the listener, a reset): where the chunk ends can no
@@ -1191,8 +1197,12 @@ type bdatTransfer struct {
 // discardChunk reads and drops the rest of a BDAT chunk. If the connection
 // fails first, it closes the connection (the rest of the chunk must never
 // be read as commands) and returns false.
-func (c *Conn) discardChunk(chunk io.Reader) bool {
-	if _, err := io.Copy(ioutil.Discard, chunk); err != nil {
+func (c *Conn) discardChunk(chunk *io.LimitedReader) bool {
+	_, err := io.Copy(ioutil.Discard, chunk)
+	if err == nil && chunk.N > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	if err != nil {
 		c.readFailed(err)
 		return false
 	}
