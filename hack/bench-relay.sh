@@ -145,7 +145,8 @@ source_load() {
 # start_jetmail NAME EXTRA_FLAGS...: jetmail serve in the background ($JM).
 start_jetmail() {
   local name=$1; shift
-  local cmd=("$work/jetmail" serve --data-dir "$work/data-$name" --smtp-listen "127.0.0.1:$JM_PORT"
+  JM_DATA="$work/data-$name"
+  local cmd=("$work/jetmail" serve --data-dir "$JM_DATA" --smtp-listen "127.0.0.1:$JM_PORT"
     --relayhost "127.0.0.1:$SINK_PORT" --metrics-listen 127.0.0.1:0
     --nats-listen "127.0.0.1:$NATS_PORT" --log-format json "$@")
   show "${cmd[@]}"
@@ -202,8 +203,8 @@ relay_jetmail() { # NAME LABEL EXTRA_FLAGS...
   fi
   sink_report "$name"
   echo "jetmail RSS: $(rss_kib "$JM" VmRSS) KiB now, peak $(rss_kib "$JM" VmHWM) KiB"
-  show "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" -n "$N" -wait 30s
-  "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" -n "$N" -wait 30s | sed 's/^/  /' || echo "jscount failed"
+  show "$work/jscount" -nkey "$JM_DATA/nats-user.nk" -url "nats://127.0.0.1:$NATS_PORT" -n "$N" -wait 30s
+  "$work/jscount" -nkey "$JM_DATA/nats-user.nk" -url "nats://127.0.0.1:$NATS_PORT" -n "$N" -wait 30s | sed 's/^/  /' || echo "jscount failed"
   echo "jetmail /metrics:"; jm_metrics "$name"
   stop "$JM" 400; JM=""
   jm_log_report "$name"
@@ -305,13 +306,13 @@ EOF
   [ -n "$queued" ] || queued=0
   awk -v n="$queued" -v a="$t0" -v b="$t1" -v rc="$src_rc" \
     'BEGIN { printf "injection: %d messages queued in %.2f s = %.0f msg/s (fsync on; smtp-source rc=%s)\n", n, b-a, n/(b-a), rc }'
-  echo "after injection:"; "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true; jm_metrics drain
+  echo "after injection:"; "$work/jscount" -nkey "$JM_DATA/nats-user.nk" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true; jm_metrics drain
 
   echo wait >"$work/phase"
   local w=$DRAIN_WAIT; [ "$w" -lt "$(left)" ] || w=$(( $(left) / 2 ))
   echo "waiting ${w}s with the destination down"
   sleep "$w"
-  echo "after the wait:"; "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true; jm_metrics drain
+  echo "after the wait:"; "$work/jscount" -nkey "$JM_DATA/nats-user.nk" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true; jm_metrics drain
 
   echo drain >"$work/phase"
   local t_up sink_rc=0
@@ -342,7 +343,7 @@ EOF
   echo "memory every ~20 s (s since serve start, phase, RSS MiB, heap in use MiB, goroutines):"
   awk 'NR == 1 { a = $1 } $1 - a >= next_t { printf "  %5.0f %-6s %7.1f %7.1f %6d\n", $1 - a, $2, $3/1024, $4/1024, $5; next_t = $1 - a + 20 }' "$work/rss.txt"
   echo "jetmail RSS peak (VmHWM): $(rss_kib "$JM" VmHWM) KiB"
-  "$work/jscount" -url "nats://127.0.0.1:$NATS_PORT" -n "$queued" -wait 30s | sed 's/^/  /' || true
+  "$work/jscount" -nkey "$JM_DATA/nats-user.nk" -url "nats://127.0.0.1:$NATS_PORT" -n "$queued" -wait 30s | sed 's/^/  /' || true
   echo "jetmail /metrics:"; jm_metrics drain
   stop "$SAMPLER" 10; SAMPLER=""
   stop "$JM" 400; JM=""

@@ -1,13 +1,25 @@
 package spool
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
+	"os"
+	"path/filepath"
 	"strconv"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nkeys"
 )
+
+// EmbeddedKeyFile is the file in the data directory of `jetmail serve`
+// that holds the NKEY seed clients of its embedded NATS server must sign
+// in with. It is created, readable by its owner only, on the first start;
+// the queue tools and extra processes on the host find it there.
+const EmbeddedKeyFile = "nats-user.nk"
 
 // EmbeddedOptions configure the in-process NATS server of `jetmail serve`.
 type EmbeddedOptions struct {
@@ -20,6 +32,10 @@ type EmbeddedOptions struct {
 	// default of a periodic flush. Faster, and a power loss can lose the
 	// last seconds of accepted mail.
 	NoSync bool
+	// UserKey is the public NKEY of the one user the server lets in
+	// (LoadOrCreateUserKey). Empty: no authentication, which RunEmbedded
+	// allows only without a TCP listener.
+	UserKey string
 }
 
 // RunEmbedded starts a NATS server with JetStream in this process and waits
@@ -35,6 +51,11 @@ func RunEmbedded(o EmbeddedOptions) (*server.Server, error) {
 		NoSigs:     true,
 		DontListen: o.Listen == "",
 	}
+	if o.UserKey != "" {
+		opts.Nkeys = []*server.NkeyUser{{Nkey: o.UserKey}}
+	} else if o.Listen != "" {
+		return nil, errors.New("embedded NATS: a TCP listener needs a user key")
+	}
 	if o.Listen != "" {
 		host, port, err := net.SplitHostPort(o.Listen)
 		if err != nil {
@@ -46,6 +67,14 @@ func RunEmbedded(o EmbeddedOptions) (*server.Server, error) {
 		}
 		if p == 0 {
 			p = server.RANDOM_PORT
+		} else {
+			// nats-server reports a port in use only in its log and then
+			// never becomes ready: find out first, and say so at once.
+			l, err := net.Listen("tcp", o.Listen)
+			if err != nil {
+				return nil, fmt.Errorf("embedded NATS cannot listen on %s (is another jetmail serve running? --nats-listen chooses another address, empty for none): %w", o.Listen, err)
+			}
+			l.Close()
 		}
 		opts.Host, opts.Port = host, p
 	}
@@ -59,4 +88,41 @@ func RunEmbedded(o EmbeddedOptions) (*server.Server, error) {
 		return nil, fmt.Errorf("embedded NATS server did not start within 30s")
 	}
 	return s, nil
+}
+
+// LoadOrCreateUserKey returns the NKEY seed file in dir, creating it with a
+// new user key (mode 0600) if there is none, and the key's public half.
+func LoadOrCreateUserKey(dir string) (path, public string, err error) {
+	path = filepath.Join(dir, EmbeddedKeyFile)
+	seed, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		kp, err := nkeys.CreateUser()
+		if err != nil {
+			return "", "", err
+		}
+		if seed, err = kp.Seed(); err != nil {
+			return "", "", err
+		}
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return "", "", err
+		}
+		if _, err := f.Write(append(seed, '\n')); err != nil {
+			f.Close()
+			return "", "", err
+		}
+		if err := f.Close(); err != nil {
+			return "", "", err
+		}
+	} else if err != nil {
+		return "", "", err
+	} else if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		return "", "", fmt.Errorf("%s is readable by others (mode %v): chmod 600 it", path, fi.Mode().Perm())
+	}
+	kp, err := nkeys.FromSeed(bytes.TrimSpace(seed))
+	if err != nil {
+		return "", "", fmt.Errorf("%s: %w", path, err)
+	}
+	public, err = kp.PublicKey()
+	return path, public, err
 }

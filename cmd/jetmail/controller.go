@@ -1,9 +1,6 @@
 package main
 
 import (
-	"fmt"
-
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -12,12 +9,11 @@ import (
 
 	"github.com/jetmail/jetmail/controllers"
 	"github.com/jetmail/jetmail/policy"
-	"github.com/jetmail/jetmail/spool"
 )
 
 func controllerCmd() *cobra.Command {
 	var (
-		natsURL     string
+		nf          natsFlags
 		replicas    int
 		namespace   string
 		leaderElect bool
@@ -31,9 +27,9 @@ func controllerCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctrl.SetLogger(ctrlzap.New())
 			ctx := ctrl.SetupSignalHandler()
-			nc, err := nats.Connect(natsURL, append(spool.NATSOptions(), nats.Name("jetmail-controller"))...)
+			nc, err := nf.connect("jetmail-controller")
 			if err != nil {
-				return fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
+				return err
 			}
 			defer nc.Close()
 			js, err := jetstream.New(nc)
@@ -55,7 +51,7 @@ func controllerCmd() *cobra.Command {
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&natsURL, "nats-url", "nats://127.0.0.1:4222", "NATS server URL(s)")
+	nf.register(fl)
 	fl.IntVar(&replicas, "replicas", 3, "JetStream replicas for the configuration buckets")
 	fl.StringVar(&namespace, "namespace", "", "watch only this namespace (and hold the leader lease there); empty: all")
 	fl.BoolVar(&leaderElect, "leader-elect", true, "elect a leader so replicas never fight")

@@ -2,14 +2,12 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -60,7 +58,7 @@ func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *s
 func delivererCmd() *cobra.Command {
 	var (
 		df          delivererFlags
-		natsURL     string
+		nf          natsFlags
 		replicas    int
 		hostname    string
 		configPaths []string
@@ -83,9 +81,9 @@ nothing: the message comes back to another one.`,
 			defer log.Sync()
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			nc, err := nats.Connect(natsURL, append(spool.NATSOptions(), nats.Name("jetmail-deliverer"))...)
+			nc, err := nf.connect("jetmail-deliverer")
 			if err != nil {
-				return fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
+				return err
 			}
 			defer nc.Close()
 			cfg := spool.ClusterConfig()
@@ -107,7 +105,7 @@ nothing: the message comes back to another one.`,
 	}
 	df.register(cmd)
 	fl := cmd.Flags()
-	fl.StringVar(&natsURL, "nats-url", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated")
+	nf.register(fl)
 	fl.IntVar(&replicas, "replicas", 3, "JetStream replicas for the queue streams")
 	fl.StringVar(&hostname, "hostname", defaultHostname(), "our name in EHLO and delivery status notifications")
 	fl.StringArrayVarP(&configPaths, "file", "f", nil, "configuration file or folder (MailRoute, DeliveryPolicy, Secret); repeatable")

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -59,14 +58,25 @@ Files given with -f are re-read when they change.`,
 			if err := os.MkdirAll(dataDir, 0o750); err != nil {
 				return err
 			}
-			ns, err := spool.RunEmbedded(spool.EmbeddedOptions{DataDir: dataDir, Listen: natsListen, NoSync: noSync})
+			// The embedded server lets in only the holder of the key in
+			// the data directory: this process, and the tools and extra
+			// processes on this host that read it.
+			keyFile, userKey, err := spool.LoadOrCreateUserKey(dataDir)
+			if err != nil {
+				return err
+			}
+			ns, err := spool.RunEmbedded(spool.EmbeddedOptions{DataDir: dataDir, Listen: natsListen, NoSync: noSync, UserKey: userKey})
 			if err != nil {
 				return err
 			}
 			defer ns.Shutdown()
 			log.Info("embedded JetStream started", zap.String("data_dir", dataDir),
-				zap.Bool("fsync_before_ack", !noSync), zap.String("nats_listen", natsListen))
-			nc, err := nats.Connect("", append(spool.NATSOptions(), nats.InProcessServer(ns), nats.Name("jetmail-serve"))...)
+				zap.Bool("fsync_before_ack", !noSync), zap.String("nats_listen", natsListen), zap.String("nats_nkey", keyFile))
+			auth, err := natsAuth(keyFile, "")
+			if err != nil {
+				return err
+			}
+			nc, err := nats.Connect("", append(append(spool.NATSOptions(), nats.InProcessServer(ns), nats.Name("jetmail-serve")), auth...)...)
 			if err != nil {
 				return err
 			}
@@ -107,7 +117,7 @@ Files given with -f are re-read when they change.`,
 func gatewayCmd() *cobra.Command {
 	var (
 		f        gatewayFlags
-		natsURL  string
+		nf       natsFlags
 		replicas int
 		podName  string
 	)
@@ -132,9 +142,9 @@ func gatewayCmd() *cobra.Command {
 				return err
 			}
 			defer smtpL.Close()
-			nc, err := nats.Connect(natsURL, append(spool.NATSOptions(), nats.Name("jetmail-gateway"))...)
+			nc, err := nf.connect("jetmail-gateway")
 			if err != nil {
-				return fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
+				return err
 			}
 			defer nc.Close()
 			cfg := f.spoolConfig(spool.ClusterConfig())
@@ -155,7 +165,7 @@ func gatewayCmd() *cobra.Command {
 		},
 	}
 	f.register(cmd, "json")
-	cmd.Flags().StringVar(&natsURL, "nats-url", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated")
+	nf.register(cmd.Flags())
 	cmd.Flags().IntVar(&replicas, "replicas", 3, "JetStream replicas for the queue streams")
 	cmd.Flags().StringVar(&podName, "pod-name", envOr("POD_NAME", defaultHostname()), "name this pod reports its configuration revision under")
 	return cmd

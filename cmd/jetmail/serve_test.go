@@ -141,7 +141,23 @@ func TestServeKeepsTheQueueAcrossRestarts(t *testing.T) {
 	}
 
 	p2 := startServe(t, bin, dataDir, "--no-deliver")
-	nc, err := nats.Connect("nats://"+p2.natsA, spool.NATSOptions()...)
+	// The embedded NATS server lets in only the holder of the key that
+	// serve wrote to the data directory, readable by its owner alone.
+	keyFile := filepath.Join(dataDir, spool.EmbeddedKeyFile)
+	if fi, err := os.Stat(keyFile); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("key file %s: %v, %v; want mode 0600", keyFile, fi, err)
+	}
+	if nc, err := nats.Connect("nats://"+p2.natsA, nats.MaxReconnects(0)); err == nil {
+		nc.Close()
+		t.Fatal("the embedded NATS server let in a client without credentials")
+	} else if !strings.Contains(strings.ToLower(err.Error()), "authorization") {
+		t.Errorf("connecting without credentials: %v, want an authorization violation", err)
+	}
+	auth, err := natsAuth(keyFile, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect("nats://"+p2.natsA, append(spool.NATSOptions(), auth...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,5 +208,26 @@ func TestServeRefusesRelayFromOutsideLoopbackByDefault(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "RelayPolicy/broken: spec.relayNetworks[0]") {
 		t.Errorf("error does not name the object and field:\n%s", out)
+	}
+}
+
+func TestSecondServeOnTheSameNATSAddressFailsAtOnce(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := buildJetmail(t)
+	first := startServe(t, bin, t.TempDir(), "--no-deliver")
+	start := time.Now()
+	cmd := exec.Command(bin, "serve", "--data-dir", t.TempDir(), "--smtp-listen", freePort(t),
+		"--metrics-listen", freePort(t), "--nats-listen", first.natsA, "--no-deliver")
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Fatalf("a second serve on %s started:\n%s", first.natsA, out)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("the second serve took %s to fail", d)
+	}
+	if !strings.Contains(string(out), first.natsA) || !strings.Contains(string(out), "address already in use") {
+		t.Errorf("the error does not name the address in use:\n%s", out)
 	}
 }

@@ -28,9 +28,19 @@ func main() {
 	url := flag.String("url", "nats://127.0.0.1:4230", "NATS URL of the embedded server (loopback)")
 	n := flag.Int("n", 0, "messages of the run (0: no per-message figures)")
 	wait := flag.Duration("wait", 0, "first wait up to this long for the consumer to be idle")
+	nkey := flag.String("nkey", "", "NKEY seed file to sign in with (serve writes <data-dir>/nats-user.nk)")
 	flag.Parse()
 
-	nc, err := nats.Connect(*url, nats.Name("jscount"), nats.Timeout(5*time.Second))
+	opts := []nats.Option{nats.Name("jscount"), nats.Timeout(5 * time.Second)}
+	if *nkey != "" {
+		o, err := nats.NkeyOptionFromSeed(*nkey)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "jscount:", err)
+			os.Exit(2)
+		}
+		opts = append(opts, o)
+	}
+	nc, err := nats.Connect(*url, opts...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "jscount:", err)
 		os.Exit(2)

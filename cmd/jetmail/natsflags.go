@@ -1,0 +1,55 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/nats-io/nats.go"
+	"github.com/spf13/pflag"
+
+	"github.com/jetmail/jetmail/spool"
+)
+
+// natsFlags say where NATS is and how to sign in, the same for every role.
+type natsFlags struct {
+	url   string
+	nkey  string
+	creds string
+}
+
+func (n *natsFlags) register(fl *pflag.FlagSet) {
+	fl.StringVar(&n.url, "nats-url", "nats://127.0.0.1:4222", "NATS server URL(s), comma separated; user:password@ in a URL signs in with a password")
+	fl.StringVar(&n.nkey, "nats-nkey", "", "sign in to NATS with the NKEY seed in this file (jetmail serve writes one to <data-dir>/"+spool.EmbeddedKeyFile+")")
+	fl.StringVar(&n.creds, "nats-creds", "", "sign in to NATS with this credentials file (JWT and NKEY seed, NATS decentralized auth)")
+}
+
+// connect signs in to NATS as name.
+func (n *natsFlags) connect(name string) (*nats.Conn, error) {
+	opts, err := natsAuth(n.nkey, n.creds)
+	if err != nil {
+		return nil, err
+	}
+	nc, err := nats.Connect(n.url, append(append(spool.NATSOptions(), nats.Name(name)), opts...)...)
+	if err != nil {
+		return nil, fmt.Errorf("connect to NATS at %s: %w", n.url, err)
+	}
+	return nc, nil
+}
+
+// natsAuth turns the sign-in flags into connection options.
+func natsAuth(nkey, creds string) ([]nats.Option, error) {
+	var opts []nats.Option
+	if nkey != "" && creds != "" {
+		return nil, fmt.Errorf("--nats-nkey and --nats-creds are alternatives; give one")
+	}
+	if nkey != "" {
+		o, err := nats.NkeyOptionFromSeed(nkey)
+		if err != nil {
+			return nil, fmt.Errorf("--nats-nkey: %w", err)
+		}
+		opts = append(opts, o)
+	}
+	if creds != "" {
+		opts = append(opts, nats.UserCredentials(creds))
+	}
+	return opts, nil
+}
