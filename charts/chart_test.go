@@ -234,7 +234,8 @@ type podSpec struct {
 	Volumes    []struct {
 		Name   string `json:"name"`
 		Secret *struct {
-			SecretName string `json:"secretName"`
+			SecretName  string `json:"secretName"`
+			DefaultMode *int   `json:"defaultMode"`
 		} `json:"secret"`
 	} `json:"volumes"`
 }
@@ -616,6 +617,51 @@ func TestRBACMatchesGeneratedRole(t *testing.T) {
 	}
 }
 
+func TestNATSCredentialsPerComponent(t *testing.T) {
+	m := index(t, render(t,
+		"tls.secretName=smtp-tls",
+		"nats.credentials.gateway.secretName=gw-nats",
+		"nats.credentials.deliverer.secretName=dl-nats",
+		"nats.credentials.controller.secretName=ct-nats",
+		"nats.credentials.controller.type=creds",
+		"nats.credentials.controller.key=controller.creds",
+	))
+	for _, tc := range []struct{ comp, arg, secret string }{
+		{"gateway", "--nats-nkey=/etc/jetmail/nats/nkey", "gw-nats"},
+		{"deliverer", "--nats-nkey=/etc/jetmail/nats/nkey", "dl-nats"},
+		{"controller", "--nats-creds=/etc/jetmail/nats/controller.creds", "ct-nats"},
+	} {
+		pod := getDeployment(t, m, tc.comp).Pod
+		c := pod.Containers[0]
+		if !slices.Contains(c.Args, tc.arg) {
+			t.Errorf("%s args %q lack %s", tc.comp, c.Args, tc.arg)
+		}
+		found := false
+		for _, v := range pod.Volumes {
+			if v.Name == "nats-credentials" && v.Secret != nil && v.Secret.SecretName == tc.secret &&
+				v.Secret.DefaultMode != nil && *v.Secret.DefaultMode == 0o440 {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("%s volumes %+v lack the %s Secret (mode 0440)", tc.comp, pod.Volumes, tc.secret)
+		}
+		found = false
+		for _, vm := range c.VolumeMounts {
+			if vm.Name == "nats-credentials" && vm.MountPath == "/etc/jetmail/nats" && vm.ReadOnly {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("%s mounts %+v lack /etc/jetmail/nats", tc.comp, c.VolumeMounts)
+		}
+	}
+	// The gateway keeps its certificate too.
+	if gw := getDeployment(t, m, "gateway").Pod; len(gw.Volumes) != 2 {
+		t.Errorf("gateway volumes %+v, want the TLS and the NATS Secrets", gw.Volumes)
+	}
+}
+
 func TestOptions(t *testing.T) {
 	m := index(t, render(t,
 		"tls.secretName=smtp-tls",
@@ -888,6 +934,9 @@ func TestArgsAreAcceptedByTheBinary(t *testing.T) {
 			"controller.watchAllNamespaces=true", "logFormat=console"}, "connect to NATS at " + closed},
 		// The certificate is read before NATS is dialled.
 		{"tls", []string{"tls.secretName=smtp-tls"}, "/etc/jetmail/tls/tls.crt"},
+		// So is the NKEY seed.
+		{"nats credentials", []string{"nats.credentials.gateway.secretName=gw", "nats.credentials.deliverer.secretName=dl",
+			"nats.credentials.controller.secretName=ct"}, "open /etc/jetmail/nats/nkey"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m := index(t, render(t, tc.sets...))

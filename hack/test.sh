@@ -35,3 +35,6 @@ race=-race
 # Fuzz targets run their seed corpora here; fuzzing itself is
 # `go test -fuzz=... ./policy/` or `./smtpgw/` by hand.
 go test $race -count=1 -timeout 25m ./...
+
+echo "== go test: the patched go-smtp (third_party/go-smtp, its own module)"
+(cd third_party/go-smtp && go vet . && go test $race -count=1 -timeout 5m ./...)

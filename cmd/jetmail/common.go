@@ -38,6 +38,7 @@ type gatewayFlags struct {
 	maxQueueBytes  int64
 	maxBodyBytes   int64
 	logFormat      string
+	auth           smtpgw.AuthLimits
 }
 
 func (f *gatewayFlags) register(cmd *cobra.Command, defaultLog string) {
@@ -57,6 +58,9 @@ func (f *gatewayFlags) register(cmd *cobra.Command, defaultLog string) {
 	fl.Int64Var(&f.maxQueueBytes, "max-queue-bytes", -1, "cap on the queue stream (envelopes, inline bodies); when full, new mail gets 451 (-1: no cap)")
 	fl.Int64Var(&f.maxBodyBytes, "max-body-bytes", -1, "cap on the stream of large bodies (-1: no cap)")
 	fl.StringVar(&f.logFormat, "log-format", defaultLog, "log format: console or json")
+	fl.IntVar(&f.auth.Failures, "auth-max-failures", 10, "failed SMTP AUTH attempts one client address may make per --auth-failure-window before it is locked out")
+	fl.DurationVar(&f.auth.Window, "auth-failure-window", 15*time.Minute, "how long failed SMTP AUTH attempts are remembered per client address")
+	fl.IntVar(&f.auth.Checks, "auth-max-checks", 0, "password checks (bcrypt) running at once (0: half the CPUs, at least 1)")
 }
 
 // osHostname is os.Hostname, named for the flags' defaults.
@@ -100,6 +104,7 @@ func (f *gatewayFlags) gatewayConfig(log *zap.Logger, selfSignedFallback bool) (
 		ProxyProtocol: f.proxyProtocol,
 		MaxLineLength: f.maxLineLength,
 		ShutdownGrace: f.shutdownGrace,
+		Auth:          f.auth,
 	}
 	switch {
 	case f.tlsCert != "" || f.tlsKey != "":

@@ -67,6 +67,37 @@ app.kubernetes.io/component: {{ .component }}
 {{- required "nats.url is required: jetmail keeps its queue in an existing NATS JetStream cluster that this chart does not install. Install one (for example the official chart: helm install nats nats/nats --set config.jetstream.enabled=true --set config.cluster.enabled=true), then pass --set nats.url=nats://nats.<namespace>.svc:4222" .Values.nats.url -}}
 {{- end }}
 
+{{/*
+NATS sign-in of one component: (dict "ctx" $ "role" "gateway"). natsAuthArg is
+the flag, natsAuthMount the volumeMount and natsAuthVolume the volume; all
+are empty when the component has no credentials Secret.
+*/}}
+{{- define "jetmail.natsAuthArg" -}}
+{{- $cred := index .ctx.Values.nats.credentials .role -}}
+{{- if $cred.secretName -}}
+- --nats-{{ $cred.type | default "nkey" }}=/etc/jetmail/nats/{{ $cred.key }}
+{{- end -}}
+{{- end }}
+
+{{- define "jetmail.natsAuthMount" -}}
+{{- $cred := index .ctx.Values.nats.credentials .role -}}
+{{- if $cred.secretName -}}
+- name: nats-credentials
+  mountPath: /etc/jetmail/nats
+  readOnly: true
+{{- end -}}
+{{- end }}
+
+{{- define "jetmail.natsAuthVolume" -}}
+{{- $cred := index .ctx.Values.nats.credentials .role -}}
+{{- if $cred.secretName -}}
+- name: nats-credentials
+  secret:
+    secretName: {{ $cred.secretName }}
+    defaultMode: 0440
+{{- end -}}
+{{- end }}
+
 {{- define "jetmail.controllerServiceAccountName" -}}
 {{- if .Values.controller.serviceAccount.create }}
 {{- default (printf "%s-controller" (include "jetmail.fullname" .)) .Values.controller.serviceAccount.name }}
