@@ -13,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/jetmail/jetmail/spool"
 )
@@ -47,17 +48,43 @@ func BenchmarkAccept(b *testing.B) {
 	g := startGateway(b, sp, nil)
 
 	const sessions = 20
+	b.ResetTimer()
+	all, elapsed := sendLoad(b, g.addr, sessions, b.N)
+	b.StopTimer()
+	if len(all) == 0 {
+		return
+	}
+	reportLatency(b, all, elapsed)
+	// Count what JetStream stored: every stored message is one fsynced write.
+	var writes uint64
+	for _, name := range []string{spool.QueueStream, spool.BodyStream} {
+		st, err := sp.JetStream().Stream(b.Context(), name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		info, err := st.Info(b.Context())
+		if err != nil {
+			b.Fatal(err)
+		}
+		writes += info.State.LastSeq
+	}
+	b.ReportMetric(float64(writes)/float64(len(all)), "js-writes/msg")
+}
+
+// sendLoad sends n 5 KB messages over sessions concurrent sessions and
+// returns the latency of each from the final dot to the 250, and the time
+// it all took.
+func sendLoad(b *testing.B, addr string, sessions, n int) ([]time.Duration, time.Duration) {
 	body := strings.Repeat(strings.Repeat("x", 98)+"\r\n", 50) // 5,000 octets
 	var next atomic.Int64
 	lat := make([][]time.Duration, sessions)
 	var wg sync.WaitGroup
-	b.ResetTimer()
 	start := time.Now()
 	for s := 0; s < sessions; s++ {
 		wg.Add(1)
 		go func(s int) {
 			defer wg.Done()
-			c, err := net.Dial("tcp", g.addr)
+			c, err := net.Dial("tcp", addr)
 			if err != nil {
 				b.Error(err)
 				return
@@ -81,7 +108,7 @@ func BenchmarkAccept(b *testing.B) {
 			expect("250")
 			for {
 				i := next.Add(1)
-				if i > int64(b.N) {
+				if i > int64(n) {
 					fmt.Fprintf(c, "QUIT\r\n")
 					return
 				}
@@ -100,32 +127,95 @@ func BenchmarkAccept(b *testing.B) {
 		}(s)
 	}
 	wg.Wait()
-	elapsed := time.Since(start)
-	b.StopTimer()
 	var all []time.Duration
 	for _, l := range lat {
 		all = append(all, l...)
 	}
-	if len(all) == 0 {
-		return
-	}
+	return all, time.Since(start)
+}
+
+// reportLatency reports msgs/s and the median and 99th percentile latency.
+func reportLatency(b *testing.B, all []time.Duration, elapsed time.Duration) {
 	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
 	pct := func(p float64) float64 { return float64(all[int(float64(len(all)-1)*p)].Microseconds()) / 1000 }
 	b.ReportMetric(float64(len(all))/elapsed.Seconds(), "msgs/s")
 	b.ReportMetric(pct(0.50), "p50-ms")
 	b.ReportMetric(pct(0.99), "p99-ms")
-	// Count what JetStream stored: every stored message is one fsynced write.
-	var writes uint64
-	for _, name := range []string{spool.QueueStream, spool.BodyStream} {
-		st, err := sp.JetStream().Stream(b.Context(), name)
-		if err != nil {
-			b.Fatal(err)
-		}
-		info, err := st.Info(b.Context())
-		if err != nil {
-			b.Fatal(err)
-		}
-		writes += info.State.LastSeq
+}
+
+// BenchmarkAcceptDuringAUTHFlood measures mail intake while password
+// guessers flood AUTH from ever new addresses (a botnet: the per-address
+// lockout never triggers), each attempt a real bcrypt check at the default
+// cost: without a flood, with the password checks bounded (the default)
+// and unbounded.
+//
+//	go test -run '^$' -bench BenchmarkAcceptDuringAUTHFlood -benchtime 2000x ./smtpgw/
+func BenchmarkAcceptDuringAUTHFlood(b *testing.B) {
+	hash, err := bcrypt.GenerateFromPassword([]byte(authPass), bcrypt.DefaultCost)
+	if err != nil {
+		b.Fatal(err)
 	}
-	b.ReportMetric(float64(writes)/float64(len(all)), "js-writes/msg")
+	pol := relayPolicy(b, `  relayNetworks: ["127.0.0.0/8"]
+  auth:
+    usersSecretRef: {name: smtp-users, key: users}
+    allowInsecure: true
+`, "apiVersion: v1\nkind: Secret\nmetadata:\n  name: smtp-users\n  namespace: mail\nstringData:\n  users: |\n    alice:"+string(hash)+"\n")
+	for _, tc := range []struct {
+		name     string
+		checks   int
+		guessers int
+	}{{"no flood", 0, 0}, {"checks=default", 0, 8}, {"checks=unbounded", 1 << 20, 8}} {
+		b.Run(tc.name, func(b *testing.B) {
+			n := startNATS(b)
+			g := startGateway(b, n.spool(b), pol, func(c *Config) { c.Auth = AuthLimits{Checks: tc.checks} })
+			stop := make(chan struct{})
+			var wg sync.WaitGroup
+			var guesses atomic.Int64
+			for i := 0; i < tc.guessers; i++ {
+				wg.Add(1)
+				go func(i int) {
+					defer wg.Done()
+					for j := 0; ; j++ {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						// A new source address for every attempt.
+						local := &net.TCPAddr{IP: net.IPv4(127, 1+byte(i), byte(j>>8), 1+byte(j))}
+						d := net.Dialer{LocalAddr: local, Timeout: 5 * time.Second}
+						c, err := d.Dial("tcp", g.addr)
+						if err != nil {
+							continue
+						}
+						// A guesser needs the answer: it reads up to the
+						// reply to its AUTH.
+						r := bufio.NewReader(c)
+						fmt.Fprintf(c, "EHLO guess.test\r\nAUTH PLAIN %s\r\nQUIT\r\n", b64("\x00alice\x00guess"))
+						for {
+							line, err := r.ReadString('\n')
+							if err != nil {
+								break
+							}
+							if strings.HasPrefix(line, "535 ") {
+								guesses.Add(1)
+								break
+							}
+						}
+						c.Close()
+					}
+				}(i)
+			}
+			time.Sleep(500 * time.Millisecond) // let the flood build up
+			b.ResetTimer()
+			all, elapsed := sendLoad(b, g.addr, 4, b.N)
+			b.StopTimer()
+			close(stop)
+			wg.Wait()
+			if len(all) > 0 {
+				reportLatency(b, all, elapsed)
+				b.ReportMetric(float64(guesses.Load())/elapsed.Seconds(), "checked-guesses/s")
+			}
+		})
+	}
 }
