@@ -217,6 +217,14 @@ func (m *sessionModel) run() {
 			pipeline = false
 		case 5, 6, 7: // a BDAT chunk; LAST on 7
 			last := op%16 == 7
+			if op%16 == 6 && op&0x40 != 0 {
+				// A BDAT refused for its argument: its chunk is read and
+				// dropped whatever state the transaction is in.
+				chunk := "RSET\r\nMAIL FROM:<x@" + forgedDomain + ">\r\n"
+				m.out.WriteString(fmt.Sprintf("BDAT %d LASTX\r\n%s", len(chunk), chunk))
+				m.pending = append(m.pending, expectation{"501 5.5.4", nil})
+				break
+			}
 			id := fmt.Sprintf("i%d@interleave.test", interleaveSeq.Add(1))
 			chunk := "\r\nRSET\r\nMAIL FROM:<x@" + forgedDomain + ">\r\n.\r\n"
 			if !m.inBDAT {

@@ -526,3 +526,31 @@ func TestBDATChunkCutShortByTheClientStoresNothing(t *testing.T) {
 		t.Errorf("%d stored, want only the whole message", got)
 	}
 }
+
+func TestRefusedBDATChunkIsNeverRunAsCommands(t *testing.T) {
+	n := startNATS(t)
+	sp := n.spool(t)
+	g := startGateway(t, sp, nil)
+	chunk := "MAIL FROM:<ceo@bank.example>\r\nRCPT TO:<victim@elsewhere.test>\r\nDATA\r\n"
+	for _, tc := range []struct{ cmd, want string }{
+		{fmt.Sprintf("BDAT %d LASTX", len(chunk)), "501 5.5.4"},
+		{fmt.Sprintf("BDAT %d LAST MORE", len(chunk)), "501 5.5.4"},
+		{fmt.Sprintf("BDAT %d", len(chunk)), "502 5.5.1"}, // no transaction
+	} {
+		c := smtptest.DialReady(t, g.addr)
+		c.Send(tc.cmd + "\r\n" + chunk)
+		replyWant(c, tc.want)
+		expectNOOPNext(c)
+	}
+	// Without a size the chunk's end cannot be found: the session ends.
+	for _, cmd := range []string{"BDAT", "BDAT x LAST", "BDAT -5"} {
+		c := smtptest.DialReady(t, g.addr)
+		c.Send(cmd + "\r\n" + chunk)
+		if replies := collectReplies(c, 5*time.Second); len(replies) != 1 || !strings.HasPrefix(replies[0], "501 5.5.4") {
+			t.Errorf("%q: replies %q, want one 501 5.5.4 and a close", cmd, replies)
+		}
+	}
+	if got := queueCount(t, sp); got != 0 {
+		t.Errorf("%d queued", got)
+	}
+}

@@ -1020,27 +1020,16 @@ func (c *Conn) handleData(arg string) {
 func (c *Conn) handleBdat(arg string) {
 	args := strings.Fields(arg)
 	if len(args) == 0 {
-		c.writeResponse(501, EnhancedCode{5, 5, 4}, "Missing chunk size argument")
+		// With no size, where the chunk ends cannot be known.
+		c.writeResponse(501, EnhancedCode{5, 5, 4}, "Missing chunk size argument, closing connection")
+		c.Close()
 		return
 	}
-	if len(args) > 2 {
-		c.writeResponse(501, EnhancedCode{5, 5, 4}, "Too many arguments")
-		return
-	}
-
-	last := false
-	if len(args) == 2 {
-		if !strings.EqualFold(args[1], "LAST") {
-			c.writeResponse(501, EnhancedCode{5, 5, 4}, "Unknown BDAT argument")
-			return
-		}
-		last = true
-	}
-
 	// ParseUint instead of Atoi so we will not accept negative values.
 	size, err := strconv.ParseUint(args[0], 10, 32)
 	if err != nil {
-		c.writeResponse(501, EnhancedCode{5, 5, 4}, "Malformed size argument")
+		c.writeResponse(501, EnhancedCode{5, 5, 4}, "Malformed size argument, closing connection")
+		c.Close()
 		return
 	}
 
@@ -1051,6 +1040,22 @@ func (c *Conn) handleBdat(arg string) {
 		c.lineLimitReader.LineLimit = c.server.MaxLineLength
 	}()
 	chunk := &io.LimitedReader{R: c.text.R, N: int64(size)}
+
+	last := false
+	switch {
+	case len(args) > 2:
+		if c.discardChunk(chunk) {
+			c.writeResponse(501, EnhancedCode{5, 5, 4}, "Too many arguments")
+		}
+		return
+	case len(args) == 2 && !strings.EqualFold(args[1], "LAST"):
+		if c.discardChunk(chunk) {
+			c.writeResponse(501, EnhancedCode{5, 5, 4}, "Unknown BDAT argument")
+		}
+		return
+	case len(args) == 2:
+		last = true
+	}
 
 	if !c.fromReceived || len(c.recipients) == 0 {
 		if c.discardChunk(chunk) {
