@@ -103,6 +103,7 @@ type sessionModel struct {
 	inBDAT  bool
 	chunks  strings.Builder
 	slowCut int
+	stalled time.Duration // stalls add up to a second at most per input
 	kinds   [16]int
 	// pending is what was written and not yet answered: the expected
 	// reply prefixes, in order.
@@ -262,9 +263,11 @@ func (m *sessionModel) run() {
 			m.cmd("EHLO again.test", "250", nil)
 			m.resetTx()
 		case 10: // NOOP, or a stall
-			if op&0x40 != 0 && !m.inBDAT { // a transfer is under the minimum rate
+			if op&0x40 != 0 && !m.inBDAT && m.stalled < time.Second { // a transfer is under the minimum rate
 				m.flush()
-				time.Sleep(time.Duration(m.next()%50) * 4 * time.Millisecond)
+				d := time.Duration(m.next()%25) * 4 * time.Millisecond
+				m.stalled += d
+				time.Sleep(d)
 			}
 			m.cmd("NOOP", "250 2.0.0", nil)
 		case 11: // a wrong AUTH
