@@ -3,6 +3,8 @@ package controllers
 import (
 	"context"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -305,4 +307,50 @@ func TestSecondDeliveryPolicyIsRejected(t *testing.T) {
 		t.Errorf("the first DeliveryPolicy is not the one in force: %+v", snap.DeliveryPolicies)
 	}
 	_ = corev1.EventTypeWarning
+}
+
+// A cluster object must never make a pod read its own files: a `file`
+// field is refused, naming the field, even when the file exists on the
+// controller's host with valid content, and the last accepted generation
+// stays in force.
+func TestFileFieldsAreRefusedInTheCluster(t *testing.T) {
+	w := newWorld(t)
+	creds := filepath.Join(t.TempDir(), "creds")
+	if err := os.WriteFile(creds, []byte("relay:secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	route := &v1alpha1.MailRoute{ObjectMeta: metav1.ObjectMeta{Name: "via-file"},
+		Spec: v1alpha1.MailRouteSpec{Domains: []string{"example.net"}, NextHops: []string{"smtp.example.net"}}}
+	w.create(route)
+	eventually(t, 10*time.Second, "the route to be accepted", func() bool {
+		a, _, _ := w.conditions(route)
+		return a != nil && a.Status == metav1.ConditionTrue
+	})
+	if err := w.c.Get(context.Background(), client.ObjectKeyFromObject(route), route); err != nil {
+		t.Fatal(err)
+	}
+	route.Spec.Auth = &v1alpha1.RouteAuth{File: creds}
+	if err := w.c.Update(context.Background(), route); err != nil {
+		t.Fatal(err)
+	}
+	users := &v1alpha1.RelayPolicy{ObjectMeta: metav1.ObjectMeta{Name: "users-file"},
+		Spec: v1alpha1.RelayPolicySpec{Auth: &v1alpha1.RelayAuth{UsersFile: creds}}}
+	w.create(users)
+	for obj, field := range map[client.Object]string{route: "spec.auth.file", users: "spec.auth.usersFile"} {
+		eventually(t, 10*time.Second, obj.GetName()+" to be refused", func() bool {
+			a, _, st := w.conditions(obj)
+			return a != nil && a.Status == metav1.ConditionFalse && st.ObservedGeneration == obj.GetGeneration()
+		})
+		if a, _, _ := w.conditions(obj); !strings.Contains(a.Message, field) || !strings.Contains(a.Message, "jetmail serve") {
+			t.Errorf("%s: Accepted message %q does not name %s", obj.GetName(), a.Message, field)
+		}
+	}
+	snap, _, err := w.store.Current(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(snap.MailRoutes) != 1 || snap.MailRoutes[0].Spec.Auth != nil || len(snap.RelayPolicies) != 0 {
+		t.Errorf("the snapshot holds %+v and %d relay policies; want the route's last accepted generation only",
+			snap.MailRoutes, len(snap.RelayPolicies))
+	}
 }

@@ -203,7 +203,7 @@ func (e *e2eEnv) setPolicy(mut func(*v1alpha1.DeliveryPolicySpec), routes []v1al
 	if mut != nil {
 		mut(&dp.Spec)
 	}
-	d, err := policy.CompileDelivery([]v1alpha1.DeliveryPolicy{dp}, routes, secrets, "")
+	d, err := policy.CompileDelivery([]v1alpha1.DeliveryPolicy{dp}, routes, secrets, policy.CompileOptions{})
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -104,7 +104,7 @@ type Credentials struct {
 
 // DefaultDelivery is the outbound configuration when nothing is configured.
 func DefaultDelivery() *Delivery {
-	d, err := CompileDelivery(nil, nil, nil, "")
+	d, err := CompileDelivery(nil, nil, nil, CompileOptions{})
 	if err != nil {
 		panic(err)
 	}
@@ -112,9 +112,8 @@ func DefaultDelivery() *Delivery {
 }
 
 // CompileDelivery validates and compiles DeliveryPolicy (at most one) and
-// MailRoute objects. relayhost, when set, is a catch-all route to that
-// host:port (Postfix's relayhost), as `serve --relayhost` gives it.
-func CompileDelivery(dps []v1alpha1.DeliveryPolicy, routes []v1alpha1.MailRoute, secrets Secrets, relayhost string) (*Delivery, error) {
+// MailRoute objects.
+func CompileDelivery(dps []v1alpha1.DeliveryPolicy, routes []v1alpha1.MailRoute, secrets Secrets, opts CompileOptions) (*Delivery, error) {
 	d := &Delivery{
 		Timeouts:        defaultOutbound(),
 		RetryIntervals:  DefaultRetryIntervals,
@@ -165,7 +164,7 @@ func CompileDelivery(dps []v1alpha1.DeliveryPolicy, routes []v1alpha1.MailRoute,
 		o := &routes[i]
 		name := objName("MailRoute", o.Namespace, o.Name)
 		d.Sources = append(d.Sources, name)
-		r, err := d.compileRoute(name, o, secrets)
+		r, err := d.compileRoute(name, o, secrets, opts)
 		if err != nil {
 			return nil, err
 		}
@@ -178,7 +177,7 @@ func CompileDelivery(dps []v1alpha1.DeliveryPolicy, routes []v1alpha1.MailRoute,
 			}
 		}
 	}
-	if relayhost != "" {
+	if relayhost := opts.Relayhost; relayhost != "" {
 		hop, err := parseHop(relayhost)
 		if err != nil {
 			return nil, fmt.Errorf("--relayhost: %w", err)
@@ -261,7 +260,7 @@ func (d *Delivery) compilePolicy(o *v1alpha1.DeliveryPolicy) error {
 	return nil
 }
 
-func (d *Delivery) compileRoute(name string, o *v1alpha1.MailRoute, secrets Secrets) (*Route, error) {
+func (d *Delivery) compileRoute(name string, o *v1alpha1.MailRoute, secrets Secrets, opts CompileOptions) (*Route, error) {
 	r := &Route{Name: name, TLS: string(o.Spec.TLS), Timeouts: d.Timeouts}
 	switch o.Spec.TLS {
 	case "":
@@ -298,6 +297,8 @@ func (d *Delivery) compileRoute(name string, o *v1alpha1.MailRoute, secrets Secr
 				return nil, fmt.Errorf("%s: spec.auth.secretRef: %w", name, err)
 			}
 			raw = string(u) + ":" + string(p)
+		case a.File != "" && !opts.AllowFiles:
+			return nil, fmt.Errorf("%s: spec.auth.file: files are read only by jetmail serve; use spec.auth.secretRef", name)
 		case a.File != "":
 			b, err := readFile(a.File)
 			if err != nil {

@@ -183,14 +183,27 @@ func (o *Objects) SecretLookup() Secrets {
 	}
 }
 
+// CompileOptions say where a configuration is compiled.
+type CompileOptions struct {
+	// Relayhost, when set, adds a catch-all route to that host:port
+	// (Postfix's relayhost), as `serve --relayhost` gives it.
+	Relayhost string
+	// AllowFiles lets the `usersFile` (RelayPolicy) and `auth.file`
+	// (MailRoute) fields be read. Only `jetmail serve` sets it, for files
+	// its operator wrote: everywhere else an object that names a file is
+	// refused and the file is never opened, so that whoever may create a
+	// MailRoute cannot have a pod read, and send to a next hop of their
+	// choosing, a file of its filesystem.
+	AllowFiles bool
+}
+
 // Compile turns the loaded objects into the running configuration.
-// relayhost, when set, adds a catch-all route to it (serve --relayhost).
-func (o *Objects) Compile(relayhost string) (*Config, error) {
-	relay, err := CompileRelay(o.RelayPolicies, o.SecretLookup())
+func (o *Objects) Compile(opts CompileOptions) (*Config, error) {
+	relay, err := CompileRelay(o.RelayPolicies, o.SecretLookup(), opts)
 	if err != nil {
 		return nil, err
 	}
-	delivery, err := CompileDelivery(o.DeliveryPolicies, o.MailRoutes, o.SecretLookup(), relayhost)
+	delivery, err := CompileDelivery(o.DeliveryPolicies, o.MailRoutes, o.SecretLookup(), opts)
 	if err != nil {
 		return nil, err
 	}

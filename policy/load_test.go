@@ -77,7 +77,7 @@ func TestLoadFilesReadsEveryDocumentOfAMultiDocumentFile(t *testing.T) {
 	if len(objs.RelayPolicies) != 2 || objs.RelayPolicies[0].Name != "one" || objs.RelayPolicies[1].Name != "two" {
 		t.Fatalf("loaded %+v; want RelayPolicies one and two in file order", objs.RelayPolicies)
 	}
-	r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup())
+	r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup(), policy.CompileOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,7 +191,7 @@ func TestAuthUsersFromASecret(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup())
+			r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup(), policy.CompileOptions{})
 			if err != nil {
 				t.Fatalf("Compile: %v", err)
 			}
@@ -228,7 +228,7 @@ func TestAuthUsersFromAFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup())
+	r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup(), policy.CompileOptions{AllowFiles: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -280,7 +280,7 @@ func TestAuthConfigurationErrors(t *testing.T) {
 			if err != nil {
 				t.Fatalf("LoadFiles: %v", err)
 			}
-			r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup())
+			r, err := policy.CompileRelay(objs.RelayPolicies, objs.SecretLookup(), policy.CompileOptions{AllowFiles: true})
 			if err == nil {
 				t.Fatalf("Compile succeeded: %+v", r)
 			}
@@ -310,7 +310,7 @@ func TestCompileRelayWithoutSecretsRefusesASecretRef(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := policy.CompileRelay(objs.RelayPolicies, nil); err == nil || !strings.Contains(err.Error(), "usersSecretRef") {
+	if _, err := policy.CompileRelay(objs.RelayPolicies, nil, policy.CompileOptions{}); err == nil || !strings.Contains(err.Error(), "usersSecretRef") {
 		t.Fatalf("CompileRelay without a Secret lookup = %v; want an error about usersSecretRef", err)
 	}
 }
@@ -340,7 +340,7 @@ func TestTheSamplesInConfigCompile(t *testing.T) {
 		t.Fatalf("samples hold %d RelayPolicy, %d MailRoute, %d DeliveryPolicy; want 1, 2, 1",
 			len(objs.RelayPolicies), len(objs.MailRoutes), len(objs.DeliveryPolicies))
 	}
-	cfg, err := objs.Compile("")
+	cfg, err := objs.Compile(policy.CompileOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -359,16 +359,69 @@ func TestTheSamplesInConfigCompile(t *testing.T) {
 }
 
 func TestDeliveryPolicyDeadDestinationTime(t *testing.T) {
-	d, err := policy.CompileDelivery(nil, nil, nil, "")
+	d, err := policy.CompileDelivery(nil, nil, nil, policy.CompileOptions{})
 	if err != nil || d.DeadDestination != policy.DefaultDeadDestination {
 		t.Fatalf("default: %v, %v; want %s", d.DeadDestination, err, policy.DefaultDeadDestination)
 	}
 	for _, v := range []time.Duration{0, -time.Second} {
 		dp := v1alpha1.DeliveryPolicy{ObjectMeta: metav1.ObjectMeta{Name: "d", Namespace: "mail"},
 			Spec: v1alpha1.DeliveryPolicySpec{DeadDestinationTime: &metav1.Duration{Duration: v}}}
-		_, err := policy.CompileDelivery([]v1alpha1.DeliveryPolicy{dp}, nil, nil, "")
+		_, err := policy.CompileDelivery([]v1alpha1.DeliveryPolicy{dp}, nil, nil, policy.CompileOptions{})
 		if err == nil || !strings.Contains(err.Error(), "DeliveryPolicy mail/d: spec.deadDestinationTime") {
 			t.Errorf("deadDestinationTime %s: %v, want an error naming the object and field", v, err)
 		}
+	}
+}
+
+// In a cluster no object may make a pod read a file: only `jetmail serve`
+// compiles with AllowFiles. The file named here exists and holds valid
+// credentials, and the compiler must refuse the object without opening it.
+func TestFileFieldsAreRefusedAndNeverOpenedOutsideServe(t *testing.T) {
+	dir := t.TempDir()
+	users := writeFile(t, dir, "users", "carol:"+hashFor(t, "hunter2")+"\n")
+	creds := writeFile(t, dir, "creds", "relay:secret\n")
+	for _, tc := range []struct {
+		name, doc, field string
+	}{
+		{"RelayPolicy usersFile", "apiVersion: mail.jetmail.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: f, namespace: mail}\n" +
+			"spec:\n  auth:\n    usersFile: " + users + "\n", "spec.auth.usersFile"},
+		{"MailRoute auth.file", "apiVersion: mail.jetmail.io/v1alpha1\nkind: MailRoute\nmetadata: {name: r, namespace: mail}\n" +
+			"spec:\n  domains: [example.net]\n  nextHops: [smtp.example.net]\n  auth:\n    file: " + creds + "\n", "spec.auth.file"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			objs, err := policy.LoadFiles([]string{writeFile(t, t.TempDir(), "o.yaml", tc.doc)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var opened []string
+			restore := policy.SetReadFile(func(name string) ([]byte, error) {
+				opened = append(opened, name)
+				return os.ReadFile(name)
+			})
+			defer restore()
+			snap := &policy.Snapshot{RelayPolicies: objs.RelayPolicies, MailRoutes: objs.MailRoutes}
+			for what, compile := range map[string]func() error{
+				"a cluster compile":  func() error { _, err := objs.Compile(policy.CompileOptions{}); return err },
+				"a snapshot compile": func() error { _, err := snap.Compile(); return err },
+			} {
+				err := compile()
+				if err == nil || !strings.Contains(err.Error(), tc.field) || !strings.Contains(err.Error(), "jetmail serve") {
+					t.Errorf("%s: error %v, want a refusal naming %s", what, err, tc.field)
+				}
+			}
+			if len(opened) != 0 {
+				t.Errorf("the compiler opened %q", opened)
+			}
+			cfg, err := objs.Compile(policy.CompileOptions{AllowFiles: true})
+			if err != nil {
+				t.Fatalf("serve's compile: %v", err)
+			}
+			if len(opened) != 1 {
+				t.Errorf("serve's compile opened %q, want the one file", opened)
+			}
+			if rt := cfg.Delivery.Route("example.net"); tc.field == "spec.auth.file" && (rt == nil || rt.Auth == nil || rt.Auth.Username != "relay") {
+				t.Errorf("route %+v: the file's credentials are not in force", rt)
+			}
+		})
 	}
 }

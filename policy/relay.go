@@ -62,7 +62,7 @@ type Relay struct {
 // clients may relay, nobody else may send anywhere. Safe by default, useful
 // at once.
 func Default() *Relay {
-	r, err := CompileRelay(nil, nil)
+	r, err := CompileRelay(nil, nil, CompileOptions{})
 	if err != nil {
 		panic(err) // the empty set always compiles
 	}
@@ -74,7 +74,7 @@ type Secrets func(namespace, name, key string) ([]byte, error)
 
 // CompileRelay merges and validates RelayPolicy objects. Lists add up;
 // a scalar set by two objects to different values is an error naming both.
-func CompileRelay(objs []v1alpha1.RelayPolicy, secrets Secrets) (*Relay, error) {
+func CompileRelay(objs []v1alpha1.RelayPolicy, secrets Secrets, opts CompileOptions) (*Relay, error) {
 	r := &Relay{
 		domains:    map[string]bool{},
 		badSenders: map[string]bool{},
@@ -147,7 +147,7 @@ func CompileRelay(objs []v1alpha1.RelayPolicy, secrets Secrets) (*Relay, error) 
 			r.MaxRecipients = int(*v)
 		}
 		if a := sp.Auth; a != nil {
-			if err := r.compileAuth(name, o.Namespace, a, secrets); err != nil {
+			if err := r.compileAuth(name, o.Namespace, a, secrets, opts); err != nil {
 				return nil, err
 			}
 			if a.AllowInsecure {
@@ -247,7 +247,7 @@ func (r *Relay) defaults(set scalars) {
 	sort.Strings(r.parents)
 }
 
-func (r *Relay) compileAuth(name, ns string, a *v1alpha1.RelayAuth, secrets Secrets) error {
+func (r *Relay) compileAuth(name, ns string, a *v1alpha1.RelayAuth, secrets Secrets, opts CompileOptions) error {
 	var data []byte
 	switch {
 	case a.UsersSecretRef != nil && a.UsersFile != "":
@@ -261,6 +261,8 @@ func (r *Relay) compileAuth(name, ns string, a *v1alpha1.RelayAuth, secrets Secr
 		if err != nil {
 			return fmt.Errorf("%s: spec.auth.usersSecretRef: %w", name, err)
 		}
+	case a.UsersFile != "" && !opts.AllowFiles:
+		return fmt.Errorf("%s: spec.auth.usersFile: files are read only by jetmail serve; use spec.auth.usersSecretRef", name)
 	case a.UsersFile != "":
 		var err error
 		data, err = readFile(a.UsersFile)

@@ -23,7 +23,7 @@ func rp(ns, name string, spec v1alpha1.RelayPolicySpec) v1alpha1.RelayPolicy {
 
 func compile(t *testing.T, objs ...v1alpha1.RelayPolicy) *policy.Relay {
 	t.Helper()
-	r, err := policy.CompileRelay(objs, nil)
+	r, err := policy.CompileRelay(objs, nil, policy.CompileOptions{})
 	if err != nil {
 		t.Fatalf("CompileRelay: %v", err)
 	}
@@ -232,7 +232,7 @@ func TestPoliciesAddUpAndSetLimits(t *testing.T) {
 func TestAnExplicitMinDataRateOfZeroIsHonouredOrRefused(t *testing.T) {
 	r, err := policy.CompileRelay([]v1alpha1.RelayPolicy{rp("mail", "slow", v1alpha1.RelayPolicySpec{
 		Timeouts: &v1alpha1.InboundTimeouts{MinDataRate: ptr(int64(0))},
-	})}, nil)
+	})}, nil, policy.CompileOptions{})
 	if err != nil {
 		return // refusing 0 is a consistent answer
 	}
@@ -320,7 +320,7 @@ func TestCompileRelayErrorsNameTheObjectAndField(t *testing.T) {
 			[]string{"RelayPolicy a/x", "RelayPolicy a/y", "spec.limits.maxErrors"}},
 	} {
 		t.Run(name, func(t *testing.T) {
-			r, err := policy.CompileRelay(tc.objs, nil)
+			r, err := policy.CompileRelay(tc.objs, nil, policy.CompileOptions{})
 			if err == nil {
 				t.Fatalf("CompileRelay succeeded: %+v", r)
 			}

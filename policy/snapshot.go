@@ -44,8 +44,9 @@ func (s *Snapshot) Objects() *Objects {
 		DeliveryPolicies: s.DeliveryPolicies, Secrets: s.Secrets}
 }
 
-// Compile compiles the snapshot.
-func (s *Snapshot) Compile() (*Config, error) { return s.Objects().Compile("") }
+// Compile compiles the snapshot as the cluster runs it: a snapshot comes
+// from the API server, so no field of it may make a pod read a file.
+func (s *Snapshot) Compile() (*Config, error) { return s.Objects().Compile(CompileOptions{}) }
 
 // PodStatus is a pod's heartbeat.
 type PodStatus struct {

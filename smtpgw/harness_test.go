@@ -123,7 +123,7 @@ func compile(t testing.TB, yaml string) *policy.Relay {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := objs.Compile("")
+	cfg, err := objs.Compile(policy.CompileOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

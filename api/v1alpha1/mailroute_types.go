@@ -92,8 +92,9 @@ type RouteAuth struct {
 	// +optional
 	SecretRef *SecretRef `json:"secretRef,omitempty"`
 
-	// File is a path to a file holding "username:password", for
-	// jetmail serve.
+	// File is a path to a file holding "username:password", read only by
+	// jetmail serve -f. A cluster refuses an object that sets it
+	// (Accepted=False) and never opens the file.
 	// +optional
 	File string `json:"file,omitempty"`
 }

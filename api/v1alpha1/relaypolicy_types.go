@@ -104,7 +104,9 @@ type RelayAuth struct {
 	// +optional
 	UsersSecretRef *SecretKeyRef `json:"usersSecretRef,omitempty"`
 
-	// UsersFile is a path to the same format, for jetmail serve.
+	// UsersFile is a path to the same format, read only by jetmail serve
+	// -f. A cluster refuses an object that sets it (Accepted=False) and
+	// never opens the file.
 	// +optional
 	UsersFile string `json:"usersFile,omitempty"`
 

@@ -88,12 +88,12 @@ func newLogger(format string) (*zap.Logger, error) {
 	return cfg.Build()
 }
 
-func loadConfig(paths []string, relayhost string) (*policy.Config, error) {
+func loadConfig(paths []string, opts policy.CompileOptions) (*policy.Config, error) {
 	objs, err := policy.LoadFiles(paths)
 	if err != nil {
 		return nil, err
 	}
-	return objs.Compile(relayhost)
+	return objs.Compile(opts)
 }
 
 // gatewayConfig is the gateway's fixed configuration from the flags, with

@@ -31,9 +31,9 @@ type configSource struct {
 	onChange []func(*policy.Config)
 
 	// File mode.
-	paths     []string
-	relayhost string
-	stamp     string
+	paths []string
+	opts  policy.CompileOptions
+	stamp string
 }
 
 func (c *configSource) Relay() *policy.Relay       { return c.cur.Load().Relay }
@@ -57,9 +57,9 @@ func (c *configSource) set(cfg *policy.Config, revision uint64) {
 }
 
 // newConfigSource compiles -f files (none: the built-in defaults).
-func newConfigSource(paths []string, relayhost string) (*configSource, error) {
-	c := &configSource{paths: paths, relayhost: relayhost}
-	cfg, err := loadConfig(paths, relayhost)
+func newConfigSource(paths []string, opts policy.CompileOptions) (*configSource, error) {
+	c := &configSource{paths: paths, opts: opts}
+	cfg, err := loadConfig(paths, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -105,7 +105,7 @@ func (c *configSource) watchFiles(ctx context.Context, every time.Duration, log 
 			continue
 		}
 		c.stamp = stamp
-		cfg, err := loadConfig(c.paths, c.relayhost)
+		cfg, err := loadConfig(c.paths, c.opts)
 		if err != nil {
 			log.Error("configuration change rejected; the previous configuration stays in force", zap.Error(err))
 			continue
@@ -195,7 +195,9 @@ func openConfig(ctx context.Context, paths []string, sp interface {
 	Config() spool.Config
 }, pod, role string, reg prometheus.Registerer, log *zap.Logger) (*configSource, error) {
 	if len(paths) > 0 {
-		src, err := newConfigSource(paths, "")
+		// Files mounted into a cluster pod (a ConfigMap) are compiled as
+		// the cluster compiles: no field may make the pod read a file.
+		src, err := newConfigSource(paths, policy.CompileOptions{})
 		if err != nil {
 			return nil, err
 		}

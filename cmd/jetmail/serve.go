@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 
+	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -42,7 +43,9 @@ Files given with -f are re-read when they change.`,
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 
-			src, err := newConfigSource(f.configPaths, relayhost)
+			// Only serve reads the files that objects name: its
+			// operator wrote them, on this host.
+			src, err := newConfigSource(f.configPaths, policy.CompileOptions{Relayhost: relayhost, AllowFiles: true})
 			if err != nil {
 				return err
 			}
