@@ -238,6 +238,16 @@ func (s *Spool) walkQueue(ctx context.Context, headersOnly bool, fn func(jetstre
 	if err != nil {
 		return err
 	}
+	// The server would keep the consumer for its inactivity threshold
+	// (5 minutes): frequent walks (queue listings, body sweeps) would pile
+	// them up to the consumer limit. Delete it when the walk is over.
+	defer func() {
+		if ci := c.CachedInfo(); ci != nil {
+			dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = s.queue.DeleteConsumer(dctx, ci.Name)
+		}
+	}()
 	for {
 		batch, err := c.Fetch(256, jetstream.FetchMaxWait(2*time.Second))
 		if err != nil {

@@ -106,3 +106,27 @@ func TestScanIsPromptWhenTheNewestRecordHasExpired(t *testing.T) {
 		t.Fatalf("Scan of one mail took %s", took)
 	}
 }
+
+func TestScanLeavesNoConsumerBehind(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	next := queueIDs()
+	for i := 0; i < 3; i++ {
+		mustCommit(t, sp, newEnvelope(next()), []byte("x\r\n"), "")
+	}
+	for i := 0; i < 20; i++ {
+		if got := len(scanAll(t, sp)); got != 3 {
+			t.Fatalf("Scan listed %d, want 3", got)
+		}
+	}
+	st, err := sp.JetStream().Stream(ctxT(t), spool.QueueStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Consumers != 0 {
+		t.Errorf("%d consumers left on the queue stream after 20 scans, want 0", info.State.Consumers)
+	}
+}
