@@ -2,6 +2,8 @@ package spool_test
 
 import (
 	"context"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -67,7 +69,12 @@ func TestRunEmbedded(t *testing.T) {
 		"NoSync turns fsync-before-ack off":                       {"127.0.0.1:0", true},
 	} {
 		t.Run(name, func(t *testing.T) {
-			s, err := spool.RunEmbedded(spool.EmbeddedOptions{DataDir: t.TempDir(), Listen: tc.listen, NoSync: tc.noSync})
+			dir := t.TempDir()
+			keyFile, userKey, err := spool.LoadOrCreateUserKey(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, err := spool.RunEmbedded(spool.EmbeddedOptions{DataDir: dir, Listen: tc.listen, NoSync: tc.noSync, UserKey: userKey})
 			if err != nil {
 				t.Fatalf("RunEmbedded: %v", err)
 			}
@@ -79,14 +86,23 @@ func TestRunEmbedded(t *testing.T) {
 				t.Fatalf("SyncAlways = %v with NoSync %v", got, tc.noSync)
 			}
 
+			sign, err := nats.NkeyOptionFromSeed(keyFile)
+			if err != nil {
+				t.Fatal(err)
+			}
 			var nc *nats.Conn
 			if tc.listen == "" {
 				if s.Addr() != nil {
 					t.Fatalf("in-process-only server listens on %v", s.Addr())
 				}
-				nc, err = nats.Connect("", append(spool.NATSOptions(), nats.InProcessServer(s))...)
+				nc, err = nats.Connect("", append(spool.NATSOptions(), nats.InProcessServer(s), sign)...)
 			} else {
-				nc, err = nats.Connect(s.ClientURL(), spool.NATSOptions()...)
+				// Without the key nobody gets in.
+				if anon, err := nats.Connect(s.ClientURL(), nats.MaxReconnects(0)); err == nil {
+					anon.Close()
+					t.Fatal("the embedded server let in a client without the key")
+				}
+				nc, err = nats.Connect(s.ClientURL(), append(spool.NATSOptions(), sign)...)
 			}
 			if err != nil {
 				t.Fatalf("connect: %v", err)
@@ -147,5 +163,33 @@ func TestRunEmbeddedReopensItsStore(t *testing.T) {
 	_, sp2 := run()
 	if _, got := readBack(t, sp2, env.QueueID); string(got) != "kept\r\n" {
 		t.Fatalf("after restart read back %q", got)
+	}
+}
+
+func TestRunEmbeddedListensOnlyWithAUserKey(t *testing.T) {
+	if s, err := spool.RunEmbedded(spool.EmbeddedOptions{DataDir: t.TempDir(), Listen: "127.0.0.1:0"}); err == nil {
+		stopNATS(s)
+		t.Fatal("RunEmbedded opened a TCP listener that lets anyone in")
+	}
+}
+
+func TestUserKeyIsCreatedOnceAndKeptPrivate(t *testing.T) {
+	dir := t.TempDir()
+	path, pub, err := spool.LoadOrCreateUserKey(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("key file %v, %v; want mode 0600", fi, err)
+	}
+	if _, pub2, err := spool.LoadOrCreateUserKey(dir); err != nil || pub2 != pub {
+		t.Fatalf("second start: key %s, %v; want the same key %s", pub2, err, pub)
+	}
+	if err := os.Chmod(path, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := spool.LoadOrCreateUserKey(dir); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("a key readable by others: %v, want a refusal", err)
 	}
 }
