@@ -10,7 +10,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// Names of the JetStream resources. Nothing outside this package spells them.
+// Names of the JetStream resources of the queue. The configuration buckets
+// (JETMAIL_CONFIG, JETMAIL_PODS) are policy's (policy.ConfigBucket).
 const (
 	QueueStream = "JETMAIL_QUEUE"
 	BodyStream  = "JETMAIL_BODY"

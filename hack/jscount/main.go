@@ -22,6 +22,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/jetmail/jetmail/spool"
 )
 
 func main() {
@@ -55,7 +57,7 @@ func main() {
 	defer cancel()
 
 	consumer := func() *jetstream.ConsumerInfo {
-		c, err := js.Consumer(ctx, "JETMAIL_QUEUE", "jetmail-deliverer")
+		c, err := js.Consumer(ctx, spool.QueueStream, spool.DeliveryConsumerName)
 		if err != nil {
 			return nil
 		}
@@ -86,7 +88,7 @@ func main() {
 		st := s.CachedInfo().State
 		fmt.Printf("stream %s last_seq=%d msgs=%d bytes=%d\n", name, st.LastSeq, st.Msgs, st.Bytes)
 		switch name {
-		case "JETMAIL_QUEUE", "JETMAIL_BODY", "KV_JETMAIL_STATE":
+		case spool.QueueStream, spool.BodyStream, "KV_" + spool.StateBucket:
 			writes += st.LastSeq
 		}
 	}
