@@ -11,10 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/jetmail/jetmail/internal/natstest"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -25,22 +24,8 @@ import (
 //
 //	go test -run '^$' -bench BenchmarkAccept -benchtime 20000x ./smtpgw/
 func BenchmarkAccept(b *testing.B) {
-	opts := &server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: b.TempDir(),
-		SyncAlways: true, NoSigs: true, NoLog: true}
-	ns, err := server.NewServer(opts)
-	if err != nil {
-		b.Fatal(err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		b.Fatal("NATS did not start")
-	}
-	defer ns.Shutdown()
-	nc, err := nats.Connect(ns.ClientURL(), spool.NATSOptions()...)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer nc.Close()
+	ns := natstest.Start(b, natstest.Options{SyncAlways: true})
+	nc := natstest.Connect(b, ns, spool.NATSOptions()...)
 	sp, err := spool.Open(b.Context(), nc, spool.DefaultConfig())
 	if err != nil {
 		b.Fatal(err)

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/jetmail/jetmail/internal/natstest"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -32,17 +33,7 @@ func startNATS(t testing.TB) *testNATS {
 
 func startNATSAt(t testing.TB, dir string, port int) *testNATS {
 	t.Helper()
-	opts := &server.Options{Host: "127.0.0.1", Port: port, JetStream: true, StoreDir: dir, NoSigs: true, NoLog: true}
-	s, err := server.NewServer(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go s.Start()
-	if !s.ReadyForConnections(10 * time.Second) {
-		t.Fatal("NATS server did not start")
-	}
-	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
-	return &testNATS{srv: s, dir: dir}
+	return &testNATS{srv: natstest.Start(t, natstest.Options{Dir: dir, Port: port}), dir: dir}
 }
 
 func (n *testNATS) connect(t testing.TB, opts ...nats.Option) *nats.Conn {

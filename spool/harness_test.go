@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/jetmail/jetmail/internal/natstest"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -19,45 +20,16 @@ import (
 // test ends (shutting down twice is harmless).
 func startNATS(t testing.TB, dir string, port int) *server.Server {
 	t.Helper()
-	opts := &server.Options{
-		Host:      "127.0.0.1",
-		Port:      port,
-		JetStream: true,
-		StoreDir:  dir,
-		NoSigs:    true,
-		NoLog:     true,
-	}
-	s, err := server.NewServer(opts)
-	if err != nil {
-		t.Fatalf("new NATS server: %v", err)
-	}
-	go s.Start()
-	if !s.ReadyForConnections(10 * time.Second) {
-		s.Shutdown()
-		t.Fatal("NATS server not ready within 10s")
-	}
-	t.Cleanup(func() {
-		s.Shutdown()
-		s.WaitForShutdown()
-	})
-	return s
+	return natstest.Start(t, natstest.Options{Dir: dir, Port: port})
 }
 
 // stopNATS shuts s down and waits until its store is closed.
-func stopNATS(s *server.Server) {
-	s.Shutdown()
-	s.WaitForShutdown()
-}
+func stopNATS(s *server.Server) { natstest.Stop(s) }
 
 // connect opens a client connection to s, closed when the test ends.
 func connect(t testing.TB, s *server.Server, opts ...nats.Option) *nats.Conn {
 	t.Helper()
-	nc, err := nats.Connect(s.ClientURL(), append(spool.NATSOptions(), opts...)...)
-	if err != nil {
-		t.Fatalf("connect to NATS: %v", err)
-	}
-	t.Cleanup(nc.Close)
-	return nc
+	return natstest.Connect(t, s, append(spool.NATSOptions(), opts...)...)
 }
 
 // testConfig is the embedded default with timeouts a test can live with.

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
+	"github.com/jetmail/jetmail/internal/natstest"
 )
 
 func readyz(addr string) int {
@@ -24,16 +24,7 @@ func TestGatewayAgainstExternalNATSIsReadyOnlyWhileJetStreamAnswers(t *testing.T
 	if testing.Short() {
 		t.Skip("builds the binary")
 	}
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true,
-		StoreDir: t.TempDir(), NoSigs: true, NoLog: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("NATS did not start")
-	}
-	defer ns.Shutdown()
+	ns := natstest.Start(t, natstest.Options{})
 
 	bin := buildJetmail(t)
 	smtpAddr, metrics := freePort(t), freePort(t)
