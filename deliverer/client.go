@@ -16,116 +16,9 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
-
-// TLSPolicy says whether a delivery session must be encrypted with STARTTLS
-// (RFC 3207) and whether the next hop's certificate is checked. It is the
-// MailRoute API's type, so the values cannot drift apart.
-type TLSPolicy = v1alpha1.TLSPolicy
-
-const (
-	// TLSNone never sends STARTTLS.
-	TLSNone = v1alpha1.TLSNone
-	// TLSOpportunistic uses STARTTLS when the server offers it, without
-	// checking the certificate. If the handshake fails the same hop is
-	// dialed once more and the message sent in plaintext (RFC 7435).
-	TLSOpportunistic = v1alpha1.TLSOpportunistic
-	// TLSRequired needs STARTTLS to be offered and to succeed; the
-	// certificate is not checked. Otherwise the hop fails with a temporary
-	// 4.7.4 (STARTTLS not offered or refused) or 4.7.5 (handshake failed).
-	TLSRequired = v1alpha1.TLSRequired
-	// TLSVerify is TLSRequired with a certificate that must verify for the
-	// hop's Host name; a failed check is a temporary 4.7.5.
-	TLSVerify = v1alpha1.TLSVerify
-)
-
-// Credentials authenticate us to the next hop with AUTH PLAIN, or LOGIN when
-// the server offers only LOGIN (RFC 4954). They are sent only over TLS
-// unless Client.AllowInsecureAuth is set.
-type Credentials struct{ Username, Password string }
-
-// Timeouts bound one delivery session, that is one connection's use for one
-// Deliver call. Each per-command timeout covers one command and its reply;
-// Session is a hard wall-clock deadline for everything from the dial to the
-// last reply, however the server paces its bytes. A zero duration takes the
-// value from DefaultTimeouts, so a forgotten field never means "forever".
-type Timeouts struct {
-	// Connect bounds the TCP connection setup.
-	Connect time.Duration
-	// Greeting bounds the wait for the 220 banner (RFC 5321 §4.5.3.2.1).
-	Greeting time.Duration
-	// Ehlo bounds EHLO (or the HELO fallback) and its reply.
-	Ehlo time.Duration
-	// StartTLS bounds STARTTLS, its reply and the TLS handshake.
-	StartTLS time.Duration
-	// Auth bounds each step of the AUTH exchange.
-	Auth time.Duration
-	// Mail bounds MAIL FROM (RFC 5321 §4.5.3.2.2).
-	Mail time.Duration
-	// Rcpt bounds each RCPT TO (RFC 5321 §4.5.3.2.3).
-	Rcpt time.Duration
-	// DataInit bounds DATA and its 354 (RFC 5321 §4.5.3.2.4).
-	DataInit time.Duration
-	// DataBlock bounds each write of message data (RFC 5321 §4.5.3.2.5).
-	DataBlock time.Duration
-	// DataDone bounds the wait for the reply to the final dot
-	// (RFC 5321 §4.5.3.2.6).
-	DataDone time.Duration
-	// Session is a hard wall-clock deadline for the whole session: nothing,
-	// not even a server trickling a byte a second, keeps it past this.
-	Session time.Duration
-	// MinDataRate is the lowest average rate, in bytes per second, at which
-	// the server must take message data once DataRateGrace has passed;
-	// 0 turns the check off.
-	MinDataRate int64
-	// DataRateGrace is how long after the start of the data the rate is not
-	// checked.
-	DataRateGrace time.Duration
-}
-
-// DefaultTimeouts returns the timeouts of RFC 5321 §4.5.3.2, a 30 s connect
-// timeout, a 15 minute session deadline and a 512 B/s minimum data rate
-// after 30 s. EHLO gets the 5 minutes of the other commands; STARTTLS
-// (with its handshake) and each AUTH step get 2 minutes.
-func DefaultTimeouts() Timeouts {
-	return Timeouts{
-		Connect:       30 * time.Second,
-		Greeting:      5 * time.Minute,
-		Ehlo:          5 * time.Minute,
-		StartTLS:      2 * time.Minute,
-		Auth:          2 * time.Minute,
-		Mail:          5 * time.Minute,
-		Rcpt:          5 * time.Minute,
-		DataInit:      2 * time.Minute,
-		DataBlock:     3 * time.Minute,
-		DataDone:      10 * time.Minute,
-		Session:       15 * time.Minute,
-		MinDataRate:   512,
-		DataRateGrace: 30 * time.Second,
-	}
-}
-
-// withDefaults fills zero durations from DefaultTimeouts. MinDataRate is
-// left alone: zero is documented to turn the check off.
-func (to Timeouts) withDefaults() Timeouts {
-	d := DefaultTimeouts()
-	for _, f := range []struct{ v, def *time.Duration }{
-		{&to.Connect, &d.Connect}, {&to.Greeting, &d.Greeting}, {&to.Ehlo, &d.Ehlo},
-		{&to.StartTLS, &d.StartTLS}, {&to.Auth, &d.Auth}, {&to.Mail, &d.Mail},
-		{&to.Rcpt, &d.Rcpt}, {&to.DataInit, &d.DataInit}, {&to.DataBlock, &d.DataBlock},
-		{&to.DataDone, &d.DataDone}, {&to.Session, &d.Session}, {&to.DataRateGrace, &d.DataRateGrace},
-	} {
-		if *f.v <= 0 {
-			*f.v = *f.def
-		}
-	}
-	if to.MinDataRate < 0 {
-		to.MinDataRate = 0
-	}
-	return to
-}
 
 // Transfer is one message to hand over.
 type Transfer struct {
@@ -209,12 +102,9 @@ type RcptResult struct {
 type Client struct {
 	// Hostname is our EHLO name; "" sends "localhost".
 	Hostname string
-	// RootCAs verifies certificates under TLSVerify; nil means the system
-	// roots.
+	// RootCAs verifies certificates under policy.TLSVerify; nil means the
+	// system roots.
 	RootCAs *x509.CertPool
-	// MaxPerConn is how many messages one connection carries before QUIT;
-	// 0 means 100.
-	MaxPerConn int
 	// IdleTime is how long an idle connection is kept for reuse; 0 means 5 s.
 	IdleTime time.Duration
 	// AllowInsecureAuth allows AUTH over a plaintext connection.
@@ -228,17 +118,31 @@ type Client struct {
 // Deliver tries hops in order until one takes the transaction, and returns
 // one result per recipient, in the order of t.Rcpts.
 //
+// The settings are those of the configuration in force for this delivery
+// (the caller's policy.Delivery): pol and auth come from the route (auth
+// nil: no AUTH; credentials go only over TLS unless AllowInsecureAuth is
+// set); to bounds the session, a zero field taking the policy default
+// (policy.OutboundTimeouts.WithDefaults); perConn is the
+// messagesPerConnection limit, 0 or less meaning
+// policy.DefaultPerConnection. The connection used goes back to the pool
+// only if it has carried fewer than perConn messages, this one included:
+// the limit is read at each use, so a changed limit applies to pooled
+// connections at their next use.
+//
 // A hop is passed over (RFC 5321 §5.1) when it cannot be reached, its
-// greeting is not 220, EHLO/HELO fails, STARTTLS fails under TLSRequired or
-// TLSVerify, AUTH fails, or it answers MAIL FROM with 4xx. Once a hop has
-// accepted MAIL FROM its replies are final for this call: per RCPT, 2xx is
-// delivered after a successful DATA, 4xx deferred, 5xx failed. A 5xx to
-// MAIL FROM fails every recipient. When every hop was passed over, every
-// recipient is deferred with the last hop's error; with no hops at all,
-// with 4.4.4. Cancelling ctx closes the connection in use and defers what
-// is not decided yet.
-func (c *Client) Deliver(ctx context.Context, hops []Hop, pol TLSPolicy, auth *Credentials, to Timeouts, t *Transfer) []RcptResult {
-	to = to.withDefaults()
+// greeting is not 220, EHLO/HELO fails, STARTTLS fails under
+// policy.TLSRequired or policy.TLSVerify, AUTH fails, or it answers MAIL
+// FROM with 4xx. Once a hop has accepted MAIL FROM its replies are final
+// for this call: per RCPT, 2xx is delivered after a successful DATA, 4xx
+// deferred, 5xx failed. A 5xx to MAIL FROM fails every recipient. When
+// every hop was passed over, every recipient is deferred with the last
+// hop's error; with no hops at all, with 4.4.4. Cancelling ctx closes the
+// connection in use and defers what is not decided yet.
+func (c *Client) Deliver(ctx context.Context, hops []Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer) []RcptResult {
+	to = to.WithDefaults()
+	if perConn <= 0 {
+		perConn = policy.DefaultPerConnection
+	}
 	res := make([]RcptResult, len(t.Rcpts))
 	for i, r := range t.Rcpts {
 		res[i].Rcpt = r
@@ -260,7 +164,7 @@ func (c *Client) Deliver(ctx context.Context, hops []Hop, pol TLSPolicy, auth *C
 			last, lastHop = canceledError(ctx, hop, "connect"), Hop{}
 			break
 		}
-		final, err, reached, session := c.attempt(ctx, hop, pol, auth, to, t, res)
+		final, err, reached, session := c.attempt(ctx, hop, pol, auth, to, perConn, t, res)
 		if final {
 			return res
 		}
@@ -298,14 +202,14 @@ func (c *Client) OpenConns() int {
 // filled; otherwise err says why the hop was passed over, reached whether
 // a connection was made and session whether the session got as far as MAIL
 // FROM.
-func (c *Client) attempt(ctx context.Context, hop Hop, pol TLSPolicy, auth *Credentials, to Timeouts, t *Transfer, res []RcptResult) (final bool, err *Error, reached, session bool) {
+func (c *Client) attempt(ctx context.Context, hop Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer, res []RcptResult) (final bool, err *Error, reached, session bool) {
 	limit := time.Now().Add(to.Session)
 	cn, err, reached := c.acquire(ctx, hop, pol, auth, to, limit)
 	if err != nil {
 		return false, err, reached, false
 	}
 	final, err = cn.transact(t, to, res)
-	c.release(cn, to)
+	c.release(cn, to, perConn)
 	return final, err, true, true
 }
 
@@ -314,13 +218,6 @@ func (c *Client) hostname() string {
 		return "localhost"
 	}
 	return c.Hostname
-}
-
-func (c *Client) maxPerConn() int {
-	if c.MaxPerConn <= 0 {
-		return 100
-	}
-	return c.MaxPerConn
 }
 
 func (c *Client) idleTime() time.Duration {
@@ -347,7 +244,7 @@ const (
 // transact runs one mail transaction on cn. It reports whether the hop took
 // the transaction, in which case res is filled; otherwise err says why the
 // next hop should be tried.
-func (cn *smtpConn) transact(t *Transfer, to Timeouts, res []RcptResult) (bool, *Error) {
+func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []RcptResult) (bool, *Error) {
 	host := hopName(cn.hop)
 	for i := range res {
 		res[i].Hop, res[i].TLS = cn.hop, cn.tls

@@ -16,6 +16,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -38,8 +39,8 @@ func newTestClient(t *testing.T) *Client {
 }
 
 // shortTimeouts are short enough for tests, long enough for a busy machine.
-func shortTimeouts() Timeouts {
-	return Timeouts{
+func shortTimeouts() policy.OutboundTimeouts {
+	return policy.OutboundTimeouts{
 		Connect: 2 * time.Second, Greeting: 5 * time.Second, Ehlo: 5 * time.Second,
 		StartTLS: 5 * time.Second, Auth: 5 * time.Second, Mail: 5 * time.Second,
 		Rcpt: 5 * time.Second, DataInit: 5 * time.Second, DataBlock: 5 * time.Second,
@@ -95,7 +96,7 @@ func TestDeliverFailover(t *testing.T) {
 	t.Run("a primary that refuses connections hands the message to the secondary", func(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{refusingHop(t), srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{refusingHop(t), srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != srv.hop || res[0].TLS {
 			t.Errorf("result from hop %+v TLS %v, want %+v in plaintext", res[0].Hop, res[0].TLS, srv.hop)
@@ -114,7 +115,7 @@ func TestDeliverFailover(t *testing.T) {
 		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{busy.hop, srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{busy.hop, srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if busy.accepted.Load() != 1 || len(srv.transactions()) != 1 {
 			t.Errorf("busy hop saw %d connections, good hop %d transactions", busy.accepted.Load(), len(srv.transactions()))
@@ -124,7 +125,7 @@ func TestDeliverFailover(t *testing.T) {
 
 	t.Run("all hops down defers every recipient with 4.4.1", func(t *testing.T) {
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{refusingHop(t), refusingHop(t)}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []Hop{refusingHop(t), refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptDeferred, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.1", "refused")
 		if res[1].Hop != (Hop{}) {
@@ -136,7 +137,7 @@ func TestDeliverFailover(t *testing.T) {
 	t.Run("a 421 greeting on the last hop defers with the remote's reply", func(t *testing.T) {
 		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{refusingHop(t), busy.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{refusingHop(t), busy.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 421, "4.3.2", "too busy")
 		if res[0].Err.Remote != "mx.test" || res[0].Hop != busy.hop {
@@ -147,7 +148,7 @@ func TestDeliverFailover(t *testing.T) {
 
 	t.Run("no hops defers with 4.4.4", func(t *testing.T) {
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), nil, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), nil, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.4", "")
 		checkNoConnLeak(t, c)
@@ -159,7 +160,7 @@ func TestDeliverFailover(t *testing.T) {
 		}})
 		second := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != second.hop || len(second.transactions()) != 1 {
 			t.Errorf("delivered via %+v, second hop has %d transactions", res[0].Hop, len(second.transactions()))
@@ -173,7 +174,7 @@ func TestDeliverFailover(t *testing.T) {
 		}})
 		second := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptFailed, RcptFailed)
 		wantRcptErr(t, res[1], 553, "5.7.1", "sender rejected")
 		if second.accepted.Load() != 0 {
@@ -192,7 +193,7 @@ func TestDeliverReplies(t *testing.T) {
 			return nil
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("full@example.com", "ok@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("full@example.com", "ok@example.com"))
 		wantStatuses(t, res, RcptDeferred, RcptDelivered)
 		wantRcptErr(t, res[0], 452, "4.2.2", "mailbox full")
 		if txns := srv.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "ok@example.com" {
@@ -209,7 +210,7 @@ func TestDeliverReplies(t *testing.T) {
 			return nil
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("ok@example.com", "nobody@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("ok@example.com", "nobody@example.com"))
 		wantStatuses(t, res, RcptDelivered, RcptFailed)
 		wantRcptErr(t, res[1], 550, "5.1.1", "no such user")
 		if res[1].Err.Remote != "mx.test" || res[1].Reply != "550 5.1.1 no such user" {
@@ -223,7 +224,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.NoEnhancedCode, Message: "go away"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptFailed)
 		wantRcptErr(t, res[0], 550, "5.0.0", "go away")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -234,7 +235,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptFailed, RcptFailed)
 		if n := srv.dataCount(); n != 0 {
 			t.Errorf("server got DATA %d times", n)
@@ -247,7 +248,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "queue full"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptDeferred, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.3.0", "queue full")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -258,7 +259,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "spam"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptFailed)
 		wantRcptErr(t, res[0], 554, "5.7.1", "spam")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -269,7 +270,7 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("a message over the announced SIZE fails with 5.3.4 without DATA", func(t *testing.T) {
 		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptFailed)
 		wantRcptErr(t, res[0], 552, "5.3.4", "exceeds")
 		if n := srv.dataCount(); n != 0 || srv.traffic.count("MAIL FROM") != 0 {
@@ -281,7 +282,7 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("SIZE is declared as the body length", func(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || txns[0].mailOpts.Size != int64(len(transferBody)) || txns[0].mailOpts.Body != smtp.Body8BitMIME {
 			t.Errorf("server got MAIL options %+v", txns[0].mailOpts)
@@ -294,7 +295,7 @@ func TestDeliverExtensions(t *testing.T) {
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), tr)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
 		wantStatuses(t, res, RcptFailed)
 		wantRcptErr(t, res[0], 553, "5.6.7", "SMTPUTF8")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -305,7 +306,7 @@ func TestDeliverExtensions(t *testing.T) {
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), tr)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || !txns[0].mailOpts.UTF8 || txns[0].rcpts[0] != "jörg@example.com" {
 			t.Errorf("server got %+v", txns)
@@ -326,7 +327,7 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("DSN parameters reach a server that offers DSN", func(t *testing.T) {
 		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.EnableDSN = true })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), dsnTransfer())
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
 		wantStatuses(t, res, RcptDelivered, RcptDelivered)
 		if !res[0].DSNPassed || !res[1].DSNPassed {
 			t.Errorf("DSNPassed %v %v, want true", res[0].DSNPassed, res[1].DSNPassed)
@@ -355,7 +356,7 @@ func TestDeliverExtensions(t *testing.T) {
 		// DSN, so a delivery proves they were not sent.
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), dsnTransfer())
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
 		wantStatuses(t, res, RcptDelivered, RcptDelivered)
 		if res[0].DSNPassed {
 			t.Error("DSNPassed for a server without DSN")
@@ -389,7 +390,7 @@ func TestDeliverTLS(t *testing.T) {
 		sc := brokenTLSScript()
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSOpportunistic, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].TLS {
 			t.Error("TLS reported for a plaintext delivery")
@@ -407,7 +408,7 @@ func TestDeliverTLS(t *testing.T) {
 		}}
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSOpportunistic, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].TLS || srv.accepted.Load() != 1 || sc.txns.Load() != 1 {
 			t.Errorf("TLS %v; server saw %d connections and %d transactions, want 1 and 1", res[0].TLS, srv.accepted.Load(), sc.txns.Load())
@@ -422,7 +423,7 @@ func TestDeliverTLS(t *testing.T) {
 		}}
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "454 4.7.0 TLS not available")
 		if sc.txns.Load() != 0 {
@@ -435,7 +436,7 @@ func TestDeliverTLS(t *testing.T) {
 		sc := brokenTLSScript()
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "handshake")
 		if srv.accepted.Load() != 1 || sc.txns.Load() != 0 {
@@ -447,7 +448,7 @@ func TestDeliverTLS(t *testing.T) {
 	t.Run("required TLS defers when STARTTLS is not offered", func(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "STARTTLS")
 		if len(srv.transactions()) != 0 {
@@ -460,7 +461,7 @@ func TestDeliverTLS(t *testing.T) {
 		cert, _ := selfSignedCert(t, "mx.right.test")
 		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
@@ -475,7 +476,7 @@ func TestDeliverTLS(t *testing.T) {
 		c.RootCAs = roots
 		hop := srv.hop
 		hop.Host = "mx.wrong.test"
-		res := c.Deliver(context.Background(), []Hop{hop}, TLSVerify, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "mx.wrong.test")
 		if len(srv.transactions()) != 0 {
@@ -491,7 +492,7 @@ func TestDeliverTLS(t *testing.T) {
 		c.RootCAs = roots
 		hop := srv.hop
 		hop.Host = "mx.right.test"
-		res := c.Deliver(context.Background(), []Hop{hop}, TLSVerify, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
@@ -509,7 +510,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" {
 			t.Errorf("server got %+v", txns)
@@ -539,7 +540,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		checkNoConnLeak(t, c, srv.connCounter)
 		// "relay" and "s3cret" in base64.
@@ -553,7 +554,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{refusing.hop, srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{refusing.hop, srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != srv.hop {
 			t.Errorf("delivered via %+v", res[0].Hop)
@@ -565,7 +566,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "wrong"}, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "wrong"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 535, "5.7.8", "Authentication failed")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -574,7 +575,7 @@ func TestDeliverAuth(t *testing.T) {
 	t.Run("credentials are not sent in plaintext without AllowInsecureAuth", func(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.10", "unencrypted")
 		if srv.traffic.count("AUTH PLAIN ") != 0 {
@@ -590,7 +591,7 @@ func TestDeliverAuth(t *testing.T) {
 			s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 		})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSRequired, &Credentials{"relay", "s3cret"}, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" || !txns[0].tls {
 			t.Errorf("server got %+v", txns)
@@ -609,7 +610,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		to := shortTimeouts()
 		to.Greeting, to.Ehlo, to.Session = time.Minute, time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
@@ -632,7 +633,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		to := shortTimeouts()
 		to.DataDone, to.Session = time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com", "b@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, RcptDeferred, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
@@ -664,7 +665,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, tr)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
 		took := time.Since(start)
 		close(release)
 		wantStatuses(t, res, RcptDeferred)
@@ -693,7 +694,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, to, tr)
+		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
 		took := time.Since(start)
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "slower than")
@@ -712,7 +713,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 		defer cancel()
 		start := time.Now()
-		res := c.Deliver(ctx, []Hop{srv.hop, refusingHop(t)}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
+		res := c.Deliver(ctx, []Hop{srv.hop, refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.0", "interrupted")
@@ -736,22 +737,31 @@ func TestDeliverDeadlines(t *testing.T) {
 		}
 		to := shortTimeouts()
 		to.Connect = 200 * time.Millisecond
-		res := c.Deliver(context.Background(), []Hop{blackhole, srv.hop}, TLSNone, nil, to, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []Hop{blackhole, srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
-		res = c.Deliver(context.Background(), []Hop{blackhole}, TLSNone, nil, to, testTransfer("a@example.com"))
+		res = c.Deliver(context.Background(), []Hop{blackhole}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.1", "timed out")
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
 }
 
+// deliverLimited delivers n messages to hop, one at a time, with the
+// messagesPerConnection limit perConn.
+func deliverLimited(t *testing.T, c *Client, hop Hop, n, perConn int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		res := c.Deliver(context.Background(), []Hop{hop}, policy.TLSNone, nil, shortTimeouts(), perConn, testTransfer("a@example.com"))
+		wantStatuses(t, res, RcptDelivered)
+	}
+}
+
 func TestClientReuse(t *testing.T) {
+	// deliverN delivers n messages, one at a time, under the default
+	// messagesPerConnection.
 	deliverN := func(t *testing.T, c *Client, hop Hop, n int) {
 		t.Helper()
-		for i := 0; i < n; i++ {
-			res := c.Deliver(context.Background(), []Hop{hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com"))
-			wantStatuses(t, res, RcptDelivered)
-		}
+		deliverLimited(t, c, hop, n, 0)
 	}
 
 	t.Run("three messages to one hop share one connection and one EHLO", func(t *testing.T) {
@@ -770,13 +780,37 @@ func TestClientReuse(t *testing.T) {
 		}
 	})
 
-	t.Run("a connection that has carried MaxPerConn messages is replaced", func(t *testing.T) {
+	t.Run("a connection that has carried messagesPerConnection messages is replaced", func(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		c.MaxPerConn = 2
-		deliverN(t, c, srv.hop, 3)
+		deliverLimited(t, c, srv.hop, 3, 2)
 		if a, n := srv.accepted.Load(), len(srv.transactions()); a != 2 || n != 3 {
 			t.Errorf("server saw %d connections and %d transactions, want 2 and 3", a, n)
+		}
+		checkNoConnLeak(t, c, srv.connCounter)
+	})
+
+	t.Run("the per-connection limit of each call decides, so a changed limit applies to pooled connections", func(t *testing.T) {
+		srv := startMX(t, &testMX{})
+		c := newTestClient(t)
+		// Limit 1: nothing is pooled, every message dials.
+		deliverLimited(t, c, srv.hop, 2, 1)
+		if a := srv.accepted.Load(); a != 2 || c.OpenConns() != 0 {
+			t.Fatalf("limit 1: %d connections, %d left open; want 2 and 0", a, c.OpenConns())
+		}
+		// Limit 100: one connection carries the next three.
+		deliverLimited(t, c, srv.hop, 3, 100)
+		if a := srv.accepted.Load(); a != 3 || c.OpenConns() != 1 {
+			t.Fatalf("limit 100: %d connections, %d open; want 3 and 1", a, c.OpenConns())
+		}
+		// Limit 2 for a connection that has carried 3: it carries this
+		// message, then goes.
+		deliverLimited(t, c, srv.hop, 1, 2)
+		if a := srv.accepted.Load(); a != 3 || c.OpenConns() != 0 {
+			t.Fatalf("limit lowered to 2: %d connections, %d open; want the pooled one used once more, then closed", a, c.OpenConns())
+		}
+		if n := len(srv.transactions()); n != 6 {
+			t.Errorf("server got %d transactions, want 6", n)
 		}
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
@@ -816,8 +850,8 @@ func TestClientReuse(t *testing.T) {
 		srv := startMX(t, &testMX{users: map[string]string{"u1": "p", "u2": "p"}})
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		for _, a := range []*Credentials{nil, {"u1", "p"}, {"u2", "p"}, {"u1", "p"}} {
-			res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, a, shortTimeouts(), testTransfer("a@example.com"))
+		for _, a := range []*policy.Credentials{nil, {Username: "u1", Password: "p"}, {Username: "u2", Password: "p"}, {Username: "u1", Password: "p"}} {
+			res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, a, shortTimeouts(), 0, testTransfer("a@example.com"))
 			wantStatuses(t, res, RcptDelivered)
 		}
 		if a := srv.accepted.Load(); a != 3 {
@@ -846,7 +880,7 @@ func TestClientReuse(t *testing.T) {
 		for i := 0; i < 8; i++ {
 			wg.Go(func() {
 				for j := 0; j < 5; j++ {
-					res := c.Deliver(context.Background(), []Hop{srv.hop}, TLSNone, nil, shortTimeouts(), testTransfer("a@example.com", "b@example.com"))
+					res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 					for _, r := range res {
 						if r.Status != RcptDelivered {
 							failed.Add(1)

@@ -38,8 +38,8 @@ type Config struct {
 	Hostname string
 	Spool    *spool.Spool
 	// Policy returns the delivery configuration in force; it is read at
-	// every attempt, so route, timeout and retry changes apply to the next
-	// attempt without a restart.
+	// every attempt, so route, timeout, retry and messagesPerConnection
+	// changes apply to the next attempt without a restart.
 	Policy   func() *policy.Delivery
 	Resolver *Resolver
 	Client   *Client
@@ -484,9 +484,9 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 	}
 	var (
 		hops  []Hop
-		tlsp  = TLSOpportunistic
-		creds *Credentials
-		to    = toTimeouts(a.pol.Timeouts)
+		tlsp  = policy.TLSOpportunistic
+		creds *policy.Credentials
+		to    = a.pol.Timeouts
 		dest  = domain
 		err   error
 	)
@@ -503,10 +503,7 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 		defer d.endProbe(dest)
 	}
 	if route != nil {
-		tlsp, to = TLSPolicy(route.TLS), toTimeouts(route.Timeouts)
-		if route.Auth != nil {
-			creds = &Credentials{Username: route.Auth.Username, Password: route.Auth.Password}
-		}
+		tlsp, creds, to = route.TLS, route.Auth, route.Timeouts
 		hops, err = d.routeHops(ctx, route)
 	} else {
 		hops, err = d.cfg.Resolver.Lookup(ctx, domain)
@@ -527,7 +524,10 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 		return all(Temporary(451, "4.3.0", "queue read error")), false
 	}
 	t := &Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts, Body: data}
-	res := d.cfg.Client.Deliver(ctx, hops, tlsp, creds, to, t)
+	// The same snapshot decides whether the connection may carry another
+	// message after this one: messagesPerConnection applies without a
+	// restart, like every other setting.
+	res := d.cfg.Client.Deliver(ctx, hops, tlsp, creds, to, a.pol.PerConnection, t)
 	if ctx.Err() == nil {
 		// A session cut short by a shutdown says nothing about dest.
 		d.noteDest(dest, res, a.pol)
@@ -1041,12 +1041,4 @@ func (d *Deliverer) oldest(ctx context.Context, from, to uint64) string {
 func deadlineKill(e *Error) bool {
 	return e != nil && e.Enhanced == "4.4.2" &&
 		(strings.Contains(e.Text, "session deadline exceeded") || strings.Contains(e.Text, "slower than"))
-}
-
-func toTimeouts(t policy.OutboundTimeouts) Timeouts {
-	return Timeouts{
-		Connect: t.Connect, Greeting: t.Greeting, Ehlo: t.Greeting, StartTLS: t.Greeting, Auth: t.Greeting,
-		Mail: t.Mail, Rcpt: t.Rcpt, DataInit: t.DataInit, DataBlock: t.DataBlock, DataDone: t.DataDone,
-		Session: t.Session, MinDataRate: t.MinDataRate, DataRateGrace: t.DataRateGrace,
-	}
 }

@@ -34,13 +34,15 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+
+	"github.com/jetmail/jetmail/policy"
 )
 
 const (
 	// quitTimeout bounds the QUIT of a connection we are done with.
 	quitTimeout = 2 * time.Second
 	// probeTimeout bounds the NOOP that checks a pooled connection and the
-	// RSET before pooling (capped by Timeouts.Mail).
+	// RSET before pooling (capped by OutboundTimeouts.Mail).
 	probeTimeout = 10 * time.Second
 	// watchdogMargin is how long after the session deadline the watchdog
 	// closes a connection that is somehow still busy. Deadlines normally
@@ -49,12 +51,12 @@ const (
 )
 
 // poolKey says which connections are interchangeable. The host name is part
-// of it as well as the address: under TLSVerify it is what the certificate
-// was checked against.
+// of it as well as the address: under policy.TLSVerify it is what the
+// certificate was checked against.
 type poolKey struct {
 	host string
 	addr netip.AddrPort
-	pol  TLSPolicy
+	pol  policy.TLSPolicy
 	user string
 }
 
@@ -99,7 +101,7 @@ type smtpConn struct {
 // acquire returns a connection to hop ready for MAIL FROM: a pooled one that
 // answers NOOP, or a new one. reached says whether a TCP connection was made
 // (for RcptResult.Hop when the hop is then passed over).
-func (c *Client) acquire(ctx context.Context, hop Hop, pol TLSPolicy, auth *Credentials, to Timeouts, limit time.Time) (*smtpConn, *Error, bool) {
+func (c *Client) acquire(ctx context.Context, hop Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (*smtpConn, *Error, bool) {
 	key := poolKey{host: hop.Host, addr: hop.Addr, pol: pol}
 	if auth != nil {
 		key.user = auth.Username
@@ -125,15 +127,15 @@ func (c *Client) acquire(ctx context.Context, hop Hop, pol TLSPolicy, auth *Cred
 	if fallback {
 		// RFC 7435 opportunistic security: a failed handshake means
 		// plaintext, on a new connection since the old one is spoiled.
-		cn, err, _, _ = c.connect(ctx, key, hop, TLSNone, auth, to, limit)
+		cn, err, _, _ = c.connect(ctx, key, hop, policy.TLSNone, auth, to, limit)
 	}
 	return cn, err, reached
 }
 
-// release ends a use of cn: back to the pool when it is healthy and may
-// carry more messages, else QUIT or close.
-func (c *Client) release(cn *smtpConn, to Timeouts) {
-	reuse := !cn.broken && !cn.retire && cn.uses < c.maxPerConn()
+// release ends a use of cn: back to the pool when it is healthy and has
+// carried fewer than perConn messages, else QUIT or close.
+func (c *Client) release(cn *smtpConn, to policy.OutboundTimeouts, perConn int) {
+	reuse := !cn.broken && !cn.retire && cn.uses < perConn
 	if reuse {
 		// Leave no transaction open on a pooled connection, and find out
 		// now whether the server still talks to us.
@@ -156,7 +158,7 @@ func (c *Client) release(cn *smtpConn, to Timeouts) {
 // connect dials hop and brings a new connection to the point of MAIL FROM.
 // fallback is set when an opportunistic STARTTLS failed in a way that
 // spoiled the connection, so a plaintext one should be tried.
-func (c *Client) connect(ctx context.Context, key poolKey, hop Hop, pol TLSPolicy, auth *Credentials, to Timeouts, limit time.Time) (cn *smtpConn, err *Error, fallback, reached bool) {
+func (c *Client) connect(ctx context.Context, key poolKey, hop Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (cn *smtpConn, err *Error, fallback, reached bool) {
 	host := hopName(hop)
 	if !time.Now().Before(limit) {
 		return nil, Temporary(451, "4.4.2", "session deadline exceeded (%s) before connecting to %s", to.Session, host), false, false
@@ -186,7 +188,7 @@ func (c *Client) connect(ctx context.Context, key poolKey, hop Hop, pol TLSPolic
 		} else {
 			dc.Close()
 		}
-		return nil, err, fallback && pol == TLSOpportunistic && ctx.Err() == nil, true
+		return nil, err, fallback && pol == policy.TLSOpportunistic && ctx.Err() == nil, true
 	}
 	return cn, nil, false, true
 }
@@ -200,7 +202,7 @@ func (c *Client) dial(ctx context.Context, addr string) (net.Conn, error) {
 }
 
 // open runs greeting, EHLO, STARTTLS and AUTH on a new connection.
-func (cn *smtpConn) open(c *Client, pol TLSPolicy, auth *Credentials, to Timeouts) (*Error, bool) {
+func (cn *smtpConn) open(c *Client, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts) (*Error, bool) {
 	cn.br = bufio.NewReader(cn.dc)
 	cn.dc.SetDeadline(time.Now().Add(to.Greeting))
 	if _, _, err := textproto.NewReader(cn.br).ReadResponse(220); err != nil {
@@ -212,7 +214,7 @@ func (cn *smtpConn) open(c *Client, pol TLSPolicy, auth *Credentials, to Timeout
 	if err := cn.sc.Hello(c.hostname()); err != nil {
 		return cn.fail(stepEhlo, err), false
 	}
-	if pol != TLSNone {
+	if pol != policy.TLSNone {
 		if err, fallback := cn.startTLS(c, pol, to); err != nil {
 			return err, fallback
 		}
@@ -233,10 +235,10 @@ func (cn *smtpConn) open(c *Client, pol TLSPolicy, auth *Credentials, to Timeout
 // startTLS upgrades the connection per pol (RFC 3207). A nil error with
 // cn.tls unset means opportunistic TLS went on in plaintext on this
 // connection.
-func (cn *smtpConn) startTLS(c *Client, pol TLSPolicy, to Timeouts) (*Error, bool) {
+func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.OutboundTimeouts) (*Error, bool) {
 	host := hopName(cn.hop)
 	if ok, _ := cn.sc.Extension("STARTTLS"); !ok {
-		if pol == TLSOpportunistic {
+		if pol == policy.TLSOpportunistic {
 			return nil, false
 		}
 		return Temporary(451, "4.7.4", "TLS is required, but %s does not offer STARTTLS", host), false
@@ -247,7 +249,7 @@ func (cn *smtpConn) startTLS(c *Client, pol TLSPolicy, to Timeouts) (*Error, boo
 		if !errors.As(err, &te) {
 			return cn.fail(stepStartTLS, err), true
 		}
-		if pol == TLSOpportunistic {
+		if pol == policy.TLSOpportunistic {
 			return nil, false // refused: the session goes on in plaintext
 		}
 		return Temporary(451, "4.7.4", "TLS is required, but %s refused STARTTLS: %d %s", host, te.Code, oneLine(te.Msg)), false
@@ -261,9 +263,9 @@ func (cn *smtpConn) startTLS(c *Client, pol TLSPolicy, to Timeouts) (*Error, boo
 	cfg := &tls.Config{
 		ServerName:         strings.TrimSuffix(cn.hop.Host, "."),
 		RootCAs:            c.RootCAs,
-		InsecureSkipVerify: pol != TLSVerify, // RFC 7435: encryption without authentication
+		InsecureSkipVerify: pol != policy.TLSVerify, // RFC 7435: encryption without authentication
 	}
-	if pol == TLSVerify && cfg.ServerName == "" {
+	if pol == policy.TLSVerify && cfg.ServerName == "" {
 		return Temporary(451, "4.7.5", "no host name to verify the certificate of %s against", host), false
 	}
 	tc := tls.Client(cn.dc, cfg)
@@ -289,7 +291,7 @@ func (cn *smtpConn) startTLS(c *Client, pol TLSPolicy, to Timeouts) (*Error, boo
 // (RFC 4954). Credentials configured for a route mean the hop needs them, so
 // a hop that does not offer AUTH is passed over rather than sent mail it
 // would likely refuse as relaying.
-func (cn *smtpConn) auth(c *Client, auth *Credentials, to Timeouts) *Error {
+func (cn *smtpConn) auth(c *Client, auth *policy.Credentials, to policy.OutboundTimeouts) *Error {
 	host := hopName(cn.hop)
 	if !cn.tls && !c.AllowInsecureAuth {
 		return Temporary(451, "4.7.10", "not sending credentials to %s over an unencrypted connection", host)

@@ -15,10 +15,16 @@ import (
 	"github.com/jetmail/jetmail/api/v1alpha1"
 )
 
-// Outbound defaults, RFC 5321 §4.5.3.2 where it has a word to say.
+// Outbound defaults, RFC 5321 §4.5.3.2 where it has a word to say. They
+// are the only ones: the deliverer takes every outbound setting from a
+// compiled Delivery, and fills a zero timeout from these (see
+// OutboundTimeouts.WithDefaults).
 const (
 	DefaultConnectTimeout    = 30 * time.Second
 	DefaultGreetingTimeout   = 5 * time.Minute
+	DefaultEhloTimeout       = 5 * time.Minute // the 5 minutes of the greeting and the other commands
+	DefaultStartTLSTimeout   = 2 * time.Minute // STARTTLS, its reply and the TLS handshake
+	DefaultAuthTimeout       = 2 * time.Minute // each step of the AUTH exchange
 	DefaultMailTimeout       = 5 * time.Minute
 	DefaultRcptTimeout       = 5 * time.Minute
 	DefaultDataInitTimeout   = 2 * time.Minute
@@ -31,7 +37,7 @@ const (
 	DefaultDeadDestination   = time.Minute
 	DefaultMaxSessions       = 100
 	DefaultMaxPerDestination = 20
-	DefaultPerConnection     = 100
+	DefaultPerConnection     = 100 // messages one reused connection carries before QUIT
 	DefaultSMTPPort          = 25
 )
 
@@ -40,11 +46,125 @@ const (
 var DefaultRetryIntervals = []time.Duration{5 * time.Minute, 10 * time.Minute, 20 * time.Minute,
 	40 * time.Minute, 80 * time.Minute, 2 * time.Hour}
 
-// OutboundTimeouts bound one outbound session.
+// OutboundTimeouts bound one delivery session, that is one connection's
+// use for one delivery. Each per-command timeout covers one command and
+// its reply; Session is a hard wall-clock deadline for everything from the
+// dial to the last reply, however the server paces its bytes. A compiled
+// Delivery and its Routes have every field set (DefaultOutboundTimeouts,
+// then spec.timeouts); the CRD has no field for Ehlo, StartTLS and Auth,
+// which always take their defaults.
 type OutboundTimeouts struct {
-	Connect, Greeting, Mail, Rcpt, DataInit, DataBlock, DataDone, Session time.Duration
-	MinDataRate                                                           int64
-	DataRateGrace                                                         time.Duration
+	// Connect bounds the TCP connection setup.
+	Connect time.Duration
+	// Greeting bounds the wait for the 220 banner (RFC 5321 §4.5.3.2.1).
+	Greeting time.Duration
+	// Ehlo bounds EHLO (or the HELO fallback) and its reply.
+	Ehlo time.Duration
+	// StartTLS bounds STARTTLS, its reply and the TLS handshake.
+	StartTLS time.Duration
+	// Auth bounds each step of the AUTH exchange.
+	Auth time.Duration
+	// Mail bounds MAIL FROM (RFC 5321 §4.5.3.2.2).
+	Mail time.Duration
+	// Rcpt bounds each RCPT TO (RFC 5321 §4.5.3.2.3).
+	Rcpt time.Duration
+	// DataInit bounds DATA and its 354 (RFC 5321 §4.5.3.2.4).
+	DataInit time.Duration
+	// DataBlock bounds each write of message data (RFC 5321 §4.5.3.2.5).
+	DataBlock time.Duration
+	// DataDone bounds the wait for the reply to the final dot
+	// (RFC 5321 §4.5.3.2.6).
+	DataDone time.Duration
+	// Session is a hard wall-clock deadline for the whole session: nothing,
+	// not even a server trickling a byte a second, keeps it past this.
+	Session time.Duration
+	// MinDataRate is the lowest average rate, in bytes per second, at which
+	// the server must take message data once DataRateGrace has passed;
+	// 0 turns the check off.
+	MinDataRate int64
+	// DataRateGrace is how long after the start of the data the rate is not
+	// checked.
+	DataRateGrace time.Duration
+}
+
+// DefaultOutboundTimeouts returns the timeouts of RFC 5321 §4.5.3.2, a 30 s
+// connect timeout, a 15 minute session deadline and a 512 B/s minimum data
+// rate after 30 s. EHLO gets the 5 minutes of the other commands; STARTTLS
+// (with its handshake) and each AUTH step get 2 minutes.
+func DefaultOutboundTimeouts() OutboundTimeouts {
+	return OutboundTimeouts{
+		Connect:       DefaultConnectTimeout,
+		Greeting:      DefaultGreetingTimeout,
+		Ehlo:          DefaultEhloTimeout,
+		StartTLS:      DefaultStartTLSTimeout,
+		Auth:          DefaultAuthTimeout,
+		Mail:          DefaultMailTimeout,
+		Rcpt:          DefaultRcptTimeout,
+		DataInit:      DefaultDataInitTimeout,
+		DataBlock:     DefaultDataBlockTimeout,
+		DataDone:      DefaultDataDoneTimeout,
+		Session:       DefaultOutboundSession,
+		MinDataRate:   DefaultOutboundMinRate,
+		DataRateGrace: DefaultOutboundRateGrace,
+	}
+}
+
+// WithDefaults returns t with every zero or negative duration taken from
+// DefaultOutboundTimeouts, so a forgotten field never means "forever".
+// MinDataRate is left alone, since zero turns the check off; a negative
+// rate becomes zero.
+func (t OutboundTimeouts) WithDefaults() OutboundTimeouts {
+	d := DefaultOutboundTimeouts()
+	for _, f := range []struct{ v, def *time.Duration }{
+		{&t.Connect, &d.Connect}, {&t.Greeting, &d.Greeting}, {&t.Ehlo, &d.Ehlo},
+		{&t.StartTLS, &d.StartTLS}, {&t.Auth, &d.Auth}, {&t.Mail, &d.Mail},
+		{&t.Rcpt, &d.Rcpt}, {&t.DataInit, &d.DataInit}, {&t.DataBlock, &d.DataBlock},
+		{&t.DataDone, &d.DataDone}, {&t.Session, &d.Session}, {&t.DataRateGrace, &d.DataRateGrace},
+	} {
+		if *f.v <= 0 {
+			*f.v = *f.def
+		}
+	}
+	if t.MinDataRate < 0 {
+		t.MinDataRate = 0
+	}
+	return t
+}
+
+// TLSPolicy says whether a delivery session must be encrypted with STARTTLS
+// (RFC 3207) and whether the next hop's certificate is checked. It is
+// compiled from MailRoute spec.tls; MX delivery is TLSOpportunistic.
+type TLSPolicy string
+
+const (
+	// TLSNone never sends STARTTLS.
+	TLSNone TLSPolicy = "none"
+	// TLSOpportunistic uses STARTTLS when the server offers it, without
+	// checking the certificate. If the handshake fails the same hop is
+	// dialed once more and the message sent in plaintext (RFC 7435).
+	TLSOpportunistic TLSPolicy = "opportunistic"
+	// TLSRequired needs STARTTLS to be offered and to succeed; the
+	// certificate is not checked. Otherwise the hop fails with a temporary
+	// 4.7.4 (STARTTLS not offered or refused) or 4.7.5 (handshake failed).
+	TLSRequired TLSPolicy = "required"
+	// TLSVerify is TLSRequired with a certificate that must verify for the
+	// hop's host name; a failed check is a temporary 4.7.5.
+	TLSVerify TLSPolicy = "verify"
+)
+
+// compileTLS converts MailRoute spec.tls; empty is TLSOpportunistic.
+func compileTLS(v v1alpha1.TLSPolicy) (TLSPolicy, bool) {
+	switch v {
+	case "", v1alpha1.TLSOpportunistic:
+		return TLSOpportunistic, true
+	case v1alpha1.TLSNone:
+		return TLSNone, true
+	case v1alpha1.TLSRequired:
+		return TLSRequired, true
+	case v1alpha1.TLSVerify:
+		return TLSVerify, true
+	}
+	return "", false
 }
 
 // Delivery is the compiled outbound configuration.
@@ -60,9 +180,12 @@ type Delivery struct {
 	DeadDestination time.Duration
 	MaxSessions     int
 	MaxPerDest      int
-	PerConnection   int
-	Port            uint16
-	Postmaster      string
+	// PerConnection is how many messages one reused connection carries
+	// before QUIT. The deliverer reads it from the configuration in force
+	// each time it decides whether a connection may carry another message.
+	PerConnection int
+	Port          uint16
+	Postmaster    string
 
 	localNames map[string]bool
 	localAddrs map[netip.Addr]bool
@@ -80,10 +203,13 @@ type routeSuffix struct {
 // Route is a compiled MailRoute.
 type Route struct {
 	// Name is "MailRoute namespace/name", for logs.
-	Name     string
-	Hops     []RouteHop
-	TLS      string
-	Auth     *Credentials
+	Name string
+	Hops []RouteHop
+	TLS  TLSPolicy
+	// Auth is nil when the route does not log in.
+	Auth *Credentials
+	// Timeouts are the DeliveryPolicy's, changed by the route's
+	// spec.timeouts; every field is set.
 	Timeouts OutboundTimeouts
 }
 
@@ -97,7 +223,9 @@ type RouteHop struct {
 
 func (h RouteHop) String() string { return net.JoinHostPort(h.Host, strconv.Itoa(int(h.Port))) }
 
-// Credentials log in to a next hop.
+// Credentials log in to a next hop with AUTH PLAIN, or LOGIN when the
+// server offers only LOGIN (RFC 4954). The deliverer sends them only over
+// TLS unless told otherwise.
 type Credentials struct {
 	Username, Password string
 }
@@ -115,7 +243,7 @@ func DefaultDelivery() *Delivery {
 // MailRoute objects.
 func CompileDelivery(dps []v1alpha1.DeliveryPolicy, routes []v1alpha1.MailRoute, secrets Secrets, opts CompileOptions) (*Delivery, error) {
 	d := &Delivery{
-		Timeouts:        defaultOutbound(),
+		Timeouts:        DefaultOutboundTimeouts(),
 		RetryIntervals:  DefaultRetryIntervals,
 		QueueLifetime:   DefaultQueueLifetime,
 		DeadDestination: DefaultDeadDestination,
@@ -182,7 +310,7 @@ func CompileDelivery(dps []v1alpha1.DeliveryPolicy, routes []v1alpha1.MailRoute,
 		if err != nil {
 			return nil, fmt.Errorf("--relayhost: %w", err)
 		}
-		r := &Route{Name: "relayhost " + relayhost, Hops: []RouteHop{hop}, TLS: string(v1alpha1.TLSOpportunistic), Timeouts: d.Timeouts}
+		r := &Route{Name: "relayhost " + relayhost, Hops: []RouteHop{hop}, TLS: TLSOpportunistic, Timeouts: d.Timeouts}
 		if err := add("--relayhost", "*", r); err != nil {
 			return nil, err
 		}
@@ -261,14 +389,11 @@ func (d *Delivery) compilePolicy(o *v1alpha1.DeliveryPolicy) error {
 }
 
 func (d *Delivery) compileRoute(name string, o *v1alpha1.MailRoute, secrets Secrets, opts CompileOptions) (*Route, error) {
-	r := &Route{Name: name, TLS: string(o.Spec.TLS), Timeouts: d.Timeouts}
-	switch o.Spec.TLS {
-	case "":
-		r.TLS = string(v1alpha1.TLSOpportunistic)
-	case v1alpha1.TLSNone, v1alpha1.TLSOpportunistic, v1alpha1.TLSRequired, v1alpha1.TLSVerify:
-	default:
+	tlsp, ok := compileTLS(o.Spec.TLS)
+	if !ok {
 		return nil, fmt.Errorf("%s: spec.tls: %q is not one of none, opportunistic, required, verify", name, o.Spec.TLS)
 	}
+	r := &Route{Name: name, TLS: tlsp, Timeouts: d.Timeouts}
 	if len(o.Spec.NextHops) == 0 {
 		return nil, fmt.Errorf("%s: spec.nextHops: at least one next hop is required", name)
 	}
@@ -348,15 +473,8 @@ func parseHop(s string) (RouteHop, error) {
 	return RouteHop{Host: host, Port: uint16(port)}, nil
 }
 
-func defaultOutbound() OutboundTimeouts {
-	return OutboundTimeouts{
-		Connect: DefaultConnectTimeout, Greeting: DefaultGreetingTimeout, Mail: DefaultMailTimeout,
-		Rcpt: DefaultRcptTimeout, DataInit: DefaultDataInitTimeout, DataBlock: DefaultDataBlockTimeout,
-		DataDone: DefaultDataDoneTimeout, Session: DefaultOutboundSession,
-		MinDataRate: DefaultOutboundMinRate, DataRateGrace: DefaultOutboundRateGrace,
-	}
-}
-
+// mergeOutbound applies spec.timeouts. Ehlo, StartTLS and Auth have no
+// field in the API and keep what dst has.
 func mergeOutbound(name, path string, dst *OutboundTimeouts, src *v1alpha1.OutboundTimeouts) error {
 	if src == nil {
 		return nil

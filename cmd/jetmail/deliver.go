@@ -34,7 +34,10 @@ func (f *delivererFlags) register(cmd *cobra.Command) {
 
 // runDeliverer delivers until ctx ends.
 func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *spool.Spool, src *configSource, reg prometheus.Registerer, log *zap.Logger) error {
-	client := &deliverer.Client{Hostname: hostname, MaxPerConn: src.Delivery().PerConnection}
+	// Every outbound setting, messagesPerConnection included, comes from
+	// src.Delivery at each attempt (Config.Policy), so a DeliveryPolicy
+	// change applies without a restart: the Client holds none of them.
+	client := &deliverer.Client{Hostname: hostname}
 	defer client.Close()
 	d, err := deliverer.New(deliverer.Config{
 		Hostname:    hostname,
