@@ -88,14 +88,6 @@ func newLogger(format string) (*zap.Logger, error) {
 	return cfg.Build()
 }
 
-func loadConfig(paths []string, opts policy.CompileOptions) (*policy.Config, error) {
-	objs, err := policy.LoadFiles(paths)
-	if err != nil {
-		return nil, err
-	}
-	return objs.Compile(opts)
-}
-
 // gatewayConfig is the gateway's fixed configuration from the flags, with
 // STARTTLS from --tls-cert/--tls-key or, for serve, a self-signed pair.
 func (f *gatewayFlags) gatewayConfig(log *zap.Logger, selfSignedFallback bool) (*smtpgw.Config, error) {
@@ -193,10 +185,10 @@ func (f *gatewayFlags) listenSMTP() (net.Listener, error) {
 	return l, nil
 }
 
-func runGateway(ctx context.Context, f *gatewayFlags, l net.Listener, sp *spool.Spool, src *configSource, gwCfg *smtpgw.Config, reg *prometheus.Registry, log *zap.Logger) error {
+func runGateway(ctx context.Context, f *gatewayFlags, l net.Listener, sp *spool.Spool, src *policy.Source, gwCfg *smtpgw.Config, reg *prometheus.Registry, log *zap.Logger) error {
 	pol := src.Relay()
 	gw := smtpgw.New(*gwCfg, sp, pol, log.Named("smtp"), reg)
-	src.subscribe(func(c *policy.Config) { gw.SetPolicy(c.Relay) })
+	src.Subscribe(func(c *policy.Config) { gw.SetPolicy(c.Relay) })
 	log.Info("SMTP listening", zap.String("addr", l.Addr().String()), zap.Strings("policy", pol.Sources))
 	errc := make(chan error, 1)
 	go func() { errc <- gw.Serve(l) }()

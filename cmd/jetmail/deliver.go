@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/deliverer"
+	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -33,7 +34,7 @@ func (f *delivererFlags) register(cmd *cobra.Command) {
 }
 
 // runDeliverer delivers until ctx ends.
-func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *spool.Spool, src *configSource, reg prometheus.Registerer, log *zap.Logger) error {
+func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *spool.Spool, src *policy.Source, reg prometheus.Registerer, log *zap.Logger) error {
 	// Every outbound setting, messagesPerConnection included, comes from
 	// src.Delivery at each attempt (Config.Policy), so a DeliveryPolicy
 	// change applies without a restart: the Client holds none of them.

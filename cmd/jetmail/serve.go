@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/spf13/cobra"
@@ -45,7 +44,7 @@ Files given with -f are re-read when they change.`,
 
 			// Only serve reads the files that objects name: its
 			// operator wrote them, on this host.
-			src, err := newConfigSource(f.configPaths, policy.CompileOptions{Relayhost: relayhost, AllowFiles: true})
+			src, err := openFiles(ctx, f.configPaths, policy.CompileOptions{Relayhost: relayhost, AllowFiles: true}, log)
 			if err != nil {
 				return err
 			}
@@ -92,8 +91,7 @@ Files given with -f are re-read when they change.`,
 			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
 				return err
 			}
-			go src.watchFiles(ctx, 2*time.Second, log)
-			go src.heartbeat(ctx, nil, f.hostname, "serve", reg, log)
+			go heartbeat(ctx, src, nil, f.hostname, "serve", reg, log)
 			delivered := make(chan error, 1)
 			if noDeliver {
 				delivered <- nil
