@@ -16,6 +16,8 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/jetmail/jetmail/deliverer/failure"
+	"github.com/jetmail/jetmail/deliverer/resolve"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -76,12 +78,12 @@ type RcptResult struct {
 	// deferred recipient's Err is never Permanent, even when it carries a
 	// remote 5xx that was about the hop rather than the message (a 554
 	// greeting, a 535 to AUTH).
-	Err *Error
+	Err *failure.Error
 	// Reply is the final reply for this recipient ("250 2.0.0 Ok ..."),
 	// for logs.
 	Reply string
 	// Hop is the hop that gave the result; zero if no hop was reached.
-	Hop Hop
+	Hop resolve.Hop
 	// TLS tells whether the session that gave the result was encrypted.
 	TLS bool
 	// DSNPassed is set when the next hop offered DSN and accepted the
@@ -138,7 +140,7 @@ type Client struct {
 // every hop was passed over, every recipient is deferred with the last
 // hop's error; with no hops at all, with 4.4.4. Cancelling ctx closes the
 // connection in use and defers what is not decided yet.
-func (c *Client) Deliver(ctx context.Context, hops []Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer) []RcptResult {
+func (c *Client) Deliver(ctx context.Context, hops []resolve.Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer) []RcptResult {
 	to = to.WithDefaults()
 	if perConn <= 0 {
 		perConn = policy.DefaultPerConnection
@@ -151,24 +153,24 @@ func (c *Client) Deliver(ctx context.Context, hops []Hop, pol policy.TLSPolicy, 
 		return res
 	}
 	if len(hops) == 0 {
-		deferAll(res, Temporary(451, "4.4.4", "no host to deliver %s to", t.QueueID), Hop{})
+		deferAll(res, failure.Temporary(451, "4.4.4", "no host to deliver %s to", t.QueueID), resolve.Hop{})
 		return res
 	}
 	var (
-		last            *Error
-		lastHop         Hop
+		last            *failure.Error
+		lastHop         resolve.Hop
 		sessionsRefused = true
 	)
 	for _, hop := range hops {
 		if ctx.Err() != nil {
-			last, lastHop = canceledError(ctx, hop, "connect"), Hop{}
+			last, lastHop = canceledError(ctx, hop, "connect"), resolve.Hop{}
 			break
 		}
-		final, err, reached, session := c.attempt(ctx, hop, pol, auth, to, perConn, t, res)
+		final, err, reached, session := c.tryHop(ctx, hop, pol, auth, to, perConn, t, res)
 		if final {
 			return res
 		}
-		last, lastHop = err, Hop{}
+		last, lastHop = err, resolve.Hop{}
 		if reached {
 			lastHop = hop
 		}
@@ -198,18 +200,18 @@ func (c *Client) OpenConns() int {
 	return int(c.pool.open.Load())
 }
 
-// attempt runs one hop. final says the hop took the transaction and res is
+// tryHop runs one hop. final says the hop took the transaction and res is
 // filled; otherwise err says why the hop was passed over, reached whether
 // a connection was made and session whether the session got as far as MAIL
 // FROM.
-func (c *Client) attempt(ctx context.Context, hop Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer, res []RcptResult) (final bool, err *Error, reached, session bool) {
+func (c *Client) tryHop(ctx context.Context, hop resolve.Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer, res []RcptResult) (final bool, err *failure.Error, reached, session bool) {
 	limit := time.Now().Add(to.Session)
-	cn, err, reached := c.acquire(ctx, hop, pol, auth, to, limit)
+	cn, err, reached := c.checkout(ctx, hop, pol, auth, to, limit)
 	if err != nil {
 		return false, err, reached, false
 	}
 	final, err = cn.transact(t, to, res)
-	c.release(cn, to, perConn)
+	c.checkin(cn, to, perConn)
 	return final, err, true, true
 }
 
@@ -244,7 +246,7 @@ const (
 // transact runs one mail transaction on cn. It reports whether the hop took
 // the transaction, in which case res is filled; otherwise err says why the
 // next hop should be tried.
-func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []RcptResult) (bool, *Error) {
+func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []RcptResult) (bool, *failure.Error) {
 	host := hopName(cn.hop)
 	for i := range res {
 		res[i].Hop, res[i].TLS = cn.hop, cn.tls
@@ -253,16 +255,16 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	// connection stays reusable.
 	if cn.maxSize > 0 && int64(len(t.Body)) > cn.maxSize {
 		// RFC 1870 §6.1: do not send what the server announced it refuses.
-		finishAll(res, RcptFailed, Permanent(552, "5.3.4", "message size %d exceeds the limit %d of %s", len(t.Body), cn.maxSize, host))
+		finishAll(res, RcptFailed, failure.Permanent(552, "5.3.4", "message size %d exceeds the limit %d of %s", len(t.Body), cn.maxSize, host))
 		return true, nil
 	}
 	if t.Mail.SMTPUTF8 && !cn.utf8 {
 		// RFC 6531 §3.2: no downgrade, the message is returned.
-		finishAll(res, RcptFailed, Permanent(553, "5.6.7", "%s does not support SMTPUTF8 (RFC 6531)", host))
+		finishAll(res, RcptFailed, failure.Permanent(553, "5.6.7", "%s does not support SMTPUTF8 (RFC 6531)", host))
 		return true, nil
 	}
 	if strings.ContainsAny(t.From, "\r\n") {
-		finishAll(res, RcptFailed, Permanent(553, "5.1.7", "sender address contains a line break"))
+		finishAll(res, RcptFailed, failure.Permanent(553, "5.1.7", "sender address contains a line break"))
 		return true, nil
 	}
 
@@ -283,7 +285,7 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	var accepted []int
 	for i, r := range t.Rcpts {
 		if strings.ContainsAny(r.Addr, "\r\n") {
-			finish(&res[i], RcptFailed, Permanent(553, "5.1.3", "recipient address contains a line break"))
+			finish(&res[i], RcptFailed, failure.Permanent(553, "5.1.3", "recipient address contains a line break"))
 			continue
 		}
 		cn.sc.CommandTimeout = to.Rcpt
@@ -309,7 +311,7 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 		return true, nil
 	}
 
-	finishAccepted := func(status RcptStatus, e *Error) {
+	finishAccepted := func(status RcptStatus, e *failure.Error) {
 		for _, i := range accepted {
 			finish(&res[i], status, e)
 		}
@@ -334,10 +336,10 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	}
 	slow := cn.dc.endData()
 	if err != nil {
-		var e *Error
+		var e *failure.Error
 		if slow && !cn.dc.sessionOver() {
 			cn.broken = true
-			e = Temporary(451, "4.4.2", "%s took message data slower than %d B/s", host, to.MinDataRate)
+			e = failure.Temporary(451, "4.4.2", "%s took message data slower than %d B/s", host, to.MinDataRate)
 		} else {
 			e = cn.fail(step, err)
 		}
@@ -433,8 +435,8 @@ func printableASCII(s string) bool {
 // replyError converts a remote reply into an *Error with Remote set. The
 // enhanced code is taken from the reply (RFC 2034) when the server gave one,
 // else derived from the basic code: 4xx is 4.0.0, 5xx is 5.0.0.
-func replyError(host string, code int, enhanced smtp.EnhancedCode, text string) *Error {
-	e := &Error{Permanent: code/100 == 5, Code: code, Text: oneLine(text), Remote: host}
+func replyError(host string, code int, enhanced smtp.EnhancedCode, text string) *failure.Error {
+	e := &failure.Error{Permanent: code/100 == 5, Code: code, Text: oneLine(text), Remote: host}
 	if k := enhanced[0]; (k == 2 || k == 4 || k == 5) && enhanced[1] >= 0 && enhanced[2] >= 0 {
 		e.Enhanced = fmt.Sprintf("%d.%d.%d", enhanced[0], enhanced[1], enhanced[2])
 	} else if e.Permanent {
@@ -474,18 +476,18 @@ func oneLine(s string) string {
 	return strings.ReplaceAll(strings.TrimSpace(s), "\n", " / ")
 }
 
-func statusOf(e *Error) RcptStatus {
+func statusOf(e *failure.Error) RcptStatus {
 	if e.Permanent {
 		return RcptFailed
 	}
 	return RcptDeferred
 }
 
-func finish(r *RcptResult, status RcptStatus, e *Error) {
+func finish(r *RcptResult, status RcptStatus, e *failure.Error) {
 	r.Status, r.Err, r.Reply, r.DSNPassed = status, e, errReply(e), false
 }
 
-func finishAll(res []RcptResult, status RcptStatus, e *Error) {
+func finishAll(res []RcptResult, status RcptStatus, e *failure.Error) {
 	for i := range res {
 		finish(&res[i], status, e)
 	}
@@ -493,9 +495,9 @@ func finishAll(res []RcptResult, status RcptStatus, e *Error) {
 
 // deferAll defers every recipient with e, made temporary: a hop that was
 // passed over said nothing final about the message.
-func deferAll(res []RcptResult, e *Error, hop Hop) {
+func deferAll(res []RcptResult, e *failure.Error, hop resolve.Hop) {
 	if e == nil {
-		e = Temporary(451, "4.4.0", "delivery not attempted")
+		e = failure.Temporary(451, "4.4.0", "delivery not attempted")
 	}
 	if e.Permanent {
 		tmp := *e
@@ -509,12 +511,12 @@ func deferAll(res []RcptResult, e *Error, hop Hop) {
 }
 
 // errReply renders e as an SMTP reply line for logs.
-func errReply(e *Error) string {
+func errReply(e *failure.Error) string {
 	return fmt.Sprintf("%d %s %s", e.Code, e.Enhanced, e.Text)
 }
 
-func canceledError(ctx context.Context, hop Hop, step string) *Error {
-	return Temporary(451, "4.4.0", "delivery to %s interrupted during %s: %v", hopName(hop), step, context.Cause(ctx))
+func canceledError(ctx context.Context, hop resolve.Hop, step string) *failure.Error {
+	return failure.Temporary(451, "4.4.0", "delivery to %s interrupted during %s: %v", hopName(hop), step, context.Cause(ctx))
 }
 
 func isTimeout(err error) bool {
@@ -523,7 +525,7 @@ func isTimeout(err error) bool {
 }
 
 // hopName is how a hop is named in error texts and in Error.Remote.
-func hopName(h Hop) string {
+func hopName(h resolve.Hop) string {
 	if h.Host != "" {
 		return h.Host
 	}

@@ -16,12 +16,13 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/jetmail/jetmail/deliverer/resolve"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
 
 // refusingHop is an address where nothing listens.
-func refusingHop(t *testing.T) Hop {
+func refusingHop(t *testing.T) resolve.Hop {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -29,7 +30,7 @@ func refusingHop(t *testing.T) Hop {
 	}
 	addr := netip.MustParseAddrPort(ln.Addr().String())
 	ln.Close()
-	return Hop{Host: "down.test", Addr: addr}
+	return resolve.Hop{Host: "down.test", Addr: addr}
 }
 
 func newTestClient(t *testing.T) *Client {
@@ -96,7 +97,7 @@ func TestDeliverFailover(t *testing.T) {
 	t.Run("a primary that refuses connections hands the message to the secondary", func(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{refusingHop(t), srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != srv.hop || res[0].TLS {
 			t.Errorf("result from hop %+v TLS %v, want %+v in plaintext", res[0].Hop, res[0].TLS, srv.hop)
@@ -115,7 +116,7 @@ func TestDeliverFailover(t *testing.T) {
 		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{busy.hop, srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{busy.hop, srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if busy.accepted.Load() != 1 || len(srv.transactions()) != 1 {
 			t.Errorf("busy hop saw %d connections, good hop %d transactions", busy.accepted.Load(), len(srv.transactions()))
@@ -125,10 +126,10 @@ func TestDeliverFailover(t *testing.T) {
 
 	t.Run("all hops down defers every recipient with 4.4.1", func(t *testing.T) {
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{refusingHop(t), refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptDeferred, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.1", "refused")
-		if res[1].Hop != (Hop{}) {
+		if res[1].Hop != (resolve.Hop{}) {
 			t.Errorf("hop %+v for an unreached hop, want zero", res[1].Hop)
 		}
 		checkNoConnLeak(t, c)
@@ -137,7 +138,7 @@ func TestDeliverFailover(t *testing.T) {
 	t.Run("a 421 greeting on the last hop defers with the remote's reply", func(t *testing.T) {
 		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{refusingHop(t), busy.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), busy.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 421, "4.3.2", "too busy")
 		if res[0].Err.Remote != "mx.test" || res[0].Hop != busy.hop {
@@ -160,7 +161,7 @@ func TestDeliverFailover(t *testing.T) {
 		}})
 		second := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != second.hop || len(second.transactions()) != 1 {
 			t.Errorf("delivered via %+v, second hop has %d transactions", res[0].Hop, len(second.transactions()))
@@ -174,7 +175,7 @@ func TestDeliverFailover(t *testing.T) {
 		}})
 		second := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptFailed, RcptFailed)
 		wantRcptErr(t, res[1], 553, "5.7.1", "sender rejected")
 		if second.accepted.Load() != 0 {
@@ -193,7 +194,7 @@ func TestDeliverReplies(t *testing.T) {
 			return nil
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("full@example.com", "ok@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("full@example.com", "ok@example.com"))
 		wantStatuses(t, res, RcptDeferred, RcptDelivered)
 		wantRcptErr(t, res[0], 452, "4.2.2", "mailbox full")
 		if txns := srv.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "ok@example.com" {
@@ -210,7 +211,7 @@ func TestDeliverReplies(t *testing.T) {
 			return nil
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("ok@example.com", "nobody@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("ok@example.com", "nobody@example.com"))
 		wantStatuses(t, res, RcptDelivered, RcptFailed)
 		wantRcptErr(t, res[1], 550, "5.1.1", "no such user")
 		if res[1].Err.Remote != "mx.test" || res[1].Reply != "550 5.1.1 no such user" {
@@ -224,7 +225,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.NoEnhancedCode, Message: "go away"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptFailed)
 		wantRcptErr(t, res[0], 550, "5.0.0", "go away")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -235,7 +236,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptFailed, RcptFailed)
 		if n := srv.dataCount(); n != 0 {
 			t.Errorf("server got DATA %d times", n)
@@ -248,7 +249,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "queue full"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, RcptDeferred, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.3.0", "queue full")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -259,7 +260,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "spam"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptFailed)
 		wantRcptErr(t, res[0], 554, "5.7.1", "spam")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -270,7 +271,7 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("a message over the announced SIZE fails with 5.3.4 without DATA", func(t *testing.T) {
 		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptFailed)
 		wantRcptErr(t, res[0], 552, "5.3.4", "exceeds")
 		if n := srv.dataCount(); n != 0 || srv.traffic.count("MAIL FROM") != 0 {
@@ -282,7 +283,7 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("SIZE is declared as the body length", func(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || txns[0].mailOpts.Size != int64(len(transferBody)) || txns[0].mailOpts.Body != smtp.Body8BitMIME {
 			t.Errorf("server got MAIL options %+v", txns[0].mailOpts)
@@ -295,7 +296,7 @@ func TestDeliverExtensions(t *testing.T) {
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
 		wantStatuses(t, res, RcptFailed)
 		wantRcptErr(t, res[0], 553, "5.6.7", "SMTPUTF8")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -306,7 +307,7 @@ func TestDeliverExtensions(t *testing.T) {
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || !txns[0].mailOpts.UTF8 || txns[0].rcpts[0] != "jörg@example.com" {
 			t.Errorf("server got %+v", txns)
@@ -327,7 +328,7 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("DSN parameters reach a server that offers DSN", func(t *testing.T) {
 		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.EnableDSN = true })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
 		wantStatuses(t, res, RcptDelivered, RcptDelivered)
 		if !res[0].DSNPassed || !res[1].DSNPassed {
 			t.Errorf("DSNPassed %v %v, want true", res[0].DSNPassed, res[1].DSNPassed)
@@ -356,7 +357,7 @@ func TestDeliverExtensions(t *testing.T) {
 		// DSN, so a delivery proves they were not sent.
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
 		wantStatuses(t, res, RcptDelivered, RcptDelivered)
 		if res[0].DSNPassed {
 			t.Error("DSNPassed for a server without DSN")
@@ -390,7 +391,7 @@ func TestDeliverTLS(t *testing.T) {
 		sc := brokenTLSScript()
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].TLS {
 			t.Error("TLS reported for a plaintext delivery")
@@ -408,7 +409,7 @@ func TestDeliverTLS(t *testing.T) {
 		}}
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].TLS || srv.accepted.Load() != 1 || sc.txns.Load() != 1 {
 			t.Errorf("TLS %v; server saw %d connections and %d transactions, want 1 and 1", res[0].TLS, srv.accepted.Load(), sc.txns.Load())
@@ -423,7 +424,7 @@ func TestDeliverTLS(t *testing.T) {
 		}}
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "454 4.7.0 TLS not available")
 		if sc.txns.Load() != 0 {
@@ -436,7 +437,7 @@ func TestDeliverTLS(t *testing.T) {
 		sc := brokenTLSScript()
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "handshake")
 		if srv.accepted.Load() != 1 || sc.txns.Load() != 0 {
@@ -448,7 +449,7 @@ func TestDeliverTLS(t *testing.T) {
 	t.Run("required TLS defers when STARTTLS is not offered", func(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "STARTTLS")
 		if len(srv.transactions()) != 0 {
@@ -461,7 +462,7 @@ func TestDeliverTLS(t *testing.T) {
 		cert, _ := selfSignedCert(t, "mx.right.test")
 		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
@@ -476,7 +477,7 @@ func TestDeliverTLS(t *testing.T) {
 		c.RootCAs = roots
 		hop := srv.hop
 		hop.Host = "mx.wrong.test"
-		res := c.Deliver(context.Background(), []Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "mx.wrong.test")
 		if len(srv.transactions()) != 0 {
@@ -492,7 +493,7 @@ func TestDeliverTLS(t *testing.T) {
 		c.RootCAs = roots
 		hop := srv.hop
 		hop.Host = "mx.right.test"
-		res := c.Deliver(context.Background(), []Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
@@ -510,7 +511,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" {
 			t.Errorf("server got %+v", txns)
@@ -540,7 +541,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		checkNoConnLeak(t, c, srv.connCounter)
 		// "relay" and "s3cret" in base64.
@@ -554,7 +555,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{refusing.hop, srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusing.hop, srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if res[0].Hop != srv.hop {
 			t.Errorf("delivered via %+v", res[0].Hop)
@@ -566,7 +567,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "wrong"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "wrong"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 535, "5.7.8", "Authentication failed")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -575,7 +576,7 @@ func TestDeliverAuth(t *testing.T) {
 	t.Run("credentials are not sent in plaintext without AllowInsecureAuth", func(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.10", "unencrypted")
 		if srv.traffic.count("AUTH PLAIN ") != 0 {
@@ -591,7 +592,7 @@ func TestDeliverAuth(t *testing.T) {
 			s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 		})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSRequired, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" || !txns[0].tls {
 			t.Errorf("server got %+v", txns)
@@ -610,7 +611,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		to := shortTimeouts()
 		to.Greeting, to.Ehlo, to.Session = time.Minute, time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
@@ -633,7 +634,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		to := shortTimeouts()
 		to.DataDone, to.Session = time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com", "b@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, RcptDeferred, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
@@ -665,7 +666,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
 		took := time.Since(start)
 		close(release)
 		wantStatuses(t, res, RcptDeferred)
@@ -694,7 +695,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
-		res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
 		took := time.Since(start)
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "slower than")
@@ -713,7 +714,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 		defer cancel()
 		start := time.Now()
-		res := c.Deliver(ctx, []Hop{srv.hop, refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(ctx, []resolve.Hop{srv.hop, refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.0", "interrupted")
@@ -726,7 +727,7 @@ func TestDeliverDeadlines(t *testing.T) {
 	t.Run("a connect timeout passes the hop over", func(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
-		blackhole := Hop{Host: "blackhole.test", Addr: netip.MustParseAddrPort("192.0.2.1:25")}
+		blackhole := resolve.Hop{Host: "blackhole.test", Addr: netip.MustParseAddrPort("192.0.2.1:25")}
 		c.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
 			if addr == blackhole.Addr.String() {
 				<-ctx.Done()
@@ -737,9 +738,9 @@ func TestDeliverDeadlines(t *testing.T) {
 		}
 		to := shortTimeouts()
 		to.Connect = 200 * time.Millisecond
-		res := c.Deliver(context.Background(), []Hop{blackhole, srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{blackhole, srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
-		res = c.Deliver(context.Background(), []Hop{blackhole}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
+		res = c.Deliver(context.Background(), []resolve.Hop{blackhole}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.1", "timed out")
 		checkNoConnLeak(t, c, srv.connCounter)
@@ -748,10 +749,10 @@ func TestDeliverDeadlines(t *testing.T) {
 
 // deliverLimited delivers n messages to hop, one at a time, with the
 // messagesPerConnection limit perConn.
-func deliverLimited(t *testing.T, c *Client, hop Hop, n, perConn int) {
+func deliverLimited(t *testing.T, c *Client, hop resolve.Hop, n, perConn int) {
 	t.Helper()
 	for i := 0; i < n; i++ {
-		res := c.Deliver(context.Background(), []Hop{hop}, policy.TLSNone, nil, shortTimeouts(), perConn, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSNone, nil, shortTimeouts(), perConn, testTransfer("a@example.com"))
 		wantStatuses(t, res, RcptDelivered)
 	}
 }
@@ -759,7 +760,7 @@ func deliverLimited(t *testing.T, c *Client, hop Hop, n, perConn int) {
 func TestClientReuse(t *testing.T) {
 	// deliverN delivers n messages, one at a time, under the default
 	// messagesPerConnection.
-	deliverN := func(t *testing.T, c *Client, hop Hop, n int) {
+	deliverN := func(t *testing.T, c *Client, hop resolve.Hop, n int) {
 		t.Helper()
 		deliverLimited(t, c, hop, n, 0)
 	}
@@ -851,7 +852,7 @@ func TestClientReuse(t *testing.T) {
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
 		for _, a := range []*policy.Credentials{nil, {Username: "u1", Password: "p"}, {Username: "u2", Password: "p"}, {Username: "u1", Password: "p"}} {
-			res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, a, shortTimeouts(), 0, testTransfer("a@example.com"))
+			res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, a, shortTimeouts(), 0, testTransfer("a@example.com"))
 			wantStatuses(t, res, RcptDelivered)
 		}
 		if a := srv.accepted.Load(); a != 3 {
@@ -880,7 +881,7 @@ func TestClientReuse(t *testing.T) {
 		for i := 0; i < 8; i++ {
 			wg.Go(func() {
 				for j := 0; j < 5; j++ {
-					res := c.Deliver(context.Background(), []Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+					res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 					for _, r := range res {
 						if r.Status != RcptDelivered {
 							failed.Add(1)

@@ -23,7 +23,7 @@ import (
 func TestDelivererAppliesMessagesPerConnectionWithoutRestart(t *testing.T) {
 	t.Parallel()
 	e := newE2E(t)
-	e.dns.add(t, "reuse.test. 60 IN MX 10 mx1.reuse.test.", "mx1.reuse.test. 60 IN A "+e2eMX1)
+	e.dns.Add(t, "reuse.test. 60 IN MX 10 mx1.reuse.test.", "mx1.reuse.test. 60 IN A "+e2eMX1)
 	perConn := func(n int32) {
 		e.setPolicy(func(s *v1alpha1.DeliveryPolicySpec) { s.MessagesPerConnection = &n }, nil, nil)
 	}

@@ -90,7 +90,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 			s.DelayWarning = e2eDur(time.Second)
 			s.RetryIntervals = []metav1.Duration{{Duration: time.Second}}
 		}, nil, nil)
-		e.dns.add(t, "busy.test. 60 IN MX 10 mx1.busy.test.", "mx1.busy.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "busy.test. 60 IN MX 10 mx1.busy.test.", "mx1.busy.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 2, 1}, "mailbox busy, try later")
 		}})
@@ -113,7 +113,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		if !strings.HasPrefix(b.rcpts[0]["Status"], "4.") || b.rcpts[0]["Will-Retry-Until"] == "" {
 			t.Errorf("delay warning fields %v", b.rcpts[0])
 		}
-		if subj := b.parsed.header.Get("Subject"); !strings.Contains(subj, "Delayed") {
+		if subj := b.parsed.Header.Get("Subject"); !strings.Contains(subj, "Delayed") {
 			t.Errorf("Subject %q", subj)
 		}
 		warnedAt := e.waitState(qid, 5*time.Second, "DelayWarned", func(st *spool.DeliveryState) bool { return st.DelayWarned }).Attempts
@@ -141,7 +141,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 	t.Run("NOTIFY=SUCCESS to a next hop without DSN is reported as relayed", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "nodsn.test. 60 IN MX 10 mx1.nodsn.test.", "mx1.nodsn.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "nodsn.test. 60 IN MX 10 mx1.nodsn.test.", "mx1.nodsn.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{})
 		capture := e.capture()
 		r := e.startDeliverer()
@@ -172,7 +172,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 	t.Run("NOTIFY=SUCCESS to a next hop with DSN is passed on and not reported by us", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "dsn.test. 60 IN MX 10 mx1.dsn.test.", "mx1.dsn.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "dsn.test. 60 IN MX 10 mx1.dsn.test.", "mx1.dsn.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{}, func(s *smtp.Server) { s.EnableDSN = true })
 		capture := e.capture()
 		r := e.startDeliverer()
@@ -200,7 +200,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 	t.Run("NOTIFY=NEVER suppresses the bounce of a 5xx, NOTIFY=FAILURE gets it", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "gone.test. 60 IN MX 10 mx1.gone.test.", "mx1.gone.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "gone.test. 60 IN MX 10 mx1.gone.test.", "mx1.gone.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
 		}})
@@ -235,7 +235,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 	t.Run("a chunked body arrives intact and its chunks are purged", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "big.test. 60 IN MX 10 mx1.big.test.", "mx1.big.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "big.test. 60 IN MX 10 mx1.big.test.", "mx1.big.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{})
 		var body bytes.Buffer
 		body.WriteString("From: <" + e2eSender + ">\r\nTo: <pat@big.test>\r\nSubject: big\r\n\r\n")

@@ -35,6 +35,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/internal/dnstest"
+	"github.com/jetmail/jetmail/internal/dsntest"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -57,7 +59,7 @@ type e2eEnv struct {
 	t    *testing.T
 	url  string
 	sp   *spool.Spool
-	dns  *testDNS
+	dns  *dnstest.Server
 	port uint16
 	pol  atomic.Pointer[policy.Delivery]
 
@@ -81,10 +83,10 @@ func newE2E(t *testing.T) *e2eEnv {
 		ns.Shutdown()
 		ns.WaitForShutdown()
 	})
-	e := &e2eEnv{t: t, url: ns.ClientURL(), dns: startDNS(t), held: map[string]net.Listener{}}
+	e := &e2eEnv{t: t, url: ns.ClientURL(), dns: dnstest.Start(t), held: map[string]net.Listener{}}
 	e.sp = e.openSpool(e.connect())
 	e.reservePort()
-	e.dns.add(t,
+	e.dns.Add(t,
 		"sender.test. 60 IN MX 10 mx.sender.test.",
 		"mx.sender.test. 60 IN A "+e2eCapture,
 	)
@@ -257,7 +259,7 @@ func (e *e2eEnv) startDeliverer(opts ...e2eReplicaOpt) *e2eReplica {
 		Hostname: e2eHost,
 		Spool:    e.sp,
 		Policy:   e.pol.Load,
-		Resolver: &Resolver{Servers: []string{e.dns.addr}, Timeout: 2 * time.Second},
+		Resolver: &Resolver{Servers: []string{e.dns.Addr}, Timeout: 2 * time.Second},
 		Client:   r.client,
 		AckWait:  e2eAckWait,
 		Grace:    2 * time.Second,
@@ -408,7 +410,7 @@ func e2eRcptState(st *spool.DeliveryState, addr string) spool.RcptState {
 // e2eBounce is a DSN as received by the sender's MX.
 type e2eBounce struct {
 	txn     mxTxn
-	parsed  dsnParsed
+	parsed  dsntest.Parsed
 	message map[string]string   // per-message status fields
 	rcpts   []map[string]string // per-recipient status fields
 }
@@ -419,11 +421,11 @@ func waitBounce(t *testing.T, capture *testMX, n int, d time.Duration) e2eBounce
 	t.Helper()
 	within(t, d, fmt.Sprintf("%d bounce(s) at the sender's MX", n), func() bool { return len(capture.transactions()) >= n })
 	txn := capture.transactions()[n-1]
-	b := e2eBounce{txn: txn, parsed: parseDSN(t, txn.body)}
-	if got := b.parsed.contentTypes(); len(got) != 3 || got[1] != "message/delivery-status" {
+	b := e2eBounce{txn: txn, parsed: dsntest.Parse(t, txn.body)}
+	if got := b.parsed.ContentTypes(); len(got) != 3 || got[1] != "message/delivery-status" {
 		t.Fatalf("DSN parts %v", got)
 	}
-	for i, blk := range statusBlocks(t, b.parsed.parts[1].body) {
+	for i, blk := range dsntest.StatusBlocks(t, b.parsed.Parts[1].Body) {
 		fields := map[string]string{}
 		for k, v := range blk {
 			fields[k] = strings.Join(v, " | ")
@@ -481,7 +483,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("a primary MX that refuses connections hands the mail to the secondary, once", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t,
+		e.dns.Add(t,
 			"fail.test. 60 IN MX 10 mx1.fail.test.", "mx1.fail.test. 60 IN A "+e2eMX1,
 			"fail.test. 60 IN MX 20 mx2.fail.test.", "mx2.fail.test. 60 IN A "+e2eMX2)
 		e.down(e2eMX1)
@@ -508,7 +510,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("mail for a domain whose MX hosts are all down is deferred, then delivered when one comes up", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t,
+		e.dns.Add(t,
 			"down.test. 60 IN MX 10 mx1.down.test.", "mx1.down.test. 60 IN A "+e2eMX1,
 			"down.test. 60 IN MX 20 mx2.down.test.", "mx2.down.test. 60 IN A "+e2eMX2)
 		e.down(e2eMX1)
@@ -534,7 +536,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) { sp.DeadDestinationTime = e2eDur(time.Hour) }, nil, nil)
-		e.dns.add(t, "dead.test. 60 IN MX 10 mx1.dead.test.", "mx1.dead.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "dead.test. 60 IN MX 10 mx1.dead.test.", "mx1.dead.test. 60 IN A "+e2eMX1)
 		e.down(e2eMX1)
 		var dials, skew atomic.Int64
 		r := e.startDeliverer(e2eCountDials(&dials), e2eClock(&skew))
@@ -636,7 +638,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			sp.RetryIntervals = []metav1.Duration{{Duration: time.Hour}}
 			sp.DeadDestinationTime = e2eDur(time.Hour)
 		}, nil, nil)
-		e.dns.add(t, "grey.test. 60 IN MX 10 mx1.grey.test.", "mx1.grey.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "grey.test. 60 IN MX 10 mx1.grey.test.", "mx1.grey.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{mail: func(from string) error {
 			if from == "limited@sender.test" {
 				return e2eSMTPError(451, [3]int{4, 7, 1}, "sender rate limited, try later")
@@ -661,7 +663,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("a null MX bounces with 5.1.10", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "nullmx.test. 60 IN MX 0 .")
+		e.dns.Add(t, "nullmx.test. 60 IN MX 0 .")
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueue(e2eSender, "dave@nullmx.test")
@@ -691,7 +693,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("a DNS server failure defers and does not bounce", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.set(func(d *testDNS) { d.rcodes["broken.test."] = dns.RcodeServerFailure })
+		e.dns.Set(func(d *dnstest.Server) { d.Rcodes["broken.test."] = dns.RcodeServerFailure })
 		capture := e.capture()
 		r := e.startDeliverer()
 		qid := e.enqueue(e2eSender, "frank@broken.test")
@@ -712,7 +714,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("a domain without MX records gets its mail at its own address", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "plain.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "plain.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{})
 		r := e.startDeliverer()
 		e.enqueue(e2eSender, "gina@plain.test")
@@ -727,7 +729,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("MX hosts of equal preference share the load", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t,
+		e.dns.Add(t,
 			"share.test. 60 IN MX 10 mx1.share.test.", "mx1.share.test. 60 IN A "+e2eMX1,
 			"share.test. 60 IN MX 10 mx2.share.test.", "mx2.share.test. 60 IN A "+e2eMX2)
 		mx1 := e.startMX(e2eMX1, &testMX{})
@@ -749,7 +751,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("a 4xx to one recipient and 250 to another retries only the deferred one", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "part.test. 60 IN MX 10 mx1.part.test.", "mx1.part.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "part.test. 60 IN MX 10 mx1.part.test.", "mx1.part.test. 60 IN A "+e2eMX1)
 		var refusals atomic.Int32
 		mx := e.startMX(e2eMX1, &testMX{rcpt: func(to string) error {
 			if to == "later@part.test" && refusals.Add(1) <= 2 {
@@ -790,7 +792,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) {
 			sp.RetryIntervals = []metav1.Duration{{Duration: time.Second}, {Duration: time.Hour}}
 		}, nil, nil)
-		e.dns.add(t, "sched.test. 60 IN MX 10 mx1.sched.test.", "mx1.sched.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "sched.test. 60 IN MX 10 mx1.sched.test.", "mx1.sched.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 2, 0}, "mailbox busy, try later")
 		}})
@@ -841,7 +843,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			sp.Timeouts.Greeting = e2eDur(time.Minute)
 			sp.Timeouts.Session = e2eDur(30 * time.Second)
 		}, nil, nil)
-		e.dns.add(t,
+		e.dns.Add(t,
 			"slow.test. 60 IN MX 10 mx1.slow.test.", "mx1.slow.test. 60 IN A "+e2eMX1,
 			"fast.test. 60 IN MX 10 mx1.fast.test.", "mx1.fast.test. 60 IN A "+e2eMX2)
 		tp := e.startTarpit(e2eMX1)
@@ -880,7 +882,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("a 5xx to a recipient bounces with a DSN that carries the remote reply", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{rcpt: func(to string) error {
 			if to == "nobody@bad.test" {
 				return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
@@ -902,10 +904,10 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if b.message["X-Jetmail-Queue-Id"] != qid || b.message["Arrival-Date"] == "" {
 			t.Errorf("per-message fields %v", b.message)
 		}
-		if to := b.parsed.header.Get("To"); to != "<"+e2eSender+">" {
+		if to := b.parsed.Header.Get("To"); to != "<"+e2eSender+">" {
 			t.Errorf("DSN To: %q", to)
 		}
-		orig := string(b.parsed.parts[2].body)
+		orig := string(b.parsed.Parts[2].Body)
 		if !strings.Contains(orig, "Subject: e2e "+qid) || !strings.Contains(orig, "Message-ID: <"+qid+"@e2e.test>") ||
 			strings.Contains(orig, "Hello from") {
 			t.Errorf("returned headers:\n%s", orig)
@@ -929,7 +931,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			s.Timeouts.Greeting = e2eDur(time.Minute)
 			s.Timeouts.Session = e2eDur(session)
 		}, nil, nil)
-		e.dns.add(t, "tarpit.test. 60 IN MX 10 mx1.tarpit.test.", "mx1.tarpit.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "tarpit.test. 60 IN MX 10 mx1.tarpit.test.", "mx1.tarpit.test. 60 IN A "+e2eMX1)
 		tp := e.startTarpit(e2eMX1)
 		r := e.startDeliverer()
 		qid := e.enqueue(e2eSender, "hank@tarpit.test")
@@ -996,7 +998,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if len(txns) != 1 || txns[0].user != "relayuser" || !txns[0].tls || txns[0].rcpts[0] != "ivan@routed.test" {
 			t.Errorf("second next hop got %+v, want one mail, over TLS, as relayuser", txns)
 		}
-		if n := e.dns.count("routed.test", dns.TypeMX); n != 0 {
+		if n := e.dns.Count("routed.test", dns.TypeMX); n != 0 {
 			t.Errorf("%d MX queries for a routed domain", n)
 		}
 		r.stop(t)
@@ -1011,7 +1013,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			s.QueueLifetime = e2eDur(lifetime)
 			s.RetryIntervals = []metav1.Duration{{Duration: time.Hour}}
 		}, nil, nil)
-		e.dns.add(t, "slow.test. 60 IN MX 10 mx1.slow.test.", "mx1.slow.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "slow.test. 60 IN MX 10 mx1.slow.test.", "mx1.slow.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 3, 2}, "system not accepting mail right now")
 		}})
@@ -1041,7 +1043,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("a deliverer killed mid-delivery leaves the mail to another replica, and one copy arrives", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "kill.test. 60 IN MX 10 mx1.kill.test.", "mx1.kill.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "kill.test. 60 IN MX 10 mx1.kill.test.", "mx1.kill.test. 60 IN A "+e2eMX1)
 		inData, release := make(chan struct{}), make(chan struct{})
 		mx := e.startMX(e2eMX1, &testMX{data: func(n int) error {
 			if n > 1 {
@@ -1084,7 +1086,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("a bounce that fails is dropped, not bounced", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
 		}})
@@ -1109,7 +1111,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.setPolicy(func(s *v1alpha1.DeliveryPolicySpec) { s.Postmaster = "postmaster@sender.test" }, nil, nil)
-		e.dns.add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
+		e.dns.Add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
 		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
 			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
 		}})

@@ -28,6 +28,7 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+	"github.com/jetmail/jetmail/deliverer/resolve"
 )
 
 // connCounter counts a test server's connections as the server sees them.
@@ -86,8 +87,8 @@ func (l *countingListener) Accept() (net.Conn, error) {
 }
 
 // hop is the listener's address as a next hop named host.
-func (l *countingListener) hop(host string) Hop {
-	return Hop{Host: host, Addr: netip.MustParseAddrPort(l.Addr().String())}
+func (l *countingListener) hop(host string) resolve.Hop {
+	return resolve.Hop{Host: host, Addr: netip.MustParseAddrPort(l.Addr().String())}
 }
 
 // testMX is a go-smtp server playing a remote MX. Hooks run on every call
@@ -102,7 +103,7 @@ type testMX struct {
 
 	// Set by serveMX.
 	*connCounter
-	hop     Hop
+	hop     resolve.Hop
 	traffic *trafficLog
 
 	mu        sync.Mutex
@@ -309,7 +310,7 @@ func serveMX(t *testing.T, ln *countingListener, domain string, m *testMX, mut .
 // closed yet.
 type scriptedServer struct {
 	*connCounter
-	hop Hop
+	hop resolve.Hop
 }
 
 // startScripted serves handle on a random loopback port as mx.test.

@@ -35,6 +35,8 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
+	"github.com/jetmail/jetmail/deliverer/failure"
+	"github.com/jetmail/jetmail/deliverer/resolve"
 	"github.com/jetmail/jetmail/policy"
 )
 
@@ -74,7 +76,7 @@ type connPool struct {
 // AUTH when they apply), ready for MAIL FROM.
 type smtpConn struct {
 	key poolKey
-	hop Hop
+	hop resolve.Hop
 	dc  *deadlineConn // the TCP connection
 	nc  net.Conn      // what go-smtp speaks over: dc, or TLS over it
 	br  *bufio.Reader // reads nc beneath go-smtp
@@ -98,10 +100,10 @@ type smtpConn struct {
 	idleTimer *time.Timer
 }
 
-// acquire returns a connection to hop ready for MAIL FROM: a pooled one that
+// checkout returns a connection to hop ready for MAIL FROM: a pooled one that
 // answers NOOP, or a new one. reached says whether a TCP connection was made
 // (for RcptResult.Hop when the hop is then passed over).
-func (c *Client) acquire(ctx context.Context, hop Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (*smtpConn, *Error, bool) {
+func (c *Client) checkout(ctx context.Context, hop resolve.Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (*smtpConn, *failure.Error, bool) {
 	key := poolKey{host: hop.Host, addr: hop.Addr, pol: pol}
 	if auth != nil {
 		key.user = auth.Username
@@ -132,9 +134,9 @@ func (c *Client) acquire(ctx context.Context, hop Hop, pol policy.TLSPolicy, aut
 	return cn, err, reached
 }
 
-// release ends a use of cn: back to the pool when it is healthy and has
+// checkin ends a use of cn: back to the pool when it is healthy and has
 // carried fewer than perConn messages, else QUIT or close.
-func (c *Client) release(cn *smtpConn, to policy.OutboundTimeouts, perConn int) {
+func (c *Client) checkin(cn *smtpConn, to policy.OutboundTimeouts, perConn int) {
 	reuse := !cn.broken && !cn.retire && cn.uses < perConn
 	if reuse {
 		// Leave no transaction open on a pooled connection, and find out
@@ -158,10 +160,10 @@ func (c *Client) release(cn *smtpConn, to policy.OutboundTimeouts, perConn int) 
 // connect dials hop and brings a new connection to the point of MAIL FROM.
 // fallback is set when an opportunistic STARTTLS failed in a way that
 // spoiled the connection, so a plaintext one should be tried.
-func (c *Client) connect(ctx context.Context, key poolKey, hop Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (cn *smtpConn, err *Error, fallback, reached bool) {
+func (c *Client) connect(ctx context.Context, key poolKey, hop resolve.Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (cn *smtpConn, err *failure.Error, fallback, reached bool) {
 	host := hopName(hop)
 	if !time.Now().Before(limit) {
-		return nil, Temporary(451, "4.4.2", "session deadline exceeded (%s) before connecting to %s", to.Session, host), false, false
+		return nil, failure.Temporary(451, "4.4.2", "session deadline exceeded (%s) before connecting to %s", to.Session, host), false, false
 	}
 	dctx, cancel := context.WithDeadline(ctx, earliest(time.Now().Add(to.Connect), limit))
 	raw, derr := c.dial(dctx, hop.Addr.String())
@@ -171,9 +173,9 @@ func (c *Client) connect(ctx context.Context, key poolKey, hop Hop, pol policy.T
 		case ctx.Err() != nil:
 			return nil, canceledError(ctx, hop, stepConnect), false, false
 		case isTimeout(derr) || errors.Is(derr, context.DeadlineExceeded):
-			return nil, Temporary(451, "4.4.1", "no answer from %s [%s]: connect timed out", host, hop.Addr), false, false
+			return nil, failure.Temporary(451, "4.4.1", "no answer from %s [%s]: connect timed out", host, hop.Addr), false, false
 		default:
-			return nil, Temporary(451, "4.4.1", "cannot connect to %s [%s]: %v", host, hop.Addr, unwrapOp(derr)), false, false
+			return nil, failure.Temporary(451, "4.4.1", "cannot connect to %s [%s]: %v", host, hop.Addr, unwrapOp(derr)), false, false
 		}
 	}
 	c.pool.open.Add(1)
@@ -202,7 +204,7 @@ func (c *Client) dial(ctx context.Context, addr string) (net.Conn, error) {
 }
 
 // open runs greeting, EHLO, STARTTLS and AUTH on a new connection.
-func (cn *smtpConn) open(c *Client, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts) (*Error, bool) {
+func (cn *smtpConn) open(c *Client, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts) (*failure.Error, bool) {
 	cn.br = bufio.NewReader(cn.dc)
 	cn.dc.SetDeadline(time.Now().Add(to.Greeting))
 	if _, _, err := textproto.NewReader(cn.br).ReadResponse(220); err != nil {
@@ -235,13 +237,13 @@ func (cn *smtpConn) open(c *Client, pol policy.TLSPolicy, auth *policy.Credentia
 // startTLS upgrades the connection per pol (RFC 3207). A nil error with
 // cn.tls unset means opportunistic TLS went on in plaintext on this
 // connection.
-func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.OutboundTimeouts) (*Error, bool) {
+func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.OutboundTimeouts) (*failure.Error, bool) {
 	host := hopName(cn.hop)
 	if ok, _ := cn.sc.Extension("STARTTLS"); !ok {
 		if pol == policy.TLSOpportunistic {
 			return nil, false
 		}
-		return Temporary(451, "4.7.4", "TLS is required, but %s does not offer STARTTLS", host), false
+		return failure.Temporary(451, "4.7.4", "TLS is required, but %s does not offer STARTTLS", host), false
 	}
 	_, _, err := cn.command(to.StartTLS, "STARTTLS", 220)
 	if err != nil {
@@ -252,13 +254,13 @@ func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.Outbound
 		if pol == policy.TLSOpportunistic {
 			return nil, false // refused: the session goes on in plaintext
 		}
-		return Temporary(451, "4.7.4", "TLS is required, but %s refused STARTTLS: %d %s", host, te.Code, oneLine(te.Msg)), false
+		return failure.Temporary(451, "4.7.4", "TLS is required, but %s refused STARTTLS: %d %s", host, te.Code, oneLine(te.Msg)), false
 	}
 	if cn.br.Buffered() > 0 {
 		// Anything sent before the handshake would be taken as if it came
 		// over TLS (the STARTTLS injection of CVE-2011-0411).
 		cn.broken = true
-		return Temporary(451, "4.7.5", "%s sent data after its reply to STARTTLS", host), true
+		return failure.Temporary(451, "4.7.5", "%s sent data after its reply to STARTTLS", host), true
 	}
 	cfg := &tls.Config{
 		ServerName:         strings.TrimSuffix(cn.hop.Host, "."),
@@ -266,7 +268,7 @@ func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.Outbound
 		InsecureSkipVerify: pol != policy.TLSVerify, // RFC 7435: encryption without authentication
 	}
 	if pol == policy.TLSVerify && cfg.ServerName == "" {
-		return Temporary(451, "4.7.5", "no host name to verify the certificate of %s against", host), false
+		return failure.Temporary(451, "4.7.5", "no host name to verify the certificate of %s against", host), false
 	}
 	tc := tls.Client(cn.dc, cfg)
 	cn.dc.SetDeadline(time.Now().Add(to.StartTLS))
@@ -275,7 +277,7 @@ func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.Outbound
 		if cn.ctx.Err() != nil || cn.dc.sessionOver() {
 			return cn.localError(stepStartTLS, err), false
 		}
-		return Temporary(451, "4.7.5", "TLS handshake with %s failed: %v", host, unwrapOp(err)), true
+		return failure.Temporary(451, "4.7.5", "TLS handshake with %s failed: %v", host, unwrapOp(err)), true
 	}
 	cn.dc.SetDeadline(time.Time{})
 	cn.nc, cn.br, cn.tls = tc, bufio.NewReader(tc), true
@@ -291,10 +293,10 @@ func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.Outbound
 // (RFC 4954). Credentials configured for a route mean the hop needs them, so
 // a hop that does not offer AUTH is passed over rather than sent mail it
 // would likely refuse as relaying.
-func (cn *smtpConn) auth(c *Client, auth *policy.Credentials, to policy.OutboundTimeouts) *Error {
+func (cn *smtpConn) auth(c *Client, auth *policy.Credentials, to policy.OutboundTimeouts) *failure.Error {
 	host := hopName(cn.hop)
 	if !cn.tls && !c.AllowInsecureAuth {
-		return Temporary(451, "4.7.10", "not sending credentials to %s over an unencrypted connection", host)
+		return failure.Temporary(451, "4.7.10", "not sending credentials to %s over an unencrypted connection", host)
 	}
 	var mech sasl.Client
 	switch {
@@ -303,7 +305,7 @@ func (cn *smtpConn) auth(c *Client, auth *policy.Credentials, to policy.Outbound
 	case cn.sc.SupportsAuth("LOGIN"):
 		mech = sasl.NewLoginClient(auth.Username, auth.Password)
 	default:
-		return Temporary(451, "4.7.0", "%s offers no AUTH mechanism we use (PLAIN, LOGIN)", host)
+		return failure.Temporary(451, "4.7.0", "%s offers no AUTH mechanism we use (PLAIN, LOGIN)", host)
 	}
 	cn.sc.CommandTimeout = to.Auth
 	if err := cn.sc.Auth(mech); err != nil {
@@ -332,7 +334,7 @@ func (cn *smtpConn) command(timeout time.Duration, cmd string, expect int) (int,
 // fail converts an error from a protocol step into an *Error: a remote
 // reply as the remote said it, anything else as a local failure that
 // leaves the connection unusable.
-func (cn *smtpConn) fail(step string, err error) *Error {
+func (cn *smtpConn) fail(step string, err error) *failure.Error {
 	var se *smtp.SMTPError
 	if errors.As(err, &se) {
 		return replyError(hopName(cn.hop), se.Code, se.EnhancedCode, se.Message)
@@ -348,17 +350,17 @@ func (cn *smtpConn) fail(step string, err error) *Error {
 
 // localError classifies a failure that is not a remote reply. Such
 // failures are all temporary (RFC 3463 4.4.x network and routing status).
-func (cn *smtpConn) localError(step string, err error) *Error {
+func (cn *smtpConn) localError(step string, err error) *failure.Error {
 	host := hopName(cn.hop)
 	switch {
 	case cn.ctx.Err() != nil:
 		return canceledError(cn.ctx, cn.hop, step)
 	case cn.dc.sessionOver():
-		return Temporary(451, "4.4.2", "session deadline exceeded (%s) during %s with %s", cn.session, step, host)
+		return failure.Temporary(451, "4.4.2", "session deadline exceeded (%s) during %s with %s", cn.session, step, host)
 	case isTimeout(err):
-		return Temporary(451, "4.4.2", "timeout during %s with %s", step, host)
+		return failure.Temporary(451, "4.4.2", "timeout during %s with %s", step, host)
 	default:
-		return Temporary(451, "4.4.2", "connection to %s lost during %s: %v", host, step, unwrapOp(err))
+		return failure.Temporary(451, "4.4.2", "connection to %s lost during %s: %v", host, step, unwrapOp(err))
 	}
 }
 
@@ -490,170 +492,4 @@ func (p *connPool) close() {
 	}
 	wg.Wait()
 	p.quitting.Wait()
-}
-
-// deadlineConn is the TCP connection of a session. It clamps every
-// deadline to the session's hard deadline, and while message data is
-// written it sets each write's deadline itself: DataBlock from now, or
-// sooner if the average rate since the data began would fall below
-// MinDataRate.
-type deadlineConn struct {
-	net.Conn
-	onClose   func()
-	closeOnce sync.Once
-	expired   atomic.Bool // the watchdog closed the connection
-	idleSince time.Time   // guarded by connPool.mu
-
-	mu    sync.Mutex
-	limit time.Time // hard deadline; zero while idle in the pool
-
-	// While writing message data.
-	data      bool
-	dataStart time.Time
-	written   int64
-	block     time.Duration
-	rate      int64
-	grace     time.Duration
-	rateBound bool // the current write's deadline comes from the rate
-	slow      bool // a write failed at a deadline set by the rate
-}
-
-func (d *deadlineConn) setLimit(t time.Time) {
-	d.mu.Lock()
-	d.limit = t
-	d.mu.Unlock()
-}
-
-// setLimitBefore moves the hard deadline to t unless it is already sooner.
-func (d *deadlineConn) setLimitBefore(t time.Time) {
-	d.mu.Lock()
-	if d.limit.IsZero() || t.Before(d.limit) {
-		d.limit = t
-	}
-	d.mu.Unlock()
-}
-
-// sessionOver reports whether the hard deadline has passed.
-func (d *deadlineConn) sessionOver() bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.expired.Load() || (!d.limit.IsZero() && !time.Now().Before(d.limit))
-}
-
-func (d *deadlineConn) clamp(t time.Time) time.Time {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.limit.IsZero() {
-		return t
-	}
-	if t.IsZero() || t.After(d.limit) {
-		return d.limit
-	}
-	return t
-}
-
-func (d *deadlineConn) SetDeadline(t time.Time) error {
-	return d.Conn.SetDeadline(d.clamp(t))
-}
-
-func (d *deadlineConn) SetReadDeadline(t time.Time) error {
-	return d.Conn.SetReadDeadline(d.clamp(t))
-}
-
-func (d *deadlineConn) SetWriteDeadline(t time.Time) error {
-	return d.Conn.SetWriteDeadline(d.clamp(t))
-}
-
-func (d *deadlineConn) startData(block time.Duration, rate int64, grace time.Duration) {
-	d.mu.Lock()
-	d.data, d.dataStart, d.written = true, time.Now(), 0
-	d.block, d.rate, d.grace, d.rateBound, d.slow = block, rate, grace, false, false
-	d.mu.Unlock()
-}
-
-// endData leaves data mode; it reports whether a write timed out at a
-// deadline set by the minimum rate, to name the cause of the failure.
-func (d *deadlineConn) endData() bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.data = false
-	return d.slow
-}
-
-func (d *deadlineConn) Write(p []byte) (int, error) {
-	d.mu.Lock()
-	if d.data {
-		now := time.Now()
-		dl := now.Add(d.block)
-		d.rateBound = false
-		if d.rate > 0 {
-			// By when the bytes written so far plus p must be out to keep
-			// the average at the minimum rate.
-			due := time.Duration(float64(d.written+int64(len(p))) / float64(d.rate) * float64(time.Second))
-			if t := d.dataStart.Add(max(d.grace, due)); t.Before(dl) {
-				dl, d.rateBound = t, true
-			}
-		}
-		if !d.limit.IsZero() && dl.After(d.limit) {
-			dl, d.rateBound = d.limit, false
-		}
-		d.Conn.SetWriteDeadline(dl)
-	}
-	d.mu.Unlock()
-	n, err := d.Conn.Write(p)
-	d.mu.Lock()
-	d.written += int64(n)
-	if err != nil && d.data && d.rateBound && isTimeout(err) {
-		d.slow = true
-	}
-	d.mu.Unlock()
-	return n, err
-}
-
-// Close closes the connection once and counts it closed.
-func (d *deadlineConn) Close() error {
-	err := net.ErrClosed
-	d.closeOnce.Do(func() {
-		err = d.Conn.Close()
-		if d.onClose != nil {
-			d.onClose()
-		}
-	})
-	return err
-}
-
-// abort closes the connection and drops what the kernel has not sent yet
-// (SO_LINGER 0, so the peer gets a reset): a server that stopped reading
-// must not keep an orphaned socket and its send buffer alive in our kernel
-// either.
-func (d *deadlineConn) abort() {
-	if lc, ok := d.Conn.(interface{ SetLinger(int) error }); ok {
-		_ = lc.SetLinger(0)
-	}
-	d.Close()
-}
-
-// replayConn is a connection whose reads come from r.
-type replayConn struct {
-	net.Conn
-	r io.Reader
-}
-
-func (c *replayConn) Read(p []byte) (int, error) { return c.r.Read(p) }
-
-func earliest(a, b time.Time) time.Time {
-	if a.Before(b) {
-		return a
-	}
-	return b
-}
-
-// unwrapOp drops the "dial tcp 127.0.0.1:1234->..." prefix of a net.OpError,
-// which the error text already says better.
-func unwrapOp(err error) error {
-	var oe *net.OpError
-	if errors.As(err, &oe) && oe.Err != nil {
-		return oe.Err
-	}
-	return err
 }

@@ -1,4 +1,4 @@
-package deliverer
+package dsn
 
 import (
 	"bytes"
@@ -15,64 +15,45 @@ import (
 	"github.com/jetmail/jetmail/spool"
 )
 
-// Delivery status notifications (RFC 3464) are built here and nowhere else.
-// A notification is itself mail: the caller queues what Build returns with a
-// null reverse path, so a notification about a notification cannot loop.
-//
-// Encoding choices, so the result travels through any relay:
-//   - the human-readable part is 7bit when it is ASCII and quoted-printable
-//     (charset utf-8) when it is not, so it is always 7-bit clean;
-//   - the message/delivery-status part is always 7-bit: a non-ASCII address
-//     is reported with address type "utf-8" in the \x{HHHH} form RFC 6533
-//     defines for message/delivery-status;
-//   - the returned original (or its headers) is included verbatim, marked
-//     8bit when it has 8-bit octets. A FULL original that is over
-//     MaxReturnedBody or not line-safe for SMTP (bare CR or LF, a line over
-//     998 octets) is returned as headers only, and the text says so.
-//
-// The message headers are ASCII except To when the original sender's
-// address is itself non-ASCII, in which case the notification needs
-// SMTPUTF8 to reach it anyway.
-
-// DSNAction is the Action field of a per-recipient DSN block (RFC 3464 §2.3.3).
-type DSNAction string
+// Action is the Action field of a per-recipient DSN block (RFC 3464 §2.3.3).
+type Action string
 
 // Actions a DSN can report (RFC 3464 §2.3.3). Expanded is not used: jetmail
 // does not expand lists.
 const (
-	ActionFailed    DSNAction = "failed"
-	ActionDelayed   DSNAction = "delayed"
-	ActionDelivered DSNAction = "delivered"
-	ActionRelayed   DSNAction = "relayed"
+	ActionFailed    Action = "failed"
+	ActionDelayed   Action = "delayed"
+	ActionDelivered Action = "delivered"
+	ActionRelayed   Action = "relayed"
 )
 
 // MaxReturnedBody is the largest original returned whole for RET=FULL;
 // a larger one is returned as headers only.
 const MaxReturnedBody = 10 << 20
 
-// dsnMaxLine is the SMTP line limit without CRLF (RFC 5321 §4.5.3.1.6).
-const dsnMaxLine = 998
+// maxLine is the SMTP line limit without CRLF (RFC 5321 §4.5.3.1.6).
+const maxLine = 998
 
-// dsnFoldAt is the preferred line length (RFC 5322 §2.1.1 "SHOULD be no more
+// foldAt is the preferred line length (RFC 5322 §2.1.1 "SHOULD be no more
 // than 78").
-const dsnFoldAt = 78
+const foldAt = 78
 
 // Errors from Build the caller handles by logging and dropping the notice.
 var (
-	// ErrDSNNullSender means the original had a null reverse path: it was
+	// ErrNullSender means the original had a null reverse path: it was
 	// itself a notification, and bouncing it could loop (RFC 3461 §6.2).
-	ErrDSNNullSender = errors.New("original sender is the null path")
-	// ErrDSNNothingToReport means no recipient is left that asked for this
+	ErrNullSender = errors.New("original sender is the null path")
+	// ErrNothingToReport means no recipient is left that asked for this
 	// kind of notice.
-	ErrDSNNothingToReport = errors.New("no recipient to report on")
+	ErrNothingToReport = errors.New("no recipient to report on")
 )
 
-// DSNRecipient reports on one recipient.
-type DSNRecipient struct {
+// Recipient reports on one recipient.
+type Recipient struct {
 	// Rcpt is the recipient as queued: address, NOTIFY and ORCPT.
 	Rcpt spool.Rcpt
 	// Action is what happened to the recipient.
-	Action DSNAction
+	Action Action
 	// Status is the RFC 3463 code, e.g. "5.1.1". Empty or malformed is
 	// reported as the generic code for Action (5.0.0, 4.0.0 or 2.0.0).
 	Status string
@@ -88,8 +69,8 @@ type DSNRecipient struct {
 	WillRetryUntil time.Time
 }
 
-// DSN is a notification about one queued message.
-type DSN struct {
+// Report is a notification about one queued message.
+type Report struct {
 	// ReportingMTA is our host name: it names us in Reporting-MTA, From and
 	// Message-ID.
 	ReportingMTA string
@@ -100,7 +81,7 @@ type DSN struct {
 	Original []byte
 	// Recipients are the recipients to report on, in the order to list them.
 	// Build leaves out those that did not ask for their Action (WantsNotice).
-	Recipients []DSNRecipient
+	Recipients []Recipient
 	// Now is the notice's Date; zero means time.Now().
 	Now time.Time
 }
@@ -109,7 +90,7 @@ type DSN struct {
 // §4.1): NOTIFY=NEVER means never; an explicit list means only those
 // (FAILURE for failed, DELAY for delayed, SUCCESS for delivered and relayed);
 // no NOTIFY means failed and delayed only.
-func WantsNotice(rcpt spool.Rcpt, action DSNAction) bool {
+func WantsNotice(rcpt spool.Rcpt, action Action) bool {
 	var want string
 	switch action {
 	case ActionFailed:
@@ -146,7 +127,7 @@ func WantsNotice(rcpt spool.Rcpt, action DSNAction) bool {
 	return found
 }
 
-func (a DSNAction) known() bool {
+func (a Action) known() bool {
 	switch a {
 	case ActionFailed, ActionDelayed, ActionDelivered, ActionRelayed:
 		return true
@@ -155,7 +136,7 @@ func (a DSNAction) known() bool {
 }
 
 // severity orders actions for the subject: the worst news leads.
-func (a DSNAction) severity() int {
+func (a Action) severity() int {
 	switch a {
 	case ActionFailed:
 		return 3
@@ -168,28 +149,28 @@ func (a DSNAction) severity() int {
 // Build renders the notification as an RFC 5322 message with CRLF line
 // endings, ready to queue with a null reverse path to d.Envelope.From.
 // Recipients that did not ask for their action are left out. It returns
-// ErrDSNNullSender if the original sender is the null path (never bounce a
-// bounce), ErrDSNNothingToReport if no recipient is left, and another error
+// ErrNullSender if the original sender is the null path (never bounce a
+// bounce), ErrNothingToReport if no recipient is left, and another error
 // for input it cannot render (no envelope, no or unusable ReportingMTA or
 // sender, an unknown action).
-func (d *DSN) Build() ([]byte, error) {
+func (d *Report) Build() ([]byte, error) {
 	env := d.Envelope
 	if env == nil {
 		return nil, errors.New("dsn: no envelope")
 	}
 	if env.From == "" {
-		return nil, fmt.Errorf("dsn for %s: %w", env.QueueID, ErrDSNNullSender)
+		return nil, fmt.Errorf("dsn for %s: %w", env.QueueID, ErrNullSender)
 	}
-	if strings.ContainsAny(env.From, "<>") || dsnHasControlOrSpace(env.From) {
+	if strings.ContainsAny(env.From, "<>") || hasControlOrSpace(env.From) {
 		return nil, fmt.Errorf("dsn for %s: unusable sender %q", env.QueueID, env.From)
 	}
 	host := d.ReportingMTA
-	if host == "" || strings.ContainsAny(host, "<>@") || dsnHasControlOrSpace(host) || !dsnIsASCII(host) {
+	if host == "" || strings.ContainsAny(host, "<>@") || hasControlOrSpace(host) || !isASCII(host) {
 		return nil, fmt.Errorf("dsn for %s: unusable reporting MTA %q", env.QueueID, host)
 	}
 
-	var rcpts []DSNRecipient
-	worst := DSNAction("")
+	var rcpts []Recipient
+	worst := Action("")
 	for _, r := range d.Recipients {
 		if !r.Action.known() {
 			return nil, fmt.Errorf("dsn for %s: recipient %s: unknown action %q", env.QueueID, r.Rcpt.Addr, r.Action)
@@ -203,7 +184,7 @@ func (d *DSN) Build() ([]byte, error) {
 		}
 	}
 	if len(rcpts) == 0 {
-		return nil, fmt.Errorf("dsn for %s: %w", env.QueueID, ErrDSNNothingToReport)
+		return nil, fmt.Errorf("dsn for %s: %w", env.QueueID, ErrNothingToReport)
 	}
 
 	now := d.Now
@@ -257,27 +238,27 @@ func (d *DSN) Build() ([]byte, error) {
 
 	var msg bytes.Buffer
 	msg.Grow(body.Len() + 1024)
-	dsnWriteField(&msg, "From", "Mail Delivery System <MAILER-DAEMON@"+host+">")
-	dsnWriteField(&msg, "To", "<"+env.From+">")
-	dsnWriteField(&msg, "Subject", dsnSubject(worst))
-	dsnWriteField(&msg, "Date", dsnDate(now))
-	dsnWriteField(&msg, "Message-ID", "<"+rand.Text()+"@"+host+">")
-	dsnWriteField(&msg, "MIME-Version", "1.0")
+	writeField(&msg, "From", "Mail Delivery System <MAILER-DAEMON@"+host+">")
+	writeField(&msg, "To", "<"+env.From+">")
+	writeField(&msg, "Subject", subjectFor(worst))
+	writeField(&msg, "Date", formatDate(now))
+	writeField(&msg, "Message-ID", "<"+rand.Text()+"@"+host+">")
+	writeField(&msg, "MIME-Version", "1.0")
 	// RFC 3834 §5: an automatic response, so vacation responders and the
 	// like stay quiet.
-	dsnWriteField(&msg, "Auto-Submitted", "auto-replied")
-	dsnWriteField(&msg, "Content-Type", "multipart/report; report-type=delivery-status; boundary=\""+mw.Boundary()+"\"")
+	writeField(&msg, "Auto-Submitted", "auto-replied")
+	writeField(&msg, "Content-Type", "multipart/report; report-type=delivery-status; boundary=\""+mw.Boundary()+"\"")
 	if ret.eightBit {
 		// A multipart's encoding must not claim less than its parts hold
 		// (RFC 2045 §6.4).
-		dsnWriteField(&msg, "Content-Transfer-Encoding", "8bit")
+		writeField(&msg, "Content-Transfer-Encoding", "8bit")
 	}
 	msg.WriteString("\r\n")
 	msg.Write(body.Bytes())
 	return msg.Bytes(), nil
 }
 
-func dsnSubject(worst DSNAction) string {
+func subjectFor(worst Action) string {
 	switch worst {
 	case ActionFailed:
 		return "Undelivered Mail Returned to Sender"
@@ -287,8 +268,8 @@ func dsnSubject(worst DSNAction) string {
 	return "Successful Mail Delivery Report"
 }
 
-// dsnReturned is the third part: the original or its header section.
-type dsnReturned struct {
+// returnedPart is the third part: the original or its header section.
+type returnedPart struct {
 	contentType string
 	description string
 	content     []byte
@@ -299,10 +280,10 @@ type dsnReturned struct {
 	full bool
 }
 
-func (d *DSN) returned() dsnReturned {
+func (d *Report) returned() returnedPart {
 	orig := d.Original
 	if len(orig) == 0 {
-		return dsnReturned{
+		return returnedPart{
 			contentType: "text/rfc822-headers",
 			description: "Undelivered message headers",
 			note:        "The original message could not be read, so it is not included.",
@@ -314,24 +295,24 @@ func (d *DSN) returned() dsnReturned {
 		case len(orig) > MaxReturnedBody:
 			note = fmt.Sprintf("Your message was %d bytes, more than the %d MiB we return, so only its headers are included below.",
 				len(orig), MaxReturnedBody>>20)
-		case !dsnLineSafe(orig):
+		case !lineSafe(orig):
 			note = "Your message could not be included unchanged, so only its headers are included below."
 		default:
-			return dsnReturned{
+			return returnedPart{
 				contentType: "message/rfc822",
 				description: "Undelivered message",
 				content:     orig,
-				eightBit:    dsnHas8Bit(orig),
+				eightBit:    has8Bit(orig),
 				full:        true,
 			}
 		}
 	}
-	hdr := dsnMakeLineSafe(dsnHeaderSection(orig))
-	return dsnReturned{
+	hdr := makeLineSafe(headerSection(orig))
+	return returnedPart{
 		contentType: "text/rfc822-headers",
 		description: "Undelivered message headers",
 		content:     hdr,
-		eightBit:    dsnHas8Bit(hdr),
+		eightBit:    has8Bit(hdr),
 		note:        note,
 	}
 }
@@ -339,194 +320,50 @@ func (d *DSN) returned() dsnReturned {
 // statusFields renders the message/delivery-status body (RFC 3464 §2.2,
 // §2.3): the per-message block, then one block per recipient, blocks
 // separated by a blank line.
-func (d *DSN) statusFields(host string, rcpts []DSNRecipient) []byte {
+func (d *Report) statusFields(host string, rcpts []Recipient) []byte {
 	env := d.Envelope
 	var b bytes.Buffer
-	dsnWriteField(&b, "Reporting-MTA", "dns; "+host)
+	writeField(&b, "Reporting-MTA", "dns; "+host)
 	if env.Mail.EnvID != "" {
-		dsnWriteField(&b, "Original-Envelope-Id", dsnClean(env.Mail.EnvID))
+		writeField(&b, "Original-Envelope-Id", cleanText(env.Mail.EnvID))
 	}
 	if env.QueueID != "" {
-		dsnWriteField(&b, "X-Jetmail-Queue-ID", dsnClean(env.QueueID))
+		writeField(&b, "X-Jetmail-Queue-ID", cleanText(env.QueueID))
 	}
 	if !env.Received.IsZero() {
-		dsnWriteField(&b, "Arrival-Date", dsnDate(env.Received))
+		writeField(&b, "Arrival-Date", formatDate(env.Received))
 	}
 	for _, r := range rcpts {
 		b.WriteString("\r\n")
 		if r.Rcpt.ORcpt != "" {
-			dsnWriteField(&b, "Original-Recipient", dsnOriginalRecipient(r.Rcpt.ORcpt))
+			writeField(&b, "Original-Recipient", originalRecipient(r.Rcpt.ORcpt))
 		}
-		dsnWriteField(&b, "Final-Recipient", dsnTypedAddress("rfc822", r.Rcpt.Addr, "; "))
-		dsnWriteField(&b, "Action", string(r.Action))
-		dsnWriteField(&b, "Status", dsnStatus(r.Status, r.Action))
+		writeField(&b, "Final-Recipient", typedAddress("rfc822", r.Rcpt.Addr, "; "))
+		writeField(&b, "Action", string(r.Action))
+		writeField(&b, "Status", statusCode(r.Status, r.Action))
 		if r.RemoteMTA != "" {
-			dsnWriteField(&b, "Remote-MTA", "dns; "+dsnClean(r.RemoteMTA))
+			writeField(&b, "Remote-MTA", "dns; "+cleanText(r.RemoteMTA))
 		}
 		if r.Diagnostic != "" {
-			dsnWriteField(&b, "Diagnostic-Code", "smtp; "+dsnClean(r.Diagnostic))
+			writeField(&b, "Diagnostic-Code", "smtp; "+cleanText(r.Diagnostic))
 		}
 		if !r.LastAttempt.IsZero() {
-			dsnWriteField(&b, "Last-Attempt-Date", dsnDate(r.LastAttempt))
+			writeField(&b, "Last-Attempt-Date", formatDate(r.LastAttempt))
 		}
 		if r.Action == ActionDelayed && !r.WillRetryUntil.IsZero() {
-			dsnWriteField(&b, "Will-Retry-Until", dsnDate(r.WillRetryUntil))
+			writeField(&b, "Will-Retry-Until", formatDate(r.WillRetryUntil))
 		}
 	}
 	return b.Bytes()
 }
 
-// dsnOriginalRecipient renders a stored ORCPT ("addr-type;address", already
-// xtext-decoded) for Original-Recipient.
-func dsnOriginalRecipient(orcpt string) string {
-	typ, addr, ok := strings.Cut(orcpt, ";")
-	if !ok {
-		typ, addr = "rfc822", orcpt
-	}
-	typ = strings.TrimSpace(typ)
-	if typ == "" || !dsnIsASCII(typ) || dsnHasControlOrSpace(typ) {
-		typ = "rfc822"
-	}
-	return dsnTypedAddress(typ, strings.TrimSpace(addr), ";")
-}
-
-// dsnTypedAddress renders "type<sep>address" 7-bit clean: an ASCII address
-// keeps its type, a non-ASCII one becomes type utf-8 in the
-// utf-8-addr-xtext form (RFC 6533 §3).
-func dsnTypedAddress(typ, addr, sep string) string {
-	if dsnIsASCII(addr) {
-		return typ + sep + dsnClean(addr)
-	}
-	return "utf-8" + sep + dsnUTF8AddrXtext(addr)
-}
-
-// dsnUTF8AddrXtext encodes addr as utf-8-addr-xtext (RFC 6533 §3): QCHARs
-// as they are, everything else as \x{HHHH}.
-func dsnUTF8AddrXtext(addr string) string {
-	var b strings.Builder
-	for _, r := range strings.ToValidUTF8(addr, "\uFFFD") {
-		if r > 0x20 && r < 0x7f && r != '+' && r != '=' && r != '\\' {
-			b.WriteRune(r)
-			continue
-		}
-		fmt.Fprintf(&b, `\x{%02X}`, r)
-	}
-	return b.String()
-}
-
-// dsnClean makes a value safe for a 7-bit header field: line breaks, tabs
-// and runs of spaces become one space, other control characters become '?',
-// and non-ASCII characters are written as \x{HHHH} (the RFC 6533 escape) so
-// nothing is lost.
-func dsnClean(s string) string {
-	var b strings.Builder
-	space := false
-	for _, r := range strings.ToValidUTF8(s, "\uFFFD") {
-		switch {
-		case r == ' ' || r == '\t' || r == '\r' || r == '\n':
-			space = true
-			continue
-		case r < 0x20 || r == 0x7f:
-			r = '?'
-		}
-		if space && b.Len() > 0 {
-			b.WriteByte(' ')
-		}
-		space = false
-		if r >= utf8.RuneSelf {
-			fmt.Fprintf(&b, `\x{%02X}`, r)
-			continue
-		}
-		b.WriteRune(r)
-	}
-	return b.String()
-}
-
-// dsnStatus returns status if it is an RFC 3463 code, else the generic code
-// for the action.
-func dsnStatus(status string, action DSNAction) string {
-	if dsnValidStatus(status) {
-		return status
-	}
-	switch action {
-	case ActionFailed:
-		return "5.0.0"
-	case ActionDelayed:
-		return "4.0.0"
-	}
-	return "2.0.0"
-}
-
-// dsnValidStatus checks class "." subject "." detail (RFC 3463 §2).
-func dsnValidStatus(s string) bool {
-	parts := strings.Split(s, ".")
-	if len(parts) != 3 || len(parts[0]) != 1 || strings.IndexByte("245", parts[0][0]) < 0 {
-		return false
-	}
-	for _, p := range parts[1:] {
-		if len(p) < 1 || len(p) > 3 {
-			return false
-		}
-		for i := 0; i < len(p); i++ {
-			if p[i] < '0' || p[i] > '9' {
-				return false
-			}
-		}
-	}
-	return true
-}
-
-// dsnDate formats t as an RFC 5322 date-time.
-func dsnDate(t time.Time) string {
-	return t.Format(time.RFC1123Z)
-}
-
-// dsnWriteField writes "Name: value" and CRLF, folding at spaces so lines
-// stay within 78 octets where the value allows and within 998 always. A
-// word too long for one line is split, which on unfolding reads as a space
-// inside it: better than a line a relay would reject.
-func dsnWriteField(b *bytes.Buffer, name, value string) {
-	lineLen := len(name) + 1
-	b.WriteString(name)
-	b.WriteByte(':')
-	first := true
-	for _, word := range strings.Split(value, " ") {
-		for len(word) > 0 {
-			// A piece too long to share a line goes on a continuation line
-			// of its own: SP plus at most 997 octets.
-			maxWord := dsnMaxLine - 1
-			if first {
-				maxWord -= lineLen
-			}
-			piece := word
-			if len(piece) > maxWord {
-				cut := maxWord
-				for cut > 0 && !utf8.RuneStart(piece[cut]) {
-					cut--
-				}
-				piece = piece[:cut]
-			}
-			word = word[len(piece):]
-			if !first && lineLen+1+len(piece) > dsnFoldAt {
-				b.WriteString("\r\n")
-				lineLen = 0
-			}
-			b.WriteByte(' ')
-			b.WriteString(piece)
-			lineLen += 1 + len(piece)
-			first = false
-		}
-	}
-	b.WriteString("\r\n")
-}
-
 // humanText renders the first part and returns it with its
 // Content-Transfer-Encoding.
-func (d *DSN) humanText(host string, rcpts []DSNRecipient, worst DSNAction, ret dsnReturned) ([]byte, string) {
+func (d *Report) humanText(host string, rcpts []Recipient, worst Action, ret returnedPart) ([]byte, string) {
 	env := d.Envelope
 	var t strings.Builder
 	para := func(s string) {
-		dsnWrap(&t, s, "", "")
+		wrapText(&t, s, "", "")
 		t.WriteString("\n")
 	}
 	para("This is the mail delivery system at " + host + ".")
@@ -540,7 +377,7 @@ func (d *DSN) humanText(host string, rcpts []DSNRecipient, worst DSNAction, ret 
 	}
 
 	sections := []struct {
-		action DSNAction
+		action Action
 		intro  string
 	}{
 		{ActionFailed, "Delivery to these recipients failed permanently; it will not be retried:"},
@@ -558,11 +395,11 @@ func (d *DSN) humanText(host string, rcpts []DSNRecipient, worst DSNAction, ret 
 				para(s.intro)
 				started = true
 			}
-			dsnWrap(&t, "<"+r.Rcpt.Addr+">", "  ", "  ")
+			wrapText(&t, "<"+r.Rcpt.Addr+">", "  ", "  ")
 			detail := func(label, value string) {
-				dsnWrap(&t, label+": "+value, "    ", "      ")
+				wrapText(&t, label+": "+value, "    ", "      ")
 			}
-			detail("Status", dsnStatus(r.Status, r.Action))
+			detail("Status", statusCode(r.Status, r.Action))
 			if r.RemoteMTA != "" {
 				detail("Remote server", r.RemoteMTA)
 			}
@@ -570,20 +407,20 @@ func (d *DSN) humanText(host string, rcpts []DSNRecipient, worst DSNAction, ret 
 				detail("Reply", r.Diagnostic)
 			}
 			if !r.LastAttempt.IsZero() {
-				detail("Last attempt", dsnDate(r.LastAttempt))
+				detail("Last attempt", formatDate(r.LastAttempt))
 			}
 			if r.Action == ActionDelayed && !r.WillRetryUntil.IsZero() {
-				detail("Will retry until", dsnDate(r.WillRetryUntil))
+				detail("Will retry until", formatDate(r.WillRetryUntil))
 			}
 			t.WriteString("\n")
 		}
 	}
 
-	dsnWrap(&t, "Queue ID: "+env.QueueID, "", "  ")
+	wrapText(&t, "Queue ID: "+env.QueueID, "", "  ")
 	if !env.Received.IsZero() {
-		dsnWrap(&t, "Arrived: "+dsnDate(env.Received), "", "  ")
+		wrapText(&t, "Arrived: "+formatDate(env.Received), "", "  ")
 	}
-	dsnWrap(&t, "Sender: <"+env.From+">", "", "  ")
+	wrapText(&t, "Sender: <"+env.From+">", "", "  ")
 	t.WriteString("\n")
 	if ret.note != "" {
 		para(ret.note)
@@ -595,7 +432,7 @@ func (d *DSN) humanText(host string, rcpts []DSNRecipient, worst DSNAction, ret 
 
 	// One CRLF ends the text; the delimiter brings its own.
 	text := strings.ToValidUTF8(strings.TrimSuffix(t.String(), "\n"), "\uFFFD")
-	if dsnIsASCII(text) {
+	if isASCII(text) {
 		return []byte(strings.ReplaceAll(text, "\n", "\r\n")), "7bit"
 	}
 	var qp bytes.Buffer
@@ -605,11 +442,11 @@ func (d *DSN) humanText(host string, rcpts []DSNRecipient, worst DSNAction, ret 
 	return qp.Bytes(), "quoted-printable"
 }
 
-// dsnWrap writes s as lines of at most dsnFoldAt-2 characters, breaking at
+// wrapText writes s as lines of at most foldAt-2 characters, breaking at
 // spaces, the first line prefixed by first and the rest by rest. Control
 // characters in s become spaces; a word longer than a line is split.
-func dsnWrap(t *strings.Builder, s, first, rest string) {
-	const width = dsnFoldAt - 2
+func wrapText(t *strings.Builder, s, first, rest string) {
+	const width = foldAt - 2
 	s = strings.Map(func(r rune) rune {
 		if r < 0x20 || r == 0x7f {
 			return ' '
@@ -639,7 +476,7 @@ func dsnWrap(t *strings.Builder, s, first, rest string) {
 			// A word longer than a whole line (a long address or token)
 			// stands on its own lines, split only where it must be.
 			n := len(w)
-			if limit := dsnMaxLine/4 - len(prefix); len(line) == 0 && n > limit {
+			if limit := maxLine/4 - len(prefix); len(line) == 0 && n > limit {
 				n = limit
 			}
 			line = append(line, w[:n]...)
@@ -652,108 +489,4 @@ func dsnWrap(t *strings.Builder, s, first, rest string) {
 	if len(line) > 0 || prefix == first {
 		flush()
 	}
-}
-
-// dsnHeaderSection returns msg up to, not including, the empty line that
-// ends its header section; all of msg if it has none.
-func dsnHeaderSection(msg []byte) []byte {
-	for off := 0; off < len(msg); {
-		nl := bytes.IndexByte(msg[off:], '\n')
-		if nl < 0 {
-			return msg
-		}
-		line := msg[off : off+nl]
-		if len(line) == 0 || (len(line) == 1 && line[0] == '\r') {
-			return msg[:off]
-		}
-		off += nl + 1
-	}
-	return msg
-}
-
-// dsnLineSafe reports whether msg can travel verbatim over SMTP: every CR
-// and LF paired as CRLF, no NUL, no line over 998 octets.
-func dsnLineSafe(msg []byte) bool {
-	lineLen := 0
-	for i, c := range msg {
-		switch c {
-		case '\r':
-			if i+1 >= len(msg) || msg[i+1] != '\n' {
-				return false
-			}
-		case '\n':
-			if i == 0 || msg[i-1] != '\r' {
-				return false
-			}
-			lineLen = 0
-			continue
-		case 0:
-			return false
-		default:
-			lineLen++
-			if lineLen > dsnMaxLine {
-				return false
-			}
-		}
-	}
-	return true
-}
-
-// dsnMakeLineSafe returns msg with every line ending in CRLF, NULs dropped
-// and over-long lines folded (a header line continues after CRLF SP).
-func dsnMakeLineSafe(msg []byte) []byte {
-	if len(msg) == 0 {
-		return nil
-	}
-	if dsnLineSafe(msg) && bytes.HasSuffix(msg, []byte("\r\n")) {
-		return msg
-	}
-	const chunk = dsnMaxLine - 8
-	var b bytes.Buffer
-	lines := bytes.Split(bytes.ReplaceAll(bytes.ReplaceAll(msg, []byte("\r\n"), []byte("\n")), []byte("\r"), []byte("\n")), []byte("\n"))
-	if len(lines[len(lines)-1]) == 0 {
-		lines = lines[:len(lines)-1]
-	}
-	for _, line := range lines {
-		line = bytes.ReplaceAll(line, []byte{0}, nil)
-		for len(line) > chunk {
-			cut := chunk
-			for cut > 0 && !utf8.RuneStart(line[cut]) {
-				cut--
-			}
-			b.Write(line[:cut])
-			b.WriteString("\r\n ")
-			line = line[cut:]
-		}
-		b.Write(line)
-		b.WriteString("\r\n")
-	}
-	return b.Bytes()
-}
-
-func dsnIsASCII(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] >= utf8.RuneSelf {
-			return false
-		}
-	}
-	return true
-}
-
-func dsnHas8Bit(b []byte) bool {
-	for _, c := range b {
-		if c >= utf8.RuneSelf {
-			return true
-		}
-	}
-	return false
-}
-
-func dsnHasControlOrSpace(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] <= ' ' || s[i] == 0x7f {
-			return true
-		}
-	}
-	return false
 }

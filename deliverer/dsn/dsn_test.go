@@ -1,4 +1,4 @@
-package deliverer
+package dsn
 
 import (
 	"bufio"
@@ -6,14 +6,13 @@ import (
 	"errors"
 	"io"
 	"mime"
-	"mime/multipart"
-	"mime/quotedprintable"
 	"net/mail"
 	"net/textproto"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jetmail/jetmail/internal/dsntest"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -41,82 +40,6 @@ func dsnTestEnvelope(ret, envID string) *spool.Envelope {
 		Received: dsnTestReceived,
 		From:     "alice@example.org",
 		Mail:     spool.MailParams{Ret: ret, EnvID: envID},
-	}
-}
-
-// dsnParsed is a built notice taken apart the way a mail client would.
-type dsnParsed struct {
-	header mail.Header
-	parts  []dsnPart
-}
-
-type dsnPart struct {
-	header textproto.MIMEHeader
-	body   []byte // decoded from quoted-printable when so marked
-}
-
-func parseDSN(t *testing.T, raw []byte) dsnParsed {
-	t.Helper()
-	msg, err := mail.ReadMessage(bytes.NewReader(raw))
-	if err != nil {
-		t.Fatalf("read message: %v", err)
-	}
-	mt, params, err := mime.ParseMediaType(msg.Header.Get("Content-Type"))
-	if err != nil {
-		t.Fatalf("parse Content-Type %q: %v", msg.Header.Get("Content-Type"), err)
-	}
-	if mt != "multipart/report" || params["report-type"] != "delivery-status" {
-		t.Fatalf("Content-Type = %q %v, want multipart/report; report-type=delivery-status", mt, params)
-	}
-	mr := multipart.NewReader(msg.Body, params["boundary"])
-	p := dsnParsed{header: msg.Header}
-	for {
-		part, err := mr.NextRawPart()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatalf("next part: %v", err)
-		}
-		var r io.Reader = part
-		if strings.EqualFold(part.Header.Get("Content-Transfer-Encoding"), "quoted-printable") {
-			r = quotedprintable.NewReader(part)
-		}
-		body, err := io.ReadAll(r)
-		if err != nil {
-			t.Fatalf("read part: %v", err)
-		}
-		p.parts = append(p.parts, dsnPart{header: part.Header, body: body})
-	}
-	return p
-}
-
-func (p dsnParsed) contentTypes() []string {
-	var out []string
-	for _, part := range p.parts {
-		mt, _, _ := mime.ParseMediaType(part.header.Get("Content-Type"))
-		out = append(out, mt)
-	}
-	return out
-}
-
-// statusBlocks reads a message/delivery-status body as the RFC 822-style
-// header blocks RFC 3464 §2.1 says it is.
-func statusBlocks(t *testing.T, body []byte) []textproto.MIMEHeader {
-	t.Helper()
-	tp := textproto.NewReader(bufio.NewReader(bytes.NewReader(body)))
-	var blocks []textproto.MIMEHeader
-	for {
-		h, err := tp.ReadMIMEHeader()
-		if len(h) > 0 {
-			blocks = append(blocks, h)
-		}
-		if err == io.EOF {
-			return blocks
-		}
-		if err != nil {
-			t.Fatalf("read status block %d: %v\n%s", len(blocks), err, body)
-		}
 	}
 }
 
@@ -196,7 +119,7 @@ func TestDSNBuild(t *testing.T) {
 		}
 		return w
 	}
-	bobFailed := DSNRecipient{
+	bobFailed := Recipient{
 		Rcpt:        spool.Rcpt{Addr: "bob@example.net"},
 		Action:      ActionFailed,
 		Status:      "5.1.1",
@@ -216,7 +139,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		dates: map[string]time.Time{"Last-Attempt-Date": dsnTestAttempt},
 	}
-	carolDelayed := DSNRecipient{
+	carolDelayed := Recipient{
 		Rcpt:           spool.Rcpt{Addr: "carol@example.com", Notify: []string{"DELAY", "FAILURE"}},
 		Action:         ActionDelayed,
 		Status:         "4.4.1",
@@ -235,7 +158,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		dates: map[string]time.Time{"Last-Attempt-Date": dsnTestAttempt, "Will-Retry-Until": dsnTestUntil},
 	}
-	daveDelivered := DSNRecipient{
+	daveDelivered := Recipient{
 		Rcpt:        spool.Rcpt{Addr: "dave@example.com", Notify: []string{"SUCCESS"}},
 		Action:      ActionDelivered,
 		Status:      "2.0.0",
@@ -257,7 +180,7 @@ func TestDSNBuild(t *testing.T) {
 	tests := map[string]struct {
 		ret, envID  string
 		original    string
-		rcpts       []DSNRecipient
+		rcpts       []Recipient
 		subject     string
 		perMessage  wantBlock
 		blocks      []wantBlock
@@ -268,7 +191,7 @@ func TestDSNBuild(t *testing.T) {
 	}{
 		"a failed recipient with RET=HDRS gets a bounce with only the original headers": {
 			ret: "HDRS", original: dsnTestOriginal,
-			rcpts:      []DSNRecipient{bobFailed},
+			rcpts:      []Recipient{bobFailed},
 			subject:    "Undelivered Mail Returned to Sender",
 			perMessage: perMessage(""),
 			blocks:     []wantBlock{bobFailedBlock},
@@ -278,7 +201,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		"a failed recipient without RET gets a bounce with only the original headers": {
 			original:   dsnTestOriginal,
-			rcpts:      []DSNRecipient{bobFailed},
+			rcpts:      []Recipient{bobFailed},
 			subject:    "Undelivered Mail Returned to Sender",
 			perMessage: perMessage(""),
 			blocks:     []wantBlock{bobFailedBlock},
@@ -288,7 +211,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		"a failed recipient with RET=FULL gets the whole original back": {
 			ret: "FULL", original: dsnTestOriginal,
-			rcpts:       []DSNRecipient{bobFailed},
+			rcpts:       []Recipient{bobFailed},
 			subject:     "Undelivered Mail Returned to Sender",
 			perMessage:  perMessage(""),
 			blocks:      []wantBlock{bobFailedBlock},
@@ -299,17 +222,17 @@ func TestDSNBuild(t *testing.T) {
 		},
 		"a delayed recipient gets a delay warning with Will-Retry-Until": {
 			original:   dsnTestOriginal,
-			rcpts:      []DSNRecipient{carolDelayed},
+			rcpts:      []Recipient{carolDelayed},
 			subject:    "Delayed Mail (still being retried)",
 			perMessage: perMessage(""),
 			blocks:     []wantBlock{carolDelayedBlock},
 			returnType: "text/rfc822-headers",
-			textHas:    []string{"<carol@example.com>", "451 4.4.1 try again later", "Will retry until: " + dsnDate(dsnTestUntil)},
+			textHas:    []string{"<carol@example.com>", "451 4.4.1 try again later", "Will retry until: " + formatDate(dsnTestUntil)},
 			textCTE:    "7bit",
 		},
 		"a recipient who asked for SUCCESS gets a success report": {
 			ret: "FULL", original: dsnTestOriginal,
-			rcpts:       []DSNRecipient{daveDelivered},
+			rcpts:       []Recipient{daveDelivered},
 			subject:     "Successful Mail Delivery Report",
 			perMessage:  perMessage(""),
 			blocks:      []wantBlock{daveDeliveredBlock},
@@ -320,7 +243,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		"mixed failed, delayed and delivered recipients are titled by the failure": {
 			original:   dsnTestOriginal,
-			rcpts:      []DSNRecipient{daveDelivered, carolDelayed, bobFailed},
+			rcpts:      []Recipient{daveDelivered, carolDelayed, bobFailed},
 			subject:    "Undelivered Mail Returned to Sender",
 			perMessage: perMessage(""),
 			blocks:     []wantBlock{daveDeliveredBlock, carolDelayedBlock, bobFailedBlock},
@@ -330,7 +253,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		"mixed relayed and delayed recipients are titled by the delay": {
 			original: dsnTestOriginal,
-			rcpts: []DSNRecipient{
+			rcpts: []Recipient{
 				{Rcpt: spool.Rcpt{Addr: "erin@example.com", Notify: []string{"SUCCESS", "DELAY"}}, Action: ActionRelayed, Status: "2.0.0", RemoteMTA: "old.example.com"},
 				carolDelayed,
 			},
@@ -351,7 +274,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		"ENVID and ORCPT are reported when the client gave them": {
 			ret: "HDRS", envID: "QQ314159", original: dsnTestOriginal,
-			rcpts: []DSNRecipient{{
+			rcpts: []Recipient{{
 				Rcpt:   spool.Rcpt{Addr: "bob@example.net", ORcpt: "rfc822;Bob.Smith+tag@example.net"},
 				Action: ActionFailed, Status: "5.7.1",
 			}},
@@ -368,7 +291,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		"a recipient who asked for NEVER is left out of a bounce for others": {
 			original: dsnTestOriginal,
-			rcpts: []DSNRecipient{
+			rcpts: []Recipient{
 				{Rcpt: spool.Rcpt{Addr: "quiet@example.net", Notify: []string{"NEVER"}}, Action: ActionFailed, Status: "5.1.1"},
 				bobFailed,
 				{Rcpt: spool.Rcpt{Addr: "nosuccess@example.net"}, Action: ActionDelivered, Status: "2.0.0"},
@@ -381,7 +304,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		"a non-ASCII recipient is reported as utf-8 with RFC 6533 escapes and a quoted-printable text": {
 			original: dsnTestOriginal,
-			rcpts: []DSNRecipient{{
+			rcpts: []Recipient{{
 				Rcpt:   spool.Rcpt{Addr: "jösé@exämple.de", ORcpt: "utf-8;jösé+x@exämple.de"},
 				Action: ActionFailed, Status: "5.1.1",
 				Diagnostic: "550 5.1.1 unbekannter Empfänger",
@@ -401,7 +324,7 @@ func TestDSNBuild(t *testing.T) {
 		},
 		"a missing or malformed status is reported as the generic code for the action": {
 			original: dsnTestOriginal,
-			rcpts: []DSNRecipient{
+			rcpts: []Recipient{
 				{Rcpt: spool.Rcpt{Addr: "a@example.net"}, Action: ActionFailed},
 				{Rcpt: spool.Rcpt{Addr: "b@example.net"}, Action: ActionDelayed, Status: "4.4"},
 			},
@@ -417,7 +340,7 @@ func TestDSNBuild(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			d := &DSN{
+			d := &Report{
 				ReportingMTA: "mx1.jetmail.test",
 				Envelope:     dsnTestEnvelope(tc.ret, tc.envID),
 				Original:     []byte(tc.original),
@@ -429,9 +352,9 @@ func TestDSNBuild(t *testing.T) {
 				t.Fatalf("Build: %v", err)
 			}
 			checkLines(t, raw)
-			p := parseDSN(t, raw)
+			p := dsntest.Parse(t, raw)
 
-			h := p.header
+			h := p.Header
 			if from, err := mail.ParseAddress(h.Get("From")); err != nil || from.Address != "MAILER-DAEMON@mx1.jetmail.test" || from.Name != "Mail Delivery System" {
 				t.Errorf("From = %q (%v)", h.Get("From"), err)
 			}
@@ -455,35 +378,35 @@ func TestDSNBuild(t *testing.T) {
 			}
 
 			wantTypes := []string{"text/plain", "message/delivery-status", tc.returnType}
-			if got := p.contentTypes(); strings.Join(got, ",") != strings.Join(wantTypes, ",") {
+			if got := p.ContentTypes(); strings.Join(got, ",") != strings.Join(wantTypes, ",") {
 				t.Fatalf("parts = %v, want %v", got, wantTypes)
 			}
 
-			textPart := p.parts[0]
-			if _, params, _ := mime.ParseMediaType(textPart.header.Get("Content-Type")); !strings.EqualFold(params["charset"], "utf-8") {
-				t.Errorf("text part Content-Type = %q, want charset=utf-8", textPart.header.Get("Content-Type"))
+			textPart := p.Parts[0]
+			if _, params, _ := mime.ParseMediaType(textPart.Header.Get("Content-Type")); !strings.EqualFold(params["charset"], "utf-8") {
+				t.Errorf("text part Content-Type = %q, want charset=utf-8", textPart.Header.Get("Content-Type"))
 			}
-			if got := textPart.header.Get("Content-Transfer-Encoding"); got != tc.textCTE {
+			if got := textPart.Header.Get("Content-Transfer-Encoding"); got != tc.textCTE {
 				t.Errorf("text part Content-Transfer-Encoding = %q, want %q", got, tc.textCTE)
 			}
 			// The explanation is wrapped; compare with runs of space collapsed.
-			text := strings.Join(strings.Fields(string(textPart.body)), " ")
+			text := strings.Join(strings.Fields(string(textPart.Body)), " ")
 			for _, want := range append([]string{"01JNQX4ZQ7"}, tc.textHas...) {
 				if !strings.Contains(text, want) {
-					t.Errorf("text part lacks %q:\n%s", want, textPart.body)
+					t.Errorf("text part lacks %q:\n%s", want, textPart.Body)
 				}
 			}
 
-			blocks := statusBlocks(t, p.parts[1].body)
+			blocks := dsntest.StatusBlocks(t, p.Parts[1].Body)
 			if len(blocks) != 1+len(tc.blocks) {
-				t.Fatalf("delivery-status has %d blocks, want %d:\n%s", len(blocks), 1+len(tc.blocks), p.parts[1].body)
+				t.Fatalf("delivery-status has %d blocks, want %d:\n%s", len(blocks), 1+len(tc.blocks), p.Parts[1].Body)
 			}
 			checkBlock(t, "per-message", blocks[0], tc.perMessage)
 			for i, want := range tc.blocks {
 				checkBlock(t, "recipient "+want.fields["Final-Recipient"], blocks[1+i], want)
 			}
 
-			returned := string(p.parts[2].body)
+			returned := string(p.Parts[2].Body)
 			if !strings.Contains(returned, "Subject: quarterly figures") || !strings.Contains(returned, "Message-ID: <figures-1@example.org>") {
 				t.Errorf("returned part lacks the original headers:\n%s", returned)
 			}
@@ -498,47 +421,47 @@ func TestDSNBuild(t *testing.T) {
 }
 
 func TestDSNBuildRefuses(t *testing.T) {
-	failed := []DSNRecipient{{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Status: "5.1.1"}}
+	failed := []Recipient{{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Status: "5.1.1"}}
 	nullSender := dsnTestEnvelope("", "")
 	nullSender.From = ""
 	injected := dsnTestEnvelope("", "")
 	injected.From = "alice@example.org>\r\nBcc: victim@example.com"
 
 	tests := map[string]struct {
-		dsn    DSN
+		dsn    Report
 		target error // nil: any error will do
 	}{
 		"a bounce about a bounce (null sender) is refused": {
-			dsn:    DSN{ReportingMTA: "mx1.jetmail.test", Envelope: nullSender, Recipients: failed},
-			target: ErrDSNNullSender,
+			dsn:    Report{ReportingMTA: "mx1.jetmail.test", Envelope: nullSender, Recipients: failed},
+			target: ErrNullSender,
 		},
 		"a notice with no recipients is refused": {
-			dsn:    DSN{ReportingMTA: "mx1.jetmail.test", Envelope: dsnTestEnvelope("", "")},
-			target: ErrDSNNothingToReport,
+			dsn:    Report{ReportingMTA: "mx1.jetmail.test", Envelope: dsnTestEnvelope("", "")},
+			target: ErrNothingToReport,
 		},
 		"a notice whose only recipient said NOTIFY=NEVER is refused": {
-			dsn: DSN{ReportingMTA: "mx1.jetmail.test", Envelope: dsnTestEnvelope("", ""), Recipients: []DSNRecipient{
+			dsn: Report{ReportingMTA: "mx1.jetmail.test", Envelope: dsnTestEnvelope("", ""), Recipients: []Recipient{
 				{Rcpt: spool.Rcpt{Addr: "bob@example.net", Notify: []string{"NEVER"}}, Action: ActionFailed},
 			}},
-			target: ErrDSNNothingToReport,
+			target: ErrNothingToReport,
 		},
 		"a success report nobody asked for is refused": {
-			dsn: DSN{ReportingMTA: "mx1.jetmail.test", Envelope: dsnTestEnvelope("", ""), Recipients: []DSNRecipient{
+			dsn: Report{ReportingMTA: "mx1.jetmail.test", Envelope: dsnTestEnvelope("", ""), Recipients: []Recipient{
 				{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionDelivered},
 			}},
-			target: ErrDSNNothingToReport,
+			target: ErrNothingToReport,
 		},
 		"a notice without an envelope is refused": {
-			dsn: DSN{ReportingMTA: "mx1.jetmail.test", Recipients: failed},
+			dsn: Report{ReportingMTA: "mx1.jetmail.test", Recipients: failed},
 		},
 		"a notice without a reporting MTA is refused": {
-			dsn: DSN{Envelope: dsnTestEnvelope("", ""), Recipients: failed},
+			dsn: Report{Envelope: dsnTestEnvelope("", ""), Recipients: failed},
 		},
 		"a sender that would inject header lines is refused": {
-			dsn: DSN{ReportingMTA: "mx1.jetmail.test", Envelope: injected, Recipients: failed},
+			dsn: Report{ReportingMTA: "mx1.jetmail.test", Envelope: injected, Recipients: failed},
 		},
 		"an unknown action is refused": {
-			dsn: DSN{ReportingMTA: "mx1.jetmail.test", Envelope: dsnTestEnvelope("", ""), Recipients: []DSNRecipient{
+			dsn: Report{ReportingMTA: "mx1.jetmail.test", Envelope: dsnTestEnvelope("", ""), Recipients: []Recipient{
 				{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: "expanded"},
 			}},
 		},
@@ -601,7 +524,7 @@ func TestDSNLinesStayShort(t *testing.T) {
 	longLocal := strings.Repeat("x", 1500)
 	longHeader := "X-Long: " + strings.Repeat("y", 2500) + "\r\n"
 	tests := map[string]struct {
-		rcpt     DSNRecipient
+		rcpt     Recipient
 		original string
 		// wantDiag is the exact Diagnostic-Code when it survives folding
 		// unchanged; "" to check only the line limits.
@@ -611,40 +534,40 @@ func TestDSNLinesStayShort(t *testing.T) {
 		wantLong string
 	}{
 		"a 2,000-character diagnostic with spaces is folded and reads back unchanged": {
-			rcpt:     DSNRecipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Status: "5.7.1", Diagnostic: diag},
+			rcpt:     Recipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Status: "5.7.1", Diagnostic: diag},
 			original: dsnTestOriginal,
 			wantDiag: "smtp; " + diag,
 		},
 		"a 2,000-character diagnostic without spaces is split": {
-			rcpt:     DSNRecipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Diagnostic: "550 " + strings.Repeat("z", 2000)},
+			rcpt:     Recipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Diagnostic: "550 " + strings.Repeat("z", 2000)},
 			original: dsnTestOriginal,
 		},
 		"a multi-line reply with a bare LF becomes one line": {
-			rcpt:     DSNRecipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Diagnostic: "550-5.1.1 first line\r\n550 5.1.1 second\nline"},
+			rcpt:     Recipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Diagnostic: "550-5.1.1 first line\r\n550 5.1.1 second\nline"},
 			original: dsnTestOriginal,
 			wantDiag: "smtp; 550-5.1.1 first line 550 5.1.1 second line",
 		},
 		"a 1,500-character address stays within the limits": {
-			rcpt:     DSNRecipient{Rcpt: spool.Rcpt{Addr: longLocal + "@example.net"}, Action: ActionFailed},
+			rcpt:     Recipient{Rcpt: spool.Rcpt{Addr: longLocal + "@example.net"}, Action: ActionFailed},
 			original: dsnTestOriginal,
 		},
 		"an original header line over 998 octets is folded in the returned headers": {
-			rcpt:     DSNRecipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed},
+			rcpt:     Recipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed},
 			original: dsnTestHeaders + longHeader + "\r\n" + dsnTestBodyText + "\r\n",
 			wantLong: strings.Repeat("y", 2500),
 		},
 		"an original with bare LF is returned with CRLF": {
-			rcpt:     DSNRecipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed},
+			rcpt:     Recipient{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed},
 			original: strings.ReplaceAll(dsnTestOriginal, "\r\n", "\n"),
 		},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			d := &DSN{
+			d := &Report{
 				ReportingMTA: "mx1.jetmail.test",
 				Envelope:     dsnTestEnvelope("FULL", ""),
 				Original:     []byte(tc.original),
-				Recipients:   []DSNRecipient{tc.rcpt},
+				Recipients:   []Recipient{tc.rcpt},
 				Now:          dsnTestNow,
 			}
 			raw, err := d.Build()
@@ -652,11 +575,11 @@ func TestDSNLinesStayShort(t *testing.T) {
 				t.Fatalf("Build: %v", err)
 			}
 			checkLines(t, raw)
-			p := parseDSN(t, raw)
-			if len(p.parts) != 3 {
-				t.Fatalf("got %d parts, want 3", len(p.parts))
+			p := dsntest.Parse(t, raw)
+			if len(p.Parts) != 3 {
+				t.Fatalf("got %d parts, want 3", len(p.Parts))
 			}
-			blocks := statusBlocks(t, p.parts[1].body)
+			blocks := dsntest.StatusBlocks(t, p.Parts[1].Body)
 			if len(blocks) != 2 {
 				t.Fatalf("got %d status blocks, want 2", len(blocks))
 			}
@@ -666,9 +589,9 @@ func TestDSNLinesStayShort(t *testing.T) {
 				}
 			}
 			// The returned headers must still read as a header section.
-			returned, err := textproto.NewReader(bufio.NewReader(bytes.NewReader(p.parts[2].body))).ReadMIMEHeader()
+			returned, err := textproto.NewReader(bufio.NewReader(bytes.NewReader(p.Parts[2].Body))).ReadMIMEHeader()
 			if err != nil && err != io.EOF {
-				t.Fatalf("returned headers do not parse: %v\n%s", err, p.parts[2].body)
+				t.Fatalf("returned headers do not parse: %v\n%s", err, p.Parts[2].Body)
 			}
 			if got := returned.Get("Subject"); got != "quarterly figures" {
 				t.Errorf("returned Subject = %q", got)
@@ -703,11 +626,11 @@ func TestDSNReturnFallsBackToHeaders(t *testing.T) {
 			if name == "an original over MaxReturnedBody is returned as headers only" && len(tc.original) <= MaxReturnedBody {
 				t.Fatalf("test original is %d octets, not over %d", len(tc.original), MaxReturnedBody)
 			}
-			d := &DSN{
+			d := &Report{
 				ReportingMTA: "mx1.jetmail.test",
 				Envelope:     dsnTestEnvelope("FULL", ""),
 				Original:     []byte(tc.original),
-				Recipients:   []DSNRecipient{{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Status: "5.2.3"}},
+				Recipients:   []Recipient{{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Status: "5.2.3"}},
 				Now:          dsnTestNow,
 			}
 			raw, err := d.Build()
@@ -718,31 +641,31 @@ func TestDSNReturnFallsBackToHeaders(t *testing.T) {
 				t.Errorf("notice is %d octets; the body must not be in it", len(raw))
 			}
 			checkLines(t, raw)
-			p := parseDSN(t, raw)
-			if got := strings.Join(p.contentTypes(), ","); got != "text/plain,message/delivery-status,text/rfc822-headers" {
+			p := dsntest.Parse(t, raw)
+			if got := strings.Join(p.ContentTypes(), ","); got != "text/plain,message/delivery-status,text/rfc822-headers" {
 				t.Fatalf("parts = %s", got)
 			}
-			returned := string(p.parts[2].body)
+			returned := string(p.Parts[2].Body)
 			if !strings.Contains(returned, "Subject: quarterly figures") {
 				t.Errorf("returned headers lack the Subject:\n%s", returned)
 			}
 			if strings.Contains(returned, dsnTestBodyText) {
 				t.Errorf("returned part contains the body")
 			}
-			text := strings.Join(strings.Fields(string(p.parts[0].body)), " ")
+			text := strings.Join(strings.Fields(string(p.Parts[0].Body)), " ")
 			if !strings.Contains(text, tc.textHas) {
-				t.Errorf("text part does not say %q:\n%s", tc.textHas, p.parts[0].body)
+				t.Errorf("text part does not say %q:\n%s", tc.textHas, p.Parts[0].Body)
 			}
 		})
 	}
 }
 
 func TestDSNMessageIDIsFresh(t *testing.T) {
-	d := &DSN{
+	d := &Report{
 		ReportingMTA: "mx1.jetmail.test",
 		Envelope:     dsnTestEnvelope("", ""),
 		Original:     []byte(dsnTestOriginal),
-		Recipients:   []DSNRecipient{{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed}},
+		Recipients:   []Recipient{{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed}},
 		Now:          dsnTestNow,
 	}
 	ids := map[string]bool{}
@@ -751,7 +674,7 @@ func TestDSNMessageIDIsFresh(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Build: %v", err)
 		}
-		ids[parseDSN(t, raw).header.Get("Message-ID")] = true
+		ids[dsntest.Parse(t, raw).Header.Get("Message-ID")] = true
 	}
 	if len(ids) != 3 {
 		t.Errorf("three builds gave %d distinct Message-IDs: %v", len(ids), ids)
@@ -783,11 +706,11 @@ func TestDSN8BitIsDeclared(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			env := dsnTestEnvelope(tc.ret, "")
 			env.From = tc.from
-			d := &DSN{
+			d := &Report{
 				ReportingMTA: "mx1.jetmail.test",
 				Envelope:     env,
 				Original:     []byte(tc.original),
-				Recipients:   []DSNRecipient{{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed}},
+				Recipients:   []Recipient{{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed}},
 				Now:          dsnTestNow,
 			}
 			raw, err := d.Build()
@@ -795,18 +718,18 @@ func TestDSN8BitIsDeclared(t *testing.T) {
 				t.Fatalf("Build: %v", err)
 			}
 			checkLines(t, raw)
-			p := parseDSN(t, raw)
-			if to, err := mail.ParseAddress(p.header.Get("To")); err != nil || to.Address != tc.from {
-				t.Errorf("To = %q (%v), want %s", p.header.Get("To"), err, tc.from)
+			p := dsntest.Parse(t, raw)
+			if to, err := mail.ParseAddress(p.Header.Get("To")); err != nil || to.Address != tc.from {
+				t.Errorf("To = %q (%v), want %s", p.Header.Get("To"), err, tc.from)
 			}
-			if got := p.header.Get("Content-Transfer-Encoding"); got != tc.wantTopCTE {
+			if got := p.Header.Get("Content-Transfer-Encoding"); got != tc.wantTopCTE {
 				t.Errorf("message Content-Transfer-Encoding = %q, want %q", got, tc.wantTopCTE)
 			}
-			if got := p.parts[2].header.Get("Content-Transfer-Encoding"); got != tc.wantPartCTE {
+			if got := p.Parts[2].Header.Get("Content-Transfer-Encoding"); got != tc.wantPartCTE {
 				t.Errorf("returned part Content-Transfer-Encoding = %q, want %q", got, tc.wantPartCTE)
 			}
-			if tc.ret == "FULL" && string(p.parts[2].body) != tc.original {
-				t.Errorf("returned original = %q, want %q", p.parts[2].body, tc.original)
+			if tc.ret == "FULL" && string(p.Parts[2].Body) != tc.original {
+				t.Errorf("returned original = %q, want %q", p.Parts[2].Body, tc.original)
 			}
 		})
 	}

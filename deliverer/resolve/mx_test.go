@@ -1,218 +1,25 @@
-package deliverer
+package resolve
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/jetmail/jetmail/deliverer/failure"
+	"github.com/jetmail/jetmail/internal/dnstest"
 	"github.com/miekg/dns"
 )
 
-// testDNS is a recursive DNS server on loopback serving a zone from memory.
-type testDNS struct {
-	addr string
-
-	mu      sync.Mutex
-	records map[testQuestion][]dns.RR
-	rcodes  map[string]int  // name → rcode for every query about it
-	silent  map[string]bool // names never answered
-	// noChase answers a CNAME without the records of its target, as an
-	// authoritative server for another zone would.
-	noChase bool
-	// truncateUDP answers every UDP query with an empty truncated reply.
-	truncateUDP bool
-	// soa goes in the authority section of negative answers; nil for none.
-	soa *dns.SOA
-	// onQuery, if set, is called for each query before it is answered.
-	onQuery func()
-
-	queries    map[testQuestion]int
-	tcpQueries int
-	last       *dns.Msg
-}
-
-type testQuestion struct {
-	name  string // lower case, fully qualified
-	qtype uint16
-}
-
-// startDNS runs a testDNS on a random loopback port, UDP and TCP.
-func startDNS(t *testing.T) *testDNS {
-	t.Helper()
-	var (
-		pc  net.PacketConn
-		ln  net.Listener
-		err error
-	)
-	for range 20 {
-		pc, err = net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ln, err = net.Listen("tcp", pc.LocalAddr().String())
-		if err == nil {
-			break
-		}
-		pc.Close()
-	}
-	if err != nil {
-		t.Fatalf("no port free for both UDP and TCP: %v", err)
-	}
-	d := &testDNS{
-		addr:    pc.LocalAddr().String(),
-		records: make(map[testQuestion][]dns.RR),
-		rcodes:  make(map[string]int),
-		silent:  make(map[string]bool),
-		queries: make(map[testQuestion]int),
-		soa:     mustRR(t, "example.com. 120 IN SOA ns.example.com. hostmaster.example.com. 1 3600 600 86400 120").(*dns.SOA),
-	}
-	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: d}, {Listener: ln, Handler: d}} {
-		started := make(chan struct{})
-		srv.NotifyStartedFunc = func() { close(started) }
-		go srv.ActivateAndServe()
-		select {
-		case <-started:
-		case <-time.After(10 * time.Second):
-			t.Fatal("DNS server did not start")
-		}
-		t.Cleanup(func() { srv.Shutdown() })
-	}
-	return d
-}
-
-func mustRR(t *testing.T, s string) dns.RR {
-	t.Helper()
-	rr, err := dns.NewRR(s)
-	if err != nil {
-		t.Fatalf("bad record %q: %v", s, err)
-	}
-	return rr
-}
-
-// add puts records, in zone file syntax, into the zone.
-func (d *testDNS) add(t *testing.T, lines ...string) {
-	t.Helper()
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, line := range lines {
-		rr := mustRR(t, line)
-		q := testQuestion{strings.ToLower(rr.Header().Name), rr.Header().Rrtype}
-		d.records[q] = append(d.records[q], rr)
-	}
-}
-
-// set runs f with the server's configuration locked.
-func (d *testDNS) set(f func(d *testDNS)) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	f(d)
-}
-
-// count returns how many queries for name and qtype the server received.
-func (d *testDNS) count(name string, qtype uint16) int {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.queries[testQuestion{dns.Fqdn(name), qtype}]
-}
-
-func (d *testDNS) total() int {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	n := 0
-	for _, c := range d.queries {
-		n += c
-	}
-	return n
-}
-
-func (d *testDNS) exists(name string) bool {
-	for q := range d.records {
-		if q.name == name {
-			return true
-		}
-	}
-	return false
-}
-
-func (d *testDNS) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
-	if len(req.Question) != 1 {
-		return
-	}
-	q := req.Question[0]
-	name := strings.ToLower(q.Name)
-	_, udp := w.RemoteAddr().(*net.UDPAddr)
-
-	d.mu.Lock()
-	d.queries[testQuestion{name, q.Qtype}]++
-	if !udp {
-		d.tcpQueries++
-	}
-	d.last = req.Copy()
-	onQuery := d.onQuery
-	d.mu.Unlock()
-	if onQuery != nil {
-		onQuery()
-	}
-
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.silent[name] {
-		return
-	}
-	resp := new(dns.Msg)
-	resp.SetReply(req)
-	resp.RecursionAvailable = true
-	if rc, ok := d.rcodes[name]; ok {
-		resp.Rcode = rc
-		w.WriteMsg(resp)
-		return
-	}
-	if udp && d.truncateUDP {
-		resp.Truncated = true
-		w.WriteMsg(resp)
-		return
-	}
-	found := false
-	for range 8 {
-		if rrs := d.records[testQuestion{name, q.Qtype}]; len(rrs) > 0 {
-			resp.Answer = append(resp.Answer, rrs...)
-			found = true
-			break
-		}
-		cname := d.records[testQuestion{name, dns.TypeCNAME}]
-		if len(cname) == 0 || q.Qtype == dns.TypeCNAME {
-			break
-		}
-		resp.Answer = append(resp.Answer, cname[0])
-		if d.noChase {
-			found = true
-			break
-		}
-		name = strings.ToLower(cname[0].(*dns.CNAME).Target)
-	}
-	if !found {
-		if !d.exists(name) {
-			resp.Rcode = dns.RcodeNameError
-		}
-		if d.soa != nil {
-			resp.Ns = []dns.RR{d.soa}
-		}
-	}
-	w.WriteMsg(resp)
-}
-
 // newResolver returns a Resolver asking d, with us.example (192.0.2.53)
 // being this cluster.
-func newResolver(d *testDNS) *Resolver {
+func newResolver(d *dnstest.Server) *Resolver {
 	return &Resolver{
-		Servers: []string{d.addr},
+		Servers: []string{d.Addr},
 		Timeout: 5 * time.Second,
 		IsLocal: func(host string, addr netip.Addr) bool {
 			return host == "mx.us.example" || addr == netip.MustParseAddr("192.0.2.53")
@@ -229,11 +36,11 @@ func hopStrings(hops []Hop) []string {
 }
 
 // checkError fails unless err is an *Error with the given class and codes.
-func checkError(t *testing.T, err error, want *Error) {
+func checkError(t *testing.T, err error, want *failure.Error) {
 	t.Helper()
-	var e *Error
+	var e *failure.Error
 	if !errors.As(err, &e) {
-		t.Fatalf("error = %v (%T), want *Error %d %s", err, err, want.Code, want.Enhanced)
+		t.Fatalf("error = %v (%T), want *failure.Error %d %s", err, err, want.Code, want.Enhanced)
 	}
 	if e.Permanent != want.Permanent || e.Code != want.Code || e.Enhanced != want.Enhanced {
 		t.Fatalf("error = %+v, want permanent=%v %d %s", e, want.Permanent, want.Code, want.Enhanced)
@@ -247,7 +54,7 @@ func TestLookup(t *testing.T) {
 		noChase bool
 		domain  string
 		want    []string // hops as "pref host addr:port"
-		wantErr *Error
+		wantErr *failure.Error
 		noDNS   bool // the answer needs no query at all
 	}{
 		"MX hosts are tried by preference, IPv4 before IPv6": {
@@ -290,12 +97,12 @@ func TestLookup(t *testing.T) {
 		"a domain without MX or address records bounces": {
 			zone:    []string{`example.com. 300 IN TXT "v=spf1 -all"`},
 			domain:  "example.com",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 		},
 		"a null MX bounces": {
 			zone:    []string{"example.com. 300 IN MX 0 ."},
 			domain:  "example.com",
-			wantErr: Permanent(556, "5.1.10", ""),
+			wantErr: failure.Permanent(556, "5.1.10", ""),
 		},
 		"a null MX next to real MX records is ignored": {
 			zone: []string{
@@ -308,17 +115,17 @@ func TestLookup(t *testing.T) {
 		},
 		"a nonexistent domain bounces": {
 			domain:  "nowhere.example",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 		},
 		"a SERVFAIL for the domain defers": {
 			rcodes:  map[string]int{"example.com.": dns.RcodeServerFailure},
 			domain:  "example.com",
-			wantErr: Temporary(451, "4.4.3", ""),
+			wantErr: failure.Temporary(451, "4.4.3", ""),
 		},
 		"a REFUSED for the domain defers": {
 			rcodes:  map[string]int{"example.com.": dns.RcodeRefused},
 			domain:  "example.com",
-			wantErr: Temporary(451, "4.4.3", ""),
+			wantErr: failure.Temporary(451, "4.4.3", ""),
 		},
 		"an MX host without an address is skipped": {
 			zone: []string{
@@ -346,7 +153,7 @@ func TestLookup(t *testing.T) {
 			},
 			rcodes:  map[string]int{"broken.example.com.": dns.RcodeServerFailure},
 			domain:  "example.com",
-			wantErr: Temporary(451, "4.4.3", ""),
+			wantErr: failure.Temporary(451, "4.4.3", ""),
 		},
 		"MX hosts that all do not exist bounce": {
 			zone: []string{
@@ -354,7 +161,7 @@ func TestLookup(t *testing.T) {
 				"example.com. 300 IN MX 20 gone2.example.com.",
 			},
 			domain:  "example.com",
-			wantErr: Permanent(550, "5.4.4", ""),
+			wantErr: failure.Permanent(550, "5.4.4", ""),
 		},
 		"an MX host that exists without addresses has no address": {
 			zone: []string{
@@ -362,7 +169,7 @@ func TestLookup(t *testing.T) {
 				`mx1.example.com. 300 IN TXT "no address"`,
 			},
 			domain:  "example.com",
-			wantErr: Permanent(550, "5.4.4", ""),
+			wantErr: failure.Permanent(550, "5.4.4", ""),
 		},
 		"a less preferred MX that is this cluster is skipped": {
 			zone: []string{
@@ -380,7 +187,7 @@ func TestLookup(t *testing.T) {
 				"mx.us.example. 300 IN A 192.0.2.50",
 			},
 			domain:  "example.com",
-			wantErr: Permanent(554, "5.4.6", ""),
+			wantErr: failure.Permanent(554, "5.4.6", ""),
 		},
 		"an MX host with one of our addresses is a loop": {
 			zone: []string{
@@ -388,7 +195,7 @@ func TestLookup(t *testing.T) {
 				"alias.example.com. 300 IN A 192.0.2.53",
 			},
 			domain:  "example.com",
-			wantErr: Permanent(554, "5.4.6", ""),
+			wantErr: failure.Permanent(554, "5.4.6", ""),
 		},
 		"MX hosts less preferred than this cluster are not used (RFC 5321 section 5.1)": {
 			zone: []string{
@@ -397,12 +204,12 @@ func TestLookup(t *testing.T) {
 				"backup.example.com. 300 IN A 192.0.2.20",
 			},
 			domain:  "example.com",
-			wantErr: Permanent(554, "5.4.6", ""),
+			wantErr: failure.Permanent(554, "5.4.6", ""),
 		},
 		"an implicit MX that is this cluster is a loop": {
 			zone:    []string{"example.com. 300 IN A 192.0.2.53"},
 			domain:  "example.com",
-			wantErr: Permanent(554, "5.4.6", ""),
+			wantErr: failure.Permanent(554, "5.4.6", ""),
 		},
 		"an MX host behind a CNAME is reached through it": {
 			zone: []string{
@@ -446,59 +253,59 @@ func TestLookup(t *testing.T) {
 		},
 		"an address literal of this cluster is a loop": {
 			domain:  "[192.0.2.53]",
-			wantErr: Permanent(554, "5.4.6", ""),
+			wantErr: failure.Permanent(554, "5.4.6", ""),
 			noDNS:   true,
 		},
 		"a malformed address literal bounces": {
 			domain:  "[192.0.2.300]",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 			noDNS:   true,
 		},
 		"an IPv6 address literal without its tag bounces": {
 			domain:  "[2001:db8::1]",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 			noDNS:   true,
 		},
 		"an empty domain bounces": {
 			domain:  "",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 			noDNS:   true,
 		},
 		"a domain with a space bounces": {
 			domain:  "exa mple.com",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 			noDNS:   true,
 		},
 		"a domain with an empty label bounces": {
 			domain:  "example..com",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 			noDNS:   true,
 		},
 		"a domain with a label starting with a hyphen bounces": {
 			domain:  "-example.com",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 			noDNS:   true,
 		},
 		"a domain over 253 octets bounces": {
 			domain:  strings.Repeat(strings.Repeat("a", 63)+".", 4) + "com",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 			noDNS:   true,
 		},
 		"a domain with a label over 63 octets bounces": {
 			domain:  strings.Repeat("a", 64) + ".com",
-			wantErr: Permanent(550, "5.1.2", ""),
+			wantErr: failure.Permanent(550, "5.1.2", ""),
 			noDNS:   true,
 		},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			d := startDNS(t)
-			d.add(t, tc.zone...)
-			d.set(func(d *testDNS) {
+			d := dnstest.Start(t)
+			d.Add(t, tc.zone...)
+			d.Set(func(d *dnstest.Server) {
 				for n, rc := range tc.rcodes {
-					d.rcodes[n] = rc
+					d.Rcodes[n] = rc
 				}
-				d.noChase = tc.noChase
+				d.NoChase = tc.noChase
 			})
 			hops, err := newResolver(d).Lookup(context.Background(), tc.domain)
 			if tc.wantErr != nil {
@@ -514,7 +321,7 @@ func TestLookup(t *testing.T) {
 					t.Errorf("hops =\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(tc.want, "\n"))
 				}
 			}
-			if n := d.total(); tc.noDNS && n != 0 {
+			if n := d.Total(); tc.noDNS && n != 0 {
 				t.Errorf("%d DNS queries, want none", n)
 			}
 		})
@@ -522,8 +329,8 @@ func TestLookup(t *testing.T) {
 }
 
 func TestLookupShufflesEqualPreferences(t *testing.T) {
-	d := startDNS(t)
-	d.add(t,
+	d := dnstest.Start(t)
+	d.Add(t,
 		"example.com. 300 IN MX 10 a.example.com.",
 		"example.com. 300 IN MX 10 b.example.com.",
 		"example.com. 300 IN MX 20 c.example.com.",
@@ -552,14 +359,14 @@ func TestLookupShufflesEqualPreferences(t *testing.T) {
 	if aFirst < calls*30/100 || aFirst > calls*70/100 {
 		t.Errorf("a.example.com came first %d times out of %d", aFirst, calls)
 	}
-	if n := d.count("example.com", dns.TypeMX); n != 1 {
+	if n := d.Count("example.com", dns.TypeMX); n != 1 {
 		t.Errorf("%d MX queries, want 1 (the rest from the cache)", n)
 	}
 }
 
 func TestLookupNeverUsesMXHostsAsPreferredAsThisCluster(t *testing.T) {
-	d := startDNS(t)
-	d.add(t,
+	d := dnstest.Start(t)
+	d.Add(t,
 		"example.com. 300 IN MX 10 mx.us.example.",
 		"example.com. 300 IN MX 10 peer.example.com.",
 		"peer.example.com. 300 IN A 192.0.2.10",
@@ -569,54 +376,54 @@ func TestLookupNeverUsesMXHostsAsPreferredAsThisCluster(t *testing.T) {
 	// this cluster's own MX in about half of the calls.
 	for range 50 {
 		hops, err := r.Lookup(context.Background(), "example.com")
-		checkError(t, err, Permanent(554, "5.4.6", ""))
+		checkError(t, err, failure.Permanent(554, "5.4.6", ""))
 		if hops != nil {
 			t.Fatalf("hops = %v", hopStrings(hops))
 		}
 	}
-	if d.count("peer.example.com", dns.TypeA) == 0 {
+	if d.Count("peer.example.com", dns.TypeA) == 0 {
 		t.Error("the peer was never resolved before this cluster's MX: the test proves nothing")
 	}
 }
 
 func TestLookupDefersWhenTheServerNeverAnswers(t *testing.T) {
-	d := startDNS(t)
-	d.set(func(d *testDNS) { d.silent["example.com."] = true })
+	d := dnstest.Start(t)
+	d.Set(func(d *dnstest.Server) { d.Silent["example.com."] = true })
 	r := newResolver(d)
 	r.Timeout = 200 * time.Millisecond
 	start := time.Now()
 	_, err := r.Lookup(context.Background(), "example.com")
-	checkError(t, err, Temporary(451, "4.4.3", ""))
+	checkError(t, err, failure.Temporary(451, "4.4.3", ""))
 	if elapsed := time.Since(start); elapsed > 3*time.Second {
 		t.Errorf("Lookup took %v with a 200ms timeout", elapsed)
 	}
 }
 
 func TestLookupStopsWhenTheContextIsCancelled(t *testing.T) {
-	d := startDNS(t)
+	d := dnstest.Start(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	d.set(func(d *testDNS) {
-		d.silent["example.com."] = true
-		d.onQuery = cancel
+	d.Set(func(d *dnstest.Server) {
+		d.Silent["example.com."] = true
+		d.OnQuery = cancel
 	})
 	r := newResolver(d)
 	r.Timeout = time.Minute
 	start := time.Now()
 	_, err := r.Lookup(ctx, "example.com")
-	checkError(t, err, Temporary(451, "4.4.3", ""))
+	checkError(t, err, failure.Temporary(451, "4.4.3", ""))
 	if elapsed := time.Since(start); elapsed > 10*time.Second {
 		t.Errorf("Lookup took %v after its context was cancelled", elapsed)
 	}
 }
 
 func TestLookupTriesTheNextServerAfterAFailure(t *testing.T) {
-	bad := startDNS(t)
-	bad.set(func(d *testDNS) { d.rcodes["example.com."] = dns.RcodeServerFailure })
-	good := startDNS(t)
-	good.add(t, "example.com. 300 IN A 192.0.2.7")
+	bad := dnstest.Start(t)
+	bad.Set(func(d *dnstest.Server) { d.Rcodes["example.com."] = dns.RcodeServerFailure })
+	good := dnstest.Start(t)
+	good.Add(t, "example.com. 300 IN A 192.0.2.7")
 	r := newResolver(good)
-	r.Servers = []string{bad.addr, good.addr}
+	r.Servers = []string{bad.Addr, good.Addr}
 	hops, err := r.Lookup(context.Background(), "example.com")
 	if err != nil {
 		t.Fatal(err)
@@ -624,14 +431,14 @@ func TestLookupTriesTheNextServerAfterAFailure(t *testing.T) {
 	if got, want := hopStrings(hops), []string{"0 example.com 192.0.2.7:25"}; !slices.Equal(got, want) {
 		t.Errorf("hops = %v, want %v", got, want)
 	}
-	if bad.count("example.com", dns.TypeMX) != 1 {
+	if bad.Count("example.com", dns.TypeMX) != 1 {
 		t.Error("the first server was not asked")
 	}
 }
 
 func TestLookupCachesAnswersForTheirTTL(t *testing.T) {
-	d := startDNS(t)
-	d.add(t,
+	d := dnstest.Start(t)
+	d.Add(t,
 		"example.com. 300 IN MX 10 mx1.example.com.",
 		"mx1.example.com. 600 IN A 192.0.2.1",
 	)
@@ -641,9 +448,9 @@ func TestLookupCachesAnswersForTheirTTL(t *testing.T) {
 	r.Now = func() time.Time { return clock }
 	counts := func() [3]int {
 		return [3]int{
-			d.count("example.com", dns.TypeMX),
-			d.count("mx1.example.com", dns.TypeA),
-			d.count("mx1.example.com", dns.TypeAAAA),
+			d.Count("example.com", dns.TypeMX),
+			d.Count("mx1.example.com", dns.TypeA),
+			d.Count("mx1.example.com", dns.TypeAAAA),
 		}
 	}
 	steps := []struct {
@@ -685,8 +492,8 @@ func TestLookupCapsCachedTTLs(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			d := startDNS(t)
-			d.add(t, fmt.Sprintf("example.com. %d IN MX 10 mx1.example.com.", tc.ttl),
+			d := dnstest.Start(t)
+			d.Add(t, fmt.Sprintf("example.com. %d IN MX 10 mx1.example.com.", tc.ttl),
 				"mx1.example.com. 300 IN A 192.0.2.1")
 			start := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 			clock := start
@@ -702,13 +509,13 @@ func TestLookupCapsCachedTTLs(t *testing.T) {
 			if tc.stillCached >= 0 {
 				clock = start.Add(tc.stillCached)
 				lookup()
-				if n := d.count("example.com", dns.TypeMX); n != 1 {
+				if n := d.Count("example.com", dns.TypeMX); n != 1 {
 					t.Errorf("at +%v: %d MX queries, want 1", tc.stillCached, n)
 				}
 			}
 			clock = start.Add(tc.expired)
 			lookup()
-			if n := d.count("example.com", dns.TypeMX); n != 2 {
+			if n := d.Count("example.com", dns.TypeMX); n != 2 {
 				t.Errorf("at +%v: %d MX queries, want 2", tc.expired, n)
 			}
 		})
@@ -739,11 +546,11 @@ func TestLookupCachesNegativeAnswers(t *testing.T) {
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			d := startDNS(t)
-			d.set(func(d *testDNS) {
-				d.soa = nil
+			d := dnstest.Start(t)
+			d.Set(func(d *dnstest.Server) {
+				d.SOA = nil
 				if tc.soa != "" {
-					d.soa = mustRR(t, tc.soa).(*dns.SOA)
+					d.SOA = dnstest.MustRR(t, tc.soa).(*dns.SOA)
 				}
 			})
 			start := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
@@ -756,8 +563,8 @@ func TestLookupCachesNegativeAnswers(t *testing.T) {
 			}{{0, 1}, {tc.stillCached, 1}, {tc.expired, 2}} {
 				clock = start.Add(step.at)
 				_, err := r.Lookup(context.Background(), "nowhere.example")
-				checkError(t, err, Permanent(550, "5.1.2", ""))
-				if n := d.count("nowhere.example", dns.TypeMX); n != step.want {
+				checkError(t, err, failure.Permanent(550, "5.1.2", ""))
+				if n := d.Count("nowhere.example", dns.TypeMX); n != step.want {
 					t.Errorf("at +%v: %d queries, want %d", step.at, n, step.want)
 				}
 			}
@@ -766,14 +573,14 @@ func TestLookupCachesNegativeAnswers(t *testing.T) {
 }
 
 func TestLookupDoesNotCacheTemporaryFailures(t *testing.T) {
-	d := startDNS(t)
-	d.add(t, "example.com. 300 IN A 192.0.2.7")
-	d.set(func(d *testDNS) { d.rcodes["example.com."] = dns.RcodeServerFailure })
+	d := dnstest.Start(t)
+	d.Add(t, "example.com. 300 IN A 192.0.2.7")
+	d.Set(func(d *dnstest.Server) { d.Rcodes["example.com."] = dns.RcodeServerFailure })
 	r := newResolver(d)
 	_, err := r.Lookup(context.Background(), "example.com")
-	checkError(t, err, Temporary(451, "4.4.3", ""))
+	checkError(t, err, failure.Temporary(451, "4.4.3", ""))
 
-	d.set(func(d *testDNS) { delete(d.rcodes, "example.com.") })
+	d.Set(func(d *dnstest.Server) { delete(d.Rcodes, "example.com.") })
 	hops, err := r.Lookup(context.Background(), "example.com")
 	if err != nil {
 		t.Fatalf("after the server recovered: %v", err)
@@ -781,14 +588,14 @@ func TestLookupDoesNotCacheTemporaryFailures(t *testing.T) {
 	if len(hops) != 1 {
 		t.Errorf("hops = %v", hopStrings(hops))
 	}
-	if n := d.count("example.com", dns.TypeMX); n != 2 {
+	if n := d.Count("example.com", dns.TypeMX); n != 2 {
 		t.Errorf("%d MX queries, want 2", n)
 	}
 }
 
 func TestLookupUsesTheConfiguredPort(t *testing.T) {
-	d := startDNS(t)
-	d.add(t,
+	d := dnstest.Start(t)
+	d.Add(t,
 		"example.com. 300 IN MX 10 mx1.example.com.",
 		"mx1.example.com. 300 IN A 192.0.2.1",
 		"mx1.example.com. 300 IN AAAA 2001:db8::1",
@@ -810,12 +617,12 @@ func TestLookupUsesTheConfiguredPort(t *testing.T) {
 }
 
 func TestLookupRetriesTruncatedAnswersOverTCP(t *testing.T) {
-	d := startDNS(t)
-	d.add(t,
+	d := dnstest.Start(t)
+	d.Add(t,
 		"example.com. 300 IN MX 10 mx1.example.com.",
 		"mx1.example.com. 300 IN A 192.0.2.1",
 	)
-	d.set(func(d *testDNS) { d.truncateUDP = true })
+	d.Set(func(d *dnstest.Server) { d.TruncateUDP = true })
 	hops, err := newResolver(d).Lookup(context.Background(), "example.com")
 	if err != nil {
 		t.Fatal(err)
@@ -823,26 +630,26 @@ func TestLookupRetriesTruncatedAnswersOverTCP(t *testing.T) {
 	if got, want := hopStrings(hops), []string{"10 mx1.example.com 192.0.2.1:25"}; !slices.Equal(got, want) {
 		t.Errorf("hops = %v, want %v", got, want)
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	var tcp int
+	d.Set(func(d *dnstest.Server) { tcp = d.TCPQueries })
 	// MX, A and AAAA: each once over UDP, once over TCP.
-	if d.tcpQueries != 3 {
-		t.Errorf("%d TCP queries, want 3", d.tcpQueries)
+	if tcp != 3 {
+		t.Errorf("%d TCP queries, want 3", tcp)
 	}
 }
 
 func TestLookupSendsRecursiveQueriesWithEDNS0(t *testing.T) {
-	d := startDNS(t)
-	d.add(t, "example.com. 300 IN A 192.0.2.7")
+	d := dnstest.Start(t)
+	d.Add(t, "example.com. 300 IN A 192.0.2.7")
 	if _, err := newResolver(d).Lookup(context.Background(), "example.com"); err != nil {
 		t.Fatal(err)
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if !d.last.RecursionDesired {
+	var last *dns.Msg
+	d.Set(func(d *dnstest.Server) { last = d.Last })
+	if !last.RecursionDesired {
 		t.Error("RD bit not set")
 	}
-	opt := d.last.IsEdns0()
+	opt := last.IsEdns0()
 	if opt == nil {
 		t.Fatal("no EDNS0 OPT record")
 	}
@@ -856,7 +663,7 @@ func TestResolverResolveHost(t *testing.T) {
 		host    string
 		port    uint16
 		want    []string
-		wantErr *Error
+		wantErr *failure.Error
 		noDNS   bool
 	}{
 		"a name resolves to its IPv4 then its IPv6 addresses": {
@@ -893,27 +700,27 @@ func TestResolverResolveHost(t *testing.T) {
 		},
 		"a nonexistent route host defers": {
 			host: "gone.example.net", port: 25,
-			wantErr: Temporary(451, "4.4.4", ""),
+			wantErr: failure.Temporary(451, "4.4.4", ""),
 		},
 		"a route host whose lookup fails defers": {
 			host: "broken.example.net", port: 25,
-			wantErr: Temporary(451, "4.4.3", ""),
+			wantErr: failure.Temporary(451, "4.4.3", ""),
 		},
 		"an invalid route host defers": {
 			host: "bad host", port: 25,
-			wantErr: Temporary(451, "4.3.5", ""),
+			wantErr: failure.Temporary(451, "4.3.5", ""),
 			noDNS:   true,
 		},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			d := startDNS(t)
-			d.add(t,
+			d := dnstest.Start(t)
+			d.Add(t,
 				"relay.example.net. 300 IN A 192.0.2.25",
 				"relay.example.net. 300 IN AAAA 2001:db8::25",
 				"smarthost.example.net. 300 IN CNAME relay.example.net.",
 			)
-			d.set(func(d *testDNS) { d.rcodes["broken.example.net."] = dns.RcodeServerFailure })
+			d.Set(func(d *dnstest.Server) { d.Rcodes["broken.example.net."] = dns.RcodeServerFailure })
 			hops, err := newResolver(d).ResolveHost(context.Background(), tc.host, tc.port)
 			if tc.wantErr != nil {
 				checkError(t, err, tc.wantErr)
@@ -925,7 +732,7 @@ func TestResolverResolveHost(t *testing.T) {
 					t.Errorf("hops = %v, want %v", got, tc.want)
 				}
 			}
-			if n := d.total(); tc.noDNS && n != 0 {
+			if n := d.Total(); tc.noDNS && n != 0 {
 				t.Errorf("%d DNS queries, want none", n)
 			}
 		})
@@ -933,8 +740,8 @@ func TestResolverResolveHost(t *testing.T) {
 }
 
 func TestLookupFindsAnInternationalisedDomainByItsALabel(t *testing.T) {
-	d := startDNS(t)
-	d.add(t, "xn--bcher-kva.example. 300 IN MX 10 mx.xn--bcher-kva.example.",
+	d := dnstest.Start(t)
+	d.Add(t, "xn--bcher-kva.example. 300 IN MX 10 mx.xn--bcher-kva.example.",
 		"mx.xn--bcher-kva.example. 300 IN A 127.0.0.5")
 	hops, err := newResolver(d).Lookup(context.Background(), "Bücher.example")
 	if err != nil {

@@ -1,10 +1,9 @@
-package deliverer
+package resolve
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"golang.org/x/net/idna"
 	"math"
 	"math/rand/v2"
 	"net"
@@ -15,6 +14,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/jetmail/jetmail/deliverer/failure"
 )
 
 // MX resolution (RFC 5321 §5.1) talks to the configured recursive DNS
@@ -117,7 +118,7 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 	if strings.HasPrefix(domain, "[") {
 		addr, ok := parseDomainLiteral(domain)
 		if !ok {
-			return nil, Permanent(550, "5.1.2", "invalid address literal %q", domain)
+			return nil, failure.Permanent(550, "5.1.2", "invalid address literal %q", domain)
 		}
 		if r.isLocal(addr.String(), addr) {
 			return nil, loopError(domain)
@@ -126,7 +127,7 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 	}
 	name, ok := normalizeDomain(domain)
 	if !ok {
-		return nil, Permanent(550, "5.1.2", "invalid domain %q", domain)
+		return nil, failure.Permanent(550, "5.1.2", "invalid domain %q", domain)
 	}
 
 	mx, err := r.query(ctx, name, dns.TypeMX)
@@ -134,7 +135,7 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 		return nil, err
 	}
 	if mx.nx {
-		return nil, Permanent(550, "5.1.2", "domain %s does not exist", name)
+		return nil, failure.Permanent(550, "5.1.2", "domain %s does not exist", name)
 	}
 	if len(mx.rrs) == 0 {
 		return r.implicitMX(ctx, name, port)
@@ -159,7 +160,7 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 		hosts = append(hosts, mxHost{pref: int(rec.Preference), host: host})
 	}
 	if len(hosts) == 0 {
-		return nil, Permanent(556, "5.1.10", "domain does not accept mail (null MX)")
+		return nil, failure.Permanent(556, "5.1.10", "domain does not accept mail (null MX)")
 	}
 	// Shuffle, then sort stably: equal preferences end up in random order.
 	rand.Shuffle(len(hosts), func(i, j int) { hosts[i], hosts[j] = hosts[j], hosts[i] })
@@ -177,7 +178,7 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 	var candidates []resolved
 	for _, h := range hosts {
 		if err := ctx.Err(); err != nil {
-			return nil, Temporary(451, "4.4.3", "MX lookup for %s: %v", name, err)
+			return nil, failure.Temporary(451, "4.4.3", "MX lookup for %s: %v", name, err)
 		}
 		if h.pref >= cutoff {
 			break
@@ -222,9 +223,9 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 	case !usable:
 		return nil, loopError(name)
 	case tempErr != nil:
-		return nil, Temporary(451, "4.4.3", "no MX host of %s could be resolved: %s", name, errorText(tempErr))
+		return nil, failure.Temporary(451, "4.4.3", "no MX host of %s could be resolved: %s", name, errorText(tempErr))
 	default:
-		return nil, Permanent(550, "5.4.4", "no address for any MX host")
+		return nil, failure.Permanent(550, "5.4.4", "no address for any MX host")
 	}
 }
 
@@ -239,7 +240,7 @@ func (r *Resolver) implicitMX(ctx context.Context, name string, port uint16) ([]
 		return nil, err
 	}
 	if len(addrs) == 0 {
-		return nil, Permanent(550, "5.1.2", "domain %s has no MX and no address records", name)
+		return nil, failure.Permanent(550, "5.1.2", "domain %s has no MX and no address records", name)
 	}
 	hops := make([]Hop, 0, len(addrs))
 	for _, a := range addrs {
@@ -268,14 +269,14 @@ func (r *Resolver) ResolveHost(ctx context.Context, host string, port uint16) ([
 	}
 	name, ok := normalizeDomain(host)
 	if !ok {
-		return nil, Temporary(451, "4.3.5", "invalid route host %q", host)
+		return nil, failure.Temporary(451, "4.3.5", "invalid route host %q", host)
 	}
 	addrs, err := r.resolveAddrs(ctx, name)
 	if err != nil {
 		return nil, err
 	}
 	if len(addrs) == 0 {
-		return nil, Temporary(451, "4.4.4", "no address for route host %s", name)
+		return nil, failure.Temporary(451, "4.4.4", "no address for route host %s", name)
 	}
 	hops := make([]Hop, 0, len(addrs))
 	for _, a := range addrs {
@@ -332,7 +333,7 @@ func (r *Resolver) query(ctx context.Context, name string, qtype uint16) (answer
 		}
 		cur = e.cname
 	}
-	return answer{}, Temporary(451, "4.4.3", "DNS lookup of %s %s: CNAME chain too long", name, dns.TypeToString[qtype])
+	return answer{}, failure.Temporary(451, "4.4.3", "DNS lookup of %s %s: CNAME chain too long", name, dns.TypeToString[qtype])
 }
 
 // queryOnce answers one question from the cache, else from the DNS, caching
@@ -412,7 +413,7 @@ func negativeTTL(msg *dns.Msg) time.Duration {
 func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
 	servers, err := r.servers()
 	if err != nil {
-		return nil, Temporary(451, "4.4.3", "DNS lookup of %s %s: %v", name, dns.TypeToString[qtype], err)
+		return nil, failure.Temporary(451, "4.4.3", "DNS lookup of %s %s: %v", name, dns.TypeToString[qtype], err)
 	}
 	q := new(dns.Msg)
 	q.SetQuestion(dns.Fqdn(name), qtype)
@@ -435,7 +436,7 @@ func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dn
 		}
 		last = fmt.Errorf("%s: %s", server, dns.RcodeToString[resp.Rcode])
 	}
-	return nil, Temporary(451, "4.4.3", "DNS lookup of %s %s: %v", name, dns.TypeToString[qtype], last)
+	return nil, failure.Temporary(451, "4.4.3", "DNS lookup of %s %s: %v", name, dns.TypeToString[qtype], last)
 }
 
 // exchangeWith sends q to one server over UDP, retrying over TCP if the
@@ -566,87 +567,14 @@ func (r *Resolver) isLocal(host string, addr netip.Addr) bool {
 	return r.IsLocal != nil && r.IsLocal(host, addr)
 }
 
-func loopError(domain string) *Error {
-	return Permanent(554, "5.4.6", "mail for %s loops back to myself", domain)
+func loopError(domain string) *failure.Error {
+	return failure.Permanent(554, "5.4.6", "mail for %s loops back to myself", domain)
 }
 
 func errorText(err error) string {
-	var e *Error
+	var e *failure.Error
 	if errors.As(err, &e) {
 		return e.Text
 	}
 	return err.Error()
-}
-
-// canonicalName lower-cases a DNS name and strips its trailing dot; the
-// root "." becomes "".
-func canonicalName(s string) string {
-	return strings.ToLower(strings.TrimSuffix(s, "."))
-}
-
-// normalizeDomain canonicalizes a domain and checks it is a plausible host
-// name: dot-separated labels of 1 to 63 letters, digits and hyphens, not
-// starting or ending with a hyphen (RFC 5321 §4.1.2 "Domain"), 253 octets
-// at most. Internationalized names must already be A-labels.
-func normalizeDomain(s string) (string, bool) {
-	s = canonicalName(s)
-	// An internationalised domain (SMTPUTF8 mail) is looked up by its
-	// A-label form (RFC 5890): bücher.example is xn--bcher-kva.example.
-	if strings.ContainsFunc(s, func(r rune) bool { return r >= 0x80 }) {
-		a, err := idna.Lookup.ToASCII(s)
-		if err != nil {
-			return "", false
-		}
-		s = a
-	}
-	if s == "" || len(s) > 253 {
-		return "", false
-	}
-	for label := range strings.SplitSeq(s, ".") {
-		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			return "", false
-		}
-		for i := 0; i < len(label); i++ {
-			c := label[i]
-			if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' {
-				return "", false
-			}
-		}
-	}
-	return s, true
-}
-
-// parseDomainLiteral parses an RFC 5321 §4.1.3 address literal:
-// "[192.0.2.1]" or "[IPv6:2001:db8::1]".
-func parseDomainLiteral(s string) (netip.Addr, bool) {
-	if len(s) < 2 || s[0] != '[' || s[len(s)-1] != ']' {
-		return netip.Addr{}, false
-	}
-	inner := s[1 : len(s)-1]
-	if len(inner) > 5 && strings.EqualFold(inner[:5], "IPv6:") {
-		a, err := netip.ParseAddr(inner[5:])
-		if err != nil || !a.Is6() || a.Zone() != "" {
-			return netip.Addr{}, false
-		}
-		return a.Unmap(), true
-	}
-	a, err := netip.ParseAddr(inner)
-	if err != nil || !a.Is4() {
-		return netip.Addr{}, false
-	}
-	return a, true
-}
-
-// parseHostIP accepts a route host given as an IP: bare, in brackets, or as
-// an address literal.
-func parseHostIP(s string) (netip.Addr, bool) {
-	if a, ok := parseDomainLiteral(s); ok {
-		return a, true
-	}
-	s = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
-	a, err := netip.ParseAddr(s)
-	if err != nil {
-		return netip.Addr{}, false
-	}
-	return a.Unmap(), true
 }

@@ -1,4 +1,4 @@
-package deliverer
+package failure
 
 import (
 	"errors"

@@ -1,0 +1,456 @@
+package deliverer
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/jetmail/jetmail/deliverer/dsn"
+	"github.com/jetmail/jetmail/deliverer/failure"
+	"github.com/jetmail/jetmail/deliverer/resolve"
+	"github.com/jetmail/jetmail/policy"
+	"github.com/jetmail/jetmail/spool"
+)
+
+// recordTimeout bounds recording an attempt's outcome, which goes on
+// after Run's context ends: a delivered recipient must be recorded.
+const recordTimeout = 30 * time.Second
+
+// attempt is one pass over a message's pending recipients.
+type attempt struct {
+	d   *Deliverer
+	msg queueMsg
+	m   *spool.Message
+	st  *spool.DeliveryState
+	pol *policy.Delivery
+	now time.Time
+	log *zap.Logger
+
+	// recorded counts the results of this attempt, whatever they were.
+	recorded int
+	// Results of this attempt, for notifications.
+	reports []dsn.Recipient
+	// Recipients whose delivery asks for a success notice.
+	successes []dsn.Recipient
+}
+
+func (a *attempt) rcptState(addr string) *spool.RcptState {
+	for i := range a.st.Rcpts {
+		if a.st.Rcpts[i].Addr == addr {
+			return &a.st.Rcpts[i]
+		}
+	}
+	a.st.Rcpts = append(a.st.Rcpts, spool.RcptState{Addr: addr, Status: spool.RcptQueued})
+	return &a.st.Rcpts[len(a.st.Rcpts)-1]
+}
+
+// pending lists the recipients not delivered or failed yet.
+func (a *attempt) pending() []spool.Rcpt {
+	var out []spool.Rcpt
+	for _, r := range a.m.Envelope.Rcpts {
+		switch a.rcptState(r.Addr).Status {
+		case spool.RcptQueued, spool.RcptDeferred:
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// due lists the pending recipients whose retry time has come: each
+// recipient follows the retry schedule by its own attempt count, so one
+// that was deferred for the first time is not kept waiting as long as
+// another that has been failing for a day.
+func (a *attempt) due() []spool.Rcpt {
+	var out []spool.Rcpt
+	for _, r := range a.pending() {
+		if !a.rcptState(r.Addr).NextAttempt.After(a.now) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// expire fails every pending recipient: the queue lifetime is over,
+// whatever state the message was in.
+func (a *attempt) expire() {
+	age := a.now.Sub(a.m.Envelope.Received).Round(time.Second)
+	for _, r := range a.pending() {
+		rs := a.rcptState(r.Addr)
+		last := rs.Text
+		e := failure.Permanent(554, "4.4.7", "message expired after %s in the queue", age)
+		if last != "" {
+			e.Text += "; last error: " + last
+		}
+		a.record(r, RcptResult{Rcpt: r, Status: RcptFailed, Err: e}, 0)
+	}
+	a.d.metrics.expired.Inc()
+}
+
+// run attempts delivery to every pending recipient, one session per
+// destination, destinations in parallel.
+func (a *attempt) run(ctx context.Context) {
+	// The body is read once, by the first destination that gets as far as
+	// a session slot: mail for a destination that is down or busy is
+	// deferred without reading it.
+	body := sync.OnceValues(func() ([]byte, error) { return a.d.cfg.Spool.ReadBody(ctx, a.m) })
+	groups := map[string][]spool.Rcpt{}
+	var domains []string
+	for _, r := range a.due() {
+		dom := strings.ToLower(r.Addr[strings.LastIndexByte(r.Addr, '@')+1:])
+		if _, ok := groups[dom]; !ok {
+			domains = append(domains, dom)
+		}
+		groups[dom] = append(groups[dom], r)
+	}
+	sort.Strings(domains)
+
+	// Keep the message ours while sessions run.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		t := time.NewTicker(a.d.cfg.AckWait / 4)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				_ = a.msg.InProgress()
+			}
+		}
+	}()
+
+	type groupResult struct {
+		rcpts   []spool.Rcpt
+		results []RcptResult
+		elapsed time.Duration
+		skipped bool
+		// cut is set when the attempt's context had ended by the time the
+		// session returned: a shutdown past its grace.
+		cut bool
+	}
+	out := make([]groupResult, len(domains))
+	var wg sync.WaitGroup
+	for i, dom := range domains {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			start := time.Now()
+			res, skipped := a.deliverDomain(ctx, dom, groups[dom], body)
+			out[i] = groupResult{rcpts: groups[dom], results: res, elapsed: time.Since(start), skipped: skipped, cut: ctx.Err() != nil}
+		}()
+	}
+	wg.Wait()
+	for _, g := range out {
+		if g.skipped {
+			// Busy destination: not an attempt for these recipients;
+			// their retry time stays as it was, and finish brings the
+			// message back soon.
+			continue
+		}
+		killed := false
+		for i, r := range g.rcpts {
+			res := g.results[i]
+			a.record(r, res, g.elapsed)
+			killed = killed || deadlineKill(res.Err)
+			if g.cut && res.Status == RcptDeferred && (res.Err == nil || res.Err.Remote == "") {
+				// Cut short by our shutdown, not by the remote: not an
+				// attempt, and another replica may try again at once.
+				rs := a.rcptState(r.Addr)
+				rs.Attempts--
+				rs.NextAttempt = a.now
+			}
+		}
+		if killed {
+			// Once per session, not per recipient.
+			a.d.metrics.deadlineKills.Inc()
+		}
+	}
+}
+
+// deliverDomain routes and delivers one domain's recipients. skipped is
+// true when the destination had no free session slot.
+func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spool.Rcpt, body func() ([]byte, error)) ([]RcptResult, bool) {
+	d := a.d
+	all := func(e *failure.Error) []RcptResult {
+		st := RcptDeferred
+		if e.Permanent {
+			st = RcptFailed
+		}
+		out := make([]RcptResult, len(rcpts))
+		for i, r := range rcpts {
+			out[i] = RcptResult{Rcpt: r, Status: st, Err: e}
+		}
+		return out
+	}
+	var (
+		hops  []resolve.Hop
+		tlsp  = policy.TLSOpportunistic
+		creds *policy.Credentials
+		to    = a.pol.Timeouts
+		dest  = domain
+		err   error
+	)
+	route := a.pol.Route(domain)
+	if route != nil {
+		dest = route.Name
+	}
+	suspended, probe := d.checkDead(dest, a.now)
+	if suspended != nil {
+		d.metrics.suspended.Add(float64(len(rcpts)))
+		return all(suspended), false
+	}
+	if probe {
+		defer d.endProbe(dest)
+	}
+	if route != nil {
+		tlsp, creds, to = route.TLS, route.Auth, route.Timeouts
+		hops, err = d.routeHops(ctx, route)
+	} else {
+		hops, err = d.cfg.Resolver.Lookup(ctx, domain)
+		for i := range hops {
+			hops[i].Addr = netip.AddrPortFrom(hops[i].Addr.Addr(), a.pol.Port)
+		}
+	}
+	if err != nil {
+		return all(failure.Classify(err)), false
+	}
+	if !d.takeSlot(ctx, dest, a.pol) {
+		return nil, true
+	}
+	defer d.freeSlot(dest)
+	data, err := body()
+	if err != nil {
+		a.log.Error("reading the message body", zap.Error(err))
+		return all(failure.Temporary(451, "4.3.0", "queue read error")), false
+	}
+	t := &Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts, Body: data}
+	// The same snapshot decides whether the connection may carry another
+	// message after this one: messagesPerConnection applies without a
+	// restart, like every other setting.
+	res := d.cfg.Client.Deliver(ctx, hops, tlsp, creds, to, a.pol.PerConnection, t)
+	if ctx.Err() == nil {
+		// A session cut short by a shutdown says nothing about dest.
+		d.noteDest(dest, res, a.pol)
+	}
+	return res, false
+}
+
+// routeHops resolves a static route's next hops, in order: A/AAAA only.
+func (d *Deliverer) routeHops(ctx context.Context, r *policy.Route) ([]resolve.Hop, error) {
+	var hops []resolve.Hop
+	var lastErr error
+	for _, h := range r.Hops {
+		hs, err := d.cfg.Resolver.ResolveHost(ctx, h.Host, h.Port)
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		hops = append(hops, hs...)
+	}
+	if len(hops) == 0 {
+		if lastErr == nil {
+			lastErr = failure.Temporary(451, "4.4.4", "%s: no usable next hop", r.Name)
+		}
+		return nil, lastErr
+	}
+	return hops, nil
+}
+
+// record applies one recipient's result to the state and logs it, one
+// line per recipient per attempt, like Postfix's status= lines.
+func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
+	rs := a.rcptState(r.Addr)
+	a.recorded++
+	rs.Attempts++
+	rs.LastAttempt = a.now
+	fields := []zap.Field{
+		zap.String("rcpt", r.Addr),
+		zap.Duration("delay", a.now.Sub(a.m.Envelope.Received).Round(time.Millisecond)),
+		zap.Duration("duration", elapsed.Round(time.Millisecond)),
+	}
+	if res.Hop.Host != "" {
+		fields = append(fields, zap.String("relay", res.Hop.Host), zap.String("relay_addr", res.Hop.Addr.String()), zap.Bool("tls", res.TLS))
+	}
+	report := dsn.Recipient{Rcpt: r, LastAttempt: a.now, RemoteMTA: res.Hop.Host}
+	var status string
+	switch res.Status {
+	case RcptDelivered:
+		rs.Status, rs.Code, rs.Enhanced, rs.Text, rs.NextAttempt = spool.RcptDelivered, 250, "2.0.0", res.Reply, time.Time{}
+		status = "sent"
+		fields = append(fields, zap.String("reply", res.Reply))
+		a.d.metrics.latency.Observe(a.d.cfg.Now().Sub(a.m.Envelope.Received).Seconds())
+		// NOTIFY=SUCCESS: a next hop that took our DSN parameters will
+		// report delivery itself; otherwise we say "relayed" (RFC 3461 §5.2.2).
+		if dsn.WantsNotice(r, dsn.ActionRelayed) && !res.DSNPassed {
+			report.Action, report.Status, report.Diagnostic = dsn.ActionRelayed, "2.0.0", res.Reply
+			a.successes = append(a.successes, report)
+		}
+	default:
+		e := res.Err
+		if e == nil {
+			e = failure.Temporary(451, "4.4.0", "no result")
+		}
+		rs.Code, rs.Enhanced, rs.Text, rs.RemoteMTA = e.Code, e.Enhanced, e.Text, e.Remote
+		report.Status, report.Diagnostic = e.Enhanced, fmt.Sprintf("%d %s %s", e.Code, e.Enhanced, e.Text)
+		if res.Status == RcptFailed || e.Permanent {
+			rs.Status, status, report.Action = spool.RcptFailed, "bounced", dsn.ActionFailed
+			rs.NextAttempt = time.Time{}
+		} else {
+			rs.Status, status, report.Action = spool.RcptDeferred, "deferred", dsn.ActionDelayed
+			rs.NextAttempt = a.now.Add(a.pol.RetryDelay(rs.Attempts))
+		}
+		fields = append(fields, zap.Int("code", e.Code), zap.String("dsn", e.Enhanced), zap.String("reply", e.Text))
+		a.reports = append(a.reports, report)
+	}
+	a.d.metrics.attempts.WithLabelValues(status).Inc()
+	fields = append(fields, zap.String("status", status))
+	if status == "sent" {
+		a.log.Info("delivery", fields...)
+	} else {
+		a.log.Warn("delivery", fields...)
+	}
+}
+
+// finish records the outcome, queues notifications and acknowledges or
+// schedules the message. The delivered recipients are recorded before the
+// acknowledgement, so a redelivered message never reaches them twice.
+//
+// ctx is the attempt's context; the outcome is recorded even when it has
+// ended (a shutdown past Grace), since a recipient that got the message
+// must never get it again.
+func (a *attempt) finish(ctx context.Context, hadState bool) {
+	interrupted := ctx.Err() != nil
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+	defer cancel()
+	sp := a.d.cfg.Spool
+	a.st.Attempts++
+	a.st.LastAttempt = a.now
+	// Every failed recipient not bounced yet, including those of an
+	// earlier attempt whose notice could not be queued then.
+	var failed []dsn.Recipient
+	for _, rs := range a.st.Rcpts {
+		if rs.Status == spool.RcptFailed && !slices.Contains(a.st.Bounced, rs.Addr) {
+			failed = append(failed, a.failedReport(rs))
+		}
+	}
+	done := len(a.pending()) == 0
+
+	if len(failed) > 0 {
+		// Record first: the notice is queued idempotently (its guard is
+		// derived from the queue ID and recipients), then remembered.
+		if err := sp.SaveState(ctx, a.st); err != nil {
+			a.retryLater(err)
+			return
+		}
+		if err := a.notify(ctx, failed, "failed"); err != nil {
+			a.retryLater(err)
+			return
+		}
+		for _, r := range failed {
+			a.st.Bounced = append(a.st.Bounced, r.Rcpt.Addr)
+		}
+		hadState = true
+	}
+	if len(a.successes) > 0 {
+		if err := a.notify(ctx, a.successes, "success"); err != nil {
+			a.log.Warn("queueing a success notice", zap.Error(err))
+		}
+	}
+	if done {
+		if err := sp.Complete(ctx, a.m); err != nil {
+			// Whoever gets the message next must know who has it.
+			if serr := sp.SaveState(ctx, a.st); serr != nil {
+				a.log.Error("saving the delivery state", zap.Error(serr))
+			}
+			a.retryLater(err)
+			return
+		}
+		if hadState {
+			if err := sp.ClearState(ctx, a.m.Envelope.QueueID); err != nil {
+				a.log.Warn("clearing delivery state", zap.Error(err))
+			}
+		}
+		_ = a.msg.Ack()
+		return
+	}
+
+	expires := a.m.Envelope.Received.Add(a.pol.QueueLifetime)
+	if !a.anyAttempted() {
+		// Every destination was busy (or nothing was due): not an attempt.
+		a.st.Attempts--
+	}
+	// The message comes back when its first pending recipient is due.
+	var next time.Time
+	for _, r := range a.pending() {
+		rs := a.rcptState(r.Addr)
+		t := rs.NextAttempt
+		if !t.After(a.now) && !interrupted {
+			// Due but not attempted: its destination was busy. Its
+			// recipients wait in the queue, not in a worker, and come
+			// back soon. (After a shutdown they may come back at once.)
+			t = a.now.Add(time.Second + time.Duration(rand.Int64N(int64(2*time.Second))))
+		}
+		if next.IsZero() || t.Before(next) {
+			next = t
+		}
+	}
+	if next.After(expires) {
+		next = expires
+	}
+	a.st.NextAttempt = next
+	if w := a.pol.DelayWarning; w > 0 && !a.st.DelayWarned && a.now.Sub(a.m.Envelope.Received) >= w {
+		var delayed []dsn.Recipient
+		for _, r := range a.reports {
+			if r.Action == dsn.ActionDelayed {
+				r.WillRetryUntil = expires
+				delayed = append(delayed, r)
+			}
+		}
+		if len(delayed) > 0 {
+			if err := a.notify(ctx, delayed, "delayed"); err != nil {
+				a.log.Warn("queueing a delay warning", zap.Error(err))
+			} else {
+				a.st.DelayWarned = true
+			}
+		}
+	}
+	if !a.anyAttempted() && !hadState {
+		// Nothing happened to this message: no need to write anything,
+		// the schedule travels with the negative acknowledgement.
+		_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
+		return
+	}
+	if err := sp.SaveState(ctx, a.st); err != nil {
+		a.retryLater(err)
+		return
+	}
+	_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
+}
+
+// anyAttempted tells whether any recipient got a result in this attempt:
+// a delivery too, which must be recorded before the message comes back.
+func (a *attempt) anyAttempted() bool { return a.recorded > 0 }
+
+// retryLater gives the message back when we could not record an outcome.
+func (a *attempt) retryLater(err error) {
+	a.log.Error("recording the delivery outcome failed; the message will be tried again", zap.Error(err))
+	_ = a.msg.NakWithDelay(30 * time.Second)
+}
+
+// deadlineKill tells whether e is the client cutting a session off at its
+// hard deadline or for a too slow data rate (see client.go and pool.go),
+// as opposed to an ordinary timeout or a lost connection, which are 4.4.2
+// as well.
+func deadlineKill(e *failure.Error) bool {
+	return e != nil && e.Enhanced == "4.4.2" &&
+		(strings.Contains(e.Text, "session deadline exceeded") || strings.Contains(e.Text, "slower than"))
+}

@@ -1,0 +1,201 @@
+package deliverer
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/jetmail/jetmail/spool"
+)
+
+const (
+	// maxFetch is the most messages asked for in one pull.
+	maxFetch = 64
+	// fetchWait is how long one pull waits for messages; it bounds how
+	// long Run takes to notice that its context ended.
+	fetchWait = 2 * time.Second
+)
+
+// Run consumes the queue until ctx ends, then lets attempts in flight
+// finish within Grace. Messages it never finished come back to another
+// replica after AckWait; nothing is lost.
+//
+// It pulls only as many messages as it has free slots for: a message that
+// sat in a client-side buffer would have its AckWait running with nobody
+// sending in-progress signals for it, and once that ran out another
+// replica (or this one) would deliver it a second time.
+func (d *Deliverer) Run(ctx context.Context) error {
+	cons, err := d.cfg.Spool.DeliveryConsumer(ctx, d.cfg.AckWait, d.cfg.MaxWaiting)
+	if err != nil {
+		return err
+	}
+	work, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelWork()
+	go func() {
+		<-ctx.Done()
+		select {
+		case <-time.After(d.cfg.Grace):
+			cancelWork()
+		case <-work.Done():
+		}
+	}()
+	go d.watchQueue(ctx, cons)
+	if d.cfg.SweepEvery > 0 {
+		go d.sweepBodies(ctx)
+	}
+
+	sem := make(chan struct{}, d.cfg.MaxInFlight)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	backoff := time.Duration(0)
+	for {
+		// One slot, waiting for it, then every other free one.
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return nil
+		}
+		if ctx.Err() != nil {
+			// Both cases were ready and select chose the slot at random:
+			// without this, a shutdown starts another pull (fetchWait)
+			// half the time, again and again.
+			return nil
+		}
+		n := 1
+	more:
+		for n < maxFetch {
+			select {
+			case sem <- struct{}{}:
+				n++
+			default:
+				break more
+			}
+		}
+		// Not bound to ctx: a pull abandoned mid-way would leave messages
+		// the server sent to nobody until AckWait. Its own deadline makes
+		// the server end the pull a little before it (FetchContext), and
+		// bounds the wait even if the server's end-of-pull never arrives
+		// (FetchMaxWait alone was seen to hang for more than 15s).
+		fctx, cancelFetch := context.WithTimeout(context.Background(), fetchWait)
+		batch, err := cons.Fetch(n, jetstream.FetchContext(fctx))
+		got := 0
+		if err == nil {
+			for msg := range batch.Messages() {
+				got++
+				if ctx.Err() != nil {
+					// Shutting down: give it back. Not at once: it would
+					// come straight back into this same pull, again and
+					// again until the pull is full. After fetchWait the
+					// pull is over and another replica takes it.
+					_ = msg.NakWithDelay(fetchWait)
+					<-sem
+					continue
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					defer func() { <-sem }()
+					d.handle(work, msg)
+				}()
+			}
+			err = batch.Error()
+		}
+		cancelFetch()
+		for ; got < n; got++ {
+			<-sem
+		}
+		if err == nil || errors.Is(err, nats.ErrTimeout) || errors.Is(err, jetstream.ErrNoMessages) ||
+			errors.Is(err, context.DeadlineExceeded) {
+			backoff = 0
+			continue
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		// NATS away, consumer gone, ...: do not spin.
+		backoff = min(max(2*backoff, 100*time.Millisecond), 5*time.Second)
+		d.log.Warn("fetching from the queue", zap.Error(err), zap.Duration("retry_in", backoff))
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+	}
+}
+
+// queueMsg is the part of a JetStream message the deliverer uses.
+type queueMsg interface {
+	Metadata() (*jetstream.MsgMetadata, error)
+	Subject() string
+	Headers() nats.Header
+	Data() []byte
+	Ack() error
+	NakWithDelay(time.Duration) error
+	InProgress() error
+	Term() error
+}
+
+var _ queueMsg = (jetstream.Msg)(nil)
+
+// handle takes one queued message through one attempt.
+func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
+	md, err := msg.Metadata()
+	if err != nil {
+		d.log.Error("queue message without metadata", zap.Error(err))
+		_ = msg.Term()
+		return
+	}
+	m, err := spool.Decode(msg.Subject(), md.Sequence.Stream, msg.Headers(), msg.Data())
+	if err != nil {
+		d.log.Error("undecodable queue message, dropped from the consumer", zap.String("subject", msg.Subject()), zap.Error(err))
+		_ = msg.Term()
+		return
+	}
+	if m.Tombstone {
+		_ = msg.Ack()
+		return
+	}
+	env := &m.Envelope
+	log := d.log.With(zap.String("queue_id", env.QueueID))
+	pol := d.cfg.Policy()
+	now := d.cfg.Now()
+
+	var st *spool.DeliveryState
+	hadState := false
+	// Read the state even on a first delivery: a consumer that was
+	// recreated starts its counts again, and a recipient already served
+	// must never get a second copy. A read costs no fsync.
+	st, err = d.cfg.Spool.LoadState(ctx, env.QueueID)
+	if err != nil {
+		log.Warn("loading delivery state, retrying shortly", zap.Error(err))
+		_ = msg.NakWithDelay(30 * time.Second)
+		return
+	}
+	hadState = st != nil
+	if st == nil {
+		st = &spool.DeliveryState{QueueID: env.QueueID}
+		for _, r := range env.Rcpts {
+			st.Rcpts = append(st.Rcpts, spool.RcptState{Addr: r.Addr, Status: spool.RcptQueued})
+		}
+	}
+	expires := env.Received.Add(pol.QueueLifetime)
+	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) {
+		// Handed back early (a replica died, or the schedule changed):
+		// wait for the time that was set, never past the expiry.
+		_ = msg.NakWithDelay(min(st.NextAttempt.Sub(now), expires.Sub(now)))
+		return
+	}
+
+	a := &attempt{d: d, msg: msg, m: m, st: st, pol: pol, now: now, log: log}
+	if !now.Before(expires) {
+		a.expire()
+	} else {
+		a.run(ctx)
+	}
+	a.finish(ctx, hadState)
+}
