@@ -451,6 +451,5 @@ func (a *attempt) retryLater(err error) {
 // as opposed to an ordinary timeout or a lost connection, which are 4.4.2
 // as well.
 func deadlineKill(e *failure.Error) bool {
-	return e != nil && e.Enhanced == "4.4.2" &&
-		(strings.Contains(e.Text, "session deadline exceeded") || strings.Contains(e.Text, "slower than"))
+	return e != nil && e.Reason == failure.DeadlineKill
 }

@@ -339,7 +339,7 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 		var e *failure.Error
 		if slow && !cn.dc.sessionOver() {
 			cn.broken = true
-			e = failure.Temporary(451, "4.4.2", "%s took message data slower than %d B/s", host, to.MinDataRate)
+			e = failure.Temporary(451, "4.4.2", "%s took message data slower than %d B/s", host, to.MinDataRate).WithReason(failure.DeadlineKill)
 		} else {
 			e = cn.fail(step, err)
 		}

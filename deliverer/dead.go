@@ -1,7 +1,6 @@
 package deliverer
 
 import (
-	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -64,7 +63,10 @@ func (d *Deliverer) noteDest(dest string, res []RcptResult, pol *policy.Delivery
 		return
 	}
 	e := *res[0].Err
-	e.Text = "delivery temporarily suspended: " + strings.TrimPrefix(e.Text, "delivery temporarily suspended: ")
+	if e.Reason != failure.Suspended {
+		e.Text = "delivery temporarily suspended: " + e.Text
+		e.Reason = failure.Suspended
+	}
 	now := d.cfg.Now()
 	if d.dead[dest] == nil {
 		d.log.Warn("destination down, deferring its mail without trying", zap.String("destination", dest),

@@ -163,7 +163,7 @@ func (c *Client) checkin(cn *smtpConn, to policy.OutboundTimeouts, perConn int) 
 func (c *Client) connect(ctx context.Context, key poolKey, hop resolve.Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (cn *smtpConn, err *failure.Error, fallback, reached bool) {
 	host := hopName(hop)
 	if !time.Now().Before(limit) {
-		return nil, failure.Temporary(451, "4.4.2", "session deadline exceeded (%s) before connecting to %s", to.Session, host), false, false
+		return nil, failure.Temporary(451, "4.4.2", "session deadline exceeded (%s) before connecting to %s", to.Session, host).WithReason(failure.DeadlineKill), false, false
 	}
 	dctx, cancel := context.WithDeadline(ctx, earliest(time.Now().Add(to.Connect), limit))
 	raw, derr := c.dial(dctx, hop.Addr.String())
@@ -356,7 +356,7 @@ func (cn *smtpConn) localError(step string, err error) *failure.Error {
 	case cn.ctx.Err() != nil:
 		return canceledError(cn.ctx, cn.hop, step)
 	case cn.dc.sessionOver():
-		return failure.Temporary(451, "4.4.2", "session deadline exceeded (%s) during %s with %s", cn.session, step, host)
+		return failure.Temporary(451, "4.4.2", "session deadline exceeded (%s) during %s with %s", cn.session, step, host).WithReason(failure.DeadlineKill)
 	case isTimeout(err):
 		return failure.Temporary(451, "4.4.2", "timeout during %s with %s", step, host)
 	default:

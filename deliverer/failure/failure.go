@@ -22,6 +22,30 @@ type Error struct {
 	Text string
 	// Remote is the host that gave the reply, if any ("" for local errors).
 	Remote string
+	// Reason says why a local failure happened where callers must act on
+	// it; callers test it, never Text.
+	Reason Reason
+}
+
+// Reason is the cause of a local failure that callers act on.
+type Reason uint8
+
+const (
+	// Unspecified is every other failure.
+	Unspecified Reason = iota
+	// DeadlineKill is our client cutting a session off at its hard
+	// deadline or for a data rate below the minimum (a tarpit), as
+	// opposed to an ordinary timeout or a lost connection.
+	DeadlineKill
+	// Suspended is mail deferred without an attempt because its
+	// destination is down (every next hop failed moments ago).
+	Suspended
+)
+
+// WithReason returns e with its reason set.
+func (e *Error) WithReason(r Reason) *Error {
+	e.Reason = r
+	return e
 }
 
 func (e *Error) Error() string {
