@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -96,18 +97,24 @@ func startServe(t *testing.T, bin, dataDir string, extra ...string) *serveProc {
 // stop sends SIGTERM and expects a clean exit.
 func (p *serveProc) stop(t *testing.T) {
 	t.Helper()
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	stopProcess(t, p.cmd, p.log)
+}
+
+// stopProcess sends cmd SIGTERM and expects a clean exit within 20 s.
+func stopProcess(t *testing.T, cmd *exec.Cmd, log fmt.Stringer) {
+	t.Helper()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- p.cmd.Wait() }()
+	go func() { done <- cmd.Wait() }()
 	select {
 	case err := <-done:
 		if err != nil {
-			t.Fatalf("serve exited with %v; log:\n%s", err, p.log)
+			t.Fatalf("%s exited with %v; log:\n%s", cmd.Args[1], err, log)
 		}
 	case <-time.After(20 * time.Second):
-		t.Fatalf("serve did not exit after SIGTERM; log:\n%s", p.log)
+		t.Fatalf("%s did not exit after SIGTERM; log:\n%s", cmd.Args[1], log)
 	}
 }
 
