@@ -89,7 +89,7 @@ func (a *attempt) expire() {
 		if last != "" {
 			e.Text += "; last error: " + last
 		}
-		a.record(r, RcptResult{Rcpt: r, Status: RcptFailed, Err: e}, 0)
+		a.record(r, RcptResult{Rcpt: r, Status: spool.RcptFailed, Err: e}, 0)
 	}
 	a.d.metrics.expired.Inc()
 }
@@ -161,7 +161,7 @@ func (a *attempt) run(ctx context.Context) {
 			res := g.results[i]
 			a.record(r, res, g.elapsed)
 			killed = killed || deadlineKill(res.Err)
-			if g.cut && res.Status == RcptDeferred && (res.Err == nil || res.Err.Remote == "") {
+			if g.cut && res.Status == spool.RcptDeferred && (res.Err == nil || res.Err.Remote == "") {
 				// Cut short by our shutdown, not by the remote: not an
 				// attempt, and another replica may try again at once.
 				rs := a.rcptState(r.Addr)
@@ -181,9 +181,9 @@ func (a *attempt) run(ctx context.Context) {
 func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spool.Rcpt, body func() ([]byte, error)) ([]RcptResult, bool) {
 	d := a.d
 	all := func(e *failure.Error) []RcptResult {
-		st := RcptDeferred
+		st := spool.RcptDeferred
 		if e.Permanent {
-			st = RcptFailed
+			st = spool.RcptFailed
 		}
 		out := make([]RcptResult, len(rcpts))
 		for i, r := range rcpts {
@@ -281,11 +281,9 @@ func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
 		fields = append(fields, zap.String("relay", res.Hop.Host), zap.String("relay_addr", res.Hop.Addr.String()), zap.Bool("tls", res.TLS))
 	}
 	report := dsn.Recipient{Rcpt: r, LastAttempt: a.now, RemoteMTA: res.Hop.Host}
-	var status string
 	switch res.Status {
-	case RcptDelivered:
+	case spool.RcptDelivered:
 		rs.Status, rs.Code, rs.Enhanced, rs.Text, rs.NextAttempt = spool.RcptDelivered, 250, "2.0.0", res.Reply, time.Time{}
-		status = "sent"
 		fields = append(fields, zap.String("reply", res.Reply))
 		a.d.metrics.latency.Observe(a.d.cfg.Now().Sub(a.m.Envelope.Received).Seconds())
 		// NOTIFY=SUCCESS: a next hop that took our DSN parameters will
@@ -301,19 +299,19 @@ func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
 		}
 		rs.Code, rs.Enhanced, rs.Text, rs.RemoteMTA = e.Code, e.Enhanced, e.Text, e.Remote
 		report.Status, report.Diagnostic = e.Enhanced, fmt.Sprintf("%d %s %s", e.Code, e.Enhanced, e.Text)
-		if res.Status == RcptFailed || e.Permanent {
-			rs.Status, status, report.Action = spool.RcptFailed, "bounced", dsn.ActionFailed
+		if res.Status == spool.RcptFailed || e.Permanent {
+			rs.Status, report.Action = spool.RcptFailed, dsn.ActionFailed
 			rs.NextAttempt = time.Time{}
 		} else {
-			rs.Status, status, report.Action = spool.RcptDeferred, "deferred", dsn.ActionDelayed
+			rs.Status, report.Action = spool.RcptDeferred, dsn.ActionDelayed
 			rs.NextAttempt = a.now.Add(a.pol.RetryDelay(rs.Attempts))
 		}
 		fields = append(fields, zap.Int("code", e.Code), zap.String("dsn", e.Enhanced), zap.String("reply", e.Text))
 		a.reports = append(a.reports, report)
 	}
-	a.d.metrics.attempts.WithLabelValues(status).Inc()
-	fields = append(fields, zap.String("status", status))
-	if status == "sent" {
+	a.d.metrics.attempts.WithLabelValues(string(rs.Status)).Inc()
+	fields = append(fields, zap.String("status", string(rs.Status)))
+	if rs.Status == spool.RcptDelivered {
 		a.log.Info("delivery", fields...)
 	} else {
 		a.log.Warn("delivery", fields...)

@@ -43,37 +43,12 @@ type Transfer struct {
 	Body []byte
 }
 
-// RcptStatus is what became of one recipient.
-type RcptStatus int
-
-const (
-	// RcptDelivered means the next hop accepted the message for the
-	// recipient.
-	RcptDelivered RcptStatus = iota
-	// RcptDeferred means try again later.
-	RcptDeferred
-	// RcptFailed means the recipient is bounced.
-	RcptFailed
-)
-
-func (s RcptStatus) String() string {
-	switch s {
-	case RcptDelivered:
-		return "delivered"
-	case RcptDeferred:
-		return "deferred"
-	case RcptFailed:
-		return "failed"
-	}
-	return fmt.Sprintf("RcptStatus(%d)", int(s))
-}
-
 // RcptResult is the outcome for one recipient of a Transfer.
 type RcptResult struct {
 	// Rcpt is the recipient, as given in the Transfer.
 	Rcpt spool.Rcpt
 	// Status says whether the recipient was delivered, deferred or failed.
-	Status RcptStatus
+	Status spool.RcptStatus
 	// Err is the remote reply or local failure; nil when delivered. A
 	// deferred recipient's Err is never Permanent, even when it carries a
 	// remote 5xx that was about the hop rather than the message (a 554
@@ -255,16 +230,16 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	// connection stays reusable.
 	if cn.maxSize > 0 && int64(len(t.Body)) > cn.maxSize {
 		// RFC 1870 §6.1: do not send what the server announced it refuses.
-		finishAll(res, RcptFailed, failure.Permanent(552, "5.3.4", "message size %d exceeds the limit %d of %s", len(t.Body), cn.maxSize, host))
+		finishAll(res, spool.RcptFailed, failure.Permanent(552, "5.3.4", "message size %d exceeds the limit %d of %s", len(t.Body), cn.maxSize, host))
 		return true, nil
 	}
 	if t.Mail.SMTPUTF8 && !cn.utf8 {
 		// RFC 6531 §3.2: no downgrade, the message is returned.
-		finishAll(res, RcptFailed, failure.Permanent(553, "5.6.7", "%s does not support SMTPUTF8 (RFC 6531)", host))
+		finishAll(res, spool.RcptFailed, failure.Permanent(553, "5.6.7", "%s does not support SMTPUTF8 (RFC 6531)", host))
 		return true, nil
 	}
 	if strings.ContainsAny(t.From, "\r\n") {
-		finishAll(res, RcptFailed, failure.Permanent(553, "5.1.7", "sender address contains a line break"))
+		finishAll(res, spool.RcptFailed, failure.Permanent(553, "5.1.7", "sender address contains a line break"))
 		return true, nil
 	}
 
@@ -273,7 +248,7 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	if err := cn.sc.Mail(t.From, cn.mailOptions(t)); err != nil {
 		e := cn.fail(stepMail, err)
 		if e.Permanent {
-			finishAll(res, RcptFailed, e)
+			finishAll(res, spool.RcptFailed, e)
 			return true, nil
 		}
 		// A 4xx to MAIL may mean "not now on this connection": do not
@@ -285,7 +260,7 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	var accepted []int
 	for i, r := range t.Rcpts {
 		if strings.ContainsAny(r.Addr, "\r\n") {
-			finish(&res[i], RcptFailed, failure.Permanent(553, "5.1.3", "recipient address contains a line break"))
+			finish(&res[i], spool.RcptFailed, failure.Permanent(553, "5.1.3", "recipient address contains a line break"))
 			continue
 		}
 		cn.sc.CommandTimeout = to.Rcpt
@@ -298,10 +273,10 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 		if cn.broken {
 			// The connection is gone: what is not decided is deferred.
 			for _, j := range accepted {
-				finish(&res[j], RcptDeferred, e)
+				finish(&res[j], spool.RcptDeferred, e)
 			}
 			for j := i; j < len(res); j++ {
-				finish(&res[j], RcptDeferred, e)
+				finish(&res[j], spool.RcptDeferred, e)
 			}
 			return true, nil
 		}
@@ -311,7 +286,7 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 		return true, nil
 	}
 
-	finishAccepted := func(status RcptStatus, e *failure.Error) {
+	finishAccepted := func(status spool.RcptStatus, e *failure.Error) {
 		for _, i := range accepted {
 			finish(&res[i], status, e)
 		}
@@ -348,7 +323,7 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	}
 	reply := "250 " + oneLine(resp.StatusText)
 	for _, i := range accepted {
-		res[i].Status, res[i].Err, res[i].Reply, res[i].DSNPassed = RcptDelivered, nil, reply, cn.dsn
+		res[i].Status, res[i].Err, res[i].Reply, res[i].DSNPassed = spool.RcptDelivered, nil, reply, cn.dsn
 	}
 	return true, nil
 }
@@ -476,18 +451,18 @@ func oneLine(s string) string {
 	return strings.ReplaceAll(strings.TrimSpace(s), "\n", " / ")
 }
 
-func statusOf(e *failure.Error) RcptStatus {
+func statusOf(e *failure.Error) spool.RcptStatus {
 	if e.Permanent {
-		return RcptFailed
+		return spool.RcptFailed
 	}
-	return RcptDeferred
+	return spool.RcptDeferred
 }
 
-func finish(r *RcptResult, status RcptStatus, e *failure.Error) {
+func finish(r *RcptResult, status spool.RcptStatus, e *failure.Error) {
 	r.Status, r.Err, r.Reply, r.DSNPassed = status, e, errReply(e), false
 }
 
-func finishAll(res []RcptResult, status RcptStatus, e *failure.Error) {
+func finishAll(res []RcptResult, status spool.RcptStatus, e *failure.Error) {
 	for i := range res {
 		finish(&res[i], status, e)
 	}
@@ -505,7 +480,7 @@ func deferAll(res []RcptResult, e *failure.Error, hop resolve.Hop) {
 		e = &tmp
 	}
 	for i := range res {
-		finish(&res[i], RcptDeferred, e)
+		finish(&res[i], spool.RcptDeferred, e)
 		res[i].Hop, res[i].TLS = hop, false
 	}
 }

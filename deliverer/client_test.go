@@ -59,7 +59,7 @@ func testTransfer(rcpts ...string) *Transfer {
 	return t
 }
 
-func wantStatuses(t *testing.T, res []RcptResult, want ...RcptStatus) {
+func wantStatuses(t *testing.T, res []RcptResult, want ...spool.RcptStatus) {
 	t.Helper()
 	if len(res) != len(want) {
 		t.Fatalf("%d results, want %d", len(res), len(want))
@@ -68,13 +68,13 @@ func wantStatuses(t *testing.T, res []RcptResult, want ...RcptStatus) {
 		if r.Status != want[i] {
 			t.Errorf("rcpt %d (%s): status %s (%v), want %s", i, r.Rcpt.Addr, r.Status, r.Err, want[i])
 		}
-		if (r.Status == RcptDelivered) != (r.Err == nil) {
+		if (r.Status == spool.RcptDelivered) != (r.Err == nil) {
 			t.Errorf("rcpt %d: status %s with Err %v", i, r.Status, r.Err)
 		}
-		if r.Status == RcptDeferred && r.Err.Permanent {
+		if r.Status == spool.RcptDeferred && r.Err.Permanent {
 			t.Errorf("rcpt %d: deferred with a permanent error %v", i, r.Err)
 		}
-		if r.Status == RcptFailed && !r.Err.Permanent {
+		if r.Status == spool.RcptFailed && !r.Err.Permanent {
 			t.Errorf("rcpt %d: failed with a temporary error %v", i, r.Err)
 		}
 		if r.Reply == "" {
@@ -98,7 +98,7 @@ func TestDeliverFailover(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].Hop != srv.hop || res[0].TLS {
 			t.Errorf("result from hop %+v TLS %v, want %+v in plaintext", res[0].Hop, res[0].TLS, srv.hop)
 		}
@@ -117,7 +117,7 @@ func TestDeliverFailover(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{busy.hop, srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if busy.accepted.Load() != 1 || len(srv.transactions()) != 1 {
 			t.Errorf("busy hop saw %d connections, good hop %d transactions", busy.accepted.Load(), len(srv.transactions()))
 		}
@@ -127,7 +127,7 @@ func TestDeliverFailover(t *testing.T) {
 	t.Run("all hops down defers every recipient with 4.4.1", func(t *testing.T) {
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
-		wantStatuses(t, res, RcptDeferred, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.1", "refused")
 		if res[1].Hop != (resolve.Hop{}) {
 			t.Errorf("hop %+v for an unreached hop, want zero", res[1].Hop)
@@ -139,7 +139,7 @@ func TestDeliverFailover(t *testing.T) {
 		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), busy.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 421, "4.3.2", "too busy")
 		if res[0].Err.Remote != "mx.test" || res[0].Hop != busy.hop {
 			t.Errorf("remote %q hop %+v", res[0].Err.Remote, res[0].Hop)
@@ -150,7 +150,7 @@ func TestDeliverFailover(t *testing.T) {
 	t.Run("no hops defers with 4.4.4", func(t *testing.T) {
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), nil, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.4", "")
 		checkNoConnLeak(t, c)
 	})
@@ -162,7 +162,7 @@ func TestDeliverFailover(t *testing.T) {
 		second := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].Hop != second.hop || len(second.transactions()) != 1 {
 			t.Errorf("delivered via %+v, second hop has %d transactions", res[0].Hop, len(second.transactions()))
 		}
@@ -176,7 +176,7 @@ func TestDeliverFailover(t *testing.T) {
 		second := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
-		wantStatuses(t, res, RcptFailed, RcptFailed)
+		wantStatuses(t, res, spool.RcptFailed, spool.RcptFailed)
 		wantRcptErr(t, res[1], 553, "5.7.1", "sender rejected")
 		if second.accepted.Load() != 0 {
 			t.Errorf("second hop saw %d connections, want 0", second.accepted.Load())
@@ -195,7 +195,7 @@ func TestDeliverReplies(t *testing.T) {
 		}})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("full@example.com", "ok@example.com"))
-		wantStatuses(t, res, RcptDeferred, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDelivered)
 		wantRcptErr(t, res[0], 452, "4.2.2", "mailbox full")
 		if txns := srv.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "ok@example.com" {
 			t.Errorf("server got %+v", txns)
@@ -212,7 +212,7 @@ func TestDeliverReplies(t *testing.T) {
 		}})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("ok@example.com", "nobody@example.com"))
-		wantStatuses(t, res, RcptDelivered, RcptFailed)
+		wantStatuses(t, res, spool.RcptDelivered, spool.RcptFailed)
 		wantRcptErr(t, res[1], 550, "5.1.1", "no such user")
 		if res[1].Err.Remote != "mx.test" || res[1].Reply != "550 5.1.1 no such user" {
 			t.Errorf("remote %q reply %q", res[1].Err.Remote, res[1].Reply)
@@ -226,7 +226,7 @@ func TestDeliverReplies(t *testing.T) {
 		}})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptFailed)
+		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 550, "5.0.0", "go away")
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
@@ -237,7 +237,7 @@ func TestDeliverReplies(t *testing.T) {
 		}})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
-		wantStatuses(t, res, RcptFailed, RcptFailed)
+		wantStatuses(t, res, spool.RcptFailed, spool.RcptFailed)
 		if n := srv.dataCount(); n != 0 {
 			t.Errorf("server got DATA %d times", n)
 		}
@@ -250,7 +250,7 @@ func TestDeliverReplies(t *testing.T) {
 		}})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
-		wantStatuses(t, res, RcptDeferred, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.3.0", "queue full")
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
@@ -261,7 +261,7 @@ func TestDeliverReplies(t *testing.T) {
 		}})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptFailed)
+		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 554, "5.7.1", "spam")
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
@@ -272,7 +272,7 @@ func TestDeliverExtensions(t *testing.T) {
 		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptFailed)
+		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 552, "5.3.4", "exceeds")
 		if n := srv.dataCount(); n != 0 || srv.traffic.count("MAIL FROM") != 0 {
 			t.Errorf("server got DATA %d times, MAIL %d times", n, srv.traffic.count("MAIL FROM"))
@@ -284,7 +284,7 @@ func TestDeliverExtensions(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || txns[0].mailOpts.Size != int64(len(transferBody)) || txns[0].mailOpts.Body != smtp.Body8BitMIME {
 			t.Errorf("server got MAIL options %+v", txns[0].mailOpts)
 		}
@@ -297,7 +297,7 @@ func TestDeliverExtensions(t *testing.T) {
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
-		wantStatuses(t, res, RcptFailed)
+		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 553, "5.6.7", "SMTPUTF8")
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
@@ -308,7 +308,7 @@ func TestDeliverExtensions(t *testing.T) {
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || !txns[0].mailOpts.UTF8 || txns[0].rcpts[0] != "jörg@example.com" {
 			t.Errorf("server got %+v", txns)
 		}
@@ -329,7 +329,7 @@ func TestDeliverExtensions(t *testing.T) {
 		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.EnableDSN = true })
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
-		wantStatuses(t, res, RcptDelivered, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered, spool.RcptDelivered)
 		if !res[0].DSNPassed || !res[1].DSNPassed {
 			t.Errorf("DSNPassed %v %v, want true", res[0].DSNPassed, res[1].DSNPassed)
 		}
@@ -358,7 +358,7 @@ func TestDeliverExtensions(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
-		wantStatuses(t, res, RcptDelivered, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered, spool.RcptDelivered)
 		if res[0].DSNPassed {
 			t.Error("DSNPassed for a server without DSN")
 		}
@@ -392,7 +392,7 @@ func TestDeliverTLS(t *testing.T) {
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].TLS {
 			t.Error("TLS reported for a plaintext delivery")
 		}
@@ -410,7 +410,7 @@ func TestDeliverTLS(t *testing.T) {
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].TLS || srv.accepted.Load() != 1 || sc.txns.Load() != 1 {
 			t.Errorf("TLS %v; server saw %d connections and %d transactions, want 1 and 1", res[0].TLS, srv.accepted.Load(), sc.txns.Load())
 		}
@@ -425,7 +425,7 @@ func TestDeliverTLS(t *testing.T) {
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "454 4.7.0 TLS not available")
 		if sc.txns.Load() != 0 {
 			t.Error("message sent in plaintext under TLSRequired")
@@ -438,7 +438,7 @@ func TestDeliverTLS(t *testing.T) {
 		srv := startScripted(t, false, sc.handle)
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "handshake")
 		if srv.accepted.Load() != 1 || sc.txns.Load() != 0 {
 			t.Errorf("server saw %d connections and %d transactions, want 1 and 0", srv.accepted.Load(), sc.txns.Load())
@@ -450,7 +450,7 @@ func TestDeliverTLS(t *testing.T) {
 		srv := startMX(t, &testMX{})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "STARTTLS")
 		if len(srv.transactions()) != 0 {
 			t.Error("message sent in plaintext under TLSRequired")
@@ -463,7 +463,7 @@ func TestDeliverTLS(t *testing.T) {
 		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
 		}
@@ -478,7 +478,7 @@ func TestDeliverTLS(t *testing.T) {
 		hop := srv.hop
 		hop.Host = "mx.wrong.test"
 		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "mx.wrong.test")
 		if len(srv.transactions()) != 0 {
 			t.Error("message sent to a server whose certificate did not verify")
@@ -494,7 +494,7 @@ func TestDeliverTLS(t *testing.T) {
 		hop := srv.hop
 		hop.Host = "mx.right.test"
 		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
 		}
@@ -512,7 +512,7 @@ func TestDeliverAuth(t *testing.T) {
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" {
 			t.Errorf("server got %+v", txns)
 		}
@@ -542,7 +542,7 @@ func TestDeliverAuth(t *testing.T) {
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		checkNoConnLeak(t, c, srv.connCounter)
 		// "relay" and "s3cret" in base64.
 		if strings.Join(got, " ") != "AUTH LOGIN cmVsYXk= czNjcmV0" {
@@ -556,7 +556,7 @@ func TestDeliverAuth(t *testing.T) {
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
 		res := c.Deliver(context.Background(), []resolve.Hop{refusing.hop, srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].Hop != srv.hop {
 			t.Errorf("delivered via %+v", res[0].Hop)
 		}
@@ -568,7 +568,7 @@ func TestDeliverAuth(t *testing.T) {
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "wrong"}, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 535, "5.7.8", "Authentication failed")
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
@@ -577,7 +577,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.10", "unencrypted")
 		if srv.traffic.count("AUTH PLAIN ") != 0 {
 			t.Error("credentials sent in plaintext")
@@ -593,7 +593,7 @@ func TestDeliverAuth(t *testing.T) {
 		})
 		c := newTestClient(t)
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" || !txns[0].tls {
 			t.Errorf("server got %+v", txns)
 		}
@@ -613,7 +613,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		start := time.Now()
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		took := time.Since(start)
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
 		if took < 1900*time.Millisecond || took > 2600*time.Millisecond {
 			t.Errorf("attempt took %s, want about 2s", took)
@@ -636,7 +636,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		start := time.Now()
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com", "b@example.com"))
 		took := time.Since(start)
-		wantStatuses(t, res, RcptDeferred, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
 		if !strings.Contains(res[0].Err.Text, stepDataDone) || res[0].Hop != srv.hop {
 			t.Errorf("error %v from hop %+v", res[0].Err, res[0].Hop)
@@ -669,7 +669,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
 		took := time.Since(start)
 		close(release)
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", stepBody)
 		if took > 3500*time.Millisecond {
 			t.Errorf("attempt took %s, want at most the 3s session", took)
@@ -697,7 +697,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		start := time.Now()
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
 		took := time.Since(start)
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "slower than")
 		if took > 5*time.Second {
 			t.Errorf("attempt took %s, want well under the 10s data block timeout", took)
@@ -716,7 +716,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		start := time.Now()
 		res := c.Deliver(ctx, []resolve.Hop{srv.hop, refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		took := time.Since(start)
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.0", "interrupted")
 		if took > time.Second {
 			t.Errorf("Deliver took %s after a 300ms context", took)
@@ -739,9 +739,9 @@ func TestDeliverDeadlines(t *testing.T) {
 		to := shortTimeouts()
 		to.Connect = 200 * time.Millisecond
 		res := c.Deliver(context.Background(), []resolve.Hop{blackhole, srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 		res = c.Deliver(context.Background(), []resolve.Hop{blackhole}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDeferred)
+		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.1", "timed out")
 		checkNoConnLeak(t, c, srv.connCounter)
 	})
@@ -753,7 +753,7 @@ func deliverLimited(t *testing.T, c *Client, hop resolve.Hop, n, perConn int) {
 	t.Helper()
 	for i := 0; i < n; i++ {
 		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSNone, nil, shortTimeouts(), perConn, testTransfer("a@example.com"))
-		wantStatuses(t, res, RcptDelivered)
+		wantStatuses(t, res, spool.RcptDelivered)
 	}
 }
 
@@ -853,7 +853,7 @@ func TestClientReuse(t *testing.T) {
 		c.AllowInsecureAuth = true
 		for _, a := range []*policy.Credentials{nil, {Username: "u1", Password: "p"}, {Username: "u2", Password: "p"}, {Username: "u1", Password: "p"}} {
 			res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, a, shortTimeouts(), 0, testTransfer("a@example.com"))
-			wantStatuses(t, res, RcptDelivered)
+			wantStatuses(t, res, spool.RcptDelivered)
 		}
 		if a := srv.accepted.Load(); a != 3 {
 			t.Errorf("server saw %d connections, want 3 (none, u1, u2)", a)
@@ -883,7 +883,7 @@ func TestClientReuse(t *testing.T) {
 				for j := 0; j < 5; j++ {
 					res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 					for _, r := range res {
-						if r.Status != RcptDelivered {
+						if r.Status != spool.RcptDelivered {
 							failed.Add(1)
 						}
 					}

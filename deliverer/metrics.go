@@ -20,7 +20,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		attempts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "jetmail_delivery_attempts_total",
-			Help: "Delivery attempts per recipient, by result: sent, deferred, bounced.",
+			Help: "Delivery attempts per recipient, by result: delivered, deferred, failed (spool.RcptStatus).",
 		}, []string{"result"}),
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "jetmail_delivery_latency_seconds",

@@ -234,19 +234,25 @@ func (s *Spool) walkQueue(ctx context.Context, headersOnly bool, fn func(jetstre
 	if info.State.Msgs == 0 {
 		return nil
 	}
-	c, err := s.queue.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{HeadersOnly: headersOnly})
+	// A plain ephemeral consumer, deleted when the walk is over: an
+	// ordered consumer recreates itself when deleted, and the server keeps
+	// an idle one for minutes, so frequent walks (queue listings, body
+	// sweeps) piled them up to the consumer limit. One fetcher with no
+	// acknowledgements gets the records in stream order.
+	c, err := s.queue.CreateConsumer(ctx, jetstream.ConsumerConfig{
+		AckPolicy:         jetstream.AckNonePolicy,
+		DeliverPolicy:     jetstream.DeliverAllPolicy,
+		HeadersOnly:       headersOnly,
+		MemoryStorage:     true,
+		InactiveThreshold: 30 * time.Second,
+	})
 	if err != nil {
 		return err
 	}
-	// The server would keep the consumer for its inactivity threshold
-	// (5 minutes): frequent walks (queue listings, body sweeps) would pile
-	// them up to the consumer limit. Delete it when the walk is over.
 	defer func() {
-		if ci := c.CachedInfo(); ci != nil {
-			dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			_ = s.queue.DeleteConsumer(dctx, ci.Name)
-		}
+		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = s.queue.DeleteConsumer(dctx, c.CachedInfo().Name)
 	}()
 	for {
 		batch, err := c.Fetch(256, jetstream.FetchMaxWait(2*time.Second))

@@ -10,12 +10,21 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// RcptStatus is what became of a recipient: the one vocabulary of the
+// delivery state, the deliverer's results, the delivery log lines
+// (status=...) and the metrics (jetmail_delivery_attempts_total{result}).
+type RcptStatus string
+
 // Delivery states of a recipient.
 const (
-	RcptQueued    = "queued"
-	RcptDelivered = "delivered"
-	RcptDeferred  = "deferred"
-	RcptFailed    = "failed"
+	// RcptQueued: not attempted yet.
+	RcptQueued RcptStatus = "queued"
+	// RcptDelivered: the next hop accepted the message for the recipient.
+	RcptDelivered RcptStatus = "delivered"
+	// RcptDeferred: try again later.
+	RcptDeferred RcptStatus = "deferred"
+	// RcptFailed: the recipient is bounced.
+	RcptFailed RcptStatus = "failed"
 )
 
 // DeliveryState is what deliverers know about a queued message beyond its
@@ -36,14 +45,14 @@ type DeliveryState struct {
 
 // RcptState is one recipient's delivery state.
 type RcptState struct {
-	Addr        string    `json:"addr"`
-	Status      string    `json:"status"`
-	Attempts    int       `json:"attempts,omitempty"`
-	Code        int       `json:"code,omitempty"`
-	Enhanced    string    `json:"enhanced,omitempty"`
-	Text        string    `json:"text,omitempty"`
-	RemoteMTA   string    `json:"remoteMta,omitempty"`
-	LastAttempt time.Time `json:"lastAttempt,omitempty"`
+	Addr        string     `json:"addr"`
+	Status      RcptStatus `json:"status"`
+	Attempts    int        `json:"attempts,omitempty"`
+	Code        int        `json:"code,omitempty"`
+	Enhanced    string     `json:"enhanced,omitempty"`
+	Text        string     `json:"text,omitempty"`
+	RemoteMTA   string     `json:"remoteMta,omitempty"`
+	LastAttempt time.Time  `json:"lastAttempt,omitempty"`
 	// NextAttempt is when a deferred recipient is due again, from its own
 	// attempt count and the retry schedule.
 	NextAttempt time.Time `json:"nextAttempt,omitempty"`
