@@ -86,7 +86,9 @@ type Cluster struct {
 }
 
 // StartCluster runs a cluster of three until the test ends and waits until
-// it has elected its JetStream meta leader.
+// it has elected its JetStream meta leader and that leader has current
+// reports from all three servers (before that, a stream with three
+// replicas cannot be placed).
 func StartCluster(t testing.TB) *Cluster {
 	t.Helper()
 	const n = 3
@@ -126,18 +128,18 @@ func StartCluster(t testing.TB) *Cluster {
 			t.Fatal("NATS cluster not ready within 30s")
 		}
 	}
-	for !c.hasMetaLeader() {
+	for !c.formed() {
 		if time.Now().After(deadline) {
-			t.Fatal("NATS cluster elected no JetStream meta leader within 30s")
+			t.Fatal("NATS cluster did not form (a meta leader seeing three JetStream servers) within 30s")
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	return c
 }
 
-func (c *Cluster) hasMetaLeader() bool {
+func (c *Cluster) formed() bool {
 	for _, s := range c.Servers {
-		if s.Running() && s.JetStreamIsLeader() {
+		if s.Running() && s.JetStreamIsLeader() && len(s.JetStreamClusterPeers()) == len(c.Servers) {
 			return true
 		}
 	}

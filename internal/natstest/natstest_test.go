@@ -31,19 +31,19 @@ func TestAServerStoresAndAClusterReplicates(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var st jetstream.Stream
-	for {
-		// The first stream of a new cluster can race its meta layer.
-		st, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "THREE", Subjects: []string{"three.>"}, Replicas: 3})
-		if err == nil || ctx.Err() != nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	st, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "THREE", Subjects: []string{"three.>"}, Replicas: 3})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := js.Publish(ctx, "three.x", []byte("x")); err != nil {
+	// A new stream answers once its replicas have elected a leader.
+	for {
+		_, err = js.Publish(ctx, "three.x", []byte("x"))
+		if err == nil || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	info, err := st.Info(ctx)
