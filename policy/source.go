@@ -96,14 +96,18 @@ func compileFiles(paths []string, opts CompileOptions) (*Config, error) {
 }
 
 // Watch looks at the files every interval until ctx ends, and compiles
-// them again when a name, size or modification time changed. report is
-// told of every reload: the new configuration, or why it was refused.
+// them again when a name, size or modification time changed and then
+// stayed the same for one more interval: a file caught in the middle of
+// being written (an editor truncates, then writes) must not be taken for
+// an empty configuration. report is told of every reload: the new
+// configuration, or why it was refused.
 func (f *FileSource) Watch(ctx context.Context, every time.Duration, report func(*Config, error)) {
 	if len(f.paths) == 0 {
 		return
 	}
 	t := time.NewTicker(every)
 	defer t.Stop()
+	seen := f.stamp
 	for {
 		select {
 		case <-ctx.Done():
@@ -111,6 +115,10 @@ func (f *FileSource) Watch(ctx context.Context, every time.Duration, report func
 		case <-t.C:
 		}
 		stamp := f.fingerprint()
+		if stamp != seen {
+			seen = stamp // changed: wait until it holds still
+			continue
+		}
 		if stamp == f.stamp {
 			continue
 		}
