@@ -72,7 +72,7 @@ func ParseAddress(s string, smtputf8 bool, role string) (Address, *smtp.SMTPErro
 		a.Routed = true
 	}
 	if strings.HasPrefix(a.Domain, "[") {
-		if !validLiteral(a.Domain) {
+		if _, ok := ParseLiteral(a.Domain); !ok {
 			return syntax("Bad address literal")
 		}
 		return a, nil
@@ -85,7 +85,8 @@ func ParseAddress(s string, smtputf8 bool, role string) (Address, *smtp.SMTPErro
 
 // ValidDomain reports whether d is a domain name of LDH labels (or U-labels:
 // any non-ASCII is allowed here and was checked against SMTPUTF8 before),
-// each 1 to 63 octets, 255 in all.
+// each 1 to 63 octets, 255 in all (RFC 5321 §4.5.3.1.2). The one domain
+// check, for addresses and for delivery alike.
 func ValidDomain(d string) bool {
 	if d == "" || len(d) > MaxDomain {
 		return false
@@ -106,18 +107,27 @@ func ValidDomain(d string) bool {
 	return true
 }
 
-// validLiteral checks "[1.2.3.4]" and "[IPv6:...]" (RFC 5321 §4.1.3).
-func validLiteral(d string) bool {
-	if len(d) < 3 || d[len(d)-1] != ']' {
-		return false
+// ParseLiteral parses an RFC 5321 §4.1.3 address literal, "[192.0.2.1]"
+// or "[IPv6:2001:db8::1]", into its address (an IPv4-mapped IPv6 address
+// comes back as IPv4). The one parser of literals, for addresses and for
+// delivery alike.
+func ParseLiteral(d string) (netip.Addr, bool) {
+	if len(d) < 3 || d[0] != '[' || d[len(d)-1] != ']' {
+		return netip.Addr{}, false
 	}
 	inner := d[1 : len(d)-1]
 	if v6, ok := cutPrefixFold(inner, "ipv6:"); ok {
 		a, err := netip.ParseAddr(v6)
-		return err == nil && a.Is6() && a.Zone() == ""
+		if err != nil || !a.Is6() || a.Zone() != "" {
+			return netip.Addr{}, false
+		}
+		return a.Unmap(), true
 	}
 	a, err := netip.ParseAddr(inner)
-	return err == nil && a.Is4()
+	if err != nil || !a.Is4() {
+		return netip.Addr{}, false
+	}
+	return a, true
 }
 
 func cutPrefixFold(s, prefix string) (string, bool) {

@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"golang.org/x/net/idna"
+
+	"github.com/jetmail/jetmail/policy"
 )
 
 // canonicalName lower-cases a DNS name and strips its trailing dot; the
@@ -16,10 +18,9 @@ func canonicalName(s string) string {
 	return strings.ToLower(strings.TrimSuffix(s, "."))
 }
 
-// normalizeDomain canonicalizes a domain and checks it is a plausible host
-// name: dot-separated labels of 1 to 63 letters, digits and hyphens, not
-// starting or ending with a hyphen (RFC 5321 §4.1.2 "Domain"), 253 octets
-// at most. Internationalized names must already be A-labels.
+// normalizeDomain canonicalizes a domain, turns an internationalized one
+// into its A-labels, and checks it with policy.ValidDomain, the same check
+// the gateway applies to addresses.
 func normalizeDomain(s string) (string, bool) {
 	s = canonicalName(s)
 	// An internationalised domain (SMTPUTF8 mail) is looked up by its
@@ -31,43 +32,14 @@ func normalizeDomain(s string) (string, bool) {
 		}
 		s = a
 	}
-	if s == "" || len(s) > 253 {
+	if !policy.ValidDomain(s) {
 		return "", false
-	}
-	for label := range strings.SplitSeq(s, ".") {
-		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			return "", false
-		}
-		for i := 0; i < len(label); i++ {
-			c := label[i]
-			if (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' {
-				return "", false
-			}
-		}
 	}
 	return s, true
 }
 
-// parseDomainLiteral parses an RFC 5321 §4.1.3 address literal:
-// "[192.0.2.1]" or "[IPv6:2001:db8::1]".
-func parseDomainLiteral(s string) (netip.Addr, bool) {
-	if len(s) < 2 || s[0] != '[' || s[len(s)-1] != ']' {
-		return netip.Addr{}, false
-	}
-	inner := s[1 : len(s)-1]
-	if len(inner) > 5 && strings.EqualFold(inner[:5], "IPv6:") {
-		a, err := netip.ParseAddr(inner[5:])
-		if err != nil || !a.Is6() || a.Zone() != "" {
-			return netip.Addr{}, false
-		}
-		return a.Unmap(), true
-	}
-	a, err := netip.ParseAddr(inner)
-	if err != nil || !a.Is4() {
-		return netip.Addr{}, false
-	}
-	return a, true
-}
+// parseDomainLiteral parses an RFC 5321 §4.1.3 address literal.
+func parseDomainLiteral(s string) (netip.Addr, bool) { return policy.ParseLiteral(s) }
 
 // parseHostIP accepts a route host given as an IP: bare, in brackets, or as
 // an address literal.
