@@ -57,7 +57,7 @@ func (d *Deliverer) noteDest(dest string, res []RcptResult, pol *policy.Delivery
 	if !res[0].PassedOver {
 		if d.dead[dest] != nil {
 			delete(d.dead, dest)
-			d.metrics.dead.Set(float64(len(d.dead)))
+			d.metrics.destinationsDown.Set(float64(len(d.dead)))
 			d.log.Info("destination back", zap.String("destination", dest))
 		}
 		return
@@ -80,5 +80,5 @@ func (d *Deliverer) noteDest(dest string, res []RcptResult, pol *policy.Delivery
 		}
 	}
 	d.dead[dest] = &deadDest{until: now.Add(pol.DeadDestination), err: &e}
-	d.metrics.dead.Set(float64(len(d.dead)))
+	d.metrics.destinationsDown.Set(float64(len(d.dead)))
 }

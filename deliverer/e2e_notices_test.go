@@ -129,7 +129,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		if n := len(capture.transactions()); n != 1 {
 			t.Errorf("the sender got %d notices, want exactly 1 delay warning", n)
 		}
-		if n := e2eCount(t, r.d.metrics.bounces.WithLabelValues("delayed")); n != 1 {
+		if n := e2eCount(t, r.d.metrics.notifications.WithLabelValues("delayed")); n != 1 {
 			t.Errorf("%v delay warnings queued, want 1", n)
 		}
 		if n := mx.rcptCount("mia@busy.test"); n < warnedAt+3 {
@@ -191,7 +191,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		if n := len(capture.transactions()); n != 0 {
 			t.Errorf("the sender got %d notices, want none (the next hop reports)", n)
 		}
-		if n := e2eCount(t, r.d.metrics.bounces.WithLabelValues("success")); n != 0 {
+		if n := e2eCount(t, r.d.metrics.notifications.WithLabelValues("success")); n != 0 {
 			t.Errorf("%v success notices queued", n)
 		}
 		checkServersClosed(t, mx.connCounter, capture.connCounter)
@@ -226,7 +226,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		if n := len(capture.transactions()); n != 1 {
 			t.Errorf("the sender got %d notices, want 1 (none for NOTIFY=NEVER)", n)
 		}
-		if n := e2eCount(t, r.d.metrics.bounces.WithLabelValues("failed")); n != 1 {
+		if n := e2eCount(t, r.d.metrics.notifications.WithLabelValues("failed")); n != 1 {
 			t.Errorf("%v bounces queued, want 1", n)
 		}
 		checkServersClosed(t, mx.connCounter, capture.connCounter)

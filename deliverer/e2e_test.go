@@ -868,9 +868,9 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("b@slow.test was never tried (its destination was busy), yet its state is %+v", b)
 		}
 		// The message keeps coming back for b@slow.test every few seconds.
-		busy := e2eCount(t, r.d.metrics.throttled)
+		busy := e2eCount(t, r.d.metrics.destinationBusy)
 		within(t, 20*time.Second, "the message to come back twice more", func() bool {
-			return e2eCount(t, r.d.metrics.throttled) >= busy+2
+			return e2eCount(t, r.d.metrics.destinationBusy) >= busy+2
 		})
 		if n := fast.rcptCount("a@fast.test"); n != 1 {
 			t.Errorf("a@fast.test got %d copies, want 1", n)
@@ -1097,7 +1097,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		// A notice would be queued before the mail leaves the queue, so
 		// once the queue is empty nothing is coming.
 		e.waitEmpty(10 * time.Second)
-		if n := e2eCount(t, r.d.metrics.bounces.WithLabelValues("failed")); n != 0 {
+		if n := e2eCount(t, r.d.metrics.notifications.WithLabelValues("failed")); n != 0 {
 			t.Errorf("%v notices queued", n)
 		}
 		r.stop(t)

@@ -17,12 +17,12 @@ func (d *Deliverer) watchQueue(ctx context.Context, cons jetstream.Consumer) {
 	defer t.Stop()
 	for {
 		if info, err := cons.Info(ctx); err == nil {
-			d.metrics.depth.Set(float64(info.NumPending + uint64(info.NumAckPending)))
+			d.metrics.queueMessages.Set(float64(info.NumPending + uint64(info.NumAckPending)))
 			if info.NumAckPending+int(info.NumPending) == 0 {
-				d.metrics.oldest.Set(0)
+				d.metrics.queueOldestAge.Set(0)
 			} else if qid := d.oldest(ctx, info.AckFloor.Stream+1, info.Delivered.Stream); qid != "" {
 				if ts, ok := spool.QueueIDTime(qid); ok {
-					d.metrics.oldest.Set(d.cfg.Now().Sub(ts).Seconds())
+					d.metrics.queueOldestAge.Set(d.cfg.Now().Sub(ts).Seconds())
 				}
 			}
 		}

@@ -3,17 +3,17 @@ package deliverer
 import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
-	attempts      *prometheus.CounterVec
-	latency       prometheus.Histogram
-	sessions      *prometheus.GaugeVec
-	bounces       *prometheus.CounterVec
-	expired       prometheus.Counter
-	throttled     prometheus.Counter
-	suspended     prometheus.Counter
-	dead          prometheus.Gauge
-	deadlineKills prometheus.Counter
-	depth         prometheus.Gauge
-	oldest        prometheus.Gauge
+	attempts         *prometheus.CounterVec
+	latency          prometheus.Histogram
+	sessionsOpen     *prometheus.GaugeVec
+	notifications    *prometheus.CounterVec
+	expired          prometheus.Counter
+	destinationBusy  prometheus.Counter
+	suspended        prometheus.Counter
+	destinationsDown prometheus.Gauge
+	deadlineKills    prometheus.Counter
+	queueMessages    prometheus.Gauge
+	queueOldestAge   prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -27,11 +27,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:    "Time from arrival to successful delivery, per recipient.",
 			Buckets: prometheus.ExponentialBuckets(0.01, 4, 12),
 		}),
-		sessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		sessionsOpen: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "jetmail_delivery_sessions_open",
 			Help: "Outbound SMTP sessions in progress, per destination (domain or route).",
 		}, []string{"destination"}),
-		bounces: prometheus.NewCounterVec(prometheus.CounterOpts{
+		notifications: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "jetmail_delivery_notifications_total",
 			Help: "Delivery status notifications queued, by kind: failed, delayed, success.",
 		}, []string{"kind"}),
@@ -39,7 +39,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_delivery_expired_total",
 			Help: "Messages whose queue lifetime ran out.",
 		}),
-		throttled: prometheus.NewCounter(prometheus.CounterOpts{
+		destinationBusy: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "jetmail_delivery_destination_busy_total",
 			Help: "Attempts postponed because their destination had no free session slot.",
 		}),
@@ -47,7 +47,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_delivery_suspended_total",
 			Help: "Recipients deferred without a connection because their destination was found down (deadDestinationTime).",
 		}),
-		dead: prometheus.NewGauge(prometheus.GaugeOpts{
+		destinationsDown: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "jetmail_delivery_destinations_down",
 			Help: "Destinations this deliverer is leaving alone because every next hop failed.",
 		}),
@@ -55,17 +55,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_delivery_deadline_kills_total",
 			Help: "Outbound sessions cut off by the hard session deadline or the minimum data rate.",
 		}),
-		depth: prometheus.NewGauge(prometheus.GaugeOpts{
+		queueMessages: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "jetmail_queue_messages",
 			Help: "Messages in the queue (waiting, in delivery, or deferred).",
 		}),
-		oldest: prometheus.NewGauge(prometheus.GaugeOpts{
+		queueOldestAge: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "jetmail_queue_oldest_message_age_seconds",
 			Help: "Age of the oldest message not yet acknowledged.",
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.attempts, m.latency, m.sessions, m.bounces, m.expired, m.throttled, m.suspended, m.dead, m.deadlineKills, m.depth, m.oldest)
+		reg.MustRegister(m.attempts, m.latency, m.sessionsOpen, m.notifications, m.expired, m.destinationBusy, m.suspended, m.destinationsDown, m.deadlineKills, m.queueMessages, m.queueOldestAge)
 	}
 	return m
 }

@@ -82,7 +82,7 @@ func (a *attempt) notify(ctx context.Context, rcpts []dsn.Recipient, kind string
 	if err != nil {
 		return err
 	}
-	a.d.metrics.bounces.WithLabelValues(kind).Inc()
+	a.d.metrics.notifications.WithLabelValues(kind).Inc()
 	a.log.Info("notification queued", zap.String("kind", kind), zap.String("dsn_queue_id", res.QueueID), zap.String("to", to), zap.Bool("duplicate", res.Duplicate))
 	return nil
 }

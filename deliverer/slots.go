@@ -20,7 +20,7 @@ func (d *Deliverer) takeSlot(ctx context.Context, dest string, pol *policy.Deliv
 		if !waiting {
 			if d.destWaiting[dest] >= max(pol.MaxPerDest, d.cfg.MaxInFlight/2) {
 				d.mu.Unlock()
-				d.metrics.throttled.Inc()
+				d.metrics.destinationBusy.Inc()
 				return false
 			}
 			d.destWaiting[dest]++
@@ -47,7 +47,7 @@ func (d *Deliverer) takeSlot(ctx context.Context, dest string, pol *policy.Deliv
 		d.unwait(dest)
 	}
 	d.perDest[dest]++
-	d.metrics.sessions.WithLabelValues(dest).Set(float64(d.perDest[dest]))
+	d.metrics.sessionsOpen.WithLabelValues(dest).Set(float64(d.perDest[dest]))
 	for d.sessions >= pol.MaxSessions {
 		d.mu.Unlock()
 		select {
@@ -106,8 +106,8 @@ func (d *Deliverer) dropDest(dest string) {
 		if d.destWaiting[dest] == 0 {
 			delete(d.destFree, dest)
 		}
-		d.metrics.sessions.DeleteLabelValues(dest)
+		d.metrics.sessionsOpen.DeleteLabelValues(dest)
 	} else {
-		d.metrics.sessions.WithLabelValues(dest).Set(float64(d.perDest[dest]))
+		d.metrics.sessionsOpen.WithLabelValues(dest).Set(float64(d.perDest[dest]))
 	}
 }

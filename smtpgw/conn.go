@@ -176,7 +176,7 @@ func (c *conn) Read(b []byte) (int, error) {
 		}
 	}()
 	if n > 0 {
-		c.g.metrics.bytesIn.Add(float64(n))
+		c.g.metrics.receivedBytes.Add(float64(n))
 		c.mu.Lock()
 		if inData && !c.tlsStarted && !c.eolDone {
 			if c.scanEOL(b[:n]) && c.data.strictEOL && err == nil {

@@ -5,16 +5,16 @@ import (
 )
 
 type metrics struct {
-	connections     *prometheus.CounterVec
-	connectionsOpen prometheus.Gauge
-	transactions    *prometheus.CounterVec
-	bytesIn         prometheus.Counter
-	messageBytes    prometheus.Counter
-	replies         *prometheus.CounterVec
-	duplicates      prometheus.Counter
-	publishLatency  prometheus.Histogram
-	deadlineKills   *prometheus.CounterVec
-	auth            *prometheus.CounterVec
+	connections          *prometheus.CounterVec
+	connectionsOpen      prometheus.Gauge
+	transactions         *prometheus.CounterVec
+	receivedBytes        prometheus.Counter
+	queuedMessageBytes   prometheus.Counter
+	replies              *prometheus.CounterVec
+	duplicatesSuppressed prometheus.Counter
+	publishSeconds       prometheus.Histogram
+	deadlineKills        *prometheus.CounterVec
+	auth                 *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -31,11 +31,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_smtp_transactions_total",
 			Help: "Mail transactions that reached DATA, by result: queued, duplicate, rejected, tempfail, aborted.",
 		}, []string{"result"}),
-		bytesIn: prometheus.NewCounter(prometheus.CounterOpts{
+		receivedBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "jetmail_smtp_received_bytes_total",
 			Help: "Octets read from SMTP clients (on the wire, TLS included).",
 		}),
-		messageBytes: prometheus.NewCounter(prometheus.CounterOpts{
+		queuedMessageBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "jetmail_smtp_queued_message_bytes_total",
 			Help: "Octets of message data queued.",
 		}),
@@ -43,11 +43,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_smtp_replies_total",
 			Help: "Replies to MAIL, RCPT, DATA and AUTH by reply code.",
 		}, []string{"code"}),
-		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+		duplicatesSuppressed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "jetmail_smtp_duplicates_suppressed_total",
 			Help: "Retransmissions answered with the original queue ID instead of being queued again.",
 		}),
-		publishLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+		publishSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "jetmail_spool_publish_seconds",
 			Help:    "Time from the final dot to JetStream's acknowledgement.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
@@ -65,8 +65,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.auth.WithLabelValues(r)
 	}
 	if reg != nil {
-		reg.MustRegister(m.connections, m.connectionsOpen, m.transactions, m.bytesIn, m.messageBytes,
-			m.replies, m.duplicates, m.publishLatency, m.deadlineKills, m.auth)
+		reg.MustRegister(m.connections, m.connectionsOpen, m.transactions, m.receivedBytes, m.queuedMessageBytes,
+			m.replies, m.duplicatesSuppressed, m.publishSeconds, m.deadlineKills, m.auth)
 	}
 	return m
 }

@@ -208,17 +208,17 @@ func (s *session) Data(r io.Reader) error {
 	}
 	t0 := time.Now()
 	res, err := s.g.spool.Commit(ctx, env, body, guard)
-	s.g.metrics.publishLatency.Observe(time.Since(t0).Seconds())
+	s.g.metrics.publishSeconds.Observe(time.Since(t0).Seconds())
 	if err != nil {
 		return s.finishData(log, start, qid, dr.n, "tempfail", errTempFail, err)
 	}
 	ok := &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "Ok: queued as " + res.QueueID}
 	if res.Duplicate {
-		s.g.metrics.duplicates.Inc()
+		s.g.metrics.duplicatesSuppressed.Inc()
 		log = log.With(zap.String("original_queue_id", res.QueueID))
 		return s.finishData(log, start, res.QueueID, dr.n, "duplicate", ok, nil)
 	}
-	s.g.metrics.messageBytes.Add(float64(env.Body.Size))
+	s.g.metrics.queuedMessageBytes.Add(float64(env.Body.Size))
 	return s.finishData(log, start, qid, dr.n, "queued", ok, nil)
 }
 
