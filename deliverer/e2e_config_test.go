@@ -148,3 +148,44 @@ func TestDelivererUsesTheRouteTimeouts(t *testing.T) {
 		})
 	}
 }
+
+// The retry schedule and the queue lifetime in force are the ones a
+// running deliverer applies at its next attempt: no restart, and no
+// message keeps a schedule the policy no longer has.
+func TestDelivererAppliesRetryIntervalsAndQueueLifetimeWithoutRestart(t *testing.T) {
+	t.Parallel()
+	e := newE2E(t)
+	e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) {
+		sp.RetryIntervals = []metav1.Duration{{Duration: time.Hour}}
+		sp.DeadDestinationTime = e2eDur(time.Hour)
+	}, nil, nil)
+	e.dns.Add(t, "later.test. 60 IN MX 10 mx1.later.test.", "mx1.later.test. 60 IN A "+e2eMX1)
+	e.startMX(e2eMX1, &testMX{mail: func(string) error {
+		return e2eSMTPError(451, [3]int{4, 3, 0}, "try later")
+	}})
+	r := e.startDeliverer()
+
+	first := e.enqueue(e2eSender, "a@later.test")
+	st := e.waitState(first, 10*time.Second, "the first deferral", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
+	if wait := time.Until(st.Rcpts[0].NextAttempt); wait < 30*time.Minute {
+		t.Fatalf("retry in %s under a 1h schedule", wait)
+	}
+
+	// A shorter schedule applies to the next deferral of a running deliverer.
+	e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) {
+		sp.RetryIntervals = []metav1.Duration{{Duration: time.Second}}
+		sp.DeadDestinationTime = e2eDur(time.Hour)
+	}, nil, nil)
+	second := e.enqueue(e2eSender, "b@later.test")
+	e.waitState(second, 15*time.Second, "retries a second apart", func(st *spool.DeliveryState) bool { return st.Attempts >= 3 })
+
+	// A queue lifetime shorter than the message's age ends it at its next
+	// attempt: the recipient fails with 4.4.7.
+	e.setPolicy(func(sp *v1alpha1.DeliveryPolicySpec) {
+		sp.RetryIntervals = []metav1.Duration{{Duration: time.Second}}
+		sp.DeadDestinationTime = e2eDur(time.Hour)
+		sp.QueueLifetime = e2eDur(2 * time.Second)
+	}, nil, nil)
+	within(t, 15*time.Second, "the second message to expire", func() bool { return e2eCount(t, r.d.metrics.expired) >= 1 })
+	r.stop(t)
+}
