@@ -93,14 +93,6 @@ func (c *conn) SetDeadline(t time.Time) error {
 	return c.Conn.SetWriteDeadline(t)
 }
 
-// hardDeadlinePassed reports whether a read timeout was the wall clock's
-// doing rather than idleness.
-func (c *conn) hardDeadlinePassed() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return !time.Now().Before(c.hardDeadline())
-}
-
 // dataLimits bound one DATA or BDAT transfer.
 type dataLimits struct {
 	total   time.Duration // wall clock for the transfer
@@ -168,13 +160,6 @@ func (c *conn) Read(b []byte) (int, error) {
 	if err != nil && isTimeout(err) {
 		err = c.timeoutReply(err, inData)
 	}
-	defer func() {
-		if _, fatal := err.(*smtp.SMTPError); fatal {
-			c.mu.Lock()
-			c.failure = err
-			c.mu.Unlock()
-		}
-	}()
 	if n > 0 {
 		c.g.metrics.receivedBytes.Add(float64(n))
 		c.mu.Lock()
@@ -188,6 +173,7 @@ func (c *conn) Read(b []byte) (int, error) {
 			if el := time.Since(c.dataStart); c.data.minRate > 0 && el > c.data.grace &&
 				float64(c.dataBytes) < float64(c.data.minRate)*el.Seconds() && err == nil {
 				c.g.metrics.deadlineKills.WithLabelValues("min_data_rate").Inc()
+				c.failure = errTooSlow
 				err = errTooSlow
 			}
 		}
@@ -214,24 +200,29 @@ var (
 // shutdown, the session's or the transfer's hard deadline, or idleness in
 // the middle of a transfer. A plain idle wait for a command stays a
 // timeout, which go-smtp answers with its own 421 4.4.2.
+// The reply is also kept as the connection's failure (lastFailure).
 func (c *conn) timeoutReply(err error, inData bool) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	hard := c.clamped && !time.Now().Before(c.hardDeadline())
+	var reply error
 	switch {
 	case c.draining && hard:
-		return errDrainComplete
+		reply = errDrainComplete
 	case hard && inData && !c.dataEnd.After(c.sessionEnd):
 		c.g.metrics.deadlineKills.WithLabelValues("deadline").Inc()
-		return errDataDeadline
+		reply = errDataDeadline
 	case hard:
 		c.g.metrics.deadlineKills.WithLabelValues("deadline").Inc()
-		return errSessionLimit
+		reply = errSessionLimit
 	case inData:
 		c.g.metrics.deadlineKills.WithLabelValues("idle").Inc()
-		return errDataIdle
+		reply = errDataIdle
+	default:
+		return err
 	}
-	return err
+	c.failure = reply
+	return reply
 }
 
 // States of scanEOL's watch for CRLF "." CR.

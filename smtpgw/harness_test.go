@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"github.com/jetmail/jetmail/internal/natstest"
+	"github.com/jetmail/jetmail/internal/smtptest"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -144,6 +145,30 @@ func eventually(t testing.TB, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// sessionEnd waits for the gateway to end the session: it says nothing, or
+// (busy) sends a NOOP every 100 ms so the session is never idle, until a
+// reply other than 250 comes or limit passes. It returns that reply, or
+// "still open".
+func sessionEnd(c *smtptest.Client, busy bool, limit time.Duration) string {
+	end := time.Now().Add(limit)
+	for time.Now().Before(end) {
+		wait := time.Until(end)
+		if busy {
+			c.Send("NOOP\r\n")
+			wait = time.Second
+		}
+		lines, err := c.ReplyLines(wait)
+		if err != nil {
+			break
+		}
+		if last := lines[len(lines)-1]; !strings.HasPrefix(last, "250") {
+			return last
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return "still open"
 }
 
 // queueIDOf extracts the queue ID from "250 2.0.0 Ok: queued as ID".

@@ -38,32 +38,23 @@ func TestEveryRelayPolicySettingAppliesWithoutARestart(t *testing.T) {
 		}
 		return line
 	}
-	// ended is how a new session that is idle (or busy with NOOPs) ends
-	// within limit: its last reply, or "still open".
+	// dataReply is the reply to data sent after DATA on a new connection.
+	dataReply := func(t *testing.T, data string) string {
+		c := smtptest.DialReady(t, g.addr)
+		defer c.Close()
+		cmdWant(c, "MAIL FROM:<a@example.org>", "250 2.0.0")
+		cmdWant(c, "RCPT TO:<b@example.net>", "250 2.0.0")
+		cmdWant(c, "DATA", "354")
+		c.Send(data + ".\r\n")
+		_, line, _ := c.ReadReply()
+		return line
+	}
+	// ended is how a new session that is idle (or busy) ends within limit.
 	ended := func(t *testing.T, busy bool, limit time.Duration) string {
 		c := smtptest.DialReady(t, g.addr)
 		defer c.Close()
-		end := time.Now().Add(limit)
-		for time.Now().Before(end) {
-			if busy {
-				c.Send("NOOP\r\n")
-			}
-			wait := time.Until(end)
-			if busy {
-				wait = time.Second
-			}
-			lines, err := c.ReplyLines(wait)
-			if err != nil {
-				break
-			}
-			if last := lines[len(lines)-1]; !strings.HasPrefix(last, "250") {
-				return last
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
-		return "still open"
+		return sessionEnd(c, busy, limit)
 	}
-
 	for _, tc := range []struct {
 		name        string
 		before      string // spec lines
@@ -85,14 +76,7 @@ func TestEveryRelayPolicySettingAppliesWithoutARestart(t *testing.T) {
 			}, "250 2.0.0", "553 5.7.1"},
 		{"maxMessageBytes", relay + "  maxMessageBytes: 4096\n", relay + "  maxMessageBytes: 8192\n",
 			func(t *testing.T) string {
-				c := smtptest.DialReady(t, g.addr)
-				defer c.Close()
-				cmdWant(c, "MAIL FROM:<a@example.org>", "250 2.0.0")
-				cmdWant(c, "RCPT TO:<b@example.net>", "250 2.0.0")
-				cmdWant(c, "DATA", "354")
-				c.Send(simpleMessage(fmt.Sprintf("size-%d", time.Now().UnixNano()), strings.Repeat("z", 5000)) + ".\r\n")
-				_, line, _ := c.ReadReply()
-				return line
+				return dataReply(t, simpleMessage(fmt.Sprintf("size-%d", time.Now().UnixNano()), strings.Repeat("z", 5000)))
 			}, "552 5.3.4", "250 2.0.0"},
 		{"maxRecipients", relay, relay + "  maxRecipients: 150\n",
 			func(t *testing.T) string {
@@ -162,14 +146,7 @@ func TestEveryRelayPolicySettingAppliesWithoutARestart(t *testing.T) {
 			}, "250 2.0.0", "421 4.7.0"},
 		{"limits.maxReceivedHeaders", relay, relay + "  limits: {maxReceivedHeaders: 1}\n",
 			func(t *testing.T) string {
-				c := smtptest.DialReady(t, g.addr)
-				defer c.Close()
-				cmdWant(c, "MAIL FROM:<a@example.org>", "250 2.0.0")
-				cmdWant(c, "RCPT TO:<b@example.net>", "250 2.0.0")
-				cmdWant(c, "DATA", "354")
-				c.Send("Received: from a\r\nReceived: from b\r\n" + simpleMessage(fmt.Sprintf("hops-%d", time.Now().UnixNano()), "x") + ".\r\n")
-				_, line, _ := c.ReadReply()
-				return line
+				return dataReply(t, "Received: from a\r\nReceived: from b\r\n"+simpleMessage(fmt.Sprintf("hops-%d", time.Now().UnixNano()), "x"))
 			}, "250 2.0.0", "554 5.4.6"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
