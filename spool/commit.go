@@ -40,7 +40,9 @@ type Message struct {
 // Commit stores env with body durably. guard is the duplicate-guard
 // fingerprint (see Fingerprint), or "" for mail that must not be guarded.
 // It returns after JetStream has acknowledged the envelope: only then may the
-// caller answer 250. On any error nothing has been queued.
+// caller answer 250. On an error the mail was not queued, unless the error
+// is a timeout: then its fate is unknown (it may have been stored just as
+// the server stalled), and a retransmission of a guarded mail finds it.
 func (s *Spool) Commit(ctx context.Context, env *Envelope, body *Body, guard string) (Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.PublishTimeout)
 	defer cancel()
@@ -72,21 +74,38 @@ func (s *Spool) Commit(ctx context.Context, env *Envelope, body *Body, guard str
 	if err == nil {
 		return Result{QueueID: env.QueueID, Sequence: ack.Sequence}, nil
 	}
-	body.Discard()
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
 		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
-		// Somebody stored this subject first: for a guarded mail that is
-		// the original transmission.
+		// Somebody stored this subject first.
 		orig, gerr := s.queue.GetLastMsgForSubject(ctx, msg.Subject)
 		if gerr != nil {
+			// Whose it is is unknown, so the chunks stay: if the envelope
+			// is ours they are its body; if not, the sweeper takes them.
 			return Result{}, fmt.Errorf("spool: read original of duplicate %s: %w", env.QueueID, gerr)
 		}
+		if orig.Header.Get(HeaderBodyID) == ref.ID {
+			// It was us: an earlier try of this publish was stored but its
+			// acknowledgement was lost (a stream leader changed, a server
+			// stalled). JetStream checks the subject before the message
+			// ID, so the retry is told "wrong last sequence" instead of
+			// "duplicate". The mail is queued; the body is its own.
+			return Result{QueueID: env.QueueID, Sequence: orig.Sequence}, nil
+		}
+		body.Discard()
 		if guard == "" {
 			return Result{}, fmt.Errorf("spool: queue ID %s already in use", env.QueueID)
 		}
+		// For a guarded mail that is the original transmission.
 		return Result{QueueID: orig.Header.Get(HeaderQueueID), Duplicate: true, Sequence: orig.Sequence}, nil
 	}
+	if !isTemporaryPublishError(err) {
+		// A refusal (the stream is full, ...): nothing was stored.
+		body.Discard()
+	}
+	// Otherwise the envelope's fate is unknown: it may have been stored
+	// after all, and then its chunks are its body. They stay; if the
+	// envelope never landed, the body sweeper deletes them later.
 	return Result{}, fmt.Errorf("spool: publish %s: %w", env.QueueID, err)
 }
 

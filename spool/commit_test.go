@@ -11,8 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/jetmail/jetmail/internal/natstest"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -450,4 +452,52 @@ func getLast(t testing.TB, sp *spool.Spool, stream, subj string) (*jetstream.Raw
 		return nil, err
 	}
 	return st.GetLastMsgForSubject(ctxT(t), subj)
+}
+
+// A publish whose acknowledgement was lost (the server stalled, a stream
+// leader changed) was stored all the same. Commit's retry of it must
+// recognise its own mail, answer with its queue ID and keep its body: not
+// call it a duplicate of itself (and delete the body), and not refuse it
+// (and have the client send it again).
+func TestACommitWhoseAcknowledgementWasLostIsQueuedOnceWithItsBody(t *testing.T) {
+	for _, guarded := range []bool{false, true} {
+		t.Run(fmt.Sprintf("guarded=%v", guarded), func(t *testing.T) {
+			cfg := testConfig()
+			cfg.PublishTimeout = 3 * time.Second // three tries of one second
+			s := startNATS(t, t.TempDir(), -1)
+			stall := natstest.NewStall(t, s.Addr())
+			nc, err := nats.Connect(stall.URL(), spool.NATSOptions()...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(nc.Close)
+			sp := openSpool(t, nc, cfg)
+			env := newEnvelope(spool.NewQueueID(time.Now()))
+			data := pattern(2<<20, 9) // chunked: a body the envelope depends on
+			b, err := writeBody(t, sp, env.QueueID, data, 64<<10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			guard := ""
+			if guarded {
+				guard = guardFor(400)
+			}
+			// The first try reaches the server only when the stall ends,
+			// after it has timed out; a later try then finds it stored.
+			stall.Stop()
+			time.AfterFunc(1500*time.Millisecond, stall.Resume)
+			res, err := sp.Commit(ctxT(t), env, b, guard)
+			if err != nil {
+				t.Fatalf("Commit after a lost acknowledgement: %v", err)
+			}
+			if res.Duplicate || res.QueueID != env.QueueID {
+				t.Fatalf("Commit = %+v; want %s queued, not a duplicate", res, env.QueueID)
+			}
+			if n := streamMsgs(t, sp.JetStream(), spool.QueueStream, ""); n != 1 {
+				t.Fatalf("queue holds %d records; want 1", n)
+			}
+			_, got := readBack(t, sp, env.QueueID)
+			sameBytes(t, "body after a lost acknowledgement", got, data)
+		})
+	}
 }
