@@ -2,6 +2,7 @@ package deliverer
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -20,9 +21,9 @@ import (
 	"github.com/jetmail/jetmail/spool"
 )
 
-// recordTimeout bounds recording an attempt's outcome, which goes on
-// after Run's context ends: a delivered recipient must be recorded.
-const recordTimeout = 30 * time.Second
+// recordTry bounds one try at recording an attempt's outcome; keep tries
+// again until it lands. A variable for the tests.
+var recordTry = 10 * time.Second
 
 // attempt is one pass over a message's pending recipients.
 type attempt struct {
@@ -111,22 +112,6 @@ func (a *attempt) run(ctx context.Context) {
 		groups[dom] = append(groups[dom], r)
 	}
 	sort.Strings(domains)
-
-	// Keep the message ours while sessions run.
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		t := time.NewTicker(a.d.cfg.AckWait / 4)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-				_ = a.msg.InProgress()
-			}
-		}
-	}()
 
 	type groupResult struct {
 		rcpts   []spool.Rcpt
@@ -322,13 +307,11 @@ func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
 // schedules the message. The delivered recipients are recorded before the
 // acknowledgement, so a redelivered message never reaches them twice.
 //
-// ctx is the attempt's context; the outcome is recorded even when it has
-// ended (a shutdown past Grace), since a recipient that got the message
-// must never get it again.
+// ctx is the attempt's context. Recording the outcome goes on until it
+// lands (keep), even after ctx has ended, since a recipient that got the
+// message must never get it again.
 func (a *attempt) finish(ctx context.Context, hadState bool) {
 	interrupted := ctx.Err() != nil
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
-	defer cancel()
 	sp := a.d.cfg.Spool
 	a.st.Attempts++
 	a.st.LastAttempt = a.now
@@ -345,11 +328,15 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 	if len(failed) > 0 {
 		// Record first: the notice is queued idempotently (its guard is
 		// derived from the queue ID and recipients), then remembered.
-		if err := sp.SaveState(ctx, a.st); err != nil {
+		if err := a.keep(ctx, "state", func(c context.Context) error { return sp.SaveState(c, a.st) }); err != nil {
 			a.retryLater(err)
 			return
 		}
-		if err := a.notify(ctx, failed, "failed"); err != nil {
+		nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTry)
+		defer cancel()
+		// A notice that cannot be queued now is queued at the next
+		// attempt: the failures it reports are recorded.
+		if err := a.notify(nctx, failed, "failed"); err != nil {
 			a.retryLater(err)
 			return
 		}
@@ -359,21 +346,30 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 		hadState = true
 	}
 	if len(a.successes) > 0 {
-		if err := a.notify(ctx, a.successes, "success"); err != nil {
+		nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTry)
+		defer cancel()
+		if err := a.notify(nctx, a.successes, "success"); err != nil {
 			a.log.Warn("queueing a success notice", zap.Error(err))
 		}
 	}
 	if done {
-		if err := sp.Complete(ctx, a.m); err != nil {
-			// Whoever gets the message next must know who has it.
-			if serr := sp.SaveState(ctx, a.st); serr != nil {
+		err := a.keep(ctx, "completion", func(c context.Context) error { return sp.Complete(c, a.m) })
+		switch {
+		case errors.Is(err, spool.ErrNotQueued):
+			a.log.Warn("the message left the queue during its delivery attempt (removed?); its outcome is only logged")
+		case err != nil:
+			// Shutting down with NATS away: whoever gets the message
+			// next must know who has it, if that can still be written.
+			if serr := sp.SaveState(context.WithoutCancel(ctx), a.st); serr != nil {
 				a.log.Error("saving the delivery state", zap.Error(serr))
 			}
 			a.retryLater(err)
 			return
 		}
 		if hadState {
-			if err := sp.ClearState(ctx, a.m.Envelope.QueueID); err != nil {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTry)
+			defer cancel()
+			if err := sp.ClearState(cctx, a.m.Envelope.QueueID); err != nil {
 				a.log.Warn("clearing delivery state", zap.Error(err))
 			}
 		}
@@ -414,7 +410,9 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 			}
 		}
 		if len(delayed) > 0 {
-			if err := a.notify(ctx, delayed, "delayed"); err != nil {
+			nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTry)
+			defer cancel()
+			if err := a.notify(nctx, delayed, "delayed"); err != nil {
 				a.log.Warn("queueing a delay warning", zap.Error(err))
 			} else {
 				a.st.DelayWarned = true
@@ -427,18 +425,48 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 		_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
 		return
 	}
-	if err := sp.SaveState(ctx, a.st); err != nil {
+	if err := a.keep(ctx, "state", func(c context.Context) error { return sp.SaveState(c, a.st) }); err != nil {
 		a.retryLater(err)
 		return
 	}
 	_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
 }
 
+// keep runs write, a record of this attempt's outcome, until it lands. A
+// remote's 250 that is not recorded becomes a second copy when the message
+// comes back, so while the process lives the outcome is never given up: a
+// NATS server that stalls or a stream leader that changes only delays it,
+// and the message stays ours meanwhile (handle's in-progress signals). Only
+// a shutdown past its grace (ctx ended) stops trying, after a second try.
+func (a *attempt) keep(ctx context.Context, what string, write func(context.Context) error) error {
+	backoff := 100 * time.Millisecond
+	for try := 1; ; try++ {
+		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTry)
+		err := write(tctx)
+		cancel()
+		if err == nil || errors.Is(err, spool.ErrNotQueued) {
+			if try > 1 {
+				a.log.Info("delivery outcome recorded", zap.String("record", what), zap.Int("tries", try))
+			}
+			return err
+		}
+		if ctx.Err() != nil && try >= 2 {
+			return err
+		}
+		a.d.metrics.recordRetries.Inc()
+		a.log.Warn("recording the delivery outcome failed; trying again", zap.String("record", what),
+			zap.Int("try", try), zap.Duration("retry_in", backoff), zap.Error(err))
+		time.Sleep(backoff)
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
 // anyAttempted tells whether any recipient got a result in this attempt:
 // a delivery too, which must be recorded before the message comes back.
 func (a *attempt) anyAttempted() bool { return a.recorded > 0 }
 
-// retryLater gives the message back when we could not record an outcome.
+// retryLater gives the message back when an outcome could not be recorded
+// (only a failure notice, or anything during a shutdown past its grace).
 func (a *attempt) retryLater(err error) {
 	a.log.Error("recording the delivery outcome failed; the message will be tried again", zap.Error(err))
 	_ = a.msg.NakWithDelay(30 * time.Second)

@@ -192,6 +192,22 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 	}
 
 	a := &attempt{d: d, msg: msg, m: m, st: st, pol: pol, now: now, log: log}
+	// Keep the message ours while sessions run and their outcome is
+	// recorded.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		t := time.NewTicker(d.cfg.AckWait / 4)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				_ = msg.InProgress()
+			}
+		}
+	}()
 	if !now.Before(expires) {
 		a.expire()
 	} else {

@@ -39,7 +39,9 @@ type Config struct {
 	// AckWait is how long a message handed to this process stays ours
 	// without news; in-progress signals extend it during long sessions, and
 	// a process killed mid-delivery gives the message back to another
-	// replica when it runs out. Default 5m.
+	// replica when it runs out. It is short by design: a message handed to
+	// a pull whose reply was lost (a NATS server died) waits this long.
+	// Default 30s.
 	AckWait time.Duration
 	// MaxWaiting bounds the messages waiting for a retry, cluster-wide
 	// (the consumer's MaxAckPending). Default 1,000,000.
@@ -87,7 +89,7 @@ func New(cfg Config) (*Deliverer, error) {
 		cfg.MaxInFlight = 200
 	}
 	if cfg.AckWait <= 0 {
-		cfg.AckWait = 5 * time.Minute
+		cfg.AckWait = 30 * time.Second
 	}
 	if cfg.MaxWaiting <= 0 {
 		cfg.MaxWaiting = 1_000_000

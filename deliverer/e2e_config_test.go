@@ -31,7 +31,7 @@ func TestDelivererAppliesMessagesPerConnectionWithoutRestart(t *testing.T) {
 	mx := e.startMX(e2eMX1, &testMX{})
 	// Idle connections stay pooled for the whole test: only the limit
 	// decides whether a connection is reused.
-	r := e.startDeliverer(func(c *Config, _ *bool) { c.Client.IdleTime = time.Minute })
+	r := e.startDeliverer(func(c *Config, _ *e2eConn) { c.Client.IdleTime = time.Minute })
 	sent := 0
 	// send queues n messages one after the other, each once the one
 	// before has left the queue, that is once its session is over and its
@@ -128,7 +128,7 @@ func TestDelivererUsesTheRouteTimeouts(t *testing.T) {
 			}
 			ln := countConns(e.listener(e2eMX1))
 			serveScripted(t, ln, handle)
-			r := e.startDeliverer(func(c *Config, _ *bool) { c.Client.AllowInsecureAuth = true })
+			r := e.startDeliverer(func(c *Config, _ *e2eConn) { c.Client.AllowInsecureAuth = true })
 			start := time.Now()
 			qid := e.enqueue(e2eSender, "olga@timed.test")
 			st := e.waitState(qid, 15*time.Second, "the deferral", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })

@@ -12,6 +12,7 @@ package deliverer
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -94,8 +95,10 @@ func newE2E(t *testing.T) *e2eEnv {
 	return e
 }
 
-func (e *e2eEnv) connect() *nats.Conn {
-	nc, err := nats.Connect(e.url, spool.NATSOptions()...)
+func (e *e2eEnv) connect() *nats.Conn { return e.connectTo(e.url) }
+
+func (e *e2eEnv) connectTo(url string) *nats.Conn {
+	nc, err := nats.Connect(url, spool.NATSOptions()...)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -224,15 +227,22 @@ type e2eReplica struct {
 	once   sync.Once
 }
 
-type e2eReplicaOpt func(c *Config, own *bool)
+// e2eConn says how a replica reaches NATS: through the environment's
+// spool handle, or on its own connection (to url, if set).
+type e2eConn struct {
+	own bool
+	url string
+}
+
+type e2eReplicaOpt func(c *Config, conn *e2eConn)
 
 // e2eOwnConn gives the replica its own NATS connection and spool handle,
 // as another pod would have.
-func e2eOwnConn() e2eReplicaOpt { return func(_ *Config, own *bool) { *own = true } }
+func e2eOwnConn() e2eReplicaOpt { return func(_ *Config, conn *e2eConn) { conn.own = true } }
 
 // e2eCountDials counts the connections the replica's client tries.
 func e2eCountDials(n *atomic.Int64) e2eReplicaOpt {
-	return func(c *Config, _ *bool) {
+	return func(c *Config, _ *e2eConn) {
 		var d net.Dialer
 		c.Client.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
 			n.Add(1)
@@ -243,13 +253,24 @@ func e2eCountDials(n *atomic.Int64) e2eReplicaOpt {
 
 // e2eClock runs the replica on the real clock moved forward by *skew.
 func e2eClock(skew *atomic.Int64) e2eReplicaOpt {
-	return func(c *Config, _ *bool) {
+	return func(c *Config, _ *e2eConn) {
 		c.Now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
 	}
 }
 
+// e2eVia gives the replica its own connection to url (a natstest.Stall in
+// front of the environment's server) and a spool handle on it.
+func e2eVia(url string) e2eReplicaOpt {
+	return func(_ *Config, conn *e2eConn) { conn.own, conn.url = true, url }
+}
+
+// e2eAckWaitOf sets the replica's ack wait.
+func e2eAckWaitOf(d time.Duration) e2eReplicaOpt {
+	return func(c *Config, _ *e2eConn) { c.AckWait = d }
+}
+
 func e2eGrace(g time.Duration) e2eReplicaOpt {
-	return func(c *Config, _ *bool) { c.Grace = g }
+	return func(c *Config, _ *e2eConn) { c.Grace = g }
 }
 
 func (e *e2eEnv) startDeliverer(opts ...e2eReplicaOpt) *e2eReplica {
@@ -264,12 +285,12 @@ func (e *e2eEnv) startDeliverer(opts ...e2eReplicaOpt) *e2eReplica {
 		AckWait:  e2eAckWait,
 		Grace:    2 * time.Second,
 	}
-	own := false
+	var conn e2eConn
 	for _, o := range opts {
-		o(&cfg, &own)
+		o(&cfg, &conn)
 	}
-	if own {
-		r.nc = e.connect()
+	if conn.own {
+		r.nc = e.connectTo(cmp.Or(conn.url, e.url))
 		cfg.Spool = e.openSpool(r.nc)
 	}
 	d, err := New(cfg)
@@ -623,7 +644,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 				t.Fatalf("%s: no chunk written", qid)
 			}
 		}
-		r := e.startDeliverer(func(c *Config, _ *bool) { c.SweepEvery, c.OrphanAge = 100*time.Millisecond, time.Hour })
+		r := e.startDeliverer(func(c *Config, _ *e2eConn) { c.SweepEvery, c.OrphanAge = 100*time.Millisecond, time.Hour })
 		within(t, 10*time.Second, "the orphan to be swept", func() bool { return chunks(orphan) == 0 })
 		if chunks(fresh) == 0 {
 			t.Error("a body begun just now was swept")
@@ -851,7 +872,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		// Three workers: one held by the tarpit, one waiting for slow.test's
 		// only slot, and one more; a second waiter for slow.test is turned
 		// away (it may not take more than half the workers).
-		r := e.startDeliverer(func(c *Config, _ *bool) { c.MaxInFlight = 3 })
+		r := e.startDeliverer(func(c *Config, _ *e2eConn) { c.MaxInFlight = 3 })
 		e.enqueue(e2eSender, "held@slow.test")
 		within(t, 10*time.Second, "the tarpit to hold slow.test's slot", func() bool { return tp.accepted.Load() == 1 })
 		e.enqueue(e2eSender, "waiting@slow.test")

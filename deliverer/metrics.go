@@ -14,6 +14,7 @@ type metrics struct {
 	deadlineKills    prometheus.Counter
 	queueMessages    prometheus.Gauge
 	queueOldestAge   prometheus.Gauge
+	recordRetries    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -63,9 +64,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_queue_oldest_message_age_seconds",
 			Help: "Age of the oldest message not yet acknowledged.",
 		}),
+		recordRetries: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "jetmail_delivery_record_retries_total",
+			Help: "Tries at recording a delivery outcome that failed and were made again (NATS stalled or a stream leader changed).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.attempts, m.latency, m.sessionsOpen, m.notifications, m.expired, m.destinationBusy, m.suspended, m.destinationsDown, m.deadlineKills, m.queueMessages, m.queueOldestAge)
+		reg.MustRegister(m.attempts, m.latency, m.sessionsOpen, m.notifications, m.expired, m.destinationBusy, m.suspended, m.destinationsDown, m.deadlineKills, m.queueMessages, m.queueOldestAge, m.recordRetries)
 	}
 	return m
 }

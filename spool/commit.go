@@ -191,19 +191,39 @@ func (s *Spool) ReadBody(ctx context.Context, m *Message) ([]byte, error) {
 	return body, nil
 }
 
+// ErrNotQueued is Complete's answer when the mail's envelope was replaced
+// by something other than its own tombstone (an administrator removed it):
+// there is nothing left to complete.
+var ErrNotQueued = errors.New("spool: the mail is no longer queued")
+
 // Complete records that m has left the queue (delivered, bounced or
 // removed): its envelope is replaced by a tombstone that keeps the duplicate
 // guard for DuplicateWindow and then expires by itself, and its body chunks
 // are deleted. The replacement is conditional on m still being the latest
-// record, so a concurrent update is never lost.
+// record, so a concurrent update is never lost. Complete may be called again
+// after an error of unknown fate (a timeout): this mail's tombstone already
+// in place counts as done.
 func (s *Spool) Complete(ctx context.Context, m *Message) error {
 	msg := &nats.Msg{Subject: m.Subject, Header: nats.Header{}}
 	msg.Header.Set(HeaderQueueID, m.Envelope.QueueID)
 	msg.Header.Set(HeaderTombstone, "1")
-	if _, err := s.js.PublishMsg(ctx, msg,
+	_, err := s.js.PublishMsg(ctx, msg,
 		jetstream.WithExpectStream(QueueStream),
 		jetstream.WithExpectLastSequencePerSubject(m.Sequence),
-		jetstream.WithMsgTTL(s.cfg.DuplicateWindow)); err != nil {
+		jetstream.WithMsgTTL(s.cfg.DuplicateWindow))
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+		last, gerr := s.queue.GetLastMsgForSubject(ctx, m.Subject)
+		switch {
+		case gerr == nil && last.Header.Get(HeaderTombstone) != "" && last.Header.Get(HeaderQueueID) == m.Envelope.QueueID:
+			err = nil // an earlier try landed
+		case gerr == nil || errors.Is(gerr, jetstream.ErrMsgNotFound):
+			return fmt.Errorf("spool: complete %s: %w", m.Envelope.QueueID, ErrNotQueued)
+		default:
+			err = gerr
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("spool: complete %s: %w", m.Envelope.QueueID, err)
 	}
 	if m.Envelope.Body.Chunks > 0 {

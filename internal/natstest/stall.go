@@ -9,7 +9,9 @@ import (
 // Stall is a TCP relay in front of a server that can stop passing bytes in
 // both directions and start again, as a server that was SIGSTOPped and
 // SIGCONTed looks to its clients: requests sent meanwhile reach the server
-// late, and replies come back late, after their callers have given up.
+// late, and replies come back late, after their callers have given up. Or
+// the stall ends with every connection cut, and what was held is lost, as
+// when the server died or the stream leader moved away: clients reconnect.
 // Connect clients to URL.
 type Stall struct {
 	l      net.Listener
@@ -21,15 +23,15 @@ type Stall struct {
 	conns   map[net.Conn]bool
 }
 
-// NewStall relays to target (a server's client address) until the test
-// ends.
-func NewStall(t testing.TB, target net.Addr) *Stall {
+// NewStall relays to target (a server's client address, host:port) until
+// the test ends.
+func NewStall(t testing.TB, target string) *Stall {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &Stall{l: l, target: target.String(), conns: map[net.Conn]bool{}}
+	p := &Stall{l: l, target: target, conns: map[net.Conn]bool{}}
 	p.resumed = sync.NewCond(&p.mu)
 	go p.accept()
 	t.Cleanup(p.close)
@@ -49,6 +51,19 @@ func (p *Stall) Stop() {
 // Resume passes the held bytes on, in order, and what follows.
 func (p *Stall) Resume() {
 	p.mu.Lock()
+	p.stalled = false
+	p.resumed.Broadcast()
+	p.mu.Unlock()
+}
+
+// Cut closes every connection, dropping what was held, and lets new ones
+// through.
+func (p *Stall) Cut() {
+	p.mu.Lock()
+	for c := range p.conns {
+		c.Close()
+		delete(p.conns, c)
+	}
 	p.stalled = false
 	p.resumed.Broadcast()
 	p.mu.Unlock()
@@ -98,10 +113,5 @@ func (p *Stall) pipe(dst, src net.Conn) {
 
 func (p *Stall) close() {
 	p.l.Close()
-	p.Resume()
-	p.mu.Lock()
-	for c := range p.conns {
-		c.Close()
-	}
-	p.mu.Unlock()
+	p.Cut()
 }
