@@ -106,6 +106,10 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 		// the client was told 451: mail queued behind its back.
 		return nil, errors.New("spool: the NATS connection must not buffer while reconnecting; connect with spool.NATSOptions() (nats.ReconnectBufSize(-1))")
 	}
+	if !nc.IsConnected() {
+		// Nothing below can work, and the server's limits are unknown.
+		return nil, errors.New("spool: not connected to NATS (yet)")
+	}
 	if int64(cfg.ChunkSize) > nc.MaxPayload()-4096 {
 		return nil, fmt.Errorf("spool: chunk size %d does not fit in the server's max payload %d", cfg.ChunkSize, nc.MaxPayload())
 	}

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -61,6 +62,48 @@ func (f *gatewayFlags) register(cmd *cobra.Command, defaultLog string) {
 	fl.IntVar(&f.auth.Failures, "auth-max-failures", 10, "failed SMTP AUTH attempts one client address may make per --auth-failure-window before it is locked out")
 	fl.DurationVar(&f.auth.Window, "auth-failure-window", 15*time.Minute, "how long failed SMTP AUTH attempts are remembered per client address")
 	fl.IntVar(&f.auth.Checks, "auth-max-checks", 0, "password checks (bcrypt) running at once (0: half the CPUs, at least 1)")
+}
+
+// untilUp runs open until it succeeds, or until ctx ends. A pod must never
+// die of a transient NATS condition (a cluster still electing its leaders,
+// a server restarting): it stays unready and tries again, backing off from
+// a quarter second to ten seconds, and says why at each try.
+func untilUp[T any](ctx context.Context, log *zap.Logger, what string, open func(context.Context) (T, error)) (T, error) {
+	backoff := 250 * time.Millisecond
+	for try := 1; ; try++ {
+		tctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		v, err := open(tctx)
+		cancel()
+		if err == nil {
+			if try > 1 {
+				log.Info(what+": done", zap.Int("tries", try))
+			}
+			return v, nil
+		}
+		if ctx.Err() != nil {
+			return v, fmt.Errorf("%s: %w", what, err)
+		}
+		log.Warn(what+": not yet, trying again", zap.Int("try", try), zap.Duration("retry_in", backoff), zap.Error(err))
+		select {
+		case <-ctx.Done():
+			return v, fmt.Errorf("%s: %w", what, err)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 10*time.Second)
+	}
+}
+
+// readiness backs /readyz of a role that opens its spool in the
+// background: not ready until it is open, then ready while JetStream
+// answers.
+type readiness struct{ sp atomic.Pointer[spool.Spool] }
+
+func (r *readiness) check(ctx context.Context) error {
+	sp := r.sp.Load()
+	if sp == nil {
+		return errors.New("starting: JetStream has not answered yet")
+	}
+	return sp.Ping(ctx)
 }
 
 // osHostname is os.Hostname, named for the flags' defaults.

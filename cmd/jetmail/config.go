@@ -84,17 +84,22 @@ func openConfig(ctx context.Context, paths []string, sp interface {
 		go heartbeat(ctx, src, nil, pod, role, reg, log)
 		return src, nil
 	}
-	store, err := policy.OpenStore(ctx, sp.JetStream(), sp.Config().Replicas)
+	store, err := untilUp(ctx, log, "opening the configuration bucket", func(c context.Context) (*policy.Store, error) {
+		return policy.OpenStore(c, sp.JetStream(), sp.Config().Replicas)
+	})
 	if err != nil {
 		return nil, err
 	}
-	src, err := policy.FollowStore(ctx, store, func(rev uint64, cfg *policy.Config, err error) {
-		if err != nil {
-			log.Error("configuration revision rejected; the previous one stays in force", zap.Uint64("revision", rev), zap.Error(err))
-			return
-		}
-		log.Info("configuration revision applied", zap.Uint64("revision", rev),
-			zap.Strings("relay", cfg.Relay.Sources), zap.Strings("delivery", cfg.Delivery.Sources))
+	// FollowStore's context is the watch's: it must outlive the try.
+	src, err := untilUp(ctx, log, "reading the configuration", func(context.Context) (*policy.Source, error) {
+		return policy.FollowStore(ctx, store, func(rev uint64, cfg *policy.Config, err error) {
+			if err != nil {
+				log.Error("configuration revision rejected; the previous one stays in force", zap.Uint64("revision", rev), zap.Error(err))
+				return
+			}
+			log.Info("configuration revision applied", zap.Uint64("revision", rev),
+				zap.Strings("relay", cfg.Relay.Sources), zap.Strings("delivery", cfg.Delivery.Sources))
+		})
 	})
 	if err != nil {
 		return nil, err

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -36,7 +37,13 @@ func controllerCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			store, err := policy.OpenStore(ctx, js, replicas)
+			log, err := newLogger("json")
+			if err != nil {
+				return err
+			}
+			store, err := untilUp(ctx, log, "opening the configuration bucket", func(c context.Context) (*policy.Store, error) {
+				return policy.OpenStore(c, js, replicas)
+			})
 			if err != nil {
 				return err
 			}

@@ -29,7 +29,7 @@ func (f *delivererFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
 	fl.StringSliceVar(&f.dns, "dns", nil, "DNS resolvers host:port for MX lookups (default: /etc/resolv.conf)")
 	fl.IntVar(&f.maxInFlight, "max-in-flight", 200, "messages one deliverer works on at once")
-	fl.DurationVar(&f.ackWait, "ack-wait", 5*time.Minute, "how long a message stays with a deliverer that gives no news (in-progress signals extend it)")
+	fl.DurationVar(&f.ackWait, "ack-wait", 30*time.Second, "how long a message stays with a deliverer that gives no news (in-progress signals every quarter of it extend it); also the longest a message handed to a pull lost with a NATS server waits")
 	fl.DurationVar(&f.grace, "delivery-grace", 30*time.Second, "on SIGTERM, time for delivery attempts in flight to finish")
 }
 
@@ -92,18 +92,22 @@ nothing: the message comes back to another one.`,
 			defer nc.Close()
 			cfg := spool.ClusterConfig()
 			cfg.Replicas = replicas
-			sp, err := spool.Open(ctx, nc, cfg)
-			if err != nil {
+			reg := newRegistry()
+			var ready readiness
+			if err := serveMetrics(ctx, metrics, reg, ready.check, log); err != nil {
 				return err
 			}
-			reg := newRegistry()
-			if err := serveMetrics(ctx, metrics, reg, sp.Ping, log); err != nil {
+			sp, err := untilUp(ctx, log, "opening the queue", func(ctx context.Context) (*spool.Spool, error) {
+				return spool.Open(ctx, nc, cfg)
+			})
+			if err != nil {
 				return err
 			}
 			src, err := openConfig(ctx, configPaths, sp, podName, "deliverer", reg, log)
 			if err != nil {
 				return err
 			}
+			ready.sp.Store(sp)
 			return runDeliverer(ctx, &df, hostname, sp, src, reg, log)
 		},
 	}

@@ -28,7 +28,10 @@ func (n *natsFlags) connect(name string) (*nats.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	nc, err := nats.Connect(n.url, append(append(spool.NATSOptions(), nats.Name(name)), opts...)...)
+	// A server not up yet is not a reason to exit: the connection keeps
+	// trying, and the role waits for it (untilUp), unready meanwhile.
+	opts = append(opts, nats.Name(name), nats.RetryOnFailedConnect(true))
+	nc, err := nats.Connect(n.url, append(spool.NATSOptions(), opts...)...)
 	if err != nil {
 		return nil, fmt.Errorf("connect to NATS at %s: %w", n.url, err)
 	}

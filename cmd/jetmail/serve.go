@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/policy"
+	"github.com/jetmail/jetmail/smtpgw"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -143,6 +144,8 @@ func gatewayCmd() *cobra.Command {
 				return err
 			}
 			defer smtpL.Close()
+			// Until JetStream answers, the port answers 421.
+			standby := smtpgw.NewStandby(smtpL, gwCfg.Hostname)
 			nc, err := nf.connect("jetmail-gateway")
 			if err != nil {
 				return err
@@ -150,19 +153,24 @@ func gatewayCmd() *cobra.Command {
 			defer nc.Close()
 			cfg := f.spoolConfig(spool.ClusterConfig())
 			cfg.Replicas = replicas
-			sp, err := spool.Open(ctx, nc, cfg)
-			if err != nil {
+			reg := newRegistry()
+			var ready readiness
+			if err := serveMetrics(ctx, f.metricsListen, reg, ready.check, log); err != nil {
 				return err
 			}
-			reg := newRegistry()
-			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
+			sp, err := untilUp(ctx, log, "opening the queue", func(ctx context.Context) (*spool.Spool, error) {
+				return spool.Open(ctx, nc, cfg)
+			})
+			if err != nil {
 				return err
 			}
 			src, err := openConfig(ctx, f.configPaths, sp, podName, "gateway", reg, log)
 			if err != nil {
 				return err
 			}
-			return runGateway(ctx, &f, smtpL, sp, src, gwCfg, reg, log)
+			ready.sp.Store(sp)
+			standby.Ready()
+			return runGateway(ctx, &f, standby.Listener(), sp, src, gwCfg, reg, log)
 		},
 	}
 	f.register(cmd, "json")
