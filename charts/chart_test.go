@@ -9,10 +9,16 @@
 package charts
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
+	"maps"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,12 +31,15 @@ import (
 	"testing"
 	"time"
 
+	natsserver "github.com/nats-io/nats-server/v2/server"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/yaml"
+
+	"github.com/jetmail/jetmail/spool"
 )
 
 const (
@@ -81,6 +90,41 @@ func render(t *testing.T, sets ...string) []*unstructured.Unstructured {
 		t.Fatalf("helm %s: %v\n%s", strings.Join(args, " "), err, stderr)
 	}
 	return parse(t, out)
+}
+
+// renderNoURL is render without the implicit nats.url (for the embedded
+// NATS server, whose URL the chart fills in itself).
+func renderNoURL(t *testing.T, sets ...string) []*unstructured.Unstructured {
+	t.Helper()
+	args := []string{"template", release, chartDir, "--namespace", namespace}
+	for _, s := range sets {
+		args = append(args, "--set", s)
+	}
+	out, stderr, err := helm(t, args...)
+	if err != nil {
+		t.Fatalf("helm %s: %v\n%s", strings.Join(args, " "), err, stderr)
+	}
+	return parse(t, out)
+}
+
+// renderFails checks that `helm template` with nats.url and these values
+// fails, and that its error says each of want.
+func renderFails(t *testing.T, sets []string, want ...string) {
+	t.Helper()
+	args := []string{"template", release, chartDir, "--namespace", namespace, "--set", "nats.url=" + natsURL}
+	for _, s := range sets {
+		args = append(args, "--set", s)
+	}
+	_, stderr, err := helm(t, args...)
+	if err == nil {
+		t.Errorf("--set %s: helm template succeeded, want a failure", strings.Join(sets, " --set "))
+		return
+	}
+	for _, w := range want {
+		if !strings.Contains(stderr, w) {
+			t.Errorf("--set %s: the error does not say %q:\n%s", strings.Join(sets, " --set "), w, stderr)
+		}
+	}
 }
 
 var docSep = regexp.MustCompile(`(?m)^---[ \t]*$`)
@@ -241,7 +285,7 @@ type podSpec struct {
 }
 
 type deployment struct {
-	Replicas int
+	Replicas int // -1: no replicas field (an autoscaler owns it)
 	Selector map[string]string
 	Labels   map[string]string
 	Pod      podSpec
@@ -251,10 +295,13 @@ func getDeployment(t *testing.T, m manifest, component string) deployment {
 	t.Helper()
 	o := m.get(t, "Deployment", release+"-jetmail-"+component)
 	d := deployment{
-		Replicas: field[int](t, o, "spec", "replicas"),
+		Replicas: -1,
 		Selector: field[map[string]string](t, o, "spec", "selector", "matchLabels"),
 		Labels:   field[map[string]string](t, o, "spec", "template", "metadata", "labels"),
 		Pod:      field[podSpec](t, o, "spec", "template", "spec"),
+	}
+	if _, found, _ := unstructured.NestedFieldNoCopy(o.Object, "spec", "replicas"); found {
+		d.Replicas = field[int](t, o, "spec", "replicas")
 	}
 	if len(d.Pod.Containers) != 1 {
 		t.Fatalf("%s: %d containers, want 1", component, len(d.Pod.Containers))
@@ -274,10 +321,18 @@ func getDeployment(t *testing.T, m manifest, component string) deployment {
 }
 
 // checkHardened checks the pod and container security settings every
-// component must have.
+// component must have, and the image.
 func checkHardened(t *testing.T, component string, d deployment) {
 	t.Helper()
-	p := d.Pod
+	checkSecure(t, component, d.Pod)
+	if c := d.Pod.Containers[0]; c.Image != "ghcr.io/jetmail/jetmail:0.1.0" {
+		t.Errorf("%s: image %q, want the chart's appVersion tag", component, c.Image)
+	}
+}
+
+// checkSecure checks the pod and container security settings.
+func checkSecure(t *testing.T, component string, p podSpec) {
+	t.Helper()
 	if p.SecurityContext == nil || p.SecurityContext.RunAsNonRoot == nil || !*p.SecurityContext.RunAsNonRoot {
 		t.Errorf("%s: pod securityContext.runAsNonRoot is not true", component)
 	} else if p.SecurityContext.RunAsUser == nil || *p.SecurityContext.RunAsUser != 65532 {
@@ -297,9 +352,6 @@ func checkHardened(t *testing.T, component string, d deployment) {
 		t.Errorf("%s: container runAsNonRoot is not true", component)
 	case sc.Capabilities == nil || !reflect.DeepEqual(sc.Capabilities.Drop, []string{"ALL"}) || len(sc.Capabilities.Add) > 0:
 		t.Errorf("%s: capabilities %+v, want drop [ALL] and no add", component, sc.Capabilities)
-	}
-	if c := p.Containers[0]; c.Image != "ghcr.io/jetmail/jetmail:0.1.0" {
-		t.Errorf("%s: image %q, want the chart's appVersion tag", component, c.Image)
 	}
 }
 
@@ -349,6 +401,39 @@ func checkPodNameEnv(t *testing.T, component string, c container) {
 	t.Errorf("%s: no POD_NAME env", component)
 }
 
+// checkMetricsServices checks the per-component metrics Services: each
+// selects exactly its component's pods, and its port "metrics" is the
+// container port of that name.
+func checkMetricsServices(t *testing.T, m manifest) {
+	t.Helper()
+	comps := []string{"gateway", "deliverer", "controller"}
+	ports := map[string]int{"gateway": 9090, "deliverer": 9091, "controller": 8080}
+	for _, comp := range comps {
+		s := m.get(t, "Service", release+"-jetmail-"+comp+"-metrics")
+		if got := field[string](t, s, "spec", "clusterIP"); got != "None" {
+			t.Errorf("%s metrics Service clusterIP %q, want None (headless: every pod is a target)", comp, got)
+		}
+		p := field[[]map[string]any](t, s, "spec", "ports")
+		if len(p) != 1 || p[0]["name"] != "metrics" || p[0]["targetPort"] != "metrics" || p[0]["port"] != float64(ports[comp]) {
+			t.Errorf("%s metrics Service ports %v, want metrics %d -> metrics", comp, p, ports[comp])
+		}
+		checkPort(t, comp, getDeployment(t, m, comp).Pod.Containers[0], "metrics", ports[comp])
+		sel := field[map[string]string](t, s, "spec", "selector")
+		for _, other := range comps {
+			d := getDeployment(t, m, other)
+			selects := true
+			for k, v := range sel {
+				if d.Labels[k] != v {
+					selects = false
+				}
+			}
+			if selects != (other == comp) {
+				t.Errorf("%s metrics Service selector %v: selects the %s pods = %v", comp, sel, other, selects)
+			}
+		}
+	}
+}
+
 func TestLint(t *testing.T) {
 	out, stderr, err := helm(t, "lint", chartDir, "--strict", "--set", "nats.url="+natsURL)
 	if err != nil {
@@ -375,6 +460,23 @@ func TestValuesSchemaRejectsMistakes(t *testing.T) {
 		"service.type=Ingress":           "service.type",
 		"nats.replicas=0":                "nats.replicas",
 		"service.externalTrafficPolicy=": "", // allowed: empty means the cluster default
+		// Autoscaling, metrics and the trial NATS server.
+		"deliverer.autoscaling.minReplicas=0":                                      "deliverer.autoscaling.minReplicas",
+		"gateway.autoscaling.maxReplicas=0":                                        "gateway.autoscaling.maxReplicas",
+		"gateway.autoscaling.sessions.averageValue=lots":                           "averageValue",
+		"gateway.autoscaling.targetCPUUtilization=70":                              "targetCPUUtilization",
+		"deliverer.autoscaling.keda.natsServerMonitoringEndpoint=http://nats:8222": "natsServerMonitoringEndpoint",
+		"deliverer.autoscaling.keda.lagThreshold=0":                                "lagThreshold",
+		"deliverer.autoscaling.keda.activationLagThreshold=":                       "",
+		"deliverer.autoscaling.external.averageValue=100m":                         "",
+		"prometheusRule.disabled={NoSuchAlert}":                                    "prometheusRule.disabled",
+		"prometheusRule.thresholds.stalledWindow=3 hours":                          "stalledWindow",
+		"prometheusRule.thresholds.tempfailRatio=2":                                "tempfailRatio",
+		"serviceMonitor.components.mta=true":                                       "mta",
+		"grafanaDashboard.label=x":                                                 "label",
+		"nats.embedded.persistence.size=big":                                       "size",
+		"nats.embedded.maxFileStore=lots":                                          "maxFileStore",
+		"nats.embedded.replicas=3":                                                 "replicas",
 	} {
 		_, stderr, err := helm(t, "template", release, chartDir, "--namespace", namespace,
 			"--set", "nats.url="+natsURL, "--set", set)
@@ -400,7 +502,8 @@ func TestDefaults(t *testing.T) {
 	if got, want := m.kinds("Deployment"), []string{"jm-jetmail-controller", "jm-jetmail-deliverer", "jm-jetmail-gateway"}; !reflect.DeepEqual(got, want) {
 		t.Fatalf("Deployments %v, want %v", got, want)
 	}
-	for _, kind := range []string{"CustomResourceDefinition", "ServiceMonitor", "RelayPolicy", "MailRoute", "DeliveryPolicy", "ClusterRoleBinding"} {
+	for _, kind := range []string{"CustomResourceDefinition", "ServiceMonitor", "RelayPolicy", "MailRoute", "DeliveryPolicy", "ClusterRoleBinding",
+		"HorizontalPodAutoscaler", "ScaledObject", "PrometheusRule", "ConfigMap", "StatefulSet"} {
 		if names := m.kinds(kind); len(names) > 0 {
 			t.Errorf("default values render %s %v", kind, names)
 		}
@@ -506,20 +609,7 @@ func TestDefaults(t *testing.T) {
 	})
 
 	t.Run("metrics service", func(t *testing.T) {
-		s := m.get(t, "Service", "jm-jetmail-metrics")
-		ports := field[[]map[string]any](t, s, "spec", "ports")
-		if len(ports) != 1 || ports[0]["targetPort"] != "metrics" {
-			t.Errorf("ports %v, want one targeting the named port metrics", ports)
-		}
-		sel := field[map[string]string](t, s, "spec", "selector")
-		for _, comp := range []string{"gateway", "deliverer", "controller"} {
-			d := getDeployment(t, m, comp)
-			for k, v := range sel {
-				if d.Labels[k] != v {
-					t.Errorf("selector %v misses the %s pods", sel, comp)
-				}
-			}
-		}
+		checkMetricsServices(t, m)
 	})
 
 	t.Run("pdb", func(t *testing.T) {
@@ -710,23 +800,55 @@ func TestOptions(t *testing.T) {
 	if got := field[int](t, m.get(t, "PodDisruptionBudget", "jm-jetmail-gateway"), "spec", "minAvailable"); got != 1 {
 		t.Errorf("minAvailable %d", got)
 	}
-	sm := m.get(t, "ServiceMonitor", "jm-jetmail")
-	if sm.GetAPIVersion() != "monitoring.coreos.com/v1" {
-		t.Errorf("ServiceMonitor apiVersion %s", sm.GetAPIVersion())
-	}
-	eps := field[[]map[string]any](t, sm, "spec", "endpoints")
-	if len(eps) != 1 || eps[0]["port"] != "metrics" {
-		t.Errorf("ServiceMonitor endpoints %v", eps)
-	}
-	metricsLabels := m.get(t, "Service", "jm-jetmail-metrics").GetLabels()
-	for k, v := range field[map[string]string](t, sm, "spec", "selector", "matchLabels") {
-		if metricsLabels[k] != v {
-			t.Errorf("ServiceMonitor selector %s=%s misses the metrics Service", k, v)
-		}
-	}
+	checkServiceMonitors(t, m, "gateway", "deliverer", "controller")
 	for _, kind := range []string{"RelayPolicy", "DeliveryPolicy", "MailRoute"} {
 		if len(m.kinds(kind)) != 1 {
 			t.Errorf("samples: %s %v", kind, m.kinds(kind))
+		}
+	}
+}
+
+// checkServiceMonitors checks that exactly the given components have a
+// ServiceMonitor, and that each selects its component's metrics Service and
+// no other Service.
+func checkServiceMonitors(t *testing.T, m manifest, comps ...string) {
+	t.Helper()
+	var want []string
+	for _, c := range comps {
+		want = append(want, release+"-jetmail-"+c)
+	}
+	sort.Strings(want)
+	if got := m.kinds("ServiceMonitor"); !reflect.DeepEqual(got, want) {
+		t.Fatalf("ServiceMonitors %v, want %v", got, want)
+	}
+	for _, comp := range comps {
+		sm := m.get(t, "ServiceMonitor", release+"-jetmail-"+comp)
+		if sm.GetAPIVersion() != "monitoring.coreos.com/v1" {
+			t.Errorf("ServiceMonitor apiVersion %s", sm.GetAPIVersion())
+		}
+		eps := field[[]map[string]any](t, sm, "spec", "endpoints")
+		if len(eps) != 1 || eps[0]["port"] != "metrics" || eps[0]["path"] != "/metrics" {
+			t.Errorf("%s ServiceMonitor endpoints %v", comp, eps)
+		}
+		if ns := field[[]string](t, sm, "spec", "namespaceSelector", "matchNames"); !reflect.DeepEqual(ns, []string{namespace}) {
+			t.Errorf("%s ServiceMonitor namespaces %v", comp, ns)
+		}
+		sel := field[map[string]string](t, sm, "spec", "selector", "matchLabels")
+		var selected []string
+		for _, name := range m.kinds("Service") {
+			labels := m.get(t, "Service", name).GetLabels()
+			match := true
+			for k, v := range sel {
+				if labels[k] != v {
+					match = false
+				}
+			}
+			if match {
+				selected = append(selected, name)
+			}
+		}
+		if want := []string{release + "-jetmail-" + comp + "-metrics"}; !reflect.DeepEqual(selected, want) {
+			t.Errorf("%s ServiceMonitor selector %v selects Services %v, want %v", comp, sel, selected, want)
 		}
 	}
 }
@@ -761,7 +883,10 @@ func TestAPIServerAcceptsTheManifests(t *testing.T) {
 	}
 	start := time.Now()
 	env := &envtest.Environment{
-		CRDDirectoryPaths:     []string{filepath.Join(chartDir, "crds")},
+		// The chart's CRDs, and those of KEDA and the Prometheus Operator
+		// (copied from their modules: testdata/crds/NOTICE) for the
+		// ScaledObject, ServiceMonitors and PrometheusRule.
+		CRDDirectoryPaths:     []string{filepath.Join(chartDir, "crds"), filepath.Join("testdata", "crds")},
 		ErrorIfCRDPathMissing: true,
 	}
 	cfg, err := env.Start()
@@ -798,10 +923,11 @@ func TestAPIServerAcceptsTheManifests(t *testing.T) {
 	}
 
 	for _, tc := range []struct {
-		name string
-		sets []string
+		name  string
+		sets  []string
+		kinds []string // rendered at least once, so the case checks them
 	}{
-		{"defaults", nil},
+		{"defaults", nil, nil},
 		{"all options", []string{"tls.secretName=smtp-tls", "gateway.proxyProtocol=true", "hostname=mx1.example.org",
 			"deliverer.dns={10.0.0.10:53}", "samples.enabled=true", "samples.relayhost=smtp.provider.example:587",
 			"service.type=NodePort", "service.nodePort=30025", "service.loadBalancerSourceRanges={192.0.2.0/24}",
@@ -811,13 +937,38 @@ func TestAPIServerAcceptsTheManifests(t *testing.T) {
 			"gateway.topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone",
 			"gateway.topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
 			"gateway.topologySpreadConstraints[0].labelSelector.matchLabels.app\\.kubernetes\\.io/component=gateway",
-			"gateway.preStopSleepSeconds=0", "deliverer.resources.limits.memory=512Mi"}},
+			"gateway.preStopSleepSeconds=0", "deliverer.resources.limits.memory=512Mi"}, nil},
 		{"LoadBalancer with class", []string{"service.loadBalancerClass=example.com/lb", "service.externalTrafficPolicy=Cluster",
 			"gateway.proxyProtocol=true", "metrics.service.enabled=false", "serviceAccount.create=false", "rbac.create=false",
-			"controller.serviceAccount.create=false", "controller.replicas=1", "controller.leaderElect=false"}},
+			"controller.serviceAccount.create=false", "controller.replicas=1", "controller.leaderElect=false"}, nil},
+		{"autoscaling with KEDA, metrics", []string{"gateway.autoscaling.enabled=true", "gateway.autoscaling.sessions.enabled=true",
+			"gateway.autoscaling.behavior.scaleDown.stabilizationWindowSeconds=600",
+			"gateway.autoscaling.behavior.scaleDown.policies[0].type=Pods",
+			"gateway.autoscaling.behavior.scaleDown.policies[0].value=1",
+			"gateway.autoscaling.behavior.scaleDown.policies[0].periodSeconds=60",
+			"deliverer.autoscaling.keda.enabled=true", "deliverer.autoscaling.keda.natsServerMonitoringEndpoint=nats.nats.svc:8222",
+			"deliverer.autoscaling.keda.activationLagThreshold=10", "deliverer.autoscaling.keda.authenticationRef=nats-monitor",
+			"deliverer.autoscaling.behavior.scaleDown.stabilizationWindowSeconds=900",
+			"serviceMonitor.enabled=true", "serviceMonitor.scrapeTimeout=10s", "serviceMonitor.labels.release=prom",
+			"prometheusRule.enabled=true", "prometheusRule.alertLabels.team=mail",
+			"prometheusRule.extraRules[0].alert=SiteSpecific", "prometheusRule.extraRules[0].expr=vector(1)",
+			"grafanaDashboard.enabled=true", "grafanaDashboard.annotations.grafana_folder=Mail"},
+			[]string{"HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor", "PrometheusRule", "ConfigMap"}},
+		{"external metric HPA, embedded NATS on a PVC", []string{"nats.embedded.enabled=true", "nats.replicas=1",
+			"nats.embedded.maxFileStore=1G", "nats.embedded.persistence.storageClassName=standard",
+			"deliverer.autoscaling.external.enabled=true", "deliverer.autoscaling.external.metricName=jetmail_queue_messages",
+			"deliverer.autoscaling.external.metricSelector.namespace=" + namespace, "deliverer.autoscaling.minReplicas=1"},
+			[]string{"HorizontalPodAutoscaler", "StatefulSet", "ConfigMap"}},
+		{"embedded NATS on an emptyDir", []string{"nats.embedded.enabled=true", "nats.replicas=1",
+			"nats.embedded.persistence.enabled=false"}, []string{"StatefulSet"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			objs := render(t, tc.sets...)
+			for _, kind := range tc.kinds {
+				if len(index(t, objs).kinds(kind)) == 0 {
+					t.Errorf("no %s rendered", kind)
+				}
+			}
 			var refused []string
 			for _, o := range objs {
 				if err := dryRun(o); err != nil {
@@ -907,8 +1058,11 @@ func TestAPIServerAcceptsTheManifests(t *testing.T) {
 
 // TestArgsAreAcceptedByTheBinary runs the real jetmail binary with the
 // arguments the chart renders (NATS pointed at a closed port): each
-// component must get past flag parsing and fail only on connecting to
-// NATS, so a flag renamed in cmd/jetmail cannot leave the chart behind.
+// component must get past flag parsing and reach NATS, where it waits and
+// says so ("not yet, trying again": cmd/jetmail untilUp, a pod never dies of
+// a NATS that does not answer), so a flag renamed in cmd/jetmail cannot
+// leave the chart behind. Files the arguments name are read before that, and
+// their absence is fatal.
 func TestArgsAreAcceptedByTheBinary(t *testing.T) {
 	helmBin(t)
 	goBin, err := exec.LookPath("go")
@@ -929,9 +1083,9 @@ func TestArgsAreAcceptedByTheBinary(t *testing.T) {
 		sets []string
 		want string
 	}{
-		{"defaults", nil, "connect to NATS at " + closed},
+		{"defaults", nil, "not yet, trying again"},
 		{"options", []string{"gateway.proxyProtocol=true", "hostname=mx1.example.org", "deliverer.dns={10.0.0.10:53}",
-			"controller.watchAllNamespaces=true", "logFormat=console"}, "connect to NATS at " + closed},
+			"controller.watchAllNamespaces=true", "logFormat=console"}, "not yet, trying again"},
 		// The certificate is read before NATS is dialled.
 		{"tls", []string{"tls.secretName=smtp-tls"}, "/etc/jetmail/tls/tls.crt"},
 		// So is the NKEY seed.
@@ -949,16 +1103,910 @@ func TestArgsAreAcceptedByTheBinary(t *testing.T) {
 					if strings.HasPrefix(a, "--nats-url=") {
 						a = "--nats-url=" + closed
 					}
+					// Any free port: the chart's fixed ones may be taken on
+					// this machine (another test, another run).
+					if flag, _, ok := strings.Cut(a, "="); ok && strings.HasSuffix(flag, "-listen") {
+						a = flag + "=127.0.0.1:0"
+					}
 					// The kubelet expands $(POD_NAME) from the container's env.
 					args = append(args, strings.ReplaceAll(a, "$(POD_NAME)", "jm-"+comp+"-0"))
 				}
-				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput()
-				cancel()
-				if err == nil || !strings.Contains(string(out), tc.want) {
-					t.Errorf("%s %q: %v, want a failure naming %q:\n%s", comp, args, err, tc.want, out)
+				if out, found := runUntil(t, bin, args, tc.want); !found {
+					t.Errorf("%s %q: the output never says %q:\n%s", comp, args, tc.want, out)
 				}
 			}
 		})
+	}
+}
+
+// runUntil runs bin and reads its output until a line contains want (then
+// stops it), it exits, or 30 s pass; it returns once the process is gone.
+func runUntil(t *testing.T, bin string, args []string, want string) (string, bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	pr, pw := io.Pipe()
+	cmd.Stdout, cmd.Stderr = pw, pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		pw.Close()
+		close(done)
+	}()
+	var out strings.Builder
+	found := false
+	sc := bufio.NewScanner(pr)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		out.WriteString(sc.Text() + "\n")
+		if strings.Contains(sc.Text(), want) {
+			found = true
+			cancel()
+			break
+		}
+	}
+	go func() { _, _ = io.Copy(io.Discard, pr) }()
+	<-done
+	return out.String(), found
+}
+
+// The parts of a HorizontalPodAutoscaler (autoscaling/v2) the tests look at.
+type hpaTarget struct {
+	Type               string `json:"type"`
+	AverageUtilization int    `json:"averageUtilization"`
+	AverageValue       string `json:"averageValue"`
+}
+
+type scaleTargetRef struct {
+	APIVersion string `json:"apiVersion"`
+	Kind       string `json:"kind"`
+	Name       string `json:"name"`
+}
+
+type hpaSpec struct {
+	ScaleTargetRef scaleTargetRef `json:"scaleTargetRef"`
+	MinReplicas    int            `json:"minReplicas"`
+	MaxReplicas    int            `json:"maxReplicas"`
+	Metrics        []struct {
+		Type     string `json:"type"`
+		Resource *struct {
+			Name   string    `json:"name"`
+			Target hpaTarget `json:"target"`
+		} `json:"resource"`
+		Pods *struct {
+			Metric struct {
+				Name string `json:"name"`
+			} `json:"metric"`
+			Target hpaTarget `json:"target"`
+		} `json:"pods"`
+		External *struct {
+			Metric struct {
+				Name     string `json:"name"`
+				Selector *struct {
+					MatchLabels map[string]string `json:"matchLabels"`
+				} `json:"selector"`
+			} `json:"metric"`
+			Target hpaTarget `json:"target"`
+		} `json:"external"`
+	} `json:"metrics"`
+	Behavior map[string]any `json:"behavior"`
+}
+
+func getHPA(t *testing.T, m manifest, name string) hpaSpec {
+	t.Helper()
+	o := m.get(t, "HorizontalPodAutoscaler", name)
+	if o.GetAPIVersion() != "autoscaling/v2" {
+		t.Errorf("HPA %s apiVersion %s, want autoscaling/v2", name, o.GetAPIVersion())
+	}
+	if o.GetNamespace() != namespace {
+		t.Errorf("HPA %s namespace %q", name, o.GetNamespace())
+	}
+	return field[hpaSpec](t, o, "spec")
+}
+
+// checkScaleTarget checks that ref names the component's Deployment as
+// rendered.
+func checkScaleTarget(t *testing.T, m manifest, ref scaleTargetRef, component string) {
+	t.Helper()
+	d := m.get(t, "Deployment", release+"-jetmail-"+component)
+	if ref.APIVersion != d.GetAPIVersion() || ref.Kind != d.GetKind() || ref.Name != d.GetName() {
+		t.Errorf("scaleTargetRef %+v, want %s %s %s", ref, d.GetAPIVersion(), d.GetKind(), d.GetName())
+	}
+}
+
+// codeMetrics returns the names of the Prometheus metrics jetmail's code
+// registers, read from its source (every `Name: "jetmail_..."`), and those
+// controller-runtime registers for the controller, read from the module's
+// source.
+func codeMetrics(t *testing.T) map[string]bool {
+	t.Helper()
+	names := map[string]bool{}
+	re := regexp.MustCompile(`Name:\s*"([a-z_:][a-z0-9_:]*)"`)
+	add := func(file string) {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range re.FindAllStringSubmatch(string(b), -1) {
+			names[m[1]] = true
+		}
+	}
+	for _, dir := range []string{"smtpgw", "deliverer", "spool", "controllers", "cmd/jetmail", "policy"} {
+		files, _ := filepath.Glob(filepath.Join("..", dir, "*.go"))
+		for _, f := range files {
+			if !strings.HasSuffix(f, "_test.go") {
+				add(f)
+			}
+		}
+	}
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+	}
+	cmd := exec.Command(goBin, "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/controller-runtime")
+	cmd.Dir = ".."
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("go list -m sigs.k8s.io/controller-runtime: %v", err)
+	}
+	add(filepath.Join(strings.TrimSpace(string(out)), "pkg", "internal", "controller", "metrics", "metrics.go"))
+	for _, must := range []string{"jetmail_smtp_connections_open", "jetmail_queue_messages", "jetmail_config_revision", "controller_runtime_reconcile_total"} {
+		if !names[must] {
+			t.Fatalf("metric %s not found in the source (found %d names): the reader is broken", must, len(names))
+		}
+	}
+	return names
+}
+
+// notFromCode are the series the alerts and the dashboard use that jetmail
+// does not export itself.
+var notFromCode = map[string]string{
+	"up": "Prometheus, per scrape target",
+	"kube_deployment_status_replicas_unavailable": "kube-state-metrics",
+}
+
+var (
+	selectorRE = regexp.MustCompile(`([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}`)
+	matcherRE  = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"`)
+	tokenRE    = regexp.MustCompile(`\b(jetmail|controller_runtime)_[a-z0-9_]+`)
+)
+
+// checkExpr checks one PromQL expression of an alert or a panel: brackets
+// balance, every series it selects is one the code exports (or a known
+// outside one), and every job matcher names the chart's metrics Services.
+// jobs maps what a job matcher may match to true; vars replaces Grafana
+// variables first.
+func checkExpr(t *testing.T, where, expr string, exported map[string]bool, jobs []string, vars map[string]string) {
+	t.Helper()
+	for k, v := range vars {
+		expr = strings.ReplaceAll(expr, k, v)
+	}
+	for _, pair := range []string{"()", "{}", "[]"} {
+		if strings.Count(expr, pair[:1]) != strings.Count(expr, pair[1:]) {
+			t.Errorf("%s: unbalanced %s in %s", where, pair, expr)
+		}
+	}
+	sels := selectorRE.FindAllStringSubmatch(expr, -1)
+	if len(sels) == 0 {
+		t.Errorf("%s: selects no series: %s", where, expr)
+	}
+	for _, sel := range sels {
+		name := sel[1]
+		base := name
+		for _, suf := range []string{"_bucket", "_sum", "_count"} {
+			if b, ok := strings.CutSuffix(name, suf); ok && exported[b] {
+				base = b
+			}
+		}
+		if !exported[base] && notFromCode[name] == "" {
+			t.Errorf("%s: metric %s is not exported by jetmail's code: %s", where, name, expr)
+		}
+		hasJob := false
+		for _, mt := range matcherRE.FindAllStringSubmatch(sel[2], -1) {
+			label, op, val := mt[1], mt[2], mt[3]
+			switch label {
+			case "job":
+				hasJob = true
+				matched := 0
+				for _, j := range jobs {
+					ok := val == j
+					if op == "=~" {
+						ok = regexp.MustCompile("^(?:" + val + ")$").MatchString(j)
+					}
+					if ok {
+						matched++
+					}
+				}
+				if matched == 0 {
+					t.Errorf("%s: job%s%q matches none of the metrics Services %v", where, op, val, jobs)
+				}
+			case "namespace":
+				if val != namespace {
+					t.Errorf("%s: namespace %q, want %q", where, val, namespace)
+				}
+			}
+		}
+		if !hasJob && notFromCode[name] == "" {
+			t.Errorf("%s: %s is selected without a job matcher (another release's series would count): %s", where, name, expr)
+		}
+	}
+	for _, tok := range tokenRE.FindAllString(expr, -1) {
+		base := tok
+		for _, suf := range []string{"_bucket", "_sum", "_count"} {
+			if b, ok := strings.CutSuffix(tok, suf); ok && exported[b] {
+				base = b
+			}
+		}
+		if !exported[base] {
+			t.Errorf("%s: %s is not a metric of the code", where, tok)
+		}
+	}
+}
+
+func TestGatewayAutoscaling(t *testing.T) {
+	m := index(t, render(t, "gateway.autoscaling.enabled=true", "gateway.autoscaling.minReplicas=3",
+		"gateway.autoscaling.maxReplicas=12", "gateway.autoscaling.sessions.enabled=true",
+		"gateway.autoscaling.sessions.averageValue=800",
+		"gateway.autoscaling.behavior.scaleDown.stabilizationWindowSeconds=600"))
+	if r := getDeployment(t, m, "gateway").Replicas; r != -1 {
+		t.Errorf("autoscaled gateway Deployment sets replicas: %d (it would fight the HPA on every upgrade)", r)
+	}
+	if r := getDeployment(t, m, "deliverer").Replicas; r != 2 {
+		t.Errorf("deliverer replicas %d, want 2 (not autoscaled)", r)
+	}
+	h := getHPA(t, m, "jm-jetmail-gateway")
+	checkScaleTarget(t, m, h.ScaleTargetRef, "gateway")
+	if h.MinReplicas != 3 || h.MaxReplicas != 12 {
+		t.Errorf("replicas %d-%d, want 3-12", h.MinReplicas, h.MaxReplicas)
+	}
+	if len(h.Metrics) != 2 {
+		t.Fatalf("metrics %+v, want CPU and sessions", h.Metrics)
+	}
+	if r := h.Metrics[0].Resource; h.Metrics[0].Type != "Resource" || r == nil || r.Name != "cpu" ||
+		r.Target.Type != "Utilization" || r.Target.AverageUtilization != 70 {
+		t.Errorf("first metric %+v, want cpu Utilization 70", h.Metrics[0])
+	}
+	p := h.Metrics[1].Pods
+	if h.Metrics[1].Type != "Pods" || p == nil || p.Metric.Name != "jetmail_smtp_connections_open" ||
+		p.Target.Type != "AverageValue" || p.Target.AverageValue != "800" {
+		t.Errorf("second metric %+v, want Pods jetmail_smtp_connections_open AverageValue 800", h.Metrics[1])
+	}
+	// The Pods metric is the gateway's own gauge of open sessions.
+	if !codeMetrics(t)["jetmail_smtp_connections_open"] {
+		t.Error("jetmail_smtp_connections_open is not a metric of the code")
+	}
+	if got := fmt.Sprint(h.Behavior["scaleDown"]); got != "map[stabilizationWindowSeconds:600]" {
+		t.Errorf("behavior.scaleDown %s", got)
+	}
+	if l := m.get(t, "HorizontalPodAutoscaler", "jm-jetmail-gateway").GetLabels(); l["app.kubernetes.io/component"] != "gateway" {
+		t.Errorf("HPA labels %v", l)
+	}
+
+	t.Run("cpu only", func(t *testing.T) {
+		h := getHPA(t, index(t, render(t, "gateway.autoscaling.enabled=true")), "jm-jetmail-gateway")
+		if len(h.Metrics) != 1 || h.Metrics[0].Type != "Resource" || h.MinReplicas != 2 || h.MaxReplicas != 10 {
+			t.Errorf("defaults: %+v", h)
+		}
+	})
+	t.Run("sessions only", func(t *testing.T) {
+		m := index(t, render(t, "gateway.autoscaling.enabled=true", "gateway.autoscaling.targetCPUUtilizationPercentage=0",
+			"gateway.autoscaling.sessions.enabled=true", "gateway.resources.requests.cpu=null"))
+		h := getHPA(t, m, "jm-jetmail-gateway")
+		if len(h.Metrics) != 1 || h.Metrics[0].Pods == nil || h.Metrics[0].Pods.Target.AverageValue != "1000" {
+			t.Errorf("metrics %+v, want only the sessions metric at 1000", h.Metrics)
+		}
+	})
+	t.Run("mistakes", func(t *testing.T) {
+		renderFails(t, []string{"gateway.autoscaling.enabled=true", "gateway.autoscaling.targetCPUUtilizationPercentage=0"},
+			"gateway.autoscaling.enabled needs a metric")
+		renderFails(t, []string{"gateway.autoscaling.enabled=true", "gateway.autoscaling.minReplicas=5", "gateway.autoscaling.maxReplicas=3"},
+			"gateway.autoscaling.minReplicas (5) is greater than gateway.autoscaling.maxReplicas (3)")
+		renderFails(t, []string{"gateway.autoscaling.enabled=true", "gateway.resources.requests.cpu=null"},
+			"set gateway.resources.requests.cpu")
+	})
+}
+
+func TestDelivererAutoscaling(t *testing.T) {
+	t.Run("keda", func(t *testing.T) {
+		m := index(t, render(t, "deliverer.autoscaling.keda.enabled=true",
+			"deliverer.autoscaling.keda.natsServerMonitoringEndpoint=nats.nats.svc:8222",
+			"deliverer.autoscaling.keda.activationLagThreshold=5", "deliverer.autoscaling.minReplicas=1",
+			"deliverer.autoscaling.maxReplicas=20", "deliverer.autoscaling.behavior.scaleDown.stabilizationWindowSeconds=900"))
+		if r := getDeployment(t, m, "deliverer").Replicas; r != -1 {
+			t.Errorf("autoscaled deliverer Deployment sets replicas: %d", r)
+		}
+		if r := getDeployment(t, m, "gateway").Replicas; r != 2 {
+			t.Errorf("gateway replicas %d, want 2 (not autoscaled)", r)
+		}
+		if n := m.kinds("HorizontalPodAutoscaler"); len(n) != 0 {
+			t.Errorf("HPAs %v next to the ScaledObject (KEDA makes its own)", n)
+		}
+		so := m.get(t, "ScaledObject", "jm-jetmail-deliverer")
+		if so.GetAPIVersion() != "keda.sh/v1alpha1" || so.GetNamespace() != namespace {
+			t.Errorf("ScaledObject %s in %q", so.GetAPIVersion(), so.GetNamespace())
+		}
+		type scaledObjectSpec struct {
+			ScaleTargetRef  scaleTargetRef `json:"scaleTargetRef"`
+			MinReplicaCount int            `json:"minReplicaCount"`
+			MaxReplicaCount int            `json:"maxReplicaCount"`
+			PollingInterval int            `json:"pollingInterval"`
+			Advanced        struct {
+				HorizontalPodAutoscalerConfig struct {
+					Behavior map[string]any `json:"behavior"`
+				} `json:"horizontalPodAutoscalerConfig"`
+			} `json:"advanced"`
+			Triggers []struct {
+				Type              string            `json:"type"`
+				Metadata          map[string]string `json:"metadata"`
+				AuthenticationRef *struct {
+					Name string `json:"name"`
+				} `json:"authenticationRef"`
+			} `json:"triggers"`
+		}
+		spec := field[scaledObjectSpec](t, so, "spec")
+		checkScaleTarget(t, m, spec.ScaleTargetRef, "deliverer")
+		if spec.MinReplicaCount != 1 || spec.MaxReplicaCount != 20 || spec.PollingInterval != 30 {
+			t.Errorf("replicas %d-%d every %ds, want 1-20 every 30s", spec.MinReplicaCount, spec.MaxReplicaCount, spec.PollingInterval)
+		}
+		if got := fmt.Sprint(spec.Advanced.HorizontalPodAutoscalerConfig.Behavior["scaleDown"]); got != "map[stabilizationWindowSeconds:900]" {
+			t.Errorf("behavior.scaleDown %s", got)
+		}
+		if len(spec.Triggers) != 1 || spec.Triggers[0].Type != "nats-jetstream" {
+			t.Fatalf("triggers %+v, want one nats-jetstream", spec.Triggers)
+		}
+		want := map[string]string{
+			"natsServerMonitoringEndpoint": "nats.nats.svc:8222",
+			"account":                      "$G",
+			"stream":                       spool.QueueStream,
+			"consumer":                     spool.DeliveryConsumerName,
+			"lagThreshold":                 "200",
+			"activationLagThreshold":       "5",
+			"useHttps":                     "false",
+		}
+		if got := spec.Triggers[0].Metadata; !reflect.DeepEqual(got, want) {
+			t.Errorf("trigger metadata\n got %v\nwant %v", got, want)
+		}
+		if spec.Triggers[0].AuthenticationRef != nil {
+			t.Errorf("authenticationRef %+v without authenticationRef set", spec.Triggers[0].AuthenticationRef)
+		}
+
+		// Defaults: no activation threshold; a TriggerAuthentication may
+		// supply the endpoint instead.
+		m = index(t, render(t, "deliverer.autoscaling.keda.enabled=true", "deliverer.autoscaling.keda.authenticationRef=nats-monitor"))
+		so = m.get(t, "ScaledObject", "jm-jetmail-deliverer")
+		trig := field[[]map[string]any](t, so, "spec", "triggers")[0]
+		md := trig["metadata"].(map[string]any)
+		if _, ok := md["activationLagThreshold"]; ok {
+			t.Errorf("activationLagThreshold rendered without being set: %v", md)
+		}
+		if _, ok := md["natsServerMonitoringEndpoint"]; ok {
+			t.Errorf("empty endpoint rendered: %v", md)
+		}
+		if fmt.Sprint(trig["authenticationRef"]) != "map[name:nats-monitor]" {
+			t.Errorf("authenticationRef %v", trig["authenticationRef"])
+		}
+		if field[int](t, so, "spec", "minReplicaCount") != 2 {
+			t.Error("default minReplicaCount is not 2")
+		}
+	})
+
+	t.Run("external metric", func(t *testing.T) {
+		m := index(t, render(t, "deliverer.autoscaling.external.enabled=true",
+			"deliverer.autoscaling.external.metricName=jetmail_queue_messages",
+			"deliverer.autoscaling.external.metricSelector.namespace="+namespace,
+			"deliverer.autoscaling.external.averageValue=500"))
+		if r := getDeployment(t, m, "deliverer").Replicas; r != -1 {
+			t.Errorf("autoscaled deliverer Deployment sets replicas: %d", r)
+		}
+		if n := m.kinds("ScaledObject"); len(n) != 0 {
+			t.Errorf("ScaledObjects %v with only the external HPA on", n)
+		}
+		h := getHPA(t, m, "jm-jetmail-deliverer")
+		checkScaleTarget(t, m, h.ScaleTargetRef, "deliverer")
+		if h.MinReplicas != 2 || h.MaxReplicas != 10 {
+			t.Errorf("replicas %d-%d, want 2-10", h.MinReplicas, h.MaxReplicas)
+		}
+		if len(h.Metrics) != 1 || h.Metrics[0].Type != "External" || h.Metrics[0].External == nil {
+			t.Fatalf("metrics %+v, want one External", h.Metrics)
+		}
+		e := h.Metrics[0].External
+		if e.Metric.Name != "jetmail_queue_messages" || e.Metric.Selector == nil ||
+			!reflect.DeepEqual(e.Metric.Selector.MatchLabels, map[string]string{"namespace": namespace}) ||
+			e.Target.Type != "AverageValue" || e.Target.AverageValue != "500" {
+			t.Errorf("external metric %+v", e)
+		}
+		// Without a selector, none is rendered.
+		h = getHPA(t, index(t, render(t, "deliverer.autoscaling.external.enabled=true",
+			"deliverer.autoscaling.external.metricName=nats_consumer_num_pending")), "jm-jetmail-deliverer")
+		if h.Metrics[0].External.Metric.Selector != nil || h.Metrics[0].External.Target.AverageValue != "200" {
+			t.Errorf("defaults: %+v", h.Metrics[0].External)
+		}
+	})
+
+	t.Run("mistakes", func(t *testing.T) {
+		renderFails(t, []string{"deliverer.autoscaling.keda.enabled=true", "deliverer.autoscaling.keda.natsServerMonitoringEndpoint=nats:8222",
+			"deliverer.autoscaling.external.enabled=true", "deliverer.autoscaling.external.metricName=x"},
+			"deliverer.autoscaling.keda.enabled and deliverer.autoscaling.external.enabled are mutually exclusive")
+		renderFails(t, []string{"deliverer.autoscaling.keda.enabled=true"},
+			"deliverer.autoscaling.keda.natsServerMonitoringEndpoint is required")
+		renderFails(t, []string{"deliverer.autoscaling.external.enabled=true"},
+			"deliverer.autoscaling.external.metricName is required")
+		renderFails(t, []string{"deliverer.autoscaling.external.enabled=true", "deliverer.autoscaling.external.metricName=x",
+			"deliverer.autoscaling.minReplicas=4", "deliverer.autoscaling.maxReplicas=3"},
+			"deliverer.autoscaling.minReplicas (4) is greater than deliverer.autoscaling.maxReplicas (3)")
+	})
+}
+
+// metricsJobs are the Prometheus jobs of the rendered metrics Services.
+func metricsJobs(t *testing.T, m manifest) []string {
+	t.Helper()
+	var jobs []string
+	for _, name := range m.kinds("Service") {
+		if m.get(t, "Service", name).GetLabels()["jetmail.io/metrics"] == "true" {
+			jobs = append(jobs, name)
+		}
+	}
+	if len(jobs) != 3 {
+		t.Fatalf("metrics Services %v, want 3", jobs)
+	}
+	return jobs
+}
+
+func TestServiceMonitors(t *testing.T) {
+	m := index(t, render(t, "serviceMonitor.enabled=true", "serviceMonitor.components.controller=false",
+		"serviceMonitor.labels.release=prom", "serviceMonitor.scrapeTimeout=10s"))
+	checkServiceMonitors(t, m, "gateway", "deliverer")
+	checkMetricsServices(t, m)
+	for _, name := range m.kinds("ServiceMonitor") {
+		sm := m.get(t, "ServiceMonitor", name)
+		if sm.GetLabels()["release"] != "prom" {
+			t.Errorf("%s labels %v lack release=prom", name, sm.GetLabels())
+		}
+		if ep := field[[]map[string]any](t, sm, "spec", "endpoints")[0]; ep["interval"] != "30s" || ep["scrapeTimeout"] != "10s" {
+			t.Errorf("%s endpoint %v", name, ep)
+		}
+	}
+	renderFails(t, []string{"serviceMonitor.enabled=true", "metrics.service.enabled=false"},
+		"serviceMonitor.enabled needs metrics.service.enabled")
+	if n := index(t, render(t, "metrics.service.enabled=false")).kinds("Service"); !reflect.DeepEqual(n, []string{"jm-jetmail"}) {
+		t.Errorf("metrics.service.enabled=false: Services %v", n)
+	}
+}
+
+func TestPrometheusRule(t *testing.T) {
+	m := index(t, render(t, "prometheusRule.enabled=true", "prometheusRule.labels.release=prom",
+		"prometheusRule.alertLabels.team=mail", "prometheusRule.disabled={JetmailPodsUnavailable}",
+		"prometheusRule.extraRules[0].alert=SiteSpecific", "prometheusRule.extraRules[0].expr=vector(1)",
+		"prometheusRule.thresholds.tempfailRatio=0.02"))
+	pr := m.get(t, "PrometheusRule", "jm-jetmail")
+	if pr.GetAPIVersion() != "monitoring.coreos.com/v1" || pr.GetNamespace() != namespace || pr.GetLabels()["release"] != "prom" {
+		t.Errorf("PrometheusRule %s in %q, labels %v", pr.GetAPIVersion(), pr.GetNamespace(), pr.GetLabels())
+	}
+	type rule struct {
+		Alert       string            `json:"alert"`
+		Expr        string            `json:"expr"`
+		For         string            `json:"for"`
+		Labels      map[string]string `json:"labels"`
+		Annotations map[string]string `json:"annotations"`
+	}
+	groups := field[[]struct {
+		Name  string `json:"name"`
+		Rules []rule `json:"rules"`
+	}](t, pr, "spec", "groups")
+	if len(groups) != 1 {
+		t.Fatalf("%d groups", len(groups))
+	}
+	var names []string
+	exprs := map[string]string{}
+	for _, r := range groups[0].Rules {
+		names = append(names, r.Alert)
+		exprs[r.Alert] = r.Expr
+	}
+	want := []string{"JetmailQueueAcceptanceFailing", "JetmailDeliveriesDeferredHigh", "JetmailSMTPDeadlineKills",
+		"JetmailDeliveryDeadlineKills", "JetmailDeliveryStalled", "JetmailConfigRevisionLagging", "JetmailTargetDown", "SiteSpecific"}
+	if !reflect.DeepEqual(names, want) {
+		t.Fatalf("alerts\n got %v\nwant %v", names, want)
+	}
+	exported := codeMetrics(t)
+	jobs := metricsJobs(t, index(t, render(t)))
+	for _, r := range groups[0].Rules[:len(groups[0].Rules)-1] {
+		if sev := r.Labels["severity"]; sev != "critical" && sev != "warning" {
+			t.Errorf("%s severity %q", r.Alert, sev)
+		}
+		if r.Labels["team"] != "mail" {
+			t.Errorf("%s labels %v lack alertLabels", r.Alert, r.Labels)
+		}
+		if r.For == "" || r.Annotations["summary"] == "" || r.Annotations["description"] == "" {
+			t.Errorf("%s: for %q, annotations %v", r.Alert, r.For, r.Annotations)
+		}
+		checkExpr(t, r.Alert, r.Expr, exported, jobs, nil)
+		for _, a := range r.Annotations {
+			for _, tok := range tokenRE.FindAllString(a, -1) {
+				if !exported[tok] {
+					t.Errorf("%s: the annotation names %s, not a metric of the code", r.Alert, tok)
+				}
+			}
+		}
+	}
+	// The label values the alerts select on are the code's.
+	src := sourceText(t, "smtpgw", "deliverer", "spool")
+	for _, v := range []string{"queued", "duplicate", "tempfail", "deferred"} {
+		if !strings.Contains(src, `"`+v+`"`) {
+			t.Errorf("result=%q is not a value the code uses", v)
+		}
+	}
+	for _, c := range []struct{ alert, want string }{
+		{"JetmailQueueAcceptanceFailing", "> 0.02"},
+		{"JetmailDeliveriesDeferredHigh", "> 0.5"},
+		{"JetmailDeliveryStalled", "[3h]"},
+		{"JetmailConfigRevisionLagging", `jetmail_config_revision{job=~"jm-jetmail-gateway-metrics|jm-jetmail-deliverer-metrics"`},
+		{"JetmailTargetDown", `job=~"jm-jetmail-(gateway|deliverer|controller)-metrics"`},
+	} {
+		if !strings.Contains(exprs[c.alert], c.want) {
+			t.Errorf("%s expr lacks %q:\n%s", c.alert, c.want, exprs[c.alert])
+		}
+	}
+
+	// Every alert, with kube-state-metrics' too.
+	all := index(t, render(t, "prometheusRule.enabled=true"))
+	rules := field[[]struct {
+		Rules []rule `json:"rules"`
+	}](t, all.get(t, "PrometheusRule", "jm-jetmail"), "spec", "groups")[0].Rules
+	if len(rules) != 8 || rules[7].Alert != "JetmailPodsUnavailable" {
+		t.Fatalf("default rules %d, last %q", len(rules), rules[len(rules)-1].Alert)
+	}
+	checkExpr(t, rules[7].Alert, rules[7].Expr, exported, jobs, nil)
+	// Its deployment matcher selects exactly the chart's Deployments.
+	dm := regexp.MustCompile(`deployment=~"([^"]*)"`).FindStringSubmatch(rules[7].Expr)
+	if dm == nil {
+		t.Fatalf("JetmailPodsUnavailable has no deployment matcher: %s", rules[7].Expr)
+	}
+	deployRE := regexp.MustCompile("^(?:" + dm[1] + ")$")
+	for _, d := range all.kinds("Deployment") {
+		if !deployRE.MatchString(d) {
+			t.Errorf("JetmailPodsUnavailable's deployment=~%q misses Deployment %s", dm[1], d)
+		}
+	}
+	if deployRE.MatchString("jm-jetmail-nats") || deployRE.MatchString("other-gateway") {
+		t.Errorf("deployment=~%q selects too much", dm[1])
+	}
+}
+
+// sourceText is the non-test Go source of the given packages.
+func sourceText(t *testing.T, dirs ...string) string {
+	t.Helper()
+	var b strings.Builder
+	for _, dir := range dirs {
+		files, _ := filepath.Glob(filepath.Join("..", dir, "*.go"))
+		for _, f := range files {
+			if strings.HasSuffix(f, "_test.go") {
+				continue
+			}
+			data, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b.Write(data)
+		}
+	}
+	return b.String()
+}
+
+func TestGrafanaDashboard(t *testing.T) {
+	m := index(t, render(t, "grafanaDashboard.enabled=true", "grafanaDashboard.annotations.grafana_folder=Mail"))
+	cm := m.get(t, "ConfigMap", "jm-jetmail-dashboard")
+	if cm.GetLabels()["grafana_dashboard"] != "1" || cm.GetAnnotations()["grafana_folder"] != "Mail" || cm.GetNamespace() != namespace {
+		t.Errorf("ConfigMap labels %v annotations %v namespace %q", cm.GetLabels(), cm.GetAnnotations(), cm.GetNamespace())
+	}
+	file, err := os.ReadFile(filepath.Join(chartDir, "dashboards", "jetmail.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := field[map[string]string](t, cm, "data")
+	if len(data) != 1 || data["jetmail.json"] != string(file) {
+		t.Fatalf("ConfigMap data is not dashboards/jetmail.json (keys %v)", slices.Sorted(maps.Keys(data)))
+	}
+	var dash struct {
+		UID        string `json:"uid"`
+		Title      string `json:"title"`
+		Templating struct {
+			List []struct {
+				Name  string `json:"name"`
+				Type  string `json:"type"`
+				Regex string `json:"regex"`
+			} `json:"list"`
+		} `json:"templating"`
+		Panels []struct {
+			ID      int    `json:"id"`
+			Type    string `json:"type"`
+			Title   string `json:"title"`
+			GridPos struct {
+				X int `json:"x"`
+				W int `json:"w"`
+			} `json:"gridPos"`
+			Targets []struct {
+				Expr  string `json:"expr"`
+				RefID string `json:"refId"`
+			} `json:"targets"`
+		} `json:"panels"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(file))
+	if err := dec.Decode(&dash); err != nil {
+		t.Fatalf("dashboards/jetmail.json: %v", err)
+	}
+	if dash.UID == "" || dash.Title == "" {
+		t.Errorf("uid %q title %q", dash.UID, dash.Title)
+	}
+	// $jetmail is the chart's full name, cut from the job of a metrics
+	// Service by the variable's regex.
+	jobs := metricsJobs(t, index(t, render(t)))
+	vars := map[string]string{}
+	for _, v := range dash.Templating.List {
+		vars[v.Name] = v.Regex
+	}
+	for _, v := range []string{"datasource", "namespace", "jetmail"} {
+		if _, ok := vars[v]; !ok {
+			t.Errorf("no dashboard variable %s", v)
+		}
+	}
+	re := regexp.MustCompile(strings.TrimSuffix(strings.TrimPrefix(vars["jetmail"], "/"), "/"))
+	for _, j := range jobs {
+		if mt := re.FindStringSubmatch(j); j != "jm-jetmail-controller-metrics" && (mt == nil || mt[1] != "jm-jetmail") {
+			t.Errorf("the jetmail variable's regex %s makes %v of job %s, want jm-jetmail", re, mt, j)
+		}
+	}
+	exported := codeMetrics(t)
+	ids := map[int]bool{}
+	queries := 0
+	for _, p := range dash.Panels {
+		if ids[p.ID] {
+			t.Errorf("panel id %d twice", p.ID)
+		}
+		ids[p.ID] = true
+		if p.GridPos.X+p.GridPos.W > 24 {
+			t.Errorf("panel %q is wider than the dashboard", p.Title)
+		}
+		if p.Type == "row" {
+			continue
+		}
+		if len(p.Targets) == 0 {
+			t.Errorf("panel %q has no query", p.Title)
+		}
+		for _, q := range p.Targets {
+			queries++
+			checkExpr(t, "panel "+p.Title, q.Expr, exported, jobs,
+				map[string]string{"$jetmail": "jm-jetmail", "$namespace": namespace, "$__rate_interval": "5m"})
+		}
+	}
+	if queries < 20 {
+		t.Errorf("only %d queries", queries)
+	}
+
+	// Into the namespace the sidecar watches.
+	cm = index(t, render(t, "grafanaDashboard.enabled=true", "grafanaDashboard.namespace=monitoring")).get(t, "ConfigMap", "jm-jetmail-dashboard")
+	if cm.GetNamespace() != "monitoring" {
+		t.Errorf("namespace %q", cm.GetNamespace())
+	}
+}
+
+func TestEmbeddedNATS(t *testing.T) {
+	m := index(t, renderNoURL(t, "nats.embedded.enabled=true", "nats.replicas=1"))
+	svc := m.get(t, "Service", "jm-jetmail-nats")
+	url := fmt.Sprintf("nats://%s.%s.svc:4222", svc.GetName(), namespace)
+	for _, comp := range []string{"gateway", "deliverer", "controller"} {
+		args := getDeployment(t, m, comp).Pod.Containers[0].Args
+		if !slices.Contains(args, "--nats-url="+url) || !slices.Contains(args, "--replicas=1") {
+			t.Errorf("%s args %q lack --nats-url=%s and --replicas=1", comp, args, url)
+		}
+	}
+
+	sts := m.get(t, "StatefulSet", "jm-jetmail-nats")
+	type statefulSetSpec struct {
+		Replicas    int    `json:"replicas"`
+		ServiceName string `json:"serviceName"`
+		Selector    struct {
+			MatchLabels map[string]string `json:"matchLabels"`
+		} `json:"selector"`
+		Template struct {
+			Metadata struct {
+				Labels      map[string]string `json:"labels"`
+				Annotations map[string]string `json:"annotations"`
+			} `json:"metadata"`
+			Spec podSpec `json:"spec"`
+		} `json:"template"`
+		VolumeClaimTemplates []struct {
+			Metadata struct {
+				Name string `json:"name"`
+			} `json:"metadata"`
+			Spec struct {
+				Resources struct {
+					Requests map[string]string `json:"requests"`
+				} `json:"resources"`
+			} `json:"spec"`
+		} `json:"volumeClaimTemplates"`
+	}
+	spec := field[statefulSetSpec](t, sts, "spec")
+	if spec.Replicas != 1 || spec.ServiceName != svc.GetName() {
+		t.Errorf("replicas %d serviceName %q", spec.Replicas, spec.ServiceName)
+	}
+	for k, v := range spec.Selector.MatchLabels {
+		if spec.Template.Metadata.Labels[k] != v {
+			t.Errorf("selector %s=%s does not match the pod labels", k, v)
+		}
+	}
+	c := spec.Template.Spec.Containers[0]
+	if c.Image != "nats:2.15.2-alpine" || !reflect.DeepEqual(c.Args, []string{"--config", "/etc/nats/nats.conf"}) {
+		t.Errorf("image %q args %q", c.Image, c.Args)
+	}
+	checkPort(t, "nats", c, "client", 4222)
+	checkPort(t, "nats", c, "monitor", 8222)
+	checkSecure(t, "nats", spec.Template.Spec)
+	if a := spec.Template.Spec.AutomountServiceAccountToken; a == nil || *a {
+		t.Error("the NATS pod gets a Kubernetes API token it does not need")
+	}
+	if len(spec.VolumeClaimTemplates) != 1 || spec.VolumeClaimTemplates[0].Metadata.Name != "data" ||
+		spec.VolumeClaimTemplates[0].Spec.Resources.Requests["storage"] != "2Gi" {
+		t.Errorf("volumeClaimTemplates %+v, want data of 2Gi", spec.VolumeClaimTemplates)
+	}
+	mounts := map[string]string{}
+	for _, vm := range c.VolumeMounts {
+		mounts[vm.Name] = vm.MountPath
+	}
+	if mounts["data"] != "/data" || mounts["config"] != "/etc/nats" {
+		t.Errorf("mounts %v", mounts)
+	}
+
+	// The Service reaches the NATS pod and only it; no jetmail Service
+	// reaches it.
+	selects := func(sel, labels map[string]string) bool {
+		for k, v := range sel {
+			if labels[k] != v {
+				return false
+			}
+		}
+		return true
+	}
+	if sel := field[map[string]string](t, svc, "spec", "selector"); !selects(sel, spec.Template.Metadata.Labels) {
+		t.Errorf("Service selector %v misses the NATS pod %v", sel, spec.Template.Metadata.Labels)
+	} else {
+		for _, comp := range []string{"gateway", "deliverer", "controller"} {
+			if selects(sel, getDeployment(t, m, comp).Labels) {
+				t.Errorf("NATS Service selects the %s pods", comp)
+			}
+		}
+	}
+	for _, name := range m.kinds("Service") {
+		if name != svc.GetName() && selects(field[map[string]string](t, m.get(t, "Service", name), "spec", "selector"), spec.Template.Metadata.Labels) {
+			t.Errorf("Service %s selects the NATS pod", name)
+		}
+	}
+	ports := map[string]string{}
+	for _, p := range field[[]map[string]any](t, svc, "spec", "ports") {
+		ports[fmt.Sprint(p["port"])] = fmt.Sprint(p["targetPort"])
+	}
+	if !reflect.DeepEqual(ports, map[string]string{"4222": "client", "8222": "monitor"}) {
+		t.Errorf("Service ports %v", ports)
+	}
+
+	// The configuration: the checksum follows it, and the real nats-server
+	// (the version jetmail's tests use) reads it, runs JetStream and answers
+	// the probes' paths.
+	conf := field[map[string]string](t, m.get(t, "ConfigMap", "jm-jetmail-nats"), "data")["nats.conf"]
+	sum := sha256.Sum256([]byte(strings.TrimSuffix(conf, "\n")))
+	if got := spec.Template.Metadata.Annotations["checksum/config"]; got != hex.EncodeToString(sum[:]) {
+		t.Errorf("checksum/config %q is not the configuration's", got)
+	}
+	checkNATSConf(t, conf, c)
+
+	t.Run("emptyDir", func(t *testing.T) {
+		m := index(t, renderNoURL(t, "nats.embedded.enabled=true", "nats.replicas=1",
+			"nats.embedded.persistence.enabled=false", "nats.embedded.maxFileStore=1G"))
+		sts := m.get(t, "StatefulSet", "jm-jetmail-nats")
+		if _, found, _ := unstructured.NestedFieldNoCopy(sts.Object, "spec", "volumeClaimTemplates"); found {
+			t.Error("volumeClaimTemplates without persistence")
+		}
+		vols := field[[]map[string]any](t, sts, "spec", "template", "spec", "volumes")
+		found := false
+		for _, v := range vols {
+			if v["name"] == "data" && v["emptyDir"] != nil {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("volumes %v lack an emptyDir named data", vols)
+		}
+		conf := field[map[string]string](t, m.get(t, "ConfigMap", "jm-jetmail-nats"), "data")["nats.conf"]
+		if !strings.Contains(conf, "max_file_store: 1G") {
+			t.Errorf("nats.conf lacks max_file_store:\n%s", conf)
+		}
+		checkNATSConf(t, conf, field[podSpec](t, sts, "spec", "template", "spec").Containers[0])
+	})
+
+	t.Run("explicit url wins", func(t *testing.T) {
+		m := index(t, render(t, "nats.embedded.enabled=true", "nats.replicas=1"))
+		if args := getDeployment(t, m, "gateway").Pod.Containers[0].Args; !slices.Contains(args, "--nats-url="+natsURL) {
+			t.Errorf("args %q lack the given nats.url", args)
+		}
+	})
+
+	t.Run("keda reads the embedded monitoring port", func(t *testing.T) {
+		m := index(t, renderNoURL(t, "nats.embedded.enabled=true", "nats.replicas=1", "deliverer.autoscaling.keda.enabled=true"))
+		md := field[[]map[string]any](t, m.get(t, "ScaledObject", "jm-jetmail-deliverer"), "spec", "triggers")[0]["metadata"].(map[string]any)
+		if want := fmt.Sprintf("%s.%s.svc:8222", svc.GetName(), namespace); md["natsServerMonitoringEndpoint"] != want {
+			t.Errorf("endpoint %v, want %s", md["natsServerMonitoringEndpoint"], want)
+		}
+	})
+
+	t.Run("replicas must be 1", func(t *testing.T) {
+		_, stderr, err := helm(t, "template", release, chartDir, "--namespace", namespace, "--set", "nats.embedded.enabled=true")
+		if err == nil || !strings.Contains(stderr, "nats.replicas is 3: set nats.replicas=1") {
+			t.Errorf("embedded NATS with nats.replicas=3: %v\n%s", err, stderr)
+		}
+	})
+
+	t.Run("off by default", func(t *testing.T) {
+		m := index(t, render(t))
+		if n := m.kinds("StatefulSet"); len(n) != 0 {
+			t.Errorf("StatefulSets %v", n)
+		}
+	})
+}
+
+// checkNATSConf starts the real nats-server with the rendered configuration
+// (its store in a temporary directory, its ports free ones on loopback) and
+// asks the HTTP paths of the container's probes.
+func checkNATSConf(t *testing.T, conf string, c container) {
+	t.Helper()
+	file := filepath.Join(t.TempDir(), "nats.conf")
+	if err := os.WriteFile(file, []byte(conf), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	opts, err := natsserver.ProcessConfigFile(file)
+	if err != nil {
+		t.Fatalf("nats-server refuses the configuration: %v\n%s", err, conf)
+	}
+	if !opts.JetStream || opts.StoreDir != "/data" || opts.Port != 4222 || opts.HTTPPort != 8222 {
+		t.Errorf("configuration: jetstream %v store %q port %d http %d", opts.JetStream, opts.StoreDir, opts.Port, opts.HTTPPort)
+	}
+	opts.StoreDir = t.TempDir()
+	opts.Host, opts.HTTPHost = "127.0.0.1", "127.0.0.1"
+	opts.Port, opts.HTTPPort = -1, -1
+	opts.NoSigs = true
+	s, err := natsserver.NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	t.Cleanup(s.Shutdown)
+	if !s.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server did not start")
+	}
+	if !s.JetStreamEnabled() {
+		t.Error("JetStream is off")
+	}
+	mon := s.MonitorAddr()
+	for _, p := range []*probe{c.StartupProbe, c.LivenessProbe, c.ReadinessProbe} {
+		if p == nil || p.HTTPGet.Port != "monitor" {
+			t.Errorf("probe %+v is not an HTTP GET on the monitor port", p)
+			continue
+		}
+		ok := false
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			resp, err := http.Get(fmt.Sprintf("http://%s%s", mon, p.HTTPGet.Path))
+			if err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					ok = true
+					break
+				}
+			}
+		}
+		if !ok {
+			t.Errorf("GET %s on the NATS monitoring port does not answer 200", p.HTTPGet.Path)
+		}
 	}
 }

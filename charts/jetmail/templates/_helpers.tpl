@@ -62,9 +62,38 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end }}
 
-{{/* The NATS URL every component connects to; the chart does not install NATS. */}}
+{{/*
+The NATS URL every component connects to: nats.url, else the trial server of
+nats.embedded. Otherwise the chart does not install NATS.
+*/}}
 {{- define "jetmail.natsURL" -}}
-{{- required "nats.url is required: jetmail keeps its queue in an existing NATS JetStream cluster that this chart does not install. Install one (for example the official chart: helm install nats nats/nats --set config.jetstream.enabled=true --set config.cluster.enabled=true), then pass --set nats.url=nats://nats.<namespace>.svc:4222" .Values.nats.url -}}
+{{- if .Values.nats.url -}}
+{{- .Values.nats.url -}}
+{{- else if .Values.nats.embedded.enabled -}}
+{{- printf "nats://%s.%s.svc:4222" (include "jetmail.natsEmbeddedName" .) .Release.Namespace -}}
+{{- else -}}
+{{- required "nats.url is required: jetmail keeps its queue in an existing NATS JetStream cluster that this chart does not install. Install one (for example the official chart: helm install nats nats/nats --set config.jetstream.enabled=true --set config.cluster.enabled=true), then pass --set nats.url=nats://nats.<namespace>.svc:4222 (or, for a trial only, --set nats.embedded.enabled=true --set nats.replicas=1)" .Values.nats.url -}}
+{{- end -}}
+{{- end }}
+
+{{/* Name of the trial NATS server's StatefulSet, Service and ConfigMap. */}}
+{{- define "jetmail.natsEmbeddedName" -}}
+{{- printf "%s-nats" (include "jetmail.fullname" .) -}}
+{{- end }}
+
+{{/*
+The components' metrics ports: name -> port. The metrics Services, the
+ServiceMonitors and the PrometheusRule's job names come from this list.
+*/}}
+{{- define "jetmail.metricsPorts" -}}
+gateway: 9090
+deliverer: 9091
+controller: 8080
+{{- end }}
+
+{{/* Prometheus job of a component's metrics Service: (dict "ctx" $ "component" "gateway"). */}}
+{{- define "jetmail.metricsJob" -}}
+{{- printf "%s-%s-metrics" (include "jetmail.fullname" .ctx) .component -}}
 {{- end }}
 
 {{/*
@@ -169,4 +198,26 @@ topologySpreadConstraints:
 {{- with .extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* Labels of one alert: (dict "ctx" $ "severity" "warning"). */}}
+{{- define "jetmail.alertLabels" -}}
+labels:
+  severity: {{ .severity }}
+  {{- with .ctx.Values.prometheusRule.alertLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* nats-server configuration of the trial server (nats.embedded). */}}
+{{- define "jetmail.natsEmbeddedConf" -}}
+server_name: {{ include "jetmail.natsEmbeddedName" . }}
+port: 4222
+http_port: 8222
+jetstream {
+  store_dir: /data
+  {{- with .Values.nats.embedded.maxFileStore }}
+  max_file_store: {{ . }}
+  {{- end }}
+}
 {{- end }}
