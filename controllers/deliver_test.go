@@ -17,6 +17,7 @@ import (
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
 	"github.com/jetmail/jetmail/deliverer"
+	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -71,7 +72,7 @@ func TestMailRouteChangesWhereARunningDelivererSends(t *testing.T) {
 		cur.Store(cfg.Delivery)
 		_ = w.store.Heartbeat(ctx, "deliverer-1", "deliverer", rev)
 	}, func(rev uint64, err error) { t.Errorf("revision %d: %v", rev, err) })
-	dc := &deliverer.Client{Hostname: "relay.test"}
+	dc := &outbound.Client{Hostname: "relay.test"}
 	t.Cleanup(dc.Close)
 	d, err := deliverer.New(deliverer.Config{Hostname: "relay.test", Spool: w.sp, Policy: cur.Load,
 		Resolver: &deliverer.Resolver{Servers: []string{"127.0.0.1:1"}}, Client: dc,

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/deliverer/resolve"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
@@ -29,7 +30,7 @@ type Config struct {
 	// changes apply to the next attempt without a restart.
 	Policy   func() *policy.Delivery
 	Resolver *Resolver
-	Client   *Client
+	Client   *outbound.Client
 	Log      *zap.Logger
 	// Registerer receives the metrics; nil means none.
 	Registerer prometheus.Registerer

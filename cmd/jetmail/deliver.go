@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/deliverer"
+	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -38,7 +39,7 @@ func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *s
 	// Every outbound setting, messagesPerConnection included, comes from
 	// src.Delivery at each attempt (Config.Policy), so a DeliveryPolicy
 	// change applies without a restart: the Client holds none of them.
-	client := &deliverer.Client{Hostname: hostname}
+	client := &outbound.Client{Hostname: hostname}
 	defer client.Close()
 	d, err := deliverer.New(deliverer.Config{
 		Hostname:    hostname,
