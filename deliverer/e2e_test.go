@@ -64,7 +64,7 @@ type e2eEnv struct {
 	sp   *spool.Spool
 	dns  *dnstest.Server
 	port uint16
-	pol  atomic.Pointer[policy.Delivery]
+	src  *policy.Source
 
 	mu   sync.Mutex
 	held map[string]net.Listener // reserved, not serving yet
@@ -189,8 +189,10 @@ func (e *e2eEnv) down(ip string) {
 
 func e2eDur(d time.Duration) *metav1.Duration { return &metav1.Duration{Duration: d} }
 
-// setPolicy compiles and installs the delivery configuration: the test
-// port, a 1s retry schedule and short timeouts, changed by mut.
+// setPolicy compiles the delivery configuration (the test port, a 1s retry
+// schedule and short timeouts, changed by mut) and puts it in force
+// through the environment's Source, as the configuration watchers do: a
+// running deliverer sees it at its next attempt.
 func (e *e2eEnv) setPolicy(mut func(*v1alpha1.DeliveryPolicySpec), routes []v1alpha1.MailRoute, secrets policy.Secrets) {
 	e.t.Helper()
 	port := int32(e.port)
@@ -214,7 +216,12 @@ func (e *e2eEnv) setPolicy(mut func(*v1alpha1.DeliveryPolicySpec), routes []v1al
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	e.pol.Store(d)
+	cfg := &policy.Config{Relay: policy.Default(), Delivery: d}
+	if e.src == nil {
+		e.src = policy.NewSource(cfg, 1)
+		return
+	}
+	e.src.Set(cfg, e.src.Revision()+1)
 }
 
 func (e *e2eEnv) hop(ip string) string { return fmt.Sprintf("[%s]:%d", ip, e.port) }
@@ -281,7 +288,7 @@ func (e *e2eEnv) startDeliverer(opts ...e2eReplicaOpt) *e2eReplica {
 	cfg := Config{
 		Hostname: e2eHost,
 		Spool:    e.sp,
-		Policy:   e.pol.Load,
+		Source:   e.src,
 		Resolver: &Resolver{Servers: []string{e.dns.Addr}, Timeout: 2 * time.Second},
 		Client:   r.client,
 		AckWait:  e2eAckWait,
