@@ -339,6 +339,34 @@ func (e *e2eEnv) startMX(ip string, m *mxtest.MX, mut ...func(*smtp.Server)) *mx
 	return mxtest.Serve(e.t, mxtest.Count(e.listener(ip)), "mx-"+ip+".e2e.test", m, mut...)
 }
 
+// holdSlot queues held@slow.test and waits until the tarpit tp, slow.test's
+// MX, holds its session.
+func (e *e2eEnv) holdSlot(tp *tarpit) {
+	e.t.Helper()
+	e.enqueue(e2eSender, "held@slow.test")
+	mxtest.Within(e.t, 10*time.Second, "the tarpit to hold a session", func() bool { return tp.Accepted.Load() == 1 })
+}
+
+// waitSlots waits until cond holds of the replica's session slots.
+func (r *e2eReplica) waitSlots(t *testing.T, what string, cond func(d *Deliverer) bool) {
+	t.Helper()
+	mxtest.Within(t, 10*time.Second, what, func() bool {
+		r.d.mu.Lock()
+		defer r.d.mu.Unlock()
+		return cond(r.d)
+	})
+}
+
+// startMXOf serves m on e2eMX1 as the one MX host of domain.
+func (e *e2eEnv) startMXOf(domain string, m *mxtest.MX) *mxtest.MX {
+	e.t.Helper()
+	e.dns.Add(e.t, domain+". 60 IN MX 10 mx1."+domain+".", "mx1."+domain+". 60 IN A "+e2eMX1)
+	return e.startMX(e2eMX1, m)
+}
+
+// e2eNoSuchUser refuses a recipient with 550 5.1.1.
+func e2eNoSuchUser(string) error { return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here") }
+
 // capture is the MX of sender.test, where bounces arrive.
 func (e *e2eEnv) capture() *mxtest.MX { return e.startMX(e2eCapture, &mxtest.MX{}) }
 
@@ -882,14 +910,9 @@ func TestDelivererEndToEnd(t *testing.T) {
 		// only slot, and one more; a second waiter for slow.test is turned
 		// away (it may not take more than half the workers).
 		r := e.startDeliverer(func(c *Config, _ *e2eConn) { c.MaxInFlight = 3 })
-		e.enqueue(e2eSender, "held@slow.test")
-		mxtest.Within(t, 10*time.Second, "the tarpit to hold slow.test's slot", func() bool { return tp.Accepted.Load() == 1 })
+		e.holdSlot(tp)
 		e.enqueue(e2eSender, "waiting@slow.test")
-		mxtest.Within(t, 10*time.Second, "a worker to wait for slow.test", func() bool {
-			r.d.mu.Lock()
-			defer r.d.mu.Unlock()
-			return r.d.destWaiting["slow.test"] == 1
-		})
+		r.waitSlots(t, "a worker to wait for slow.test", func(d *Deliverer) bool { return d.destWaiting["slow.test"] == 1 })
 		qid := e.enqueue(e2eSender, "a@fast.test", "b@slow.test")
 		st := e.waitState(qid, 10*time.Second, "a@fast.test's delivery to be recorded", func(st *spool.DeliveryState) bool {
 			return e2eRcptState(st, "a@fast.test").Status == spool.RcptDelivered
@@ -1116,10 +1139,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 	t.Run("a bounce that fails is dropped, not bounced", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.Add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &mxtest.MX{Rcpt: func(string) error {
-			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
-		}})
+		mx := e.startMXOf("bad.test", &mxtest.MX{Rcpt: e2eNoSuchUser})
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueue("", "nobody@bad.test")
@@ -1141,10 +1161,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.setPolicy(func(s *v1alpha1.DeliveryPolicySpec) { s.Postmaster = "postmaster@sender.test" }, nil, nil)
-		e.dns.Add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &mxtest.MX{Rcpt: func(string) error {
-			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
-		}})
+		mx := e.startMXOf("bad.test", &mxtest.MX{Rcpt: e2eNoSuchUser})
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueue("", "nobody@bad.test")
