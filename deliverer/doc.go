@@ -43,6 +43,7 @@
 // acknowledged, and an attempt cut short by a shutdown still records its
 // outcome. A message handed to this process stays ours while its sessions
 // run (in-progress signals); one this process never finished comes back to
-// a replica after AckWait. The policy in force is read at every attempt,
-// so configuration changes apply without a restart.
+// a replica after AckWait. The policy in force is read from
+// the Source (Config.Source) at every attempt, which runs on it throughout,
+// so configuration changes apply to the next attempt without a restart.
 package deliverer
