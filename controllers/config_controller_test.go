@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -79,7 +78,7 @@ func TestAPIServerRejectsInvalidObjects(t *testing.T) {
 }
 
 // dataPlane is an in-process gateway that follows the controller's
-// snapshots through policy.Store.Watch and reports its revision, as
+// snapshots through policy.FollowStore and reports its revision, as
 // `jetmail gateway` does.
 type dataPlane struct {
 	gw       *smtpgw.Gateway
@@ -91,7 +90,26 @@ func startDataPlane(t *testing.T, w *world, pod string) *dataPlane {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	d := &dataPlane{gw: smtpgw.New(smtpgw.Config{Hostname: "mx.test"}, w.sp, policy.Default(), zap.NewNop(), prometheus.NewRegistry())}
+	d := &dataPlane{}
+	running := func(rev uint64) {
+		for old := d.revision.Load(); old < rev && !d.revision.CompareAndSwap(old, rev); old = d.revision.Load() {
+		}
+		_ = w.store.Heartbeat(ctx, pod, "gateway", d.revision.Load())
+	}
+	src, err := policy.FollowStore(ctx, w.store, func(rev uint64, _ *policy.Config, err error) {
+		if err != nil {
+			t.Errorf("revision %d does not compile: %v", rev, err)
+			return
+		}
+		running(rev)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rev := src.Revision(); rev > 0 {
+		running(rev)
+	}
+	d.gw = smtpgw.New(smtpgw.Config{Hostname: "mx.test"}, w.sp, src, zap.NewNop(), prometheus.NewRegistry())
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -103,14 +121,6 @@ func startDataPlane(t *testing.T, w *world, pod string) *dataPlane {
 		defer c()
 		d.gw.Shutdown(sctx)
 	})
-	var mu sync.Mutex
-	go w.store.Watch(ctx, func(cfg *policy.Config, rev uint64) {
-		mu.Lock()
-		defer mu.Unlock()
-		d.gw.SetPolicy(cfg.Relay)
-		d.revision.Store(rev)
-		_ = w.store.Heartbeat(ctx, pod, "gateway", rev)
-	}, func(rev uint64, err error) { t.Errorf("revision %d does not compile: %v", rev, err) })
 	return d
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"net"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
 	"github.com/jetmail/jetmail/deliverer"
+	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -62,18 +62,19 @@ func TestMailRouteChangesWhereARunningDelivererSends(t *testing.T) {
 	a, b := startSink(t), startSink(t)
 
 	// The deliverer follows the snapshots, like `jetmail deliverer`.
-	var cur atomic.Pointer[policy.Delivery]
-	cur.Store(policy.DefaultDelivery())
-	var mu sync.Mutex
-	go w.store.Watch(ctx, func(cfg *policy.Config, rev uint64) {
-		mu.Lock()
-		defer mu.Unlock()
-		cur.Store(cfg.Delivery)
+	src, err := policy.FollowStore(ctx, w.store, func(rev uint64, _ *policy.Config, err error) {
+		if err != nil {
+			t.Errorf("revision %d: %v", rev, err)
+			return
+		}
 		_ = w.store.Heartbeat(ctx, "deliverer-1", "deliverer", rev)
-	}, func(rev uint64, err error) { t.Errorf("revision %d: %v", rev, err) })
-	dc := &deliverer.Client{Hostname: "relay.test"}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc := &outbound.Client{Hostname: "relay.test"}
 	t.Cleanup(dc.Close)
-	d, err := deliverer.New(deliverer.Config{Hostname: "relay.test", Spool: w.sp, Policy: cur.Load,
+	d, err := deliverer.New(deliverer.Config{Hostname: "relay.test", Spool: w.sp, Source: src,
 		Resolver: &deliverer.Resolver{Servers: []string{"127.0.0.1:1"}}, Client: dc,
 		Log: zap.NewNop(), AckWait: 10 * time.Second})
 	if err != nil {

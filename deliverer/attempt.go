@@ -16,6 +16,7 @@ import (
 
 	"github.com/jetmail/jetmail/deliverer/dsn"
 	"github.com/jetmail/jetmail/deliverer/failure"
+	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/deliverer/resolve"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
@@ -90,7 +91,7 @@ func (a *attempt) expire() {
 		if last != "" {
 			e.Text += "; last error: " + last
 		}
-		a.record(r, RcptResult{Rcpt: r, Status: spool.RcptFailed, Err: e}, 0)
+		a.record(r, outbound.RcptResult{Rcpt: r, Status: spool.RcptFailed, Err: e}, 0)
 	}
 	a.d.metrics.expired.Inc()
 }
@@ -115,7 +116,7 @@ func (a *attempt) run(ctx context.Context) {
 
 	type groupResult struct {
 		rcpts   []spool.Rcpt
-		results []RcptResult
+		results []outbound.RcptResult
 		elapsed time.Duration
 		skipped bool
 		// cut is set when the attempt's context had ended by the time the
@@ -163,16 +164,16 @@ func (a *attempt) run(ctx context.Context) {
 
 // deliverDomain routes and delivers one domain's recipients. skipped is
 // true when the destination had no free session slot.
-func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spool.Rcpt, body func() ([]byte, error)) ([]RcptResult, bool) {
+func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spool.Rcpt, body func() ([]byte, error)) ([]outbound.RcptResult, bool) {
 	d := a.d
-	all := func(e *failure.Error) []RcptResult {
+	all := func(e *failure.Error) []outbound.RcptResult {
 		st := spool.RcptDeferred
 		if e.Permanent {
 			st = spool.RcptFailed
 		}
-		out := make([]RcptResult, len(rcpts))
+		out := make([]outbound.RcptResult, len(rcpts))
 		for i, r := range rcpts {
-			out[i] = RcptResult{Rcpt: r, Status: st, Err: e}
+			out[i] = outbound.RcptResult{Rcpt: r, Status: st, Err: e}
 		}
 		return out
 	}
@@ -217,7 +218,7 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 		a.log.Error("reading the message body", zap.Error(err))
 		return all(failure.Temporary(451, "4.3.0", "queue read error")), false
 	}
-	t := &Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts, Body: data}
+	t := &outbound.Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts, Body: data}
 	// The same snapshot decides whether the connection may carry another
 	// message after this one: messagesPerConnection applies without a
 	// restart, like every other setting.
@@ -252,7 +253,7 @@ func (d *Deliverer) routeHops(ctx context.Context, r *policy.Route) ([]resolve.H
 
 // record applies one recipient's result to the state and logs it, one
 // line per recipient per attempt, like Postfix's status= lines.
-func (a *attempt) record(r spool.Rcpt, res RcptResult, elapsed time.Duration) {
+func (a *attempt) record(r spool.Rcpt, res outbound.RcptResult, elapsed time.Duration) {
 	rs := a.rcptState(r.Addr)
 	a.recorded++
 	rs.Attempts++
@@ -473,7 +474,7 @@ func (a *attempt) retryLater(err error) {
 }
 
 // deadlineKill tells whether e is the client cutting a session off at its
-// hard deadline or for a too slow data rate (see client.go and pool.go),
+// hard deadline or for a too slow data rate (package outbound),
 // as opposed to an ordinary timeout or a lost connection, which are 4.4.2
 // as well.
 func deadlineKill(e *failure.Error) bool {

@@ -162,7 +162,7 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 	}
 	env := &m.Envelope
 	log := d.log.With(zap.String("queue_id", env.QueueID))
-	pol := d.cfg.Policy()
+	pol := d.cfg.Source.Delivery()
 	now := d.cfg.Now()
 
 	var st *spool.DeliveryState

@@ -6,6 +6,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/deliverer/failure"
+	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/policy"
 )
 
@@ -48,7 +49,7 @@ func (d *Deliverer) endProbe(dest string) {
 // noteDest updates what is known of dest from one delivery: every hop
 // failing makes it dead for pol.DeadDestination; any hop taking the
 // transaction (whatever its replies to the recipients) brings it back.
-func (d *Deliverer) noteDest(dest string, res []RcptResult, pol *policy.Delivery) {
+func (d *Deliverer) noteDest(dest string, res []outbound.RcptResult, pol *policy.Delivery) {
 	if len(res) == 0 {
 		return
 	}

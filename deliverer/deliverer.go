@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/deliverer/resolve"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
@@ -24,12 +25,13 @@ type Config struct {
 	// Hostname is our name in EHLO, DSNs and logs.
 	Hostname string
 	Spool    *spool.Spool
-	// Policy returns the delivery configuration in force; it is read at
-	// every attempt, so route, timeout, retry and messagesPerConnection
-	// changes apply to the next attempt without a restart.
-	Policy   func() *policy.Delivery
+	// Source holds the configuration in force. Its Delivery() is read
+	// once per attempt, and that attempt runs on it throughout, so every
+	// DeliveryPolicy and MailRoute setting applies to the next attempt
+	// without a restart.
+	Source   *policy.Source
 	Resolver *Resolver
-	Client   *Client
+	Client   *outbound.Client
 	Log      *zap.Logger
 	// Registerer receives the metrics; nil means none.
 	Registerer prometheus.Registerer
@@ -79,8 +81,8 @@ type Deliverer struct {
 
 // New checks cfg and returns a Deliverer.
 func New(cfg Config) (*Deliverer, error) {
-	if cfg.Spool == nil || cfg.Policy == nil || cfg.Resolver == nil || cfg.Client == nil {
-		return nil, errors.New("deliverer: Spool, Policy, Resolver and Client are required")
+	if cfg.Spool == nil || cfg.Source == nil || cfg.Resolver == nil || cfg.Client == nil {
+		return nil, errors.New("deliverer: Spool, Source, Resolver and Client are required")
 	}
 	if cfg.Log == nil {
 		cfg.Log = zap.NewNop()
@@ -110,7 +112,7 @@ func New(cfg Config) (*Deliverer, error) {
 		cfg.Hostname = "localhost"
 	}
 	if cfg.Resolver.IsLocal == nil {
-		cfg.Resolver.IsLocal = func(host string, addr netip.Addr) bool { return cfg.Policy().IsLocal(host, addr) }
+		cfg.Resolver.IsLocal = func(host string, addr netip.Addr) bool { return cfg.Source.Delivery().IsLocal(host, addr) }
 	}
 	return &Deliverer{cfg: cfg, log: cfg.Log, metrics: newMetrics(cfg.Registerer),
 		perDest: map[string]int{}, destWaiting: map[string]int{}, destFree: map[string]chan struct{}{},

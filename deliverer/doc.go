@@ -25,13 +25,13 @@
 //   - housekeeping.go: queue depth and age metrics, and the orphan body
 //     sweep.
 //   - metrics.go: the Prometheus metrics.
-//   - client.go, pool.go: the outbound SMTP client (Client.Deliver) and its
-//     connection pool (checkout and checkin, dialing, STARTTLS, AUTH, hard
-//     deadlines).
 //
 // Its parts, as packages below this one:
 //
 //   - resolve: the caching MX resolver that turns a domain into next hops.
+//   - outbound: the SMTP client (Client.Deliver) and its connection pool:
+//     dialing, STARTTLS, AUTH, hard deadlines, reuse. It is handed the
+//     settings of the configuration in force at every delivery.
 //   - dsn: the RFC 3464 delivery status notification builder.
 //   - failure: the delivery error type, temporary or permanent, with its
 //     SMTP codes, shared by all of the above.
@@ -43,6 +43,7 @@
 // acknowledged, and an attempt cut short by a shutdown still records its
 // outcome. A message handed to this process stays ours while its sessions
 // run (in-progress signals); one this process never finished comes back to
-// a replica after AckWait. The policy in force is read at every attempt,
-// so configuration changes apply without a restart.
+// a replica after AckWait. The policy in force is read from
+// the Source (Config.Source) at every attempt, which runs on it throughout,
+// so configuration changes apply to the next attempt without a restart.
 package deliverer

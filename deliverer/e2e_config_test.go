@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/internal/mxtest"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -28,7 +29,7 @@ func TestDelivererAppliesMessagesPerConnectionWithoutRestart(t *testing.T) {
 		e.setPolicy(func(s *v1alpha1.DeliveryPolicySpec) { s.MessagesPerConnection = &n }, nil, nil)
 	}
 	perConn(1)
-	mx := e.startMX(e2eMX1, &testMX{})
+	mx := e.startMX(e2eMX1, &mxtest.MX{})
 	// Idle connections stay pooled for the whole test: only the limit
 	// decides whether a connection is reused.
 	r := e.startDeliverer(func(c *Config, _ *e2eConn) { c.Client.IdleTime = time.Minute })
@@ -43,13 +44,13 @@ func TestDelivererAppliesMessagesPerConnectionWithoutRestart(t *testing.T) {
 			e.enqueue(e2eSender, fmt.Sprintf("m%d@reuse.test", sent))
 			e.waitEmpty(10 * time.Second)
 		}
-		if got := len(mx.transactions()); got != sent {
+		if got := len(mx.Transactions()); got != sent {
 			t.Fatalf("MX got %d messages, want %d", got, sent)
 		}
 	}
 	check := func(phase string, conns int64, open int) {
 		t.Helper()
-		if a, o := mx.accepted.Load(), r.client.OpenConns(); a != conns || o != open {
+		if a, o := mx.Accepted.Load(), r.client.OpenConns(); a != conns || o != open {
 			t.Fatalf("%s: the MX has seen %d connections and the client has %d open; want %d and %d", phase, a, o, conns, open)
 		}
 	}
@@ -67,11 +68,11 @@ func TestDelivererAppliesMessagesPerConnectionWithoutRestart(t *testing.T) {
 	send(3)
 	check("messagesPerConnection lowered to 1", 6, 0)
 
-	if n := mx.traffic.count("EHLO " + e2eHost); n != 6 {
+	if n := mx.Traffic.Count("EHLO " + e2eHost); n != 6 {
 		t.Errorf("%d EHLO, want one per connection (6)", n)
 	}
 	r.stop(t)
-	checkServersClosed(t, mx.connCounter)
+	mxtest.CheckServersClosed(t, mx.Counter)
 }
 
 // A route's timeouts are the ones its sessions run under: its own
@@ -87,17 +88,17 @@ func TestDelivererUsesTheRouteTimeouts(t *testing.T) {
 		name   string
 		tls    v1alpha1.TLSPolicy
 		auth   bool
-		script *remoteScript // nil: never greets
+		script *mxtest.Script // nil: never greets
 		want   string
 	}{
 		{"a silent greeting times out at the route's greeting timeout", v1alpha1.TLSNone, false,
 			nil, "timeout during greeting"},
 		{"a stalled EHLO runs into the session deadline, not the greeting timeout", v1alpha1.TLSNone, false,
-			&remoteScript{ehlo: func(net.Conn) bool { return false }}, "session deadline exceeded (3s) during EHLO"},
+			&mxtest.Script{Ehlo: func(net.Conn) bool { return false }}, "session deadline exceeded (3s) during EHLO"},
 		{"a stalled STARTTLS runs into the session deadline, not the greeting timeout", v1alpha1.TLSRequired, false,
-			&remoteScript{exts: []string{"STARTTLS"}, startTLS: stall}, "session deadline exceeded (3s) during STARTTLS"},
+			&mxtest.Script{Exts: []string{"STARTTLS"}, StartTLS: stall}, "session deadline exceeded (3s) during STARTTLS"},
 		{"a stalled AUTH runs into the session deadline, not the greeting timeout", v1alpha1.TLSNone, true,
-			&remoteScript{exts: []string{"AUTH PLAIN"}, auth: func(net.Conn, *bufio.Reader, string) bool { return false }},
+			&mxtest.Script{Exts: []string{"AUTH PLAIN"}, Auth: func(net.Conn, *bufio.Reader, string) bool { return false }},
 			"session deadline exceeded (3s) during AUTH"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -124,10 +125,10 @@ func TestDelivererUsesTheRouteTimeouts(t *testing.T) {
 			}, []v1alpha1.MailRoute{route}, secrets)
 			handle := func(net.Conn, *bufio.Reader) {}
 			if tc.script != nil {
-				handle = tc.script.handle
+				handle = tc.script.Handle
 			}
-			ln := countConns(e.listener(e2eMX1))
-			serveScripted(t, ln, handle)
+			ln := mxtest.Count(e.listener(e2eMX1))
+			mxtest.ServeScripted(t, ln, handle)
 			r := e.startDeliverer(func(c *Config, _ *e2eConn) { c.Client.AllowInsecureAuth = true })
 			start := time.Now()
 			qid := e.enqueue(e2eSender, "olga@timed.test")
@@ -140,11 +141,11 @@ func TestDelivererUsesTheRouteTimeouts(t *testing.T) {
 			if took > 10*time.Second {
 				t.Errorf("deferred after %s, want within the route's %s session", took, session)
 			}
-			if n := ln.cnt.accepted.Load(); n != 1 {
+			if n := ln.Counter.Accepted.Load(); n != 1 {
 				t.Errorf("the next hop saw %d connections, want 1", n)
 			}
 			r.stop(t)
-			checkServersClosed(t, ln.cnt)
+			mxtest.CheckServersClosed(t, ln.Counter)
 		})
 	}
 }
@@ -160,7 +161,7 @@ func TestDelivererAppliesRetryIntervalsAndQueueLifetimeWithoutRestart(t *testing
 		sp.DeadDestinationTime = e2eDur(time.Hour)
 	}, nil, nil)
 	e.dns.Add(t, "later.test. 60 IN MX 10 mx1.later.test.", "mx1.later.test. 60 IN A "+e2eMX1)
-	e.startMX(e2eMX1, &testMX{mail: func(string) error {
+	e.startMX(e2eMX1, &mxtest.MX{Mail: func(string) error {
 		return e2eSMTPError(451, [3]int{4, 3, 0}, "try later")
 	}})
 	r := e.startDeliverer()
@@ -186,6 +187,6 @@ func TestDelivererAppliesRetryIntervalsAndQueueLifetimeWithoutRestart(t *testing
 		sp.DeadDestinationTime = e2eDur(time.Hour)
 		sp.QueueLifetime = e2eDur(2 * time.Second)
 	}, nil, nil)
-	within(t, 15*time.Second, "the second message to expire", func() bool { return e2eCount(t, r.d.metrics.expired) >= 1 })
+	mxtest.Within(t, 15*time.Second, "the second message to expire", func() bool { return e2eCount(t, r.d.metrics.expired) >= 1 })
 	r.stop(t)
 }

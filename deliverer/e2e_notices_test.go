@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/internal/mxtest"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -91,7 +92,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 			s.RetryIntervals = []metav1.Duration{{Duration: time.Second}}
 		}, nil, nil)
 		e.dns.Add(t, "busy.test. 60 IN MX 10 mx1.busy.test.", "mx1.busy.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
+		mx := e.startMX(e2eMX1, &mxtest.MX{Rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 2, 1}, "mailbox busy, try later")
 		}})
 		capture := e.capture()
@@ -102,8 +103,8 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		if took := time.Since(start); took < time.Second {
 			t.Errorf("delay warning after %s, before the 1s delayWarning", took)
 		}
-		if strings.Join(b.txn.rcpts, ",") != e2eSender {
-			t.Errorf("delay warning went to %v", b.txn.rcpts)
+		if strings.Join(b.txn.Rcpts, ",") != e2eSender {
+			t.Errorf("delay warning went to %v", b.txn.Rcpts)
 		}
 		b.wantRcpt(t, map[string]string{
 			"Action": "delayed", "Status": "4.2.1", "Final-Recipient": "rfc822; mia@busy.test",
@@ -126,54 +127,54 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 			t.Errorf("recipient state %+v, want deferred", rs)
 		}
 		r.stop(t)
-		if n := len(capture.transactions()); n != 1 {
+		if n := len(capture.Transactions()); n != 1 {
 			t.Errorf("the sender got %d notices, want exactly 1 delay warning", n)
 		}
 		if n := e2eCount(t, r.d.metrics.notifications.WithLabelValues("delayed")); n != 1 {
 			t.Errorf("%v delay warnings queued, want 1", n)
 		}
-		if n := mx.rcptCount("mia@busy.test"); n < warnedAt+3 {
+		if n := mx.RcptCount("mia@busy.test"); n < warnedAt+3 {
 			t.Errorf("MX tried %d times, want at least %d", n, warnedAt+3)
 		}
-		checkServersClosed(t, mx.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter, capture.Counter)
 	})
 
 	t.Run("NOTIFY=SUCCESS to a next hop without DSN is reported as relayed", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.Add(t, "nodsn.test. 60 IN MX 10 mx1.nodsn.test.", "mx1.nodsn.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{})
+		mx := e.startMX(e2eMX1, &mxtest.MX{})
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueueMail(e2eSender, []spool.Rcpt{e2eRcpt("nina@nodsn.test", "SUCCESS", "FAILURE")},
 			[]byte(e2eBody("x", e2eSender, []string{"nina@nodsn.test"})))
 		b := waitBounce(t, capture, 1, 10*time.Second)
-		if strings.Join(b.txn.rcpts, ",") != e2eSender {
-			t.Errorf("success notice went to %v", b.txn.rcpts)
+		if strings.Join(b.txn.Rcpts, ",") != e2eSender {
+			t.Errorf("success notice went to %v", b.txn.Rcpts)
 		}
 		b.wantRcpt(t, map[string]string{
 			"Action": "relayed", "Status": "2.0.0", "Final-Recipient": "rfc822; nina@nodsn.test",
 			"Remote-MTA": "dns; mx1.nodsn.test",
 		})
 		e.waitEmpty(10 * time.Second)
-		if txns := mx.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "nina@nodsn.test" {
+		if txns := mx.Transactions(); len(txns) != 1 || strings.Join(txns[0].Rcpts, ",") != "nina@nodsn.test" {
 			t.Errorf("MX got %+v", txns)
 		}
-		if n := mx.rcptNotify("nina@nodsn.test"); len(n) != 0 {
+		if n := mx.RcptNotify("nina@nodsn.test"); len(n) != 0 {
 			t.Errorf("NOTIFY %v sent to a server that does not offer DSN", n)
 		}
 		r.stop(t)
-		if n := len(capture.transactions()); n != 1 {
+		if n := len(capture.Transactions()); n != 1 {
 			t.Errorf("the sender got %d notices, want 1", n)
 		}
-		checkServersClosed(t, mx.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter, capture.Counter)
 	})
 
 	t.Run("NOTIFY=SUCCESS to a next hop with DSN is passed on and not reported by us", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.Add(t, "dsn.test. 60 IN MX 10 mx1.dsn.test.", "mx1.dsn.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{}, func(s *smtp.Server) { s.EnableDSN = true })
+		mx := e.startMX(e2eMX1, &mxtest.MX{}, func(s *smtp.Server) { s.EnableDSN = true })
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueueMail(e2eSender, []spool.Rcpt{e2eRcpt("olga@dsn.test", "SUCCESS")},
@@ -181,27 +182,27 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		// A notice would be queued before the mail leaves the queue, and
 		// delivered before the queue is empty.
 		e.waitEmpty(10 * time.Second)
-		if txns := mx.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "olga@dsn.test" {
+		if txns := mx.Transactions(); len(txns) != 1 || strings.Join(txns[0].Rcpts, ",") != "olga@dsn.test" {
 			t.Errorf("MX got %+v", txns)
 		}
-		if n := mx.rcptNotify("olga@dsn.test"); len(n) != 1 || n[0] != smtp.DSNNotifySuccess {
+		if n := mx.RcptNotify("olga@dsn.test"); len(n) != 1 || n[0] != smtp.DSNNotifySuccess {
 			t.Errorf("the next hop saw NOTIFY %v, want SUCCESS", n)
 		}
 		r.stop(t)
-		if n := len(capture.transactions()); n != 0 {
+		if n := len(capture.Transactions()); n != 0 {
 			t.Errorf("the sender got %d notices, want none (the next hop reports)", n)
 		}
 		if n := e2eCount(t, r.d.metrics.notifications.WithLabelValues("success")); n != 0 {
 			t.Errorf("%v success notices queued", n)
 		}
-		checkServersClosed(t, mx.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter, capture.Counter)
 	})
 
 	t.Run("NOTIFY=NEVER suppresses the bounce of a 5xx, NOTIFY=FAILURE gets it", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.Add(t, "gone.test. 60 IN MX 10 mx1.gone.test.", "mx1.gone.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
+		mx := e.startMX(e2eMX1, &mxtest.MX{Rcpt: func(string) error {
 			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
 		}})
 		capture := e.capture()
@@ -215,7 +216,7 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		b.wantRcpt(t, map[string]string{"Action": "failed", "Status": "5.1.1", "Final-Recipient": "rfc822; loud@gone.test"})
 		e.waitEmpty(10 * time.Second)
 		for _, a := range []string{"quiet@gone.test", "never@gone.test", "loud@gone.test"} {
-			if n := mx.rcptCount(a); n != 1 {
+			if n := mx.RcptCount(a); n != 1 {
 				t.Errorf("%s tried %d times, want once", a, n)
 			}
 		}
@@ -223,20 +224,20 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 			t.Errorf("state left behind for a finished mail: %+v", st)
 		}
 		r.stop(t)
-		if n := len(capture.transactions()); n != 1 {
+		if n := len(capture.Transactions()); n != 1 {
 			t.Errorf("the sender got %d notices, want 1 (none for NOTIFY=NEVER)", n)
 		}
 		if n := e2eCount(t, r.d.metrics.notifications.WithLabelValues("failed")); n != 1 {
 			t.Errorf("%v bounces queued, want 1", n)
 		}
-		checkServersClosed(t, mx.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter, capture.Counter)
 	})
 
 	t.Run("a chunked body arrives intact and its chunks are purged", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.Add(t, "big.test. 60 IN MX 10 mx1.big.test.", "mx1.big.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{})
+		mx := e.startMX(e2eMX1, &mxtest.MX{})
 		var body bytes.Buffer
 		body.WriteString("From: <" + e2eSender + ">\r\nTo: <pat@big.test>\r\nSubject: big\r\n\r\n")
 		for i := 0; body.Len() < 3<<20; i++ {
@@ -260,17 +261,17 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		}
 		r := e.startDeliverer()
 		e.waitEmpty(15 * time.Second)
-		txns := mx.transactions()
+		txns := mx.Transactions()
 		if len(txns) != 1 {
 			t.Fatalf("MX got %d messages", len(txns))
 		}
-		if !bytes.Equal(txns[0].body, body.Bytes()) {
-			t.Errorf("MX got %d bytes that differ from the %d queued", len(txns[0].body), body.Len())
+		if !bytes.Equal(txns[0].Body, body.Bytes()) {
+			t.Errorf("MX got %d bytes that differ from the %d queued", len(txns[0].Body), body.Len())
 		}
 		if n := e.bodyChunks(id); n != 0 {
 			t.Errorf("%d chunks left in %s after delivery", n, spool.BodyStream)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter)
 	})
 }

@@ -6,8 +6,8 @@ package deliverer
 // (127.0.0.2, 127.0.0.3, ...) at one shared port, the DeliveryPolicy port.
 // Bounces are mail too: the senders' domain sender.test has an MX that
 // captures what it gets, and the tests read the DSNs from there. The MX
-// hosts, the connection counting and the polling are the shared harness of
-// harness_test.go.
+// hosts, the connection counting and the polling come from
+// internal/mxtest, which the outbound client's tests share.
 
 import (
 	"bufio"
@@ -36,8 +36,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/internal/dnstest"
 	"github.com/jetmail/jetmail/internal/dsntest"
+	"github.com/jetmail/jetmail/internal/mxtest"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -62,7 +64,7 @@ type e2eEnv struct {
 	sp   *spool.Spool
 	dns  *dnstest.Server
 	port uint16
-	pol  atomic.Pointer[policy.Delivery]
+	src  *policy.Source
 
 	mu   sync.Mutex
 	held map[string]net.Listener // reserved, not serving yet
@@ -187,8 +189,10 @@ func (e *e2eEnv) down(ip string) {
 
 func e2eDur(d time.Duration) *metav1.Duration { return &metav1.Duration{Duration: d} }
 
-// setPolicy compiles and installs the delivery configuration: the test
-// port, a 1s retry schedule and short timeouts, changed by mut.
+// setPolicy compiles the delivery configuration (the test port, a 1s retry
+// schedule and short timeouts, changed by mut) and puts it in force
+// through the environment's Source, as the configuration watchers do: a
+// running deliverer sees it at its next attempt.
 func (e *e2eEnv) setPolicy(mut func(*v1alpha1.DeliveryPolicySpec), routes []v1alpha1.MailRoute, secrets policy.Secrets) {
 	e.t.Helper()
 	port := int32(e.port)
@@ -212,7 +216,12 @@ func (e *e2eEnv) setPolicy(mut func(*v1alpha1.DeliveryPolicySpec), routes []v1al
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	e.pol.Store(d)
+	cfg := &policy.Config{Relay: policy.Default(), Delivery: d}
+	if e.src == nil {
+		e.src = policy.NewSource(cfg, 1)
+		return
+	}
+	e.src.Set(cfg, e.src.Revision()+1)
 }
 
 func (e *e2eEnv) hop(ip string) string { return fmt.Sprintf("[%s]:%d", ip, e.port) }
@@ -220,7 +229,7 @@ func (e *e2eEnv) hop(ip string) string { return fmt.Sprintf("[%s]:%d", ip, e.por
 // e2eReplica is one running Deliverer.
 type e2eReplica struct {
 	d      *Deliverer
-	client *Client
+	client *outbound.Client
 	nc     *nats.Conn // its own connection, when it has one
 	cancel context.CancelFunc
 	done   chan error
@@ -275,11 +284,11 @@ func e2eGrace(g time.Duration) e2eReplicaOpt {
 
 func (e *e2eEnv) startDeliverer(opts ...e2eReplicaOpt) *e2eReplica {
 	e.t.Helper()
-	r := &e2eReplica{client: &Client{Hostname: e2eHost, IdleTime: time.Second}, done: make(chan error, 1)}
+	r := &e2eReplica{client: &outbound.Client{Hostname: e2eHost, IdleTime: time.Second}, done: make(chan error, 1)}
 	cfg := Config{
 		Hostname: e2eHost,
 		Spool:    e.sp,
-		Policy:   e.pol.Load,
+		Source:   e.src,
 		Resolver: &Resolver{Servers: []string{e.dns.Addr}, Timeout: 2 * time.Second},
 		Client:   r.client,
 		AckWait:  e2eAckWait,
@@ -320,34 +329,62 @@ func (r *e2eReplica) stop(t *testing.T) {
 			buf := make([]byte, 1<<20)
 			t.Fatalf("Run did not return within 15s of its context ending\n%s", buf[:runtime.Stack(buf, true)])
 		}
-		checkNoConnLeak(t, r.client)
+		mxtest.CheckNoConnLeak(t, r.client)
 	})
 }
 
 // startMX serves m on ip at the environment's port.
-func (e *e2eEnv) startMX(ip string, m *testMX, mut ...func(*smtp.Server)) *testMX {
+func (e *e2eEnv) startMX(ip string, m *mxtest.MX, mut ...func(*smtp.Server)) *mxtest.MX {
 	e.t.Helper()
-	return serveMX(e.t, countConns(e.listener(ip)), "mx-"+ip+".e2e.test", m, mut...)
+	return mxtest.Serve(e.t, mxtest.Count(e.listener(ip)), "mx-"+ip+".e2e.test", m, mut...)
 }
 
+// holdSlot queues held@slow.test and waits until the tarpit tp, slow.test's
+// MX, holds its session.
+func (e *e2eEnv) holdSlot(tp *tarpit) {
+	e.t.Helper()
+	e.enqueue(e2eSender, "held@slow.test")
+	mxtest.Within(e.t, 10*time.Second, "the tarpit to hold a session", func() bool { return tp.Accepted.Load() == 1 })
+}
+
+// waitSlots waits until cond holds of the replica's session slots.
+func (r *e2eReplica) waitSlots(t *testing.T, what string, cond func(d *Deliverer) bool) {
+	t.Helper()
+	mxtest.Within(t, 10*time.Second, what, func() bool {
+		r.d.mu.Lock()
+		defer r.d.mu.Unlock()
+		return cond(r.d)
+	})
+}
+
+// startMXOf serves m on e2eMX1 as the one MX host of domain.
+func (e *e2eEnv) startMXOf(domain string, m *mxtest.MX) *mxtest.MX {
+	e.t.Helper()
+	e.dns.Add(e.t, domain+". 60 IN MX 10 mx1."+domain+".", "mx1."+domain+". 60 IN A "+e2eMX1)
+	return e.startMX(e2eMX1, m)
+}
+
+// e2eNoSuchUser refuses a recipient with 550 5.1.1.
+func e2eNoSuchUser(string) error { return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here") }
+
 // capture is the MX of sender.test, where bounces arrive.
-func (e *e2eEnv) capture() *testMX { return e.startMX(e2eCapture, &testMX{}) }
+func (e *e2eEnv) capture() *mxtest.MX { return e.startMX(e2eCapture, &mxtest.MX{}) }
 
 // tarpit accepts connections and dribbles a greeting that never ends, one
 // byte every 200 ms, until the client goes. It records when each session
 // began and when the client was found gone.
 type tarpit struct {
-	*connCounter
+	*mxtest.Counter
 	mu    sync.Mutex
 	spans [][2]time.Time
 }
 
 func (e *e2eEnv) startTarpit(ip string) *tarpit {
-	ln := countConns(e.listener(ip))
-	tp := &tarpit{connCounter: ln.cnt}
-	serveScripted(e.t, ln, func(c net.Conn, _ *bufio.Reader) {
+	ln := mxtest.Count(e.listener(ip))
+	tp := &tarpit{Counter: ln.Counter}
+	mxtest.ServeScripted(e.t, ln, func(c net.Conn, _ *bufio.Reader) {
 		start := time.Now()
-		dribble(c, "220-tarpit.e2e.test still thinking\r\n", 200*time.Millisecond)
+		mxtest.Dribble(c, "220-tarpit.e2e.test still thinking\r\n", 200*time.Millisecond)
 		tp.mu.Lock()
 		tp.spans = append(tp.spans, [2]time.Time{start, time.Now()})
 		tp.mu.Unlock()
@@ -401,14 +438,14 @@ func (e *e2eEnv) queued() []string {
 
 func (e *e2eEnv) waitEmpty(d time.Duration) {
 	e.t.Helper()
-	within(e.t, d, "the queue to be empty", func() bool { return len(e.queued()) == 0 })
+	mxtest.Within(e.t, d, "the queue to be empty", func() bool { return len(e.queued()) == 0 })
 }
 
 // waitState polls the delivery state of qid until cond accepts it.
 func (e *e2eEnv) waitState(qid string, d time.Duration, what string, cond func(*spool.DeliveryState) bool) *spool.DeliveryState {
 	e.t.Helper()
 	var st *spool.DeliveryState
-	within(e.t, d, what, func() bool {
+	mxtest.Within(e.t, d, what, func() bool {
 		var err error
 		st, err = e.sp.LoadState(context.Background(), qid)
 		if err != nil {
@@ -430,7 +467,7 @@ func e2eRcptState(st *spool.DeliveryState, addr string) spool.RcptState {
 
 // e2eBounce is a DSN as received by the sender's MX.
 type e2eBounce struct {
-	txn     mxTxn
+	txn     mxtest.Txn
 	parsed  dsntest.Parsed
 	message map[string]string   // per-message status fields
 	rcpts   []map[string]string // per-recipient status fields
@@ -438,11 +475,11 @@ type e2eBounce struct {
 
 // waitBounce waits for the capture server's nth transaction and takes the
 // DSN in it apart.
-func waitBounce(t *testing.T, capture *testMX, n int, d time.Duration) e2eBounce {
+func waitBounce(t *testing.T, capture *mxtest.MX, n int, d time.Duration) e2eBounce {
 	t.Helper()
-	within(t, d, fmt.Sprintf("%d bounce(s) at the sender's MX", n), func() bool { return len(capture.transactions()) >= n })
-	txn := capture.transactions()[n-1]
-	b := e2eBounce{txn: txn, parsed: dsntest.Parse(t, txn.body)}
+	mxtest.Within(t, d, fmt.Sprintf("%d bounce(s) at the sender's MX", n), func() bool { return len(capture.Transactions()) >= n })
+	txn := capture.Transactions()[n-1]
+	b := e2eBounce{txn: txn, parsed: dsntest.Parse(t, txn.Body)}
 	if got := b.parsed.ContentTypes(); len(got) != 3 || got[1] != "message/delivery-status" {
 		t.Fatalf("DSN parts %v", got)
 	}
@@ -457,8 +494,8 @@ func waitBounce(t *testing.T, capture *testMX, n int, d time.Duration) e2eBounce
 			b.rcpts = append(b.rcpts, fields)
 		}
 	}
-	if txn.from != "" {
-		t.Errorf("bounce sent with MAIL FROM:<%s>, want the null reverse path", txn.from)
+	if txn.From != "" {
+		t.Errorf("bounce sent with MAIL FROM:<%s>, want the null reverse path", txn.From)
 	}
 	if b.message["Reporting-Mta"] != "dns; "+e2eHost {
 		t.Errorf("Reporting-MTA %q", b.message["Reporting-Mta"])
@@ -508,24 +545,24 @@ func TestDelivererEndToEnd(t *testing.T) {
 			"fail.test. 60 IN MX 10 mx1.fail.test.", "mx1.fail.test. 60 IN A "+e2eMX1,
 			"fail.test. 60 IN MX 20 mx2.fail.test.", "mx2.fail.test. 60 IN A "+e2eMX2)
 		e.down(e2eMX1)
-		mx2 := e.startMX(e2eMX2, &testMX{})
+		mx2 := e.startMX(e2eMX2, &mxtest.MX{})
 		capture := e.capture()
 		r := e.startDeliverer()
 		qid := e.enqueue(e2eSender, "bob@fail.test")
 		e.waitEmpty(10 * time.Second)
-		txns := mx2.transactions()
-		if len(txns) != 1 || txns[0].from != e2eSender || strings.Join(txns[0].rcpts, ",") != "bob@fail.test" ||
-			string(txns[0].body) != e2eBody(qid, e2eSender, []string{"bob@fail.test"}) {
+		txns := mx2.Transactions()
+		if len(txns) != 1 || txns[0].From != e2eSender || strings.Join(txns[0].Rcpts, ",") != "bob@fail.test" ||
+			string(txns[0].Body) != e2eBody(qid, e2eSender, []string{"bob@fail.test"}) {
 			t.Fatalf("secondary got %+v", txns)
 		}
 		if st, _ := e.sp.LoadState(context.Background(), qid); st != nil {
 			t.Errorf("a mail delivered at the first attempt has state %+v", st)
 		}
 		r.stop(t)
-		if n := len(capture.transactions()); n != 0 {
+		if n := len(capture.Transactions()); n != 0 {
 			t.Errorf("%d notices sent for a delivered mail", n)
 		}
-		checkServersClosed(t, mx2.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx2.Counter, capture.Counter)
 	})
 
 	t.Run("mail for a domain whose MX hosts are all down is deferred, then delivered when one comes up", func(t *testing.T) {
@@ -544,13 +581,13 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if st.Attempts != 1 || rs.Status != spool.RcptDeferred || rs.Enhanced != "4.4.1" || !st.NextAttempt.After(st.LastAttempt) {
 			t.Errorf("state after the first attempt: %+v", st)
 		}
-		mx2 := e.startMX(e2eMX2, &testMX{})
+		mx2 := e.startMX(e2eMX2, &mxtest.MX{})
 		e.waitEmpty(10 * time.Second)
-		if txns := mx2.transactions(); len(txns) != 1 || txns[0].rcpts[0] != "carol@down.test" {
+		if txns := mx2.Transactions(); len(txns) != 1 || txns[0].Rcpts[0] != "carol@down.test" {
 			t.Errorf("MX that came up got %+v", txns)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx2.connCounter)
+		mxtest.CheckServersClosed(t, mx2.Counter)
 	})
 
 	t.Run("a destination found down is left alone for deadDestinationTime, then one attempt probes it", func(t *testing.T) {
@@ -587,20 +624,20 @@ func TestDelivererEndToEnd(t *testing.T) {
 		// The hour is over but the destination is still down: one attempt
 		// probes it, fails, and the destination is left alone again.
 		skew.Store(int64(time.Hour + time.Second))
-		within(t, 10*time.Second, "one probe", func() bool { return dials.Load() == tried+1 })
+		mxtest.Within(t, 10*time.Second, "one probe", func() bool { return dials.Load() == tried+1 })
 		probes := e2eCount(t, r.d.metrics.suspended)
-		within(t, 10*time.Second, "more suspended deferrals", func() bool { return e2eCount(t, r.d.metrics.suspended) >= probes+2 })
+		mxtest.Within(t, 10*time.Second, "more suspended deferrals", func() bool { return e2eCount(t, r.d.metrics.suspended) >= probes+2 })
 		if n := dials.Load(); n != tried+1 {
 			t.Errorf("%d connections tried after the first hour, want the one probe", n-tried)
 		}
 		// The destination comes back; once the next hour is over one
 		// attempt probes it and the rest follow.
-		mx := e.startMX(e2eMX1, &testMX{})
+		mx := e.startMX(e2eMX1, &mxtest.MX{})
 		skew.Store(int64(2*time.Hour + 2*time.Second))
 		e.waitEmpty(20 * time.Second)
 		got := map[string]int{}
-		for _, txn := range mx.transactions() {
-			for _, rc := range txn.rcpts {
+		for _, txn := range mx.Transactions() {
+			for _, rc := range txn.Rcpts {
 				got[rc]++
 			}
 		}
@@ -608,7 +645,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("deliveries per recipient after the destination came back: %v", got)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter)
 	})
 
 	t.Run("bodies no queued mail refers to are swept once old enough", func(t *testing.T) {
@@ -645,7 +682,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			}
 		}
 		r := e.startDeliverer(func(c *Config, _ *e2eConn) { c.SweepEvery, c.OrphanAge = 100*time.Millisecond, time.Hour })
-		within(t, 10*time.Second, "the orphan to be swept", func() bool { return chunks(orphan) == 0 })
+		mxtest.Within(t, 10*time.Second, "the orphan to be swept", func() bool { return chunks(orphan) == 0 })
 		if chunks(fresh) == 0 {
 			t.Error("a body begun just now was swept")
 		}
@@ -660,7 +697,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			sp.DeadDestinationTime = e2eDur(time.Hour)
 		}, nil, nil)
 		e.dns.Add(t, "grey.test. 60 IN MX 10 mx1.grey.test.", "mx1.grey.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{mail: func(from string) error {
+		mx := e.startMX(e2eMX1, &mxtest.MX{Mail: func(from string) error {
 			if from == "limited@sender.test" {
 				return e2eSMTPError(451, [3]int{4, 7, 1}, "sender rate limited, try later")
 			}
@@ -673,12 +710,12 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("limited sender's recipient: %+v, want deferred with the remote's 451", rs)
 		}
 		e.enqueue(e2eSender, "y@grey.test")
-		within(t, 10*time.Second, "another sender's mail to be delivered at once", func() bool { return mx.rcptCount("y@grey.test") == 1 })
+		mxtest.Within(t, 10*time.Second, "another sender's mail to be delivered at once", func() bool { return mx.RcptCount("y@grey.test") == 1 })
 		if n := e2eCount(t, r.d.metrics.suspended); n != 0 {
 			t.Errorf("%v recipients suspended, want none", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter)
 	})
 
 	t.Run("a null MX bounces with 5.1.10", func(t *testing.T) {
@@ -689,13 +726,13 @@ func TestDelivererEndToEnd(t *testing.T) {
 		r := e.startDeliverer()
 		e.enqueue(e2eSender, "dave@nullmx.test")
 		b := waitBounce(t, capture, 1, 10*time.Second)
-		if strings.Join(b.txn.rcpts, ",") != e2eSender {
-			t.Errorf("bounce went to %v", b.txn.rcpts)
+		if strings.Join(b.txn.Rcpts, ",") != e2eSender {
+			t.Errorf("bounce went to %v", b.txn.Rcpts)
 		}
 		b.wantRcpt(t, map[string]string{"Action": "failed", "Status": "5.1.10", "Final-Recipient": "rfc822; dave@nullmx.test"})
 		e.waitEmpty(10 * time.Second)
 		r.stop(t)
-		checkServersClosed(t, capture.connCounter)
+		mxtest.CheckServersClosed(t, capture.Counter)
 	})
 
 	t.Run("a domain that does not exist bounces with 5.1.2", func(t *testing.T) {
@@ -708,7 +745,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		b.wantRcpt(t, map[string]string{"Action": "failed", "Status": "5.1.2", "Final-Recipient": "rfc822; erin@nowhere.test"})
 		e.waitEmpty(10 * time.Second)
 		r.stop(t)
-		checkServersClosed(t, capture.connCounter)
+		mxtest.CheckServersClosed(t, capture.Counter)
 	})
 
 	t.Run("a DNS server failure defers and does not bounce", func(t *testing.T) {
@@ -726,25 +763,25 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("queue holds %v, want only %s (no bounce)", ids, qid)
 		}
 		r.stop(t)
-		if n := len(capture.transactions()); n != 0 {
+		if n := len(capture.Transactions()); n != 0 {
 			t.Errorf("%d notices for a deferred mail", n)
 		}
-		checkServersClosed(t, capture.connCounter)
+		mxtest.CheckServersClosed(t, capture.Counter)
 	})
 
 	t.Run("a domain without MX records gets its mail at its own address", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.Add(t, "plain.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{})
+		mx := e.startMX(e2eMX1, &mxtest.MX{})
 		r := e.startDeliverer()
 		e.enqueue(e2eSender, "gina@plain.test")
 		e.waitEmpty(10 * time.Second)
-		if txns := mx.transactions(); len(txns) != 1 || txns[0].rcpts[0] != "gina@plain.test" {
+		if txns := mx.Transactions(); len(txns) != 1 || txns[0].Rcpts[0] != "gina@plain.test" {
 			t.Errorf("implicit MX got %+v", txns)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter)
 	})
 
 	t.Run("MX hosts of equal preference share the load", func(t *testing.T) {
@@ -753,20 +790,20 @@ func TestDelivererEndToEnd(t *testing.T) {
 		e.dns.Add(t,
 			"share.test. 60 IN MX 10 mx1.share.test.", "mx1.share.test. 60 IN A "+e2eMX1,
 			"share.test. 60 IN MX 10 mx2.share.test.", "mx2.share.test. 60 IN A "+e2eMX2)
-		mx1 := e.startMX(e2eMX1, &testMX{})
-		mx2 := e.startMX(e2eMX2, &testMX{})
+		mx1 := e.startMX(e2eMX1, &mxtest.MX{})
+		mx2 := e.startMX(e2eMX2, &mxtest.MX{})
 		r := e.startDeliverer()
 		const n = 20
 		for i := range n {
 			e.enqueue(e2eSender, fmt.Sprintf("user%d@share.test", i))
 		}
 		e.waitEmpty(20 * time.Second)
-		n1, n2 := len(mx1.transactions()), len(mx2.transactions())
+		n1, n2 := len(mx1.Transactions()), len(mx2.Transactions())
 		if n1+n2 != n || n1 == 0 || n2 == 0 {
 			t.Errorf("MX hosts got %d and %d messages, want %d shared between both", n1, n2, n)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx1.connCounter, mx2.connCounter)
+		mxtest.CheckServersClosed(t, mx1.Counter, mx2.Counter)
 	})
 
 	t.Run("a 4xx to one recipient and 250 to another retries only the deferred one", func(t *testing.T) {
@@ -774,7 +811,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		e := newE2E(t)
 		e.dns.Add(t, "part.test. 60 IN MX 10 mx1.part.test.", "mx1.part.test. 60 IN A "+e2eMX1)
 		var refusals atomic.Int32
-		mx := e.startMX(e2eMX1, &testMX{rcpt: func(to string) error {
+		mx := e.startMX(e2eMX1, &mxtest.MX{Rcpt: func(to string) error {
 			if to == "later@part.test" && refusals.Add(1) <= 2 {
 				return e2eSMTPError(451, [3]int{4, 2, 0}, "mailbox busy, try later")
 			}
@@ -789,21 +826,21 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("after the first attempt: now=%+v later=%+v", now, later)
 		}
 		e.waitEmpty(15 * time.Second)
-		if c := mx.rcptCount("now@part.test"); c != 1 {
+		if c := mx.RcptCount("now@part.test"); c != 1 {
 			t.Errorf("the delivered recipient was given %d times, want once", c)
 		}
-		if c := mx.rcptCount("later@part.test"); c != 3 {
+		if c := mx.RcptCount("later@part.test"); c != 3 {
 			t.Errorf("the deferred recipient was tried %d times, want 3", c)
 		}
-		txns := mx.transactions()
-		if len(txns) != 2 || strings.Join(txns[0].rcpts, ",") != "now@part.test" || strings.Join(txns[1].rcpts, ",") != "later@part.test" {
+		txns := mx.Transactions()
+		if len(txns) != 2 || strings.Join(txns[0].Rcpts, ",") != "now@part.test" || strings.Join(txns[1].Rcpts, ",") != "later@part.test" {
 			t.Errorf("MX transactions %+v", txns)
 		}
 		r.stop(t)
-		if n := len(capture.transactions()); n != 0 {
+		if n := len(capture.Transactions()); n != 0 {
 			t.Errorf("%d notices, want none (no DELAY warning configured)", n)
 		}
-		checkServersClosed(t, mx.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter, capture.Counter)
 	})
 
 	t.Run("each recipient follows the retry schedule by its own attempts", func(t *testing.T) {
@@ -814,7 +851,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			sp.RetryIntervals = []metav1.Duration{{Duration: time.Second}, {Duration: time.Hour}}
 		}, nil, nil)
 		e.dns.Add(t, "sched.test. 60 IN MX 10 mx1.sched.test.", "mx1.sched.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
+		mx := e.startMX(e2eMX1, &mxtest.MX{Rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 2, 0}, "mailbox busy, try later")
 		}})
 		qid := e.enqueue(e2eSender, "old@sched.test", "new@sched.test")
@@ -844,14 +881,14 @@ func TestDelivererEndToEnd(t *testing.T) {
 		st = e.waitState(qid, 10*time.Second, "new@'s second attempt", func(st *spool.DeliveryState) bool {
 			return e2eRcptState(st, "new@sched.test").Attempts >= 2
 		})
-		if old := e2eRcptState(st, "old@sched.test"); old.Attempts != 2 || mx.rcptCount("old@sched.test") != 1 {
-			t.Errorf("old@ was tried again before it was due: %d attempts, %d RCPTs", old.Attempts, mx.rcptCount("old@sched.test"))
+		if old := e2eRcptState(st, "old@sched.test"); old.Attempts != 2 || mx.RcptCount("old@sched.test") != 1 {
+			t.Errorf("old@ was tried again before it was due: %d attempts, %d RCPTs", old.Attempts, mx.RcptCount("old@sched.test"))
 		}
-		if c := mx.rcptCount("new@sched.test"); c != 2 {
+		if c := mx.RcptCount("new@sched.test"); c != 2 {
 			t.Errorf("new@ got %d RCPTs, want 2", c)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter)
 	})
 
 	t.Run("a recipient delivered while another's destination is busy is not sent again", func(t *testing.T) {
@@ -868,19 +905,14 @@ func TestDelivererEndToEnd(t *testing.T) {
 			"slow.test. 60 IN MX 10 mx1.slow.test.", "mx1.slow.test. 60 IN A "+e2eMX1,
 			"fast.test. 60 IN MX 10 mx1.fast.test.", "mx1.fast.test. 60 IN A "+e2eMX2)
 		tp := e.startTarpit(e2eMX1)
-		fast := e.startMX(e2eMX2, &testMX{})
+		fast := e.startMX(e2eMX2, &mxtest.MX{})
 		// Three workers: one held by the tarpit, one waiting for slow.test's
 		// only slot, and one more; a second waiter for slow.test is turned
 		// away (it may not take more than half the workers).
 		r := e.startDeliverer(func(c *Config, _ *e2eConn) { c.MaxInFlight = 3 })
-		e.enqueue(e2eSender, "held@slow.test")
-		within(t, 10*time.Second, "the tarpit to hold slow.test's slot", func() bool { return tp.accepted.Load() == 1 })
+		e.holdSlot(tp)
 		e.enqueue(e2eSender, "waiting@slow.test")
-		within(t, 10*time.Second, "a worker to wait for slow.test", func() bool {
-			r.d.mu.Lock()
-			defer r.d.mu.Unlock()
-			return r.d.destWaiting["slow.test"] == 1
-		})
+		r.waitSlots(t, "a worker to wait for slow.test", func(d *Deliverer) bool { return d.destWaiting["slow.test"] == 1 })
 		qid := e.enqueue(e2eSender, "a@fast.test", "b@slow.test")
 		st := e.waitState(qid, 10*time.Second, "a@fast.test's delivery to be recorded", func(st *spool.DeliveryState) bool {
 			return e2eRcptState(st, "a@fast.test").Status == spool.RcptDelivered
@@ -890,21 +922,21 @@ func TestDelivererEndToEnd(t *testing.T) {
 		}
 		// The message keeps coming back for b@slow.test every few seconds.
 		busy := e2eCount(t, r.d.metrics.destinationBusy)
-		within(t, 20*time.Second, "the message to come back twice more", func() bool {
+		mxtest.Within(t, 20*time.Second, "the message to come back twice more", func() bool {
 			return e2eCount(t, r.d.metrics.destinationBusy) >= busy+2
 		})
-		if n := fast.rcptCount("a@fast.test"); n != 1 {
+		if n := fast.RcptCount("a@fast.test"); n != 1 {
 			t.Errorf("a@fast.test got %d copies, want 1", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, fast.connCounter)
+		mxtest.CheckServersClosed(t, fast.Counter)
 	})
 
 	t.Run("a 5xx to a recipient bounces with a DSN that carries the remote reply", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.dns.Add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{rcpt: func(to string) error {
+		mx := e.startMX(e2eMX1, &mxtest.MX{Rcpt: func(to string) error {
 			if to == "nobody@bad.test" {
 				return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
 			}
@@ -914,8 +946,8 @@ func TestDelivererEndToEnd(t *testing.T) {
 		r := e.startDeliverer()
 		qid := e.enqueue(e2eSender, "nobody@bad.test", "somebody@bad.test")
 		b := waitBounce(t, capture, 1, 10*time.Second)
-		if strings.Join(b.txn.rcpts, ",") != e2eSender {
-			t.Errorf("bounce went to %v", b.txn.rcpts)
+		if strings.Join(b.txn.Rcpts, ",") != e2eSender {
+			t.Errorf("bounce went to %v", b.txn.Rcpts)
 		}
 		b.wantRcpt(t, map[string]string{
 			"Action": "failed", "Status": "5.1.1", "Final-Recipient": "rfc822; nobody@bad.test",
@@ -934,11 +966,11 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("returned headers:\n%s", orig)
 		}
 		e.waitEmpty(10 * time.Second)
-		if txns := mx.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "somebody@bad.test" {
+		if txns := mx.Transactions(); len(txns) != 1 || strings.Join(txns[0].Rcpts, ",") != "somebody@bad.test" {
 			t.Errorf("MX got %+v", txns)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter, capture.Counter)
 	})
 
 	t.Run("a tarpit MX loses the session at its hard deadline and the mail is deferred", func(t *testing.T) {
@@ -961,7 +993,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if rs.Status != spool.RcptDeferred || rs.Enhanced != "4.4.2" || !strings.Contains(rs.Text, "session deadline") {
 			t.Errorf("recipient state %+v, want deferred 4.4.2 at the session deadline", rs)
 		}
-		within(t, 5*time.Second, "the tarpit to see the client gone", func() bool { return len(tp.finished()) == 1 })
+		mxtest.Within(t, 5*time.Second, "the tarpit to see the client gone", func() bool { return len(tp.finished()) == 1 })
 		span := tp.finished()[0]
 		if held := span[1].Sub(span[0]); held < session-100*time.Millisecond || held > session+time.Second {
 			t.Errorf("tarpit held the session %s, want the %s deadline plus a small margin", held, session)
@@ -975,11 +1007,11 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if n := e2eCount(t, r.d.metrics.deadlineKills); n != 1 {
 			t.Errorf("deadline kills = %v, want 1", n)
 		}
-		if n := tp.accepted.Load(); n != 1 {
+		if n := tp.Accepted.Load(); n != 1 {
 			t.Errorf("tarpit accepted %d connections, want 1", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, tp.connCounter)
+		mxtest.CheckServersClosed(t, tp.Counter)
 	})
 
 	t.Run("a static route fails over to its second next hop and logs in there", func(t *testing.T) {
@@ -1007,23 +1039,23 @@ func TestDelivererEndToEnd(t *testing.T) {
 		}
 		e.setPolicy(nil, []v1alpha1.MailRoute{route}, secrets)
 		e.down(e2eMX1)
-		cert, _ := selfSignedCert(t, "relay-hop.e2e.test")
-		mx2 := e.startMX(e2eMX2, &testMX{users: map[string]string{"relayuser": "s3cret pass"}, requireAuth: true}, func(s *smtp.Server) {
+		cert, _ := mxtest.SelfSignedCert(t, "relay-hop.e2e.test")
+		mx2 := e.startMX(e2eMX2, &mxtest.MX{Users: map[string]string{"relayuser": "s3cret pass"}, RequireAuth: true}, func(s *smtp.Server) {
 			s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 			s.AllowInsecureAuth = false
 		})
 		r := e.startDeliverer()
 		e.enqueue(e2eSender, "ivan@routed.test")
 		e.waitEmpty(10 * time.Second)
-		txns := mx2.transactions()
-		if len(txns) != 1 || txns[0].user != "relayuser" || !txns[0].tls || txns[0].rcpts[0] != "ivan@routed.test" {
+		txns := mx2.Transactions()
+		if len(txns) != 1 || txns[0].User != "relayuser" || !txns[0].TLS || txns[0].Rcpts[0] != "ivan@routed.test" {
 			t.Errorf("second next hop got %+v, want one mail, over TLS, as relayuser", txns)
 		}
 		if n := e.dns.Count("routed.test", dns.TypeMX); n != 0 {
 			t.Errorf("%d MX queries for a routed domain", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx2.connCounter)
+		mxtest.CheckServersClosed(t, mx2.Counter)
 	})
 
 	t.Run("mail still deferred when its queue lifetime ends is bounced with 4.4.7", func(t *testing.T) {
@@ -1035,7 +1067,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 			s.RetryIntervals = []metav1.Duration{{Duration: time.Hour}}
 		}, nil, nil)
 		e.dns.Add(t, "slow.test. 60 IN MX 10 mx1.slow.test.", "mx1.slow.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
+		mx := e.startMX(e2eMX1, &mxtest.MX{Rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 3, 2}, "system not accepting mail right now")
 		}})
 		capture := e.capture()
@@ -1054,11 +1086,11 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("Diagnostic-Code %q does not carry the last error", d)
 		}
 		e.waitEmpty(10 * time.Second)
-		if n := mx.rcptCount("judy@slow.test"); n != 1 {
+		if n := mx.RcptCount("judy@slow.test"); n != 1 {
 			t.Errorf("MX was tried %d times, want once (the next retry was an hour away)", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter, capture.Counter)
 	})
 
 	t.Run("a deliverer killed mid-delivery leaves the mail to another replica, and one copy arrives", func(t *testing.T) {
@@ -1066,7 +1098,7 @@ func TestDelivererEndToEnd(t *testing.T) {
 		e := newE2E(t)
 		e.dns.Add(t, "kill.test. 60 IN MX 10 mx1.kill.test.", "mx1.kill.test. 60 IN A "+e2eMX1)
 		inData, release := make(chan struct{}), make(chan struct{})
-		mx := e.startMX(e2eMX1, &testMX{data: func(n int) error {
+		mx := e.startMX(e2eMX1, &mxtest.MX{Data: func(n int) error {
 			if n > 1 {
 				return nil
 			}
@@ -1094,27 +1126,24 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if took := time.Since(killed); took < e2eAckWait/2 {
 			t.Errorf("redelivered %s after the kill, before the ack wait %s", took, e2eAckWait)
 		}
-		if n := len(mx.transactions()); n != 1 {
+		if n := len(mx.Transactions()); n != 1 {
 			t.Errorf("MX completed %d transactions, want exactly 1", n)
 		}
-		if n := mx.dataCount(); n != 2 {
+		if n := mx.DataCount(); n != 2 {
 			t.Errorf("MX saw DATA %d times, want 2 (the killed one and the good one)", n)
 		}
 		second.stop(t)
-		checkServersClosed(t, mx.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter)
 	})
 
 	t.Run("a bounce that fails is dropped, not bounced", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
-		e.dns.Add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
-			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
-		}})
+		mx := e.startMXOf("bad.test", &mxtest.MX{Rcpt: e2eNoSuchUser})
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueue("", "nobody@bad.test")
-		within(t, 10*time.Second, "the MX to refuse the recipient", func() bool { return mx.rcptCount("nobody@bad.test") == 1 })
+		mxtest.Within(t, 10*time.Second, "the MX to refuse the recipient", func() bool { return mx.RcptCount("nobody@bad.test") == 1 })
 		// A notice would be queued before the mail leaves the queue, so
 		// once the queue is empty nothing is coming.
 		e.waitEmpty(10 * time.Second)
@@ -1122,34 +1151,31 @@ func TestDelivererEndToEnd(t *testing.T) {
 			t.Errorf("%v notices queued", n)
 		}
 		r.stop(t)
-		if n := len(capture.transactions()); n != 0 {
+		if n := len(capture.Transactions()); n != 0 {
 			t.Errorf("the sender's MX got %d messages", n)
 		}
-		checkServersClosed(t, mx.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter, capture.Counter)
 	})
 
 	t.Run("a bounce that fails is reported to the postmaster when one is configured", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		e.setPolicy(func(s *v1alpha1.DeliveryPolicySpec) { s.Postmaster = "postmaster@sender.test" }, nil, nil)
-		e.dns.Add(t, "bad.test. 60 IN MX 10 mx1.bad.test.", "mx1.bad.test. 60 IN A "+e2eMX1)
-		mx := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
-			return e2eSMTPError(550, [3]int{5, 1, 1}, "no such user here")
-		}})
+		mx := e.startMXOf("bad.test", &mxtest.MX{Rcpt: e2eNoSuchUser})
 		capture := e.capture()
 		r := e.startDeliverer()
 		e.enqueue("", "nobody@bad.test")
 		b := waitBounce(t, capture, 1, 10*time.Second)
-		if strings.Join(b.txn.rcpts, ",") != "postmaster@sender.test" {
-			t.Errorf("notice went to %v, want the postmaster", b.txn.rcpts)
+		if strings.Join(b.txn.Rcpts, ",") != "postmaster@sender.test" {
+			t.Errorf("notice went to %v, want the postmaster", b.txn.Rcpts)
 		}
 		b.wantRcpt(t, map[string]string{"Action": "failed", "Status": "5.1.1", "Final-Recipient": "rfc822; nobody@bad.test"})
 		e.waitEmpty(10 * time.Second)
-		if n := len(capture.transactions()); n != 1 {
+		if n := len(capture.Transactions()); n != 1 {
 			t.Errorf("the postmaster got %d messages, want 1", n)
 		}
 		r.stop(t)
-		checkServersClosed(t, mx.connCounter, capture.connCounter)
+		mxtest.CheckServersClosed(t, mx.Counter, capture.Counter)
 	})
 
 	t.Run("a route changed between attempts is followed by the next attempt", func(t *testing.T) {
@@ -1165,22 +1191,22 @@ func TestDelivererEndToEnd(t *testing.T) {
 			s.RetryIntervals = []metav1.Duration{{Duration: 2 * time.Second}}
 		}
 		e.setPolicy(slow, route(e.hop(e2eMX1)), nil)
-		old := e.startMX(e2eMX1, &testMX{rcpt: func(string) error {
+		old := e.startMX(e2eMX1, &mxtest.MX{Rcpt: func(string) error {
 			return e2eSMTPError(451, [3]int{4, 3, 0}, "going away")
 		}})
-		next := e.startMX(e2eMX2, &testMX{})
+		next := e.startMX(e2eMX2, &mxtest.MX{})
 		r := e.startDeliverer()
 		qid := e.enqueue(e2eSender, "leo@moving.test")
 		e.waitState(qid, 10*time.Second, "the deferral at the old hop", func(st *spool.DeliveryState) bool { return st.Attempts >= 1 })
 		e.setPolicy(slow, route(e.hop(e2eMX2)), nil)
 		e.waitEmpty(15 * time.Second)
-		if n := old.rcptCount("leo@moving.test"); n != 1 {
+		if n := old.RcptCount("leo@moving.test"); n != 1 {
 			t.Errorf("the old hop was tried %d times, want once", n)
 		}
-		if txns := next.transactions(); len(txns) != 1 {
+		if txns := next.Transactions(); len(txns) != 1 {
 			t.Errorf("the new hop got %d messages, want 1", len(txns))
 		}
 		r.stop(t)
-		checkServersClosed(t, old.connCounter, next.connCounter)
+		mxtest.CheckServersClosed(t, old.Counter, next.Counter)
 	})
 }

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jetmail/jetmail/internal/mxtest"
 	"github.com/jetmail/jetmail/internal/natstest"
 )
 
@@ -20,7 +21,7 @@ func TestAnOutcomeWhoseRecordWasLostIsRecordedAgainNotDeliveredAgain(t *testing.
 	e := newE2E(t)
 	stall := natstest.NewStall(t, strings.TrimPrefix(e.url, "nats://"))
 	e.dns.Add(t, "stall.test. 60 IN MX 10 mx.stall.test.", "mx.stall.test. 60 IN A "+e2eMX1)
-	mx := e.startMX(e2eMX1, &testMX{data: func(n int) error {
+	mx := e.startMX(e2eMX1, &mxtest.MX{Data: func(n int) error {
 		if n == 1 {
 			// The remote has the message; NATS goes quiet before our
 			// record of it, and what it held is lost when it returns.
@@ -32,7 +33,7 @@ func TestAnOutcomeWhoseRecordWasLostIsRecordedAgainNotDeliveredAgain(t *testing.
 	r := e.startDeliverer(e2eVia(stall.URL()), e2eAckWaitOf(20*time.Second))
 	e.enqueue(e2eSender, "dave@stall.test")
 	e.waitEmpty(15 * time.Second)
-	if n := len(mx.transactions()); n != 1 {
+	if n := len(mx.Transactions()); n != 1 {
 		t.Fatalf("the remote got %d copies; want 1", n)
 	}
 	if n := e2eCount(t, r.d.metrics.recordRetries); n < 1 {
@@ -40,7 +41,7 @@ func TestAnOutcomeWhoseRecordWasLostIsRecordedAgainNotDeliveredAgain(t *testing.
 	}
 	// Long enough for a message given back to come round again.
 	time.Sleep(3 * time.Second)
-	if n := len(mx.transactions()); n != 1 {
+	if n := len(mx.Transactions()); n != 1 {
 		t.Fatalf("the remote got %d copies after the queue emptied; want 1", n)
 	}
 	r.stop(t)

@@ -15,6 +15,14 @@
 // one for each DATA transfer, plus a minimum average data rate, so a client
 // that trickles one byte at a time is cut off with 421 4.4.2 at the deadline.
 //
+// The policy comes from a policy.Source, read when it is used: the
+// connection limits, session deadline and error budget when a connection
+// is accepted, the rest at EHLO, so a change applies to the next
+// connection without a restart. A few settings go-smtp holds for all its
+// connections (maxMessageBytes, auth.allowInsecure, timeouts.command);
+// a change to one starts a new go-smtp server, subscribed to the Source,
+// that takes the new connections while the old one finishes its own.
+//
 // Replies carry enhanced status codes (RFC 3463). Refusals that are the
 // client's fault are 5xx; ours or temporary ones are 4xx.
 package smtpgw

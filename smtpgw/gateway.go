@@ -20,8 +20,8 @@ import (
 )
 
 // Config is the part of the gateway's configuration that is fixed for the
-// life of the process. The relay policy is separate and can change at any
-// time (SetPolicy).
+// life of the process. The relay policy is separate: it comes from a
+// policy.Source and can change at any time.
 type Config struct {
 	// Hostname is the name in the greeting, EHLO reply and Received: header.
 	Hostname string
@@ -50,7 +50,7 @@ type Gateway struct {
 	log     *zap.Logger
 	metrics *metrics
 	auth    *authGuard
-	pol     atomic.Pointer[policy.Relay]
+	src     *policy.Source
 	front   atomic.Pointer[front]
 
 	mu        sync.Mutex
@@ -61,8 +61,14 @@ type Gateway struct {
 	idle      chan struct{} // closed when draining and the last conn is gone
 }
 
-// New creates a gateway that queues into sp under the relay policy pol.
-func New(cfg Config, sp *spool.Spool, pol *policy.Relay, log *zap.Logger, reg prometheus.Registerer) *Gateway {
+// New creates a gateway that queues into sp under the relay policy of src
+// in force: it is read when a connection is accepted (its limits, deadlines
+// and error budget) and at every EHLO (the session's policy), so a change
+// applies to the next connection and the next session; sessions already
+// open keep theirs. A change to a setting go-smtp holds for its connections
+// (maxMessageBytes, auth.allowInsecure, timeouts.command) starts a new
+// go-smtp front for new connections (src.Subscribe).
+func New(cfg Config, sp *spool.Spool, src *policy.Source, log *zap.Logger, reg prometheus.Registerer) *Gateway {
 	if cfg.Hostname == "" {
 		cfg.Hostname = "localhost"
 	}
@@ -72,11 +78,12 @@ func New(cfg Config, sp *spool.Spool, pol *policy.Relay, log *zap.Logger, reg pr
 	if cfg.ShutdownGrace == 0 {
 		cfg.ShutdownGrace = 30 * time.Second
 	}
-	g := &Gateway{cfg: cfg, spool: sp, log: log, metrics: newMetrics(reg), auth: newAuthGuard(cfg.Auth),
+	g := &Gateway{cfg: cfg, spool: sp, src: src, log: log, metrics: newMetrics(reg), auth: newAuthGuard(cfg.Auth),
 		conns: map[*conn]struct{}{}, perIP: map[netip.Addr]int{}}
-	g.pol.Store(pol)
-
-	g.front.Store(g.newFront(pol))
+	// Subscribed before the first front is built, so no change between
+	// the two is missed.
+	src.Subscribe(func(c *policy.Config) { g.refront(c.Relay) })
+	g.refront(src.Relay())
 	return g
 }
 
@@ -164,19 +171,21 @@ func (g *Gateway) hand(c net.Conn) {
 	}
 }
 
-// SetPolicy swaps the relay policy. Sessions already open keep theirs.
-func (g *Gateway) SetPolicy(p *policy.Relay) {
+// refront starts a new front when p changes what the current one was
+// built with; the old one finishes the connections it has.
+func (g *Gateway) refront(p *policy.Relay) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.pol.Store(p)
-	if old := g.front.Load(); old.key != keyOf(p) && !g.draining {
+	old := g.front.Load()
+	if old == nil {
+		g.front.Store(g.newFront(p))
+		return
+	}
+	if old.key != keyOf(p) && !g.draining {
 		g.front.Store(g.newFront(p))
 		old.in.Close()
 	}
 }
-
-// Policy returns the relay policy in force.
-func (g *Gateway) Policy() *policy.Relay { return g.pol.Load() }
 
 // Serve accepts SMTP connections on l until Shutdown.
 func (g *Gateway) Serve(l net.Listener) error {
@@ -230,13 +239,13 @@ func (l *listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	pol := l.g.pol.Load()
+	pol := l.g.src.Relay()
 	return newConn(c, l.g, pol.SessionTimeout, pol.MaxErrors), nil
 }
 
 // admit applies the connection limits. It returns the refusal to send, or "".
 func (g *Gateway) admit(c *conn, ip netip.Addr) string {
-	pol := g.pol.Load()
+	pol := g.src.Relay()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	switch {
@@ -290,7 +299,7 @@ func (g *Gateway) newSession(c *smtp.Conn) (smtp.Session, error) {
 	} else {
 		ip = addrIP(c.Conn().RemoteAddr())
 	}
-	pol := g.pol.Load()
+	pol := g.src.Relay()
 	_, isTLS := c.TLSConnectionState()
 	s := &session{
 		g: g, c: c, tc: tc, pol: pol, ip: ip, helo: helo, tls: isTLS,

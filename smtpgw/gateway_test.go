@@ -92,7 +92,7 @@ spec:
 		t.Fatalf("advertised %q, want SIZE 4096", got)
 	}
 
-	g.SetPolicy(compile(t, `
+	g.setPolicy(compile(t, `
 apiVersion: mail.jetmail.io/v1alpha1
 kind: RelayPolicy
 metadata: {name: big}

@@ -67,6 +67,13 @@ type testGateway struct {
 	addr string
 	sp   *spool.Spool
 	reg  *prometheus.Registry
+	src  *policy.Source
+}
+
+// setPolicy puts p in force through the gateway's Source, as the
+// configuration watchers do on every change.
+func (g *testGateway) setPolicy(p *policy.Relay) {
+	g.src.Set(&policy.Config{Relay: p, Delivery: policy.DefaultDelivery()}, g.src.Revision()+1)
 }
 
 type gwOption func(*Config)
@@ -87,7 +94,8 @@ func startGateway(t testing.TB, sp *spool.Spool, pol *policy.Relay, opts ...gwOp
 		log = zap.NewNop()
 	}
 	reg := prometheus.NewRegistry()
-	g := New(cfg, sp, pol, log, reg)
+	src := policy.NewSource(&policy.Config{Relay: pol, Delivery: policy.DefaultDelivery()}, 1)
+	g := New(cfg, sp, src, log, reg)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -100,7 +108,7 @@ func startGateway(t testing.TB, sp *spool.Spool, pol *policy.Relay, opts ...gwOp
 		g.Shutdown(ctx)
 		<-done
 	})
-	return &testGateway{Gateway: g, addr: l.Addr().String(), sp: sp, reg: reg}
+	return &testGateway{Gateway: g, addr: l.Addr().String(), sp: sp, reg: reg, src: src}
 }
 
 // compile builds a relay policy from RelayPolicy YAML.

@@ -13,8 +13,9 @@ import (
 
 // Every RelayPolicy setting in README's configuration table applies to the
 // next connection of a running gateway, without a restart: each case runs
-// a probe under one policy, puts another in force (SetPolicy, what the
-// configuration Source does on every change) and runs the probe again.
+// a probe under one policy, puts another in force through the gateway's
+// policy.Source (what the configuration watchers do on every change) and
+// runs the probe again.
 func TestEveryRelayPolicySettingAppliesWithoutARestart(t *testing.T) {
 	n := startNATS(t)
 	sp := n.spool(t)
@@ -150,11 +151,11 @@ func TestEveryRelayPolicySettingAppliesWithoutARestart(t *testing.T) {
 			}, "250 2.0.0", "554 5.4.6"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			g.SetPolicy(relayPolicy(t, tc.before, users))
+			g.setPolicy(relayPolicy(t, tc.before, users))
 			if got := tc.probe(t); !strings.HasPrefix(got, tc.want) {
 				t.Fatalf("before the change: %q, want %q", got, tc.want)
 			}
-			g.SetPolicy(relayPolicy(t, tc.after, users))
+			g.setPolicy(relayPolicy(t, tc.after, users))
 			// The probe's connections before the change are gone (one
 			// limit under test counts them).
 			eventually(t, 5*time.Second, "earlier connections to close", func() bool { return g.OpenConnections() == 0 })

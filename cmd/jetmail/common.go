@@ -216,8 +216,6 @@ func newRegistry() *prometheus.Registry {
 	return reg
 }
 
-// runGateway serves SMTP on the listen address until ctx ends, then shuts
-// down gracefully.
 // listenSMTP opens the SMTP port first of all, so a port conflict fails at
 // once and /readyz never says ready before the port takes connections.
 func (f *gatewayFlags) listenSMTP() (net.Listener, error) {
@@ -228,11 +226,11 @@ func (f *gatewayFlags) listenSMTP() (net.Listener, error) {
 	return l, nil
 }
 
+// runGateway serves SMTP on l under the relay policy of src until ctx
+// ends, then shuts down gracefully.
 func runGateway(ctx context.Context, f *gatewayFlags, l net.Listener, sp *spool.Spool, src *policy.Source, gwCfg *smtpgw.Config, reg *prometheus.Registry, log *zap.Logger) error {
-	pol := src.Relay()
-	gw := smtpgw.New(*gwCfg, sp, pol, log.Named("smtp"), reg)
-	src.Subscribe(func(c *policy.Config) { gw.SetPolicy(c.Relay) })
-	log.Info("SMTP listening", zap.String("addr", l.Addr().String()), zap.Strings("policy", pol.Sources))
+	gw := smtpgw.New(*gwCfg, sp, src, log.Named("smtp"), reg)
+	log.Info("SMTP listening", zap.String("addr", l.Addr().String()), zap.Strings("policy", src.Relay().Sources))
 	errc := make(chan error, 1)
 	go func() { errc <- gw.Serve(l) }()
 	select {

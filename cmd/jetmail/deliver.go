@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/deliverer"
+	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -36,14 +37,14 @@ func (f *delivererFlags) register(cmd *cobra.Command) {
 // runDeliverer delivers until ctx ends.
 func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *spool.Spool, src *policy.Source, reg prometheus.Registerer, log *zap.Logger) error {
 	// Every outbound setting, messagesPerConnection included, comes from
-	// src.Delivery at each attempt (Config.Policy), so a DeliveryPolicy
+	// src.Delivery() at each attempt (Config.Source), so a DeliveryPolicy
 	// change applies without a restart: the Client holds none of them.
-	client := &deliverer.Client{Hostname: hostname}
+	client := &outbound.Client{Hostname: hostname}
 	defer client.Close()
 	d, err := deliverer.New(deliverer.Config{
 		Hostname:    hostname,
 		Spool:       sp,
-		Policy:      src.Delivery,
+		Source:      src,
 		Resolver:    &deliverer.Resolver{Servers: f.dns},
 		Client:      client,
 		Log:         log.Named("deliver"),

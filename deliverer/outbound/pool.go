@@ -1,22 +1,9 @@
-package deliverer
+package outbound
 
-// Outbound connections: dialing, the greeting, STARTTLS, AUTH, the hard
-// session deadline, and the pool that keeps connections for reuse.
-//
-// go-smtp's client does the commands, but it only ever sets per-command
-// deadlines, and clears them after each command. Every connection is
-// therefore wrapped in a deadlineConn that clamps every deadline anyone sets
-// to the session's hard deadline, and a watchdog closes the connection a
-// moment after that deadline (or when the caller's context ends) in case
-// something blocks without a deadline. A server that dribbles a byte a
-// second resets no timer here: deadlines are absolute.
-//
-// We read the greeting and send STARTTLS and RSET ourselves, beneath
-// go-smtp: the greeting to give it its own timeout, STARTTLS because go-smtp
-// has no exported way to start TLS on a client that already said EHLO with
-// our name, and RSET because go-smtp's Reset makes the next command send
-// EHLO again. go-smtp reads through a replayConn that first yields a
-// stand-in for the greeting we consumed.
+// Connections: dialing, the greeting, STARTTLS, AUTH, the hard session
+// deadline, and the pool that keeps connections for reuse. go-smtp reads
+// through a replayConn that first yields a stand-in for the greeting we
+// consumed (see the package documentation).
 
 import (
 	"bufio"

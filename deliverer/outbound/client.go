@@ -1,4 +1,4 @@
-package deliverer
+package outbound
 
 // The outbound SMTP client: one Deliver call hands one message to the first
 // hop that takes the transaction and reports a result per recipient. The

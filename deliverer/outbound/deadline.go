@@ -1,4 +1,4 @@
-package deliverer
+package outbound
 
 // The session's connection under hard deadlines: deadlineConn clamps
 // every deadline to the session's and enforces a minimum data rate.

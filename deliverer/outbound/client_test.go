@@ -1,4 +1,4 @@
-package deliverer
+package outbound
 
 import (
 	"bufio"
@@ -17,6 +17,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/jetmail/jetmail/deliverer/resolve"
+	"github.com/jetmail/jetmail/internal/mxtest"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -95,33 +96,33 @@ func wantRcptErr(t *testing.T, r RcptResult, code int, enhanced, text string) {
 
 func TestDeliverFailover(t *testing.T) {
 	t.Run("a primary that refuses connections hands the message to the secondary", func(t *testing.T) {
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if res[0].Hop != srv.hop || res[0].TLS {
-			t.Errorf("result from hop %+v TLS %v, want %+v in plaintext", res[0].Hop, res[0].TLS, srv.hop)
+		if res[0].Hop != srv.Hop || res[0].TLS {
+			t.Errorf("result from hop %+v TLS %v, want %+v in plaintext", res[0].Hop, res[0].TLS, srv.Hop)
 		}
-		txns := srv.transactions()
-		if len(txns) != 1 || txns[0].from != "sender@example.org" || !bytes.Equal(txns[0].body, []byte(transferBody)) {
+		txns := srv.Transactions()
+		if len(txns) != 1 || txns[0].From != "sender@example.org" || !bytes.Equal(txns[0].Body, []byte(transferBody)) {
 			t.Errorf("server got %+v", txns)
 		}
 		if !strings.HasPrefix(res[0].Reply, "250 ") {
 			t.Errorf("reply %q", res[0].Reply)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("a 421 greeting passes the hop over", func(t *testing.T) {
-		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
-		srv := startMX(t, &testMX{})
+		busy := mxtest.StartScripted(t, false, (&mxtest.Script{Greeting: "421 4.3.2 too busy"}).Handle)
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{busy.hop, srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{busy.Hop, srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if busy.accepted.Load() != 1 || len(srv.transactions()) != 1 {
-			t.Errorf("busy hop saw %d connections, good hop %d transactions", busy.accepted.Load(), len(srv.transactions()))
+		if busy.Accepted.Load() != 1 || len(srv.Transactions()) != 1 {
+			t.Errorf("busy hop saw %d connections, good hop %d transactions", busy.Accepted.Load(), len(srv.Transactions()))
 		}
-		checkNoConnLeak(t, c, busy.connCounter, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, busy.Counter, srv.Counter)
 	})
 
 	t.Run("all hops down defers every recipient with 4.4.1", func(t *testing.T) {
@@ -132,19 +133,19 @@ func TestDeliverFailover(t *testing.T) {
 		if res[1].Hop != (resolve.Hop{}) {
 			t.Errorf("hop %+v for an unreached hop, want zero", res[1].Hop)
 		}
-		checkNoConnLeak(t, c)
+		mxtest.CheckNoConnLeak(t, c)
 	})
 
 	t.Run("a 421 greeting on the last hop defers with the remote's reply", func(t *testing.T) {
-		busy := startScripted(t, false, (&remoteScript{greeting: "421 4.3.2 too busy"}).handle)
+		busy := mxtest.StartScripted(t, false, (&mxtest.Script{Greeting: "421 4.3.2 too busy"}).Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), busy.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), busy.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 421, "4.3.2", "too busy")
-		if res[0].Err.Remote != "mx.test" || res[0].Hop != busy.hop {
+		if res[0].Err.Remote != "mx.test" || res[0].Hop != busy.Hop {
 			t.Errorf("remote %q hop %+v", res[0].Err.Remote, res[0].Hop)
 		}
-		checkNoConnLeak(t, c, busy.connCounter)
+		mxtest.CheckNoConnLeak(t, c, busy.Counter)
 	})
 
 	t.Run("no hops defers with 4.4.4", func(t *testing.T) {
@@ -152,167 +153,167 @@ func TestDeliverFailover(t *testing.T) {
 		res := c.Deliver(context.Background(), nil, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.4", "")
-		checkNoConnLeak(t, c)
+		mxtest.CheckNoConnLeak(t, c)
 	})
 
 	t.Run("a 4xx to MAIL FROM passes the hop over", func(t *testing.T) {
-		first := startMX(t, &testMX{mail: func(string) error {
+		first := mxtest.Start(t, &mxtest.MX{Mail: func(string) error {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try later"}
 		}})
-		second := startMX(t, &testMX{})
+		second := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{first.Hop, second.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if res[0].Hop != second.hop || len(second.transactions()) != 1 {
-			t.Errorf("delivered via %+v, second hop has %d transactions", res[0].Hop, len(second.transactions()))
+		if res[0].Hop != second.Hop || len(second.Transactions()) != 1 {
+			t.Errorf("delivered via %+v, second hop has %d transactions", res[0].Hop, len(second.Transactions()))
 		}
-		checkNoConnLeak(t, c, first.connCounter, second.connCounter)
+		mxtest.CheckNoConnLeak(t, c, first.Counter, second.Counter)
 	})
 
 	t.Run("a 5xx to MAIL FROM fails every recipient and tries no other hop", func(t *testing.T) {
-		first := startMX(t, &testMX{mail: func(string) error {
+		first := mxtest.Start(t, &mxtest.MX{Mail: func(string) error {
 			return &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "sender rejected"}
 		}})
-		second := startMX(t, &testMX{})
+		second := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{first.hop, second.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{first.Hop, second.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, spool.RcptFailed, spool.RcptFailed)
 		wantRcptErr(t, res[1], 553, "5.7.1", "sender rejected")
-		if second.accepted.Load() != 0 {
-			t.Errorf("second hop saw %d connections, want 0", second.accepted.Load())
+		if second.Accepted.Load() != 0 {
+			t.Errorf("second hop saw %d connections, want 0", second.Accepted.Load())
 		}
-		checkNoConnLeak(t, c, first.connCounter, second.connCounter)
+		mxtest.CheckNoConnLeak(t, c, first.Counter, second.Counter)
 	})
 }
 
 func TestDeliverReplies(t *testing.T) {
 	t.Run("a 4xx on one RCPT and 250 on another delivers one and defers the other", func(t *testing.T) {
-		srv := startMX(t, &testMX{rcpt: func(to string) error {
+		srv := mxtest.Start(t, &mxtest.MX{Rcpt: func(to string) error {
 			if to == "full@example.com" {
 				return &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 2, 2}, Message: "mailbox full"}
 			}
 			return nil
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("full@example.com", "ok@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("full@example.com", "ok@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDelivered)
 		wantRcptErr(t, res[0], 452, "4.2.2", "mailbox full")
-		if txns := srv.transactions(); len(txns) != 1 || strings.Join(txns[0].rcpts, ",") != "ok@example.com" {
+		if txns := srv.Transactions(); len(txns) != 1 || strings.Join(txns[0].Rcpts, ",") != "ok@example.com" {
 			t.Errorf("server got %+v", txns)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("a 5xx on RCPT fails the recipient with the remote's code, enhanced code and text", func(t *testing.T) {
-		srv := startMX(t, &testMX{rcpt: func(to string) error {
+		srv := mxtest.Start(t, &mxtest.MX{Rcpt: func(to string) error {
 			if to == "nobody@example.com" {
 				return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 			}
 			return nil
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("ok@example.com", "nobody@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("ok@example.com", "nobody@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered, spool.RcptFailed)
 		wantRcptErr(t, res[1], 550, "5.1.1", "no such user")
 		if res[1].Err.Remote != "mx.test" || res[1].Reply != "550 5.1.1 no such user" {
 			t.Errorf("remote %q reply %q", res[1].Err.Remote, res[1].Reply)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("a reply without an enhanced code gets one from its class", func(t *testing.T) {
-		srv := startMX(t, &testMX{rcpt: func(string) error {
+		srv := mxtest.Start(t, &mxtest.MX{Rcpt: func(string) error {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.NoEnhancedCode, Message: "go away"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 550, "5.0.0", "go away")
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("no accepted recipient means no DATA", func(t *testing.T) {
-		srv := startMX(t, &testMX{rcpt: func(string) error {
+		srv := mxtest.Start(t, &mxtest.MX{Rcpt: func(string) error {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, spool.RcptFailed, spool.RcptFailed)
-		if n := srv.dataCount(); n != 0 {
+		if n := srv.DataCount(); n != 0 {
 			t.Errorf("server got DATA %d times", n)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("a 451 to the data defers the accepted recipients", func(t *testing.T) {
-		srv := startMX(t, &testMX{data: func(int) error {
+		srv := mxtest.Start(t, &mxtest.MX{Data: func(int) error {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "queue full"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.3.0", "queue full")
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("a 554 to the data fails the accepted recipients", func(t *testing.T) {
-		srv := startMX(t, &testMX{data: func(int) error {
+		srv := mxtest.Start(t, &mxtest.MX{Data: func(int) error {
 			return &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "spam"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 554, "5.7.1", "spam")
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 }
 
 func TestDeliverExtensions(t *testing.T) {
 	t.Run("a message over the announced SIZE fails with 5.3.4 without DATA", func(t *testing.T) {
-		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
+		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 552, "5.3.4", "exceeds")
-		if n := srv.dataCount(); n != 0 || srv.traffic.count("MAIL FROM") != 0 {
-			t.Errorf("server got DATA %d times, MAIL %d times", n, srv.traffic.count("MAIL FROM"))
+		if n := srv.DataCount(); n != 0 || srv.Traffic.Count("MAIL FROM") != 0 {
+			t.Errorf("server got DATA %d times, MAIL %d times", n, srv.Traffic.Count("MAIL FROM"))
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("SIZE is declared as the body length", func(t *testing.T) {
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if txns := srv.transactions(); len(txns) != 1 || txns[0].mailOpts.Size != int64(len(transferBody)) || txns[0].mailOpts.Body != smtp.Body8BitMIME {
-			t.Errorf("server got MAIL options %+v", txns[0].mailOpts)
+		if txns := srv.Transactions(); len(txns) != 1 || txns[0].MailOpts.Size != int64(len(transferBody)) || txns[0].MailOpts.Body != smtp.Body8BitMIME {
+			t.Errorf("server got MAIL options %+v", txns[0].MailOpts)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("an SMTPUTF8 message to a server without SMTPUTF8 fails with 5.6.7", func(t *testing.T) {
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
 		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 553, "5.6.7", "SMTPUTF8")
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("an SMTPUTF8 message to a server with SMTPUTF8 is delivered with SMTPUTF8", func(t *testing.T) {
-		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.EnableSMTPUTF8 = true })
+		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.EnableSMTPUTF8 = true })
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
 		wantStatuses(t, res, spool.RcptDelivered)
-		if txns := srv.transactions(); len(txns) != 1 || !txns[0].mailOpts.UTF8 || txns[0].rcpts[0] != "jörg@example.com" {
+		if txns := srv.Transactions(); len(txns) != 1 || !txns[0].MailOpts.UTF8 || txns[0].Rcpts[0] != "jörg@example.com" {
 			t.Errorf("server got %+v", txns)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	dsnTransfer := func() *Transfer {
@@ -326,22 +327,22 @@ func TestDeliverExtensions(t *testing.T) {
 	}
 
 	t.Run("DSN parameters reach a server that offers DSN", func(t *testing.T) {
-		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.EnableDSN = true })
+		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.EnableDSN = true })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
 		wantStatuses(t, res, spool.RcptDelivered, spool.RcptDelivered)
 		if !res[0].DSNPassed || !res[1].DSNPassed {
 			t.Errorf("DSNPassed %v %v, want true", res[0].DSNPassed, res[1].DSNPassed)
 		}
-		txns := srv.transactions()
+		txns := srv.Transactions()
 		if len(txns) != 1 {
 			t.Fatalf("server got %d transactions", len(txns))
 		}
 		tx := txns[0]
-		if tx.mailOpts.Return != smtp.DSNReturnHeaders || tx.mailOpts.EnvelopeID != "env+id-1" {
-			t.Errorf("MAIL options RET=%q ENVID=%q", tx.mailOpts.Return, tx.mailOpts.EnvelopeID)
+		if tx.MailOpts.Return != smtp.DSNReturnHeaders || tx.MailOpts.EnvelopeID != "env+id-1" {
+			t.Errorf("MAIL options RET=%q ENVID=%q", tx.MailOpts.Return, tx.MailOpts.EnvelopeID)
 		}
-		a, b := tx.rcptOpts[0], tx.rcptOpts[1]
+		a, b := tx.RcptOpts[0], tx.RcptOpts[1]
 		if len(a.Notify) != 2 || a.Notify[0] != smtp.DSNNotifySuccess || a.Notify[1] != smtp.DSNNotifyFailure ||
 			a.OriginalRecipientType != smtp.DSNAddressTypeRFC822 || a.OriginalRecipient != "orig@example.org" {
 			t.Errorf("first RCPT options %+v", a)
@@ -349,32 +350,32 @@ func TestDeliverExtensions(t *testing.T) {
 		if len(b.Notify) != 1 || b.Notify[0] != smtp.DSNNotifyNever || b.OriginalRecipient != "" {
 			t.Errorf("second RCPT options %+v", b)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("DSN parameters are left out for a server without DSN", func(t *testing.T) {
 		// go-smtp's server refuses NOTIFY, RET and ENVID unless it offers
 		// DSN, so a delivery proves they were not sent.
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
 		wantStatuses(t, res, spool.RcptDelivered, spool.RcptDelivered)
 		if res[0].DSNPassed {
 			t.Error("DSNPassed for a server without DSN")
 		}
-		if srv.traffic.count("NOTIFY=") != 0 || srv.traffic.count("ENVID=") != 0 {
+		if srv.Traffic.Count("NOTIFY=") != 0 || srv.Traffic.Count("ENVID=") != 0 {
 			t.Error("DSN parameters sent to a server without DSN")
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 }
 
 // brokenTLSScript offers STARTTLS, says 220, and answers the ClientHello with
 // garbage; a plaintext session on a new connection works.
-func brokenTLSScript() *remoteScript {
-	return &remoteScript{
-		exts: []string{"STARTTLS", "8BITMIME"},
-		startTLS: func(c net.Conn, r *bufio.Reader) bool {
+func brokenTLSScript() *mxtest.Script {
+	return &mxtest.Script{
+		Exts: []string{"STARTTLS", "8BITMIME"},
+		StartTLS: func(c net.Conn, r *bufio.Reader) bool {
 			io.WriteString(c, "220 2.0.0 ready\r\n")
 			buf := make([]byte, 1)
 			if _, err := r.Read(buf); err != nil {
@@ -389,139 +390,139 @@ func brokenTLSScript() *remoteScript {
 func TestDeliverTLS(t *testing.T) {
 	t.Run("opportunistic TLS falls back to plaintext on the same hop after a broken handshake", func(t *testing.T) {
 		sc := brokenTLSScript()
-		srv := startScripted(t, false, sc.handle)
+		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].TLS {
 			t.Error("TLS reported for a plaintext delivery")
 		}
-		if srv.accepted.Load() != 2 || sc.txns.Load() != 1 {
-			t.Errorf("server saw %d connections and %d transactions, want 2 and 1", srv.accepted.Load(), sc.txns.Load())
+		if srv.Accepted.Load() != 2 || sc.Txns.Load() != 1 {
+			t.Errorf("server saw %d connections and %d transactions, want 2 and 1", srv.Accepted.Load(), sc.Txns.Load())
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("opportunistic TLS goes on in plaintext when STARTTLS is refused", func(t *testing.T) {
-		sc := &remoteScript{exts: []string{"STARTTLS"}, startTLS: func(c net.Conn, r *bufio.Reader) bool {
+		sc := &mxtest.Script{Exts: []string{"STARTTLS"}, StartTLS: func(c net.Conn, r *bufio.Reader) bool {
 			_, err := io.WriteString(c, "454 4.7.0 TLS not available\r\n")
 			return err == nil
 		}}
-		srv := startScripted(t, false, sc.handle)
+		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if res[0].TLS || srv.accepted.Load() != 1 || sc.txns.Load() != 1 {
-			t.Errorf("TLS %v; server saw %d connections and %d transactions, want 1 and 1", res[0].TLS, srv.accepted.Load(), sc.txns.Load())
+		if res[0].TLS || srv.Accepted.Load() != 1 || sc.Txns.Load() != 1 {
+			t.Errorf("TLS %v; server saw %d connections and %d transactions, want 1 and 1", res[0].TLS, srv.Accepted.Load(), sc.Txns.Load())
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("required TLS defers when STARTTLS is refused", func(t *testing.T) {
-		sc := &remoteScript{exts: []string{"STARTTLS"}, startTLS: func(c net.Conn, r *bufio.Reader) bool {
+		sc := &mxtest.Script{Exts: []string{"STARTTLS"}, StartTLS: func(c net.Conn, r *bufio.Reader) bool {
 			_, err := io.WriteString(c, "454 4.7.0 TLS not available\r\n")
 			return err == nil
 		}}
-		srv := startScripted(t, false, sc.handle)
+		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "454 4.7.0 TLS not available")
-		if sc.txns.Load() != 0 {
+		if sc.Txns.Load() != 0 {
 			t.Error("message sent in plaintext under TLSRequired")
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("required TLS defers after a broken handshake", func(t *testing.T) {
 		sc := brokenTLSScript()
-		srv := startScripted(t, false, sc.handle)
+		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "handshake")
-		if srv.accepted.Load() != 1 || sc.txns.Load() != 0 {
-			t.Errorf("server saw %d connections and %d transactions, want 1 and 0", srv.accepted.Load(), sc.txns.Load())
+		if srv.Accepted.Load() != 1 || sc.Txns.Load() != 0 {
+			t.Errorf("server saw %d connections and %d transactions, want 1 and 0", srv.Accepted.Load(), sc.Txns.Load())
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("required TLS defers when STARTTLS is not offered", func(t *testing.T) {
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "STARTTLS")
-		if len(srv.transactions()) != 0 {
+		if len(srv.Transactions()) != 0 {
 			t.Error("message sent in plaintext under TLSRequired")
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("required TLS accepts a certificate it cannot verify", func(t *testing.T) {
-		cert, _ := selfSignedCert(t, "mx.right.test")
-		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
+		cert, _ := mxtest.SelfSignedCert(t, "mx.right.test")
+		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
+		if txns := srv.Transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].TLS {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("verify defers a certificate for another name", func(t *testing.T) {
-		cert, roots := selfSignedCert(t, "mx.right.test")
-		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
+		cert, roots := mxtest.SelfSignedCert(t, "mx.right.test")
+		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
 		c.RootCAs = roots
-		hop := srv.hop
+		hop := srv.Hop
 		hop.Host = "mx.wrong.test"
 		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "mx.wrong.test")
-		if len(srv.transactions()) != 0 {
+		if len(srv.Transactions()) != 0 {
 			t.Error("message sent to a server whose certificate did not verify")
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("verify delivers over TLS to the right name", func(t *testing.T) {
-		cert, roots := selfSignedCert(t, "mx.right.test")
-		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
+		cert, roots := mxtest.SelfSignedCert(t, "mx.right.test")
+		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
 		c.RootCAs = roots
-		hop := srv.hop
+		hop := srv.Hop
 		hop.Host = "mx.right.test"
 		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if txns := srv.transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].tls {
+		if txns := srv.Transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].TLS {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 }
 
 func TestDeliverAuth(t *testing.T) {
-	authServer := func(t *testing.T) *testMX {
-		return startMX(t, &testMX{users: map[string]string{"relay": "s3cret"}, requireAuth: true})
+	authServer := func(t *testing.T) *mxtest.MX {
+		return mxtest.Start(t, &mxtest.MX{Users: map[string]string{"relay": "s3cret"}, RequireAuth: true})
 	}
 
 	t.Run("AUTH PLAIN to a relay that requires it", func(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" {
+		if txns := srv.Transactions(); len(txns) != 1 || txns[0].User != "relay" {
 			t.Errorf("server got %+v", txns)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("AUTH LOGIN when the server offers only LOGIN", func(t *testing.T) {
 		var got []string
-		sc := &remoteScript{exts: []string{"AUTH LOGIN"}, auth: func(c net.Conn, r *bufio.Reader, line string) bool {
+		sc := &mxtest.Script{Exts: []string{"AUTH LOGIN"}, Auth: func(c net.Conn, r *bufio.Reader, line string) bool {
 			got = append(got, strings.TrimSpace(line))
 			prompts := []string{"VXNlcm5hbWU6", "UGFzc3dvcmQ6"} // "Username:", "Password:"
 			if len(strings.Fields(line)) == 3 {
@@ -538,12 +539,12 @@ func TestDeliverAuth(t *testing.T) {
 			_, err := io.WriteString(c, "235 2.7.0 ok\r\n")
 			return err == nil
 		}}
-		srv := startScripted(t, false, sc.handle)
+		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 		// "relay" and "s3cret" in base64.
 		if strings.Join(got, " ") != "AUTH LOGIN cmVsYXk= czNjcmV0" {
 			t.Errorf("server got %q", got)
@@ -551,100 +552,100 @@ func TestDeliverAuth(t *testing.T) {
 	})
 
 	t.Run("a hop that refuses the credentials is passed over for the next", func(t *testing.T) {
-		refusing := startMX(t, &testMX{users: map[string]string{"relay": "other"}, requireAuth: true})
+		refusing := mxtest.Start(t, &mxtest.MX{Users: map[string]string{"relay": "other"}, RequireAuth: true})
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []resolve.Hop{refusing.hop, srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusing.Hop, srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if res[0].Hop != srv.hop {
+		if res[0].Hop != srv.Hop {
 			t.Errorf("delivered via %+v", res[0].Hop)
 		}
-		checkNoConnLeak(t, c, refusing.connCounter, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, refusing.Counter, srv.Counter)
 	})
 
 	t.Run("refused credentials on the last hop defer with the remote's 535", func(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "wrong"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "wrong"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 535, "5.7.8", "Authentication failed")
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("credentials are not sent in plaintext without AllowInsecureAuth", func(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.10", "unencrypted")
-		if srv.traffic.count("AUTH PLAIN ") != 0 {
+		if srv.Traffic.Count("AUTH PLAIN ") != 0 {
 			t.Error("credentials sent in plaintext")
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("AUTH PLAIN over STARTTLS without AllowInsecureAuth", func(t *testing.T) {
-		cert, _ := selfSignedCert(t, "mx.test")
-		srv := startMX(t, &testMX{users: map[string]string{"relay": "s3cret"}, requireAuth: true}, func(s *smtp.Server) {
+		cert, _ := mxtest.SelfSignedCert(t, "mx.test")
+		srv := mxtest.Start(t, &mxtest.MX{Users: map[string]string{"relay": "s3cret"}, RequireAuth: true}, func(s *smtp.Server) {
 			s.AllowInsecureAuth = false
 			s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 		})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSRequired, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		if txns := srv.transactions(); len(txns) != 1 || txns[0].user != "relay" || !txns[0].tls {
+		if txns := srv.Transactions(); len(txns) != 1 || txns[0].User != "relay" || !txns[0].TLS {
 			t.Errorf("server got %+v", txns)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 }
 
 func TestDeliverDeadlines(t *testing.T) {
 	t.Run("a server dribbling its EHLO reply forever loses the session at the deadline", func(t *testing.T) {
-		srv := startScripted(t, false, (&remoteScript{ehlo: func(c net.Conn) bool {
-			dribble(c, "250-DRIBBLE\r\n", 200*time.Millisecond)
+		srv := mxtest.StartScripted(t, false, (&mxtest.Script{Ehlo: func(c net.Conn) bool {
+			mxtest.Dribble(c, "250-DRIBBLE\r\n", 200*time.Millisecond)
 			return false
-		}}).handle)
+		}}).Handle)
 		c := newTestClient(t)
 		to := shortTimeouts()
 		to.Greeting, to.Ehlo, to.Session = time.Minute, time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
 		if took < 1900*time.Millisecond || took > 2600*time.Millisecond {
 			t.Errorf("attempt took %s, want about 2s", took)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("a server dribbling its reply to the final dot loses the session at the deadline", func(t *testing.T) {
-		srv := startScripted(t, false, (&remoteScript{data: func(c net.Conn, r *bufio.Reader) bool {
+		srv := mxtest.StartScripted(t, false, (&mxtest.Script{Data: func(c net.Conn, r *bufio.Reader) bool {
 			io.WriteString(c, "354 go ahead\r\n")
-			if readToDot(r) != nil {
+			if mxtest.ReadToDot(r) != nil {
 				return false
 			}
-			dribble(c, "250-still thinking\r\n", 200*time.Millisecond)
+			mxtest.Dribble(c, "250-still thinking\r\n", 200*time.Millisecond)
 			return false
-		}}).handle)
+		}}).Handle)
 		c := newTestClient(t)
 		to := shortTimeouts()
 		to.DataDone, to.Session = time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com", "b@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
-		if !strings.Contains(res[0].Err.Text, stepDataDone) || res[0].Hop != srv.hop {
+		if !strings.Contains(res[0].Err.Text, stepDataDone) || res[0].Hop != srv.Hop {
 			t.Errorf("error %v from hop %+v", res[0].Err, res[0].Hop)
 		}
 		if took > 2600*time.Millisecond {
 			t.Errorf("attempt took %s, want about 2s", took)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	bigBody := func(n int) []byte {
@@ -654,19 +655,19 @@ func TestDeliverDeadlines(t *testing.T) {
 
 	t.Run("a server that stops reading the data is cut off", func(t *testing.T) {
 		release := make(chan struct{})
-		srv := startScripted(t, true, (&remoteScript{data: func(c net.Conn, r *bufio.Reader) bool {
+		srv := mxtest.StartScripted(t, true, (&mxtest.Script{Data: func(c net.Conn, r *bufio.Reader) bool {
 			io.WriteString(c, "354 go ahead\r\n")
 			io.ReadFull(r, make([]byte, 1024))
 			<-release
 			return false
-		}}).handle)
+		}}).Handle)
 		c := newTestClient(t)
 		to := shortTimeouts()
 		to.DataBlock, to.Session = time.Second, 3*time.Second
 		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, to, 0, tr)
 		took := time.Since(start)
 		close(release)
 		wantStatuses(t, res, spool.RcptDeferred)
@@ -674,11 +675,11 @@ func TestDeliverDeadlines(t *testing.T) {
 		if took > 3500*time.Millisecond {
 			t.Errorf("attempt took %s, want at most the 3s session", took)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("a server that reads the data below the minimum rate is cut off", func(t *testing.T) {
-		srv := startScripted(t, true, (&remoteScript{data: func(c net.Conn, r *bufio.Reader) bool {
+		srv := mxtest.StartScripted(t, true, (&mxtest.Script{Data: func(c net.Conn, r *bufio.Reader) bool {
 			io.WriteString(c, "354 go ahead\r\n")
 			buf := make([]byte, 1024)
 			for {
@@ -687,7 +688,7 @@ func TestDeliverDeadlines(t *testing.T) {
 				}
 				time.Sleep(10 * time.Millisecond) // about 100 KB/s
 			}
-		}}).handle)
+		}}).Handle)
 		c := newTestClient(t)
 		to := shortTimeouts()
 		to.DataBlock, to.Session = 10*time.Second, 10*time.Second
@@ -695,37 +696,37 @@ func TestDeliverDeadlines(t *testing.T) {
 		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, to, 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, to, 0, tr)
 		took := time.Since(start)
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "slower than")
 		if took > 5*time.Second {
 			t.Errorf("attempt took %s, want well under the 10s data block timeout", took)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("cancelling the context aborts the session promptly and defers", func(t *testing.T) {
-		srv := startScripted(t, false, (&remoteScript{ehlo: func(c net.Conn) bool {
-			dribble(c, "250-DRIBBLE\r\n", 200*time.Millisecond)
+		srv := mxtest.StartScripted(t, false, (&mxtest.Script{Ehlo: func(c net.Conn) bool {
+			mxtest.Dribble(c, "250-DRIBBLE\r\n", 200*time.Millisecond)
 			return false
-		}}).handle)
+		}}).Handle)
 		c := newTestClient(t)
 		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 		defer cancel()
 		start := time.Now()
-		res := c.Deliver(ctx, []resolve.Hop{srv.hop, refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(ctx, []resolve.Hop{srv.Hop, refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.0", "interrupted")
 		if took > time.Second {
 			t.Errorf("Deliver took %s after a 300ms context", took)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("a connect timeout passes the hop over", func(t *testing.T) {
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
 		blackhole := resolve.Hop{Host: "blackhole.test", Addr: netip.MustParseAddrPort("192.0.2.1:25")}
 		c.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -738,12 +739,12 @@ func TestDeliverDeadlines(t *testing.T) {
 		}
 		to := shortTimeouts()
 		to.Connect = 200 * time.Millisecond
-		res := c.Deliver(context.Background(), []resolve.Hop{blackhole, srv.hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{blackhole, srv.Hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		res = c.Deliver(context.Background(), []resolve.Hop{blackhole}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.1", "timed out")
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 }
 
@@ -766,104 +767,104 @@ func TestClientReuse(t *testing.T) {
 	}
 
 	t.Run("three messages to one hop share one connection and one EHLO", func(t *testing.T) {
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		deliverN(t, c, srv.hop, 3)
-		if a, n, e := srv.accepted.Load(), len(srv.transactions()), srv.traffic.count("EHLO client.test"); a != 1 || n != 3 || e != 1 {
+		deliverN(t, c, srv.Hop, 3)
+		if a, n, e := srv.Accepted.Load(), len(srv.Transactions()), srv.Traffic.Count("EHLO client.test"); a != 1 || n != 3 || e != 1 {
 			t.Errorf("server saw %d connections, %d transactions, %d EHLO; want 1, 3, 1", a, n, e)
 		}
 		if n := c.OpenConns(); n != 1 {
 			t.Errorf("%d open connections between messages, want 1", n)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
-		if srv.traffic.count("QUIT") != 1 {
-			t.Errorf("QUIT sent %d times on Close, want 1", srv.traffic.count("QUIT"))
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
+		if srv.Traffic.Count("QUIT") != 1 {
+			t.Errorf("QUIT sent %d times on Close, want 1", srv.Traffic.Count("QUIT"))
 		}
 	})
 
 	t.Run("a connection that has carried messagesPerConnection messages is replaced", func(t *testing.T) {
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		deliverLimited(t, c, srv.hop, 3, 2)
-		if a, n := srv.accepted.Load(), len(srv.transactions()); a != 2 || n != 3 {
+		deliverLimited(t, c, srv.Hop, 3, 2)
+		if a, n := srv.Accepted.Load(), len(srv.Transactions()); a != 2 || n != 3 {
 			t.Errorf("server saw %d connections and %d transactions, want 2 and 3", a, n)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("the per-connection limit of each call decides, so a changed limit applies to pooled connections", func(t *testing.T) {
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
 		// Limit 1: nothing is pooled, every message dials.
-		deliverLimited(t, c, srv.hop, 2, 1)
-		if a := srv.accepted.Load(); a != 2 || c.OpenConns() != 0 {
+		deliverLimited(t, c, srv.Hop, 2, 1)
+		if a := srv.Accepted.Load(); a != 2 || c.OpenConns() != 0 {
 			t.Fatalf("limit 1: %d connections, %d left open; want 2 and 0", a, c.OpenConns())
 		}
 		// Limit 100: one connection carries the next three.
-		deliverLimited(t, c, srv.hop, 3, 100)
-		if a := srv.accepted.Load(); a != 3 || c.OpenConns() != 1 {
+		deliverLimited(t, c, srv.Hop, 3, 100)
+		if a := srv.Accepted.Load(); a != 3 || c.OpenConns() != 1 {
 			t.Fatalf("limit 100: %d connections, %d open; want 3 and 1", a, c.OpenConns())
 		}
 		// Limit 2 for a connection that has carried 3: it carries this
 		// message, then goes.
-		deliverLimited(t, c, srv.hop, 1, 2)
-		if a := srv.accepted.Load(); a != 3 || c.OpenConns() != 0 {
+		deliverLimited(t, c, srv.Hop, 1, 2)
+		if a := srv.Accepted.Load(); a != 3 || c.OpenConns() != 0 {
 			t.Fatalf("limit lowered to 2: %d connections, %d open; want the pooled one used once more, then closed", a, c.OpenConns())
 		}
-		if n := len(srv.transactions()); n != 6 {
+		if n := len(srv.Transactions()); n != 6 {
 			t.Errorf("server got %d transactions, want 6", n)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("an idle connection is closed after IdleTime and the next message dials anew", func(t *testing.T) {
-		srv := startMX(t, &testMX{})
+		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
 		c.IdleTime = 200 * time.Millisecond
-		deliverN(t, c, srv.hop, 1)
-		within(t, 5*time.Second, "the idle connection to be closed", func() bool { return c.OpenConns() == 0 && srv.open.Load() == 0 })
-		if srv.traffic.count("QUIT") != 1 {
+		deliverN(t, c, srv.Hop, 1)
+		mxtest.Within(t, 5*time.Second, "the idle connection to be closed", func() bool { return c.OpenConns() == 0 && srv.Open.Load() == 0 })
+		if srv.Traffic.Count("QUIT") != 1 {
 			t.Error("idle connection closed without QUIT")
 		}
-		deliverN(t, c, srv.hop, 1)
-		if a := srv.accepted.Load(); a != 2 {
+		deliverN(t, c, srv.Hop, 1)
+		if a := srv.Accepted.Load(); a != 2 {
 			t.Errorf("server saw %d connections, want 2", a)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("a pooled connection the server closed is replaced transparently", func(t *testing.T) {
-		srv := startMX(t, &testMX{}, func(s *smtp.Server) { s.ReadTimeout = 300 * time.Millisecond })
+		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.ReadTimeout = 300 * time.Millisecond })
 		c := newTestClient(t)
-		deliverN(t, c, srv.hop, 1)
-		within(t, 5*time.Second, "the server to close the idle connection", func() bool { return srv.open.Load() == 0 })
+		deliverN(t, c, srv.Hop, 1)
+		mxtest.Within(t, 5*time.Second, "the server to close the idle connection", func() bool { return srv.Open.Load() == 0 })
 		if c.OpenConns() != 1 {
 			t.Fatalf("%d client connections, want the dead one still pooled", c.OpenConns())
 		}
-		deliverN(t, c, srv.hop, 1)
-		if a, n := srv.accepted.Load(), len(srv.transactions()); a != 2 || n != 2 {
+		deliverN(t, c, srv.Hop, 1)
+		if a, n := srv.Accepted.Load(), len(srv.Transactions()); a != 2 || n != 2 {
 			t.Errorf("server saw %d connections and %d transactions, want 2 and 2", a, n)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("connections differ by TLS policy and user", func(t *testing.T) {
-		srv := startMX(t, &testMX{users: map[string]string{"u1": "p", "u2": "p"}})
+		srv := mxtest.Start(t, &mxtest.MX{Users: map[string]string{"u1": "p", "u2": "p"}})
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
 		for _, a := range []*policy.Credentials{nil, {Username: "u1", Password: "p"}, {Username: "u2", Password: "p"}, {Username: "u1", Password: "p"}} {
-			res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, a, shortTimeouts(), 0, testTransfer("a@example.com"))
+			res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, a, shortTimeouts(), 0, testTransfer("a@example.com"))
 			wantStatuses(t, res, spool.RcptDelivered)
 		}
-		if a := srv.accepted.Load(); a != 3 {
+		if a := srv.Accepted.Load(); a != 3 {
 			t.Errorf("server saw %d connections, want 3 (none, u1, u2)", a)
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
 	t.Run("concurrent deliveries never share a connection", func(t *testing.T) {
 		var inData, maxInData atomic.Int64
-		srv := startMX(t, &testMX{data: func(int) error {
+		srv := mxtest.Start(t, &mxtest.MX{Data: func(int) error {
 			n := inData.Add(1)
 			for {
 				m := maxInData.Load()
@@ -881,7 +882,7 @@ func TestClientReuse(t *testing.T) {
 		for i := 0; i < 8; i++ {
 			wg.Go(func() {
 				for j := 0; j < 5; j++ {
-					res := c.Deliver(context.Background(), []resolve.Hop{srv.hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+					res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 					for _, r := range res {
 						if r.Status != spool.RcptDelivered {
 							failed.Add(1)
@@ -894,13 +895,13 @@ func TestClientReuse(t *testing.T) {
 		if failed.Load() != 0 {
 			t.Errorf("%d recipients not delivered", failed.Load())
 		}
-		if n := len(srv.transactions()); n != 40 {
+		if n := len(srv.Transactions()); n != 40 {
 			t.Errorf("server got %d transactions, want 40", n)
 		}
-		if a := srv.accepted.Load(); a > 8 || maxInData.Load() < 2 {
+		if a := srv.Accepted.Load(); a > 8 || maxInData.Load() < 2 {
 			t.Errorf("server saw %d connections (want at most 8) and at most %d concurrent transactions", a, maxInData.Load())
 		}
-		checkNoConnLeak(t, c, srv.connCounter)
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 }
 
