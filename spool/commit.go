@@ -111,15 +111,18 @@ func (s *Spool) Commit(ctx context.Context, env *Envelope, body *Body, guard str
 
 // publish stores msg only if its subject is empty, retrying a publish whose
 // fate is unknown with the same message ID, so the retry can never store a
-// second copy: JetStream answers it with the first one's acknowledgement.
+// second copy: JetStream answers it with the first one's acknowledgement
+// (or, the subject being taken, "wrong last sequence": see Commit). It
+// tries until ctx (PublishTimeout) ends: a stream without a leader for a
+// few seconds (an election after a server died) answers "no response"
+// at once, and three quick tries would have given up long before the
+// client's reply was due.
 func (s *Spool) publish(ctx context.Context, msg *nats.Msg, msgID string) (*jetstream.PubAck, error) {
-	const attempts = 3
-	per := s.cfg.PublishTimeout / attempts
-	var err error
-	for i := 0; i < attempts; i++ {
+	per := s.cfg.PublishTimeout / 3
+	pause := 50 * time.Millisecond
+	for {
 		actx, cancel := context.WithTimeout(ctx, per)
-		var ack *jetstream.PubAck
-		ack, err = s.js.PublishMsg(actx, msg,
+		ack, err := s.js.PublishMsg(actx, msg,
 			jetstream.WithMsgID(msgID),
 			jetstream.WithExpectStream(QueueStream),
 			jetstream.WithExpectLastSequencePerSubject(0),
@@ -134,10 +137,10 @@ func (s *Spool) publish(ctx context.Context, msg *nats.Msg, msgID string) (*jets
 		select {
 		case <-ctx.Done():
 			return nil, err
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(pause):
 		}
+		pause = min(2*pause, time.Second)
 	}
-	return nil, err
 }
 
 // Get reads the queued mail stored under subject, for deliverers and tools.

@@ -146,7 +146,12 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 		// happens within PublishTimeout.
 		Duplicates:  2 * time.Minute,
 		AllowMsgTTL: true,
-		AllowDirect: true,
+		// No direct gets: a replica that is behind answers those, and a
+		// mail acknowledged a moment ago would not be found (the
+		// original of a retransmission, the envelope a tool asks for).
+		// Reads go to the stream leader, which has every acknowledged
+		// write.
+		AllowDirect: false,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("spool: stream %s: %w", QueueStream, err)
@@ -162,7 +167,9 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 		Storage:           cfg.Storage,
 		Replicas:          cfg.Replicas,
 		Duplicates:        2 * time.Minute,
-		AllowDirect:       true,
+		// The chunks of a body are read just after they were written:
+		// from the leader, as for the queue.
+		AllowDirect: false,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("spool: stream %s: %w", BodyStream, err)

@@ -59,16 +59,24 @@ type RcptState struct {
 }
 
 // LoadState returns the delivery state of qid, or nil if it has none.
+//
+// It asks the bucket's stream leader, not any replica as a KV Get does
+// (direct get): a replica that is behind would miss the state another
+// deliverer saved a moment ago (recipients it has served) and the message
+// would reach them twice.
 func (s *Spool) LoadState(ctx context.Context, qid string) (*DeliveryState, error) {
-	e, err := s.state.Get(ctx, qid)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
+	hdr, data, err := s.leaderGet(ctx, "KV_"+StateBucket, "$KV."+StateBucket+"."+qid)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("spool: load state of %s: %w", qid, err)
 	}
+	if op := hdr.Get("KV-Operation"); op == "DEL" || op == "PURGE" {
+		return nil, nil
+	}
 	var st DeliveryState
-	if err := json.Unmarshal(e.Value(), &st); err != nil {
+	if err := json.Unmarshal(data, &st); err != nil {
 		return nil, fmt.Errorf("spool: decode state of %s: %w", qid, err)
 	}
 	return &st, nil

@@ -345,7 +345,7 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 			return err
 		}
 	}
-	check(gwc, "gateway reads a delivery state", "$JS.API.DIRECT.GET.KV_JETMAIL_STATE.$KV.JETMAIL_STATE."+qid1, func(ctx context.Context) error {
+	check(gwc, "gateway reads a delivery state", "$JS.API.STREAM.MSG.GET.KV_JETMAIL_STATE", func(ctx context.Context) error {
 		_, err := gsp.LoadState(ctx, qid1)
 		return err
 	})
@@ -386,13 +386,16 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 		return err
 	})
 	check(ctl, "controller reads a queued envelope", "$JS.API.DIRECT.GET.JETMAIL_QUEUE."+queueSubj, request(ctl, "$JS.API.DIRECT.GET.JETMAIL_QUEUE."+queueSubj))
+	check(ctl, "controller reads a queued envelope from the leader", "$JS.API.STREAM.MSG.GET.JETMAIL_QUEUE", request(ctl, "$JS.API.STREAM.MSG.GET.JETMAIL_QUEUE"))
 	check(ctl, "controller reads the queue by sequence", "$JS.API.STREAM.MSG.GET.JETMAIL_QUEUE", request(ctl, "$JS.API.STREAM.MSG.GET.JETMAIL_QUEUE"))
 	check(ctl, "controller creates a consumer on the queue", "$JS.API.CONSUMER.CREATE.JETMAIL_QUEUE.peek", request(ctl, "$JS.API.CONSUMER.CREATE.JETMAIL_QUEUE.peek"))
 	check(ctl, "controller takes the deliverers' messages", "$JS.API.CONSUMER.MSG.NEXT.JETMAIL_QUEUE.jetmail-deliverer",
 		request(ctl, "$JS.API.CONSUMER.MSG.NEXT.JETMAIL_QUEUE.jetmail-deliverer"))
 	check(ctl, "controller listens to the queue", "jetmail.queue.>", subscribe(ctl, "jetmail.queue.>"))
 	check(ctl, "controller reads a body", "$JS.API.DIRECT.GET.JETMAIL_BODY", request(ctl, "$JS.API.DIRECT.GET.JETMAIL_BODY"))
+	check(ctl, "controller reads a body from the leader", "$JS.API.STREAM.MSG.GET.JETMAIL_BODY", request(ctl, "$JS.API.STREAM.MSG.GET.JETMAIL_BODY"))
 	check(ctl, "controller reads a delivery state", "$JS.API.DIRECT.GET.KV_JETMAIL_STATE.$KV.JETMAIL_STATE."+qid1, request(ctl, "$JS.API.DIRECT.GET.KV_JETMAIL_STATE.$KV.JETMAIL_STATE."+qid1))
+	check(ctl, "controller reads a delivery state from the leader", "$JS.API.STREAM.MSG.GET.KV_JETMAIL_STATE", request(ctl, "$JS.API.STREAM.MSG.GET.KV_JETMAIL_STATE"))
 	check(ctl, "controller queues a mail", "jetmail.queue.qX", request(ctl, "jetmail.queue.qX"))
 	// Somebody else's stream on the same server.
 	for _, rc := range []*roleConn{gwc, dl, ctl, adm} {

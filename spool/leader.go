@@ -1,0 +1,74 @@
+package spool
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// leaderGet reads the last message on subject in stream from the stream's
+// leader ($JS.API.STREAM.MSG.GET), whatever the stream's AllowDirect says.
+// A direct get may be answered by a replica that has not applied the
+// latest writes yet; the leader has applied every acknowledged one. The
+// jetstream package picks direct gets for a KV bucket on its own, so the
+// delivery state, which one deliverer writes and another reads moments
+// later, is read here. The answer is ErrMsgNotFound if there is none.
+func (s *Spool) leaderGet(ctx context.Context, stream, subject string) (nats.Header, []byte, error) {
+	req, err := json.Marshal(struct {
+		LastBySubject string `json:"last_by_subj"`
+	}{subject})
+	if err != nil {
+		return nil, nil, err
+	}
+	msg, err := s.nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+stream, req)
+	if err != nil {
+		return nil, nil, err
+	}
+	var resp struct {
+		Error   *jetstream.APIError `json:"error"`
+		Message *struct {
+			Header []byte `json:"hdrs"` // base64 in JSON
+			Data   []byte `json:"data"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(msg.Data, &resp); err != nil {
+		return nil, nil, fmt.Errorf("spool: message get answer from %s: %w", stream, err)
+	}
+	if resp.Error != nil {
+		if resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound {
+			return nil, nil, jetstream.ErrMsgNotFound
+		}
+		return nil, nil, resp.Error
+	}
+	if resp.Message == nil {
+		return nil, nil, fmt.Errorf("spool: empty message get answer from %s", stream)
+	}
+	hdr, err := parseHeader(resp.Message.Header)
+	if err != nil {
+		return nil, nil, err
+	}
+	return hdr, resp.Message.Data, nil
+}
+
+// parseHeader reads a NATS header block ("NATS/1.0\r\nKey: value\r\n\r\n"),
+// keeping the keys as written (NATS headers are case-sensitive).
+func parseHeader(b []byte) (nats.Header, error) {
+	h := nats.Header{}
+	if len(b) == 0 {
+		return h, nil
+	}
+	lines := strings.Split(string(b), "\r\n")
+	if !strings.HasPrefix(lines[0], "NATS/") {
+		return nil, fmt.Errorf("spool: message header: no version line in %q", lines[0])
+	}
+	for _, l := range lines[1:] {
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			h.Add(k, strings.TrimSpace(v))
+		}
+	}
+	return h, nil
+}
