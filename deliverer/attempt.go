@@ -314,6 +314,9 @@ func (a *attempt) record(r spool.Rcpt, res outbound.RcptResult, elapsed time.Dur
 func (a *attempt) finish(ctx context.Context, hadState bool) {
 	interrupted := ctx.Err() != nil
 	sp := a.d.cfg.Spool
+	// The claim ends with the attempt: every state written from here on
+	// replaces it.
+	a.st.Claim = nil
 	a.st.Attempts++
 	a.st.LastAttempt = a.now
 	// Every failed recipient not bounced yet, including those of an

@@ -183,6 +183,30 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 			st.Rcpts = append(st.Rcpts, spool.RcptState{Addr: r.Addr, Status: spool.RcptQueued})
 		}
 	}
+	if st.Claim.Held("", now) {
+		// Another attempt holds it: JetStream handed it out again early
+		// (a consumer leader change). That attempt finishes it, or its
+		// claim runs out and the message comes back.
+		log.Info("message held by another attempt; left to it", zap.String("holder", st.Claim.Holder), zap.Time("until", st.Claim.Until))
+		_ = msg.NakWithDelay(st.Claim.Until.Sub(now) + time.Second)
+		return
+	}
+	var claim *claimKeeper
+	if md.NumDelivered > 1 {
+		claim, err = d.claim(ctx, st)
+		if errors.Is(err, spool.ErrClaimed) {
+			// Another attempt got there first; the next delivery sees
+			// its claim or its result.
+			_ = msg.NakWithDelay(fetchWait)
+			return
+		}
+		if err != nil {
+			log.Warn("claiming a redelivered message, retrying shortly", zap.Error(err))
+			_ = msg.NakWithDelay(5 * time.Second)
+			return
+		}
+		hadState = true // the claim is stored; finish must replace it
+	}
 	expires := env.Received.Add(pol.QueueLifetime)
 	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) {
 		// Handed back early (a replica died, or the schedule changed):
@@ -205,6 +229,7 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 				return
 			case <-t.C:
 				_ = msg.InProgress()
+				claim.extend(ctx)
 			}
 		}
 	}()

@@ -241,6 +241,8 @@ type e2eReplica struct {
 type e2eConn struct {
 	own bool
 	url string
+	// idle: New only, no Run; the test hands messages to handle itself.
+	idle bool
 }
 
 type e2eReplicaOpt func(c *Config, conn *e2eConn)
@@ -272,6 +274,9 @@ func e2eClock(skew *atomic.Int64) e2eReplicaOpt {
 func e2eVia(url string) e2eReplicaOpt {
 	return func(_ *Config, conn *e2eConn) { conn.own, conn.url = true, url }
 }
+
+// e2eIdle makes a replica that does not consume: the test calls handle.
+func e2eIdle() e2eReplicaOpt { return func(_ *Config, conn *e2eConn) { conn.idle = true } }
 
 // e2eAckWaitOf sets the replica's ack wait.
 func e2eAckWaitOf(d time.Duration) e2eReplicaOpt {
@@ -309,7 +314,11 @@ func (e *e2eEnv) startDeliverer(opts ...e2eReplicaOpt) *e2eReplica {
 	r.d = d
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
-	go func() { r.done <- d.Run(ctx) }()
+	if conn.idle {
+		r.done <- nil
+	} else {
+		go func() { r.done <- d.Run(ctx) }()
+	}
 	e.t.Cleanup(func() { r.stop(e.t) })
 	return r
 }

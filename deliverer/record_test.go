@@ -1,12 +1,18 @@
 package deliverer
 
 import (
+	"context"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/jetmail/jetmail/internal/mxtest"
 	"github.com/jetmail/jetmail/internal/natstest"
+	"github.com/jetmail/jetmail/spool"
 )
 
 // A NATS server that stalls just as the remote accepts a message, and comes
@@ -45,4 +51,90 @@ func TestAnOutcomeWhoseRecordWasLostIsRecordedAgainNotDeliveredAgain(t *testing.
 		t.Fatalf("the remote got %d copies after the queue emptied; want 1", n)
 	}
 	r.stop(t)
+}
+
+// handedMsg is a queue message as the consumer hands it out, with the
+// delivery count the test wants, recording what the attempt answers.
+type handedMsg struct {
+	raw       *jetstream.RawStreamMsg
+	delivered uint64
+
+	mu      sync.Mutex
+	answers []string
+}
+
+func (h *handedMsg) Metadata() (*jetstream.MsgMetadata, error) {
+	return &jetstream.MsgMetadata{Sequence: jetstream.SequencePair{Stream: h.raw.Sequence}, NumDelivered: h.delivered}, nil
+}
+func (h *handedMsg) Subject() string                  { return h.raw.Subject }
+func (h *handedMsg) Headers() nats.Header             { return h.raw.Header }
+func (h *handedMsg) Data() []byte                     { return h.raw.Data }
+func (h *handedMsg) Ack() error                       { return h.answer("ack") }
+func (h *handedMsg) InProgress() error                { return nil }
+func (h *handedMsg) Term() error                      { return h.answer("term") }
+func (h *handedMsg) NakWithDelay(time.Duration) error { return h.answer("nak") }
+func (h *handedMsg) answer(a string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.answers = append(h.answers, a)
+	return nil
+}
+func (h *handedMsg) said() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return strings.Join(h.answers, ",")
+}
+
+// After a consumer leader change, JetStream was seen to hand out again a
+// redelivered message that an attempt still held (the cluster run: 14
+// copies after a SIGSTOP of the leader). The attempt of a redelivered
+// message claims it first, so the second hand-out finds the claim and
+// leaves the message alone. Without the claim the remote gets two copies.
+func TestARedeliveredMessageHandedOutTwiceAtOnceGoesOutOnce(t *testing.T) {
+	e := newE2E(t)
+	inData, release := make(chan struct{}), make(chan struct{})
+	mx := e.startMXOf("claim.test", &mxtest.MX{Data: func(n int) error {
+		if n == 1 {
+			close(inData)
+			<-release
+		}
+		return nil
+	}})
+	r := e.startDeliverer(e2eIdle())
+	qid := e.enqueue(e2eSender, "erin@claim.test")
+	str, err := e.sp.JetStream().Stream(context.Background(), spool.QueueStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := str.GetLastMsgForSubject(context.Background(), "jetmail.queue.q"+qid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := &handedMsg{raw: raw, delivered: 2}
+	second := &handedMsg{raw: raw, delivered: 3}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		r.d.handle(context.Background(), first)
+	}()
+	select {
+	case <-inData:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first attempt never reached DATA")
+	}
+	r.d.handle(context.Background(), second)
+	close(release)
+	<-done
+	if got := second.said(); got != "nak" {
+		t.Errorf("the second hand-out answered %q; want nak (held by the first attempt)", got)
+	}
+	if got := first.said(); got != "ack" {
+		t.Errorf("the first attempt answered %q; want ack", got)
+	}
+	if n := len(mx.Transactions()); n != 1 {
+		t.Fatalf("the remote got %d copies; want 1", n)
+	}
+	if st, err := e.sp.LoadState(context.Background(), qid); err != nil || st != nil {
+		t.Errorf("state after delivery: %+v (%v); want none (claim cleared with the rest)", st, err)
+	}
 }

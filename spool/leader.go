@@ -17,41 +17,42 @@ import (
 // jetstream package picks direct gets for a KV bucket on its own, so the
 // delivery state, which one deliverer writes and another reads moments
 // later, is read here. The answer is ErrMsgNotFound if there is none.
-func (s *Spool) leaderGet(ctx context.Context, stream, subject string) (nats.Header, []byte, error) {
-	req, err := json.Marshal(struct {
+func (s *Spool) leaderGet(ctx context.Context, stream, subject string) (hdr nats.Header, data []byte, seq uint64, err error) {
+	req, merr := json.Marshal(struct {
 		LastBySubject string `json:"last_by_subj"`
 	}{subject})
-	if err != nil {
-		return nil, nil, err
+	if merr != nil {
+		return nil, nil, 0, merr
 	}
 	msg, err := s.nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+stream, req)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
 	var resp struct {
 		Error   *jetstream.APIError `json:"error"`
 		Message *struct {
-			Header []byte `json:"hdrs"` // base64 in JSON
-			Data   []byte `json:"data"`
+			Sequence uint64 `json:"seq"`
+			Header   []byte `json:"hdrs"` // base64 in JSON
+			Data     []byte `json:"data"`
 		} `json:"message"`
 	}
 	if err := json.Unmarshal(msg.Data, &resp); err != nil {
-		return nil, nil, fmt.Errorf("spool: message get answer from %s: %w", stream, err)
+		return nil, nil, 0, fmt.Errorf("spool: message get answer from %s: %w", stream, err)
 	}
 	if resp.Error != nil {
 		if resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound {
-			return nil, nil, jetstream.ErrMsgNotFound
+			return nil, nil, 0, jetstream.ErrMsgNotFound
 		}
-		return nil, nil, resp.Error
+		return nil, nil, 0, resp.Error
 	}
 	if resp.Message == nil {
-		return nil, nil, fmt.Errorf("spool: empty message get answer from %s", stream)
+		return nil, nil, 0, fmt.Errorf("spool: empty message get answer from %s", stream)
 	}
-	hdr, err := parseHeader(resp.Message.Header)
+	hdr, err = parseHeader(resp.Message.Header)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, 0, err
 	}
-	return hdr, resp.Message.Data, nil
+	return hdr, resp.Message.Data, resp.Message.Sequence, nil
 }
 
 // parseHeader reads a NATS header block ("NATS/1.0\r\nKey: value\r\n\r\n"),

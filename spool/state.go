@@ -41,7 +41,38 @@ type DeliveryState struct {
 	// Bounced is set once the failure notice for Failed recipients has
 	// been queued, so a redelivered message does not send it twice.
 	Bounced []string `json:"bounced,omitempty"`
+	// Claim is set while an attempt of a redelivered message runs (see
+	// Spool.Claim).
+	Claim *Claim `json:"claim,omitempty"`
+
+	// revision is the bucket revision this state was read at (0: none
+	// stored), for Claim's compare-and-set.
+	revision uint64
 }
+
+// Claim says that one attempt holds a message until a time. JetStream
+// hands a message to one consumer at a time, but after a consumer leader
+// change the new leader may hand out again a message that an attempt
+// still holds (it was seen to, 12 s into a 30 s ack wait, while the holder
+// was recording a delivery). An attempt of a redelivered message therefore
+// claims it first, with a compare-and-set on the state, and an attempt
+// that finds a live claim of another leaves the message alone.
+type Claim struct {
+	// Token names the attempt (random per attempt); Holder the process,
+	// for people.
+	Token  string    `json:"token"`
+	Holder string    `json:"holder,omitempty"`
+	Until  time.Time `json:"until"`
+}
+
+// Held tells whether another attempt than token holds the claim at now.
+func (c *Claim) Held(token string, now time.Time) bool {
+	return c != nil && c.Token != token && now.Before(c.Until)
+}
+
+// ErrClaimed is Claim's answer when the state changed since it was read:
+// another attempt claimed or recorded the message first.
+var ErrClaimed = errors.New("spool: the message was claimed by another attempt")
 
 // RcptState is one recipient's delivery state.
 type RcptState struct {
@@ -65,7 +96,7 @@ type RcptState struct {
 // deliverer saved a moment ago (recipients it has served) and the message
 // would reach them twice.
 func (s *Spool) LoadState(ctx context.Context, qid string) (*DeliveryState, error) {
-	hdr, data, err := s.leaderGet(ctx, "KV_"+StateBucket, "$KV."+StateBucket+"."+qid)
+	hdr, data, seq, err := s.leaderGet(ctx, "KV_"+StateBucket, "$KV."+StateBucket+"."+qid)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return nil, nil
 	}
@@ -79,7 +110,34 @@ func (s *Spool) LoadState(ctx context.Context, qid string) (*DeliveryState, erro
 	if err := json.Unmarshal(data, &st); err != nil {
 		return nil, fmt.Errorf("spool: decode state of %s: %w", qid, err)
 	}
+	st.revision = seq
 	return &st, nil
+}
+
+// Claim stores st with c as its claim, only if the state stored is still
+// the one st was read at (LoadState; a new state for a message that had
+// none). It answers ErrClaimed when another write came first.
+func (s *Spool) Claim(ctx context.Context, st *DeliveryState, c Claim) error {
+	st.Claim = &c
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	var rev uint64
+	if st.revision == 0 {
+		rev, err = s.state.Create(ctx, st.QueueID, b)
+	} else {
+		rev, err = s.state.Update(ctx, st.QueueID, b, st.revision)
+	}
+	var apiErr *jetstream.APIError
+	if errors.Is(err, jetstream.ErrKeyExists) || (errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence) {
+		return fmt.Errorf("spool: claim %s: %w", st.QueueID, ErrClaimed)
+	}
+	if err != nil {
+		return fmt.Errorf("spool: claim %s: %w", st.QueueID, err)
+	}
+	st.revision = rev
+	return nil
 }
 
 // SaveState stores the delivery state of a message.
