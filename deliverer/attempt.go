@@ -42,6 +42,9 @@ type attempt struct {
 	reports []dsn.Recipient
 	// Recipients whose delivery asks for a success notice.
 	successes []dsn.Recipient
+	// saved is set when run saved the state before finish (a destination
+	// delivered while others were still in session).
+	saved bool
 }
 
 func (a *attempt) rcptState(addr string) *spool.RcptState {
@@ -114,51 +117,101 @@ func (a *attempt) run(ctx context.Context) {
 	}
 	sort.Strings(domains)
 
-	type groupResult struct {
-		rcpts   []spool.Rcpt
-		results []outbound.RcptResult
-		elapsed time.Duration
-		skipped bool
-		// cut is set when the attempt's context had ended by the time the
-		// session returned: a shutdown past its grace.
-		cut bool
-	}
 	out := make([]groupResult, len(domains))
-	var wg sync.WaitGroup
+	var (
+		wg sync.WaitGroup
+		// mu guards the state while groups record early; saving holds
+		// the saves in order, so a later one always includes an earlier.
+		mu, saving sync.Mutex
+		left       = len(domains)
+	)
 	for i, dom := range domains {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			start := time.Now()
 			res, skipped := a.deliverDomain(ctx, dom, groups[dom], body)
-			out[i] = groupResult{rcpts: groups[dom], results: res, elapsed: time.Since(start), skipped: skipped, cut: ctx.Err() != nil}
+			g := groupResult{rcpts: groups[dom], results: res, elapsed: time.Since(start), skipped: skipped, cut: ctx.Err() != nil}
+			mu.Lock()
+			left--
+			early := left > 0 && !g.skipped && !g.cut && g.delivered()
+			if early {
+				// Other destinations are still in session: record these
+				// deliveries now rather than after the slowest, so that a
+				// deliverer killed meanwhile does not send them again.
+				a.recordGroup(g)
+				g.recorded = true
+			}
+			out[i] = g
+			mu.Unlock()
+			if early {
+				saving.Lock()
+				mu.Lock()
+				snap := a.st.Clone()
+				mu.Unlock()
+				if err := a.keep(ctx, "state", func(c context.Context) error { return a.d.cfg.Spool.SaveState(c, snap) }); err == nil {
+					mu.Lock()
+					a.saved = true
+					mu.Unlock()
+				}
+				saving.Unlock()
+			}
 		}()
 	}
 	wg.Wait()
 	for _, g := range out {
-		if g.skipped {
-			// Busy destination: not an attempt for these recipients;
-			// their retry time stays as it was, and finish brings the
-			// message back soon.
-			continue
+		if !g.recorded {
+			a.recordGroup(g)
 		}
-		killed := false
-		for i, r := range g.rcpts {
-			res := g.results[i]
-			a.record(r, res, g.elapsed)
-			killed = killed || deadlineKill(res.Err)
-			if g.cut && res.Status == spool.RcptDeferred && (res.Err == nil || res.Err.Remote == "") {
-				// Cut short by our shutdown, not by the remote: not an
-				// attempt, and another replica may try again at once.
-				rs := a.rcptState(r.Addr)
-				rs.Attempts--
-				rs.NextAttempt = a.now
-			}
+	}
+}
+
+// groupResult is what one destination's session gave.
+type groupResult struct {
+	rcpts   []spool.Rcpt
+	results []outbound.RcptResult
+	elapsed time.Duration
+	skipped bool
+	// cut is set when the attempt's context had ended by the time the
+	// session returned: a shutdown past its grace.
+	cut bool
+	// recorded is set when the group was recorded as soon as it ended.
+	recorded bool
+}
+
+func (g groupResult) delivered() bool {
+	for _, r := range g.results {
+		if r.Status == spool.RcptDelivered {
+			return true
 		}
-		if killed {
-			// Once per session, not per recipient.
-			a.d.metrics.deadlineKills.Inc()
+	}
+	return false
+}
+
+// recordGroup applies one destination's results to the state.
+func (a *attempt) recordGroup(g groupResult) {
+	if g.skipped {
+		// Busy destination: not an attempt for these recipients; their
+		// retry time stays as it was, and finish brings the message back
+		// soon.
+		return
+	}
+	killed := false
+	for i, r := range g.rcpts {
+		res := g.results[i]
+		a.record(r, res, g.elapsed)
+		killed = killed || deadlineKill(res.Err)
+		if g.cut && res.Status == spool.RcptDeferred && (res.Err == nil || res.Err.Remote == "") {
+			// Cut short by our shutdown, not by the remote: not an
+			// attempt, and another replica may try again at once.
+			rs := a.rcptState(r.Addr)
+			rs.Attempts--
+			rs.NextAttempt = a.now
 		}
+	}
+	if killed {
+		// Once per session, not per recipient.
+		a.d.metrics.deadlineKills.Inc()
 	}
 }
 
@@ -317,6 +370,7 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 	// The claim ends with the attempt: every state written from here on
 	// replaces it.
 	a.st.Claim = nil
+	hadState = hadState || a.saved
 	a.st.Attempts++
 	a.st.LastAttempt = a.now
 	// Every failed recipient not bounced yet, including those of an

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"slices"
 
 	"go.uber.org/zap"
 
@@ -36,10 +35,7 @@ func (d *Deliverer) claim(ctx context.Context, st *spool.DeliveryState) (*claimK
 	if err := d.cfg.Spool.Claim(cctx, st, c); err != nil {
 		return nil, err
 	}
-	own := *st
-	own.Rcpts = slices.Clone(st.Rcpts)
-	own.Bounced = slices.Clone(st.Bounced)
-	return &claimKeeper{d: d, state: &own, claim: c}, nil
+	return &claimKeeper{d: d, state: st.Clone(), claim: c}, nil
 }
 
 // extend moves the claim's end one ack wait from now. It is a

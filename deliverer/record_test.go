@@ -138,3 +138,35 @@ func TestARedeliveredMessageHandedOutTwiceAtOnceGoesOutOnce(t *testing.T) {
 		t.Errorf("state after delivery: %+v (%v); want none (claim cleared with the rest)", st, err)
 	}
 }
+
+// A message for several domains records each destination's deliveries as
+// soon as its session ends, not after the slowest one: a deliverer killed
+// while another destination is still in session does not send them again.
+func TestADeliveryIsRecordedWhileAnotherDestinationIsStillInSession(t *testing.T) {
+	e := newE2E(t)
+	release := make(chan struct{})
+	e.dns.Add(t, "quick.test. 60 IN MX 10 mx.quick.test.", "mx.quick.test. 60 IN A "+e2eMX1)
+	e.dns.Add(t, "slow.test. 60 IN MX 10 mx.slow.test.", "mx.slow.test. 60 IN A "+e2eMX2)
+	quick := e.startMX(e2eMX1, &mxtest.MX{})
+	slow := e.startMX(e2eMX2, &mxtest.MX{Data: func(int) error {
+		<-release
+		return nil
+	}})
+	r := e.startDeliverer()
+	qid := e.enqueue(e2eSender, "fay@quick.test", "gus@slow.test")
+	st := e.waitState(qid, 10*time.Second, "the quick destination's delivery recorded", func(st *spool.DeliveryState) bool {
+		return e2eRcptState(st, "fay@quick.test").Status == spool.RcptDelivered
+	})
+	if rs := e2eRcptState(st, "gus@slow.test"); rs.Status == spool.RcptDelivered {
+		t.Fatalf("the slow recipient is recorded delivered while its session is held: %+v", rs)
+	}
+	close(release)
+	e.waitEmpty(10 * time.Second)
+	if len(quick.Transactions()) != 1 || len(slow.Transactions()) != 1 {
+		t.Fatalf("copies: quick %d, slow %d; want 1 each", len(quick.Transactions()), len(slow.Transactions()))
+	}
+	if st, err := e.sp.LoadState(context.Background(), qid); err != nil || st != nil {
+		t.Errorf("state after delivery: %+v (%v); want none", st, err)
+	}
+	r.stop(t)
+}

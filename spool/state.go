@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -48,6 +49,18 @@ type DeliveryState struct {
 	// revision is the bucket revision this state was read at (0: none
 	// stored), for Claim's compare-and-set.
 	revision uint64
+}
+
+// Clone is a copy of st that shares nothing with it.
+func (st *DeliveryState) Clone() *DeliveryState {
+	c := *st
+	c.Rcpts = slices.Clone(st.Rcpts)
+	c.Bounced = slices.Clone(st.Bounced)
+	if st.Claim != nil {
+		cl := *st.Claim
+		c.Claim = &cl
+	}
+	return &c
 }
 
 // Claim says that one attempt holds a message until a time. JetStream
