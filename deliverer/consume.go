@@ -191,6 +191,14 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 		_ = msg.NakWithDelay(st.Claim.Until.Sub(now) + time.Second)
 		return
 	}
+	expires := env.Received.Add(pol.QueueLifetime)
+	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) {
+		// Handed back early (a replica died, or the schedule changed):
+		// wait for the time that was set, never past the expiry.
+		_ = msg.NakWithDelay(min(st.NextAttempt.Sub(now), expires.Sub(now)))
+		return
+	}
+
 	var claim *claimKeeper
 	if md.NumDelivered > 1 {
 		claim, err = d.claim(ctx, st)
@@ -207,14 +215,6 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 		}
 		hadState = true // the claim is stored; finish must replace it
 	}
-	expires := env.Received.Add(pol.QueueLifetime)
-	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) {
-		// Handed back early (a replica died, or the schedule changed):
-		// wait for the time that was set, never past the expiry.
-		_ = msg.NakWithDelay(min(st.NextAttempt.Sub(now), expires.Sub(now)))
-		return
-	}
-
 	a := &attempt{d: d, msg: msg, m: m, st: st, pol: pol, now: now, log: log}
 	// Keep the message ours while sessions run and their outcome is
 	// recorded.
