@@ -542,7 +542,11 @@ page (--after-seq, the queue sequence of the last one listed).`,
 					return err
 				}
 				if qf.output == "text" {
-					fmt.Fprintf(w, "-- %d messages, %d bytes", n, size)
+					noun := "messages"
+					if n == 1 {
+						noun = "message"
+					}
+					fmt.Fprintf(w, "-- %d %s, %d bytes", n, noun, size)
 					if more {
 						fmt.Fprintf(w, "; more: add --after-seq %d", lastSeq)
 					}
