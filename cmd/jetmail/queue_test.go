@@ -387,3 +387,30 @@ func TestQueueToolsSayHowToSignIn(t *testing.T) {
 		t.Errorf("stat with the key, before any jetmail ran: %v", err)
 	}
 }
+
+func TestQueueShowBodyOfAMessageStoredInChunks(t *testing.T) {
+	f := newQueueFixture(t)
+	var big strings.Builder
+	big.WriteString("Subject: big\r\n\r\n")
+	for i := 0; big.Len() < 1500<<10; i++ {
+		fmt.Fprintf(&big, "line %07d of a large message\r\n", i)
+	}
+	env := f.enqueue(t, time.Minute, "big@example.net", big.String(), true, "r@example.org")
+	if env.Body.Chunks == 0 {
+		t.Fatalf("a %d-octet body was stored inline", big.Len())
+	}
+	if got := mustRunQueue(t, f.url, "show", "--body", env.QueueID); got != big.String() {
+		t.Fatalf("show --body: %d octets, want the %d stored", len(got), big.Len())
+	}
+	got := mustRunQueue(t, f.url, "show", env.QueueID)
+	if want := fmt.Sprintf("body      %d chunks in JETMAIL_BODY, sha256 %s\n", env.Body.Chunks, env.Body.SHA256); !strings.Contains(got, want) {
+		t.Errorf("show lacks %q:\n%s", want, got)
+	}
+	var st statOutput
+	if err := json.Unmarshal([]byte(mustRunQueue(t, f.url, "stat", "-o", "json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.BodyBytes < uint64(big.Len()) || st.Messages != 1 || st.New != 1 || st.Consumer {
+		t.Errorf("stat of one large message, no deliverer: %+v", st)
+	}
+}
