@@ -393,7 +393,8 @@ func (f *lsFilter) check() error {
 	return fmt.Errorf("--state %s: one of new, active, deferred, queued, delivered, failed", f.state)
 }
 
-// envelopeMatch applies the filters that need no delivery state.
+// envelopeMatch applies the filters that need no delivery state, so that
+// the state of mail they leave out is never read.
 func (f *lsFilter) envelopeMatch(m *spool.Message, now time.Time) bool {
 	env := &m.Envelope
 	if f.sender != "" {
@@ -406,7 +407,17 @@ func (f *lsFilter) envelopeMatch(m *spool.Message, now time.Time) bool {
 	if (f.minAge > 0 && a < f.minAge) || (f.maxAge > 0 && a > f.maxAge) {
 		return false
 	}
-	return true
+	if f.rcpt == "" && f.domain == "" {
+		return true
+	}
+	// Before the delivery state is read (one request per message): a
+	// recipient of the envelope must match.
+	for _, r := range env.Rcpts {
+		if (f.rcpt == "" || strings.EqualFold(r.Addr, f.rcpt)) && (f.domain == "" || domainOf(r.Addr) == strings.ToLower(f.domain)) {
+			return true
+		}
+	}
+	return false
 }
 
 // match applies the rest: the recipient filters must hold for one same
