@@ -240,22 +240,7 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 // Scan calls fn for every queued mail (tombstones skipped), oldest first,
 // as of the moment Scan starts.
 func (s *Spool) Scan(ctx context.Context, fn func(*Message) error) error {
-	err := s.walkQueue(ctx, false, func(raw jetstream.Msg, md *jetstream.MsgMetadata) error {
-		m, err := decode(raw.Subject(), md.Sequence.Stream, raw.Headers(), raw.Data())
-		if err != nil {
-			return err
-		}
-		if m.Tombstone {
-			return nil
-		}
-		return fn(m)
-	})
-	if errors.Is(err, errWalkIncomplete) {
-		// The rest expired or left the queue meanwhile, as far as a
-		// listing can tell.
-		return nil
-	}
-	return err
+	return s.ScanFrom(ctx, 0, fn)
 }
 
 // errWalkIncomplete means a walk of the queue got no more records before
@@ -268,12 +253,31 @@ var errWalkIncomplete = errors.New("spool: the queue walk ended early")
 // the records come without their data. It returns errWalkIncomplete when
 // a fetch comes back empty before the last record was reached.
 func (s *Spool) walkQueue(ctx context.Context, headersOnly bool, fn func(jetstream.Msg, *jetstream.MsgMetadata) error) error {
-	info, err := s.queue.Info(ctx)
+	return s.walk(ctx, s.queue, walkFrom{headersOnly: headersOnly}, fn)
+}
+
+// walkFrom says where a walk starts and what it reads.
+type walkFrom struct {
+	// seq, when not 0, is the first stream sequence read.
+	seq uint64
+	// start, when set (and seq is 0), starts at the first record stored
+	// at or after it.
+	start time.Time
+	// lastPerSubject reads only the latest record of each subject (a KV
+	// bucket's current values).
+	lastPerSubject bool
+	headersOnly    bool
+}
+
+// walk calls fn for the records of stream from where says, in stream
+// order, as of the moment it starts.
+func (s *Spool) walk(ctx context.Context, stream jetstream.Stream, from walkFrom, fn func(jetstream.Msg, *jetstream.MsgMetadata) error) error {
+	info, err := stream.Info(ctx)
 	if err != nil {
 		return err
 	}
 	last := info.State.LastSeq
-	if info.State.Msgs == 0 {
+	if info.State.Msgs == 0 || from.seq > last {
 		return nil
 	}
 	// A plain ephemeral consumer, deleted when the walk is over: an
@@ -281,21 +285,36 @@ func (s *Spool) walkQueue(ctx context.Context, headersOnly bool, fn func(jetstre
 	// an idle one for minutes, so frequent walks (queue listings, body
 	// sweeps) piled them up to the consumer limit. One fetcher with no
 	// acknowledgements gets the records in stream order.
-	c, err := s.queue.CreateConsumer(ctx, jetstream.ConsumerConfig{
+	cc := jetstream.ConsumerConfig{
 		AckPolicy:         jetstream.AckNonePolicy,
 		DeliverPolicy:     jetstream.DeliverAllPolicy,
-		HeadersOnly:       headersOnly,
+		HeadersOnly:       from.headersOnly,
 		MemoryStorage:     true,
 		InactiveThreshold: 30 * time.Second,
-	})
+	}
+	switch {
+	case from.lastPerSubject:
+		cc.DeliverPolicy = jetstream.DeliverLastPerSubjectPolicy
+		cc.FilterSubjects = info.Config.Subjects
+	case from.seq > 0:
+		cc.DeliverPolicy, cc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, from.seq
+	case !from.start.IsZero():
+		t := from.start
+		cc.DeliverPolicy, cc.OptStartTime = jetstream.DeliverByStartTimePolicy, &t
+	}
+	c, err := stream.CreateConsumer(ctx, cc)
 	if err != nil {
 		return err
 	}
 	defer func() {
 		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		_ = s.queue.DeleteConsumer(dctx, c.CachedInfo().Name)
+		_ = stream.DeleteConsumer(dctx, c.CachedInfo().Name)
 	}()
+	if ci := c.CachedInfo(); ci.NumPending == 0 {
+		// Nothing from the start point on (all of it expired or left).
+		return nil
+	}
 	for {
 		batch, err := c.Fetch(256, jetstream.FetchMaxWait(2*time.Second))
 		if err != nil {

@@ -17,7 +17,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd(), controllerCmd())
+	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd(), controllerCmd(), queueCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "jetmail:", err)
 		os.Exit(1)

@@ -135,6 +135,16 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 	if len(seqs) != 2 || seqs[qid1] == 0 || seqs[qid2] == 0 {
 		t.Fatalf("admin: the queue holds %v, want %s and %s", seqs, qid1, qid2)
 	}
+	// The queue tools themselves, signed in as the admin.
+	for _, args := range [][]string{{"stat", "--scan"}, {"ls"}, {"show", qid2}, {"show", "--body", qid2}} {
+		out, err := runQueue(t, srv.url, append(args, "--nats-nkey", srv.seeds["admin"])...)
+		if err != nil {
+			t.Fatalf("admin: jetmail queue %v: %v\n%s", args, err, out)
+		}
+		if args[0] == "ls" && (!strings.Contains(out, qid1) || !strings.Contains(out, qid2)) {
+			t.Fatalf("admin: jetmail queue ls lists neither %s nor %s:\n%s", qid1, qid2, out)
+		}
+	}
 	astore, err := policy.OpenStore(ctx, adm.js, 1)
 	if err != nil {
 		t.Fatalf("admin: OpenStore: %v", err)
