@@ -34,12 +34,33 @@ type natsCluster struct {
 	nodes []*natsNode
 }
 
+// natsOptions vary the servers startNATSWith runs. The zero value is
+// what startNATS runs for the cluster proof: three routed servers with
+// NATS's default fsync interval.
+type natsOptions struct {
+	// nodes is the number of servers, 0 meaning 3. One server runs
+	// standalone (no cluster block), for streams at one replica.
+	nodes int
+	// syncAlways sets jetstream { sync_interval: always }: every write is
+	// fsynced before it is acknowledged.
+	syncAlways bool
+}
+
 // startNATS writes a configuration per node and starts the three servers.
 func startNATS(w *world, bin string) *natsCluster {
+	return startNATSWith(w, bin, natsOptions{})
+}
+
+// startNATSWith is startNATS with options (hack/e2e/scale_test.go).
+func startNATSWith(w *world, bin string, o natsOptions) *natsCluster {
 	t := w.t
 	t.Helper()
 	c := &natsCluster{w: w}
-	for i := 1; i <= 3; i++ {
+	nodes := o.nodes
+	if nodes == 0 {
+		nodes = 3
+	}
+	for i := 1; i <= nodes; i++ {
 		c.nodes = append(c.nodes, &natsNode{name: fmt.Sprintf("nats-%d", i),
 			port: freePort(t), clusterPort: freePort(t), httpPort: freePort(t)})
 	}
@@ -51,6 +72,10 @@ func startNATS(w *world, bin string) *natsCluster {
 			}
 		}
 		store := filepath.Join(w.dir, n.name+"-store")
+		sync := ""
+		if o.syncAlways {
+			sync = "  sync_interval: always\n"
+		}
 		conf := fmt.Sprintf(`server_name: %s
 listen: 127.0.0.1:%d
 http: 127.0.0.1:%d
@@ -58,13 +83,16 @@ jetstream {
   store_dir: %q
   max_memory_store: 256MB
   max_file_store: 2GB
-}
-cluster {
+%s}
+`, n.name, n.port, n.httpPort, store, sync)
+		if nodes > 1 {
+			conf += fmt.Sprintf(`cluster {
   name: jetmail-e2e
   listen: 127.0.0.1:%d
   routes: [%s]
 }
-`, n.name, n.port, n.httpPort, store, n.clusterPort, strings.Join(routes, ", "))
+`, n.clusterPort, strings.Join(routes, ", "))
+		}
 		path := filepath.Join(w.dir, n.name+".conf")
 		if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 			t.Fatal(err)
