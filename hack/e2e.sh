@@ -25,29 +25,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
-log() { echo "e2e.sh: $*" >&2; }
 
-TOOLS=${JETMAIL_TOOLS:-$HOME/.cache/jetmail-tools}
-NATS_SERVER_VERSION=${NATS_SERVER_VERSION:-$(go list -m -f '{{.Version}}' github.com/nats-io/nats-server/v2)}
-
-echo "== nats-server $NATS_SERVER_VERSION"
-NATS_DIR="$TOOLS/nats-server/$NATS_SERVER_VERSION"
-NATS_SERVER_BIN="$NATS_DIR/nats-server"
-nats_ready() { "$NATS_SERVER_BIN" --version 2>/dev/null | grep -q "v${NATS_SERVER_VERSION#v}\$"; }
-if ! nats_ready; then
-  mkdir -p "$NATS_DIR"
-  # One builder at a time, as hack/envtest.sh does.
-  exec 8>"$NATS_DIR.lock"
-  flock 8
-  if ! nats_ready; then
-    log "building nats-server $NATS_SERVER_VERSION from the module proxy"
-    (cd "$NATS_DIR" && GOBIN="$NATS_DIR" CGO_ENABLED=0 GOWORK=off GOFLAGS=-mod=mod \
-      go install -trimpath "github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION")
-  fi
-  nats_ready || { log "$NATS_SERVER_BIN does not report $NATS_SERVER_VERSION"; exit 1; }
-  exec 8>&-
-fi
-"$NATS_SERVER_BIN" --version
+echo "== nats-server"
+NATS_SERVER_BIN=$(hack/nats-server.sh | tail -1)
 
 echo "== jetmail binary"
 BIN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/jetmail-e2e-bin.XXXXXX")
