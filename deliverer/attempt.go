@@ -76,7 +76,10 @@ func (a *attempt) pending() []spool.Rcpt {
 func (a *attempt) due() []spool.Rcpt {
 	var out []spool.Rcpt
 	for _, r := range a.pending() {
-		if !a.rcptState(r.Addr).NextAttempt.After(a.now) {
+		rs := a.rcptState(r.Addr)
+		if !rs.NextAttempt.After(a.now) || rs.LastAttempt.Before(a.m.RetryAt) {
+			// Due, or an administrator asked for a retry since its last
+			// attempt (jetmail queue retry, release).
 			out = append(out, r)
 		}
 	}
@@ -413,8 +416,10 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 	if done {
 		err := a.keep(ctx, "completion", func(c context.Context) error { return sp.Complete(c, a.m) })
 		switch {
+		case errors.Is(err, spool.ErrRemoved):
+			a.log.Warn("the message was removed from the queue (jetmail queue rm) during its delivery attempt; this attempt's outcome is only logged")
 		case errors.Is(err, spool.ErrNotQueued):
-			a.log.Warn("the message left the queue during its delivery attempt (removed?); its outcome is only logged")
+			a.log.Warn("the message left the queue during its delivery attempt; its outcome is only logged")
 		case err != nil:
 			// Shutting down with NATS away: whoever gets the message
 			// next must know who has it, if that can still be written.
@@ -487,7 +492,29 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 		a.retryLater(err)
 		return
 	}
+	a.dropIfRemoved(ctx)
 	_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
+}
+
+// dropIfRemoved clears the state just saved if the message left the queue
+// during the attempt (jetmail queue rm clears the state it finds, and this
+// attempt may have saved its own after that), so that no state outlives
+// its mail. Removal writes the tombstone before it clears the state, so
+// one of the two always sees the other.
+func (a *attempt) dropIfRemoved(ctx context.Context) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTry)
+	defer cancel()
+	sp := a.d.cfg.Spool
+	queued, removed, err := sp.StillQueued(cctx, a.m)
+	if err != nil || queued {
+		return
+	}
+	if removed {
+		a.log.Warn("the message was removed from the queue (jetmail queue rm) during its delivery attempt; this attempt's outcome is only logged")
+	}
+	if err := sp.ClearState(cctx, a.m.Envelope.QueueID); err != nil {
+		a.log.Warn("clearing the delivery state of a message that left the queue", zap.Error(err))
+	}
 }
 
 // keep runs write, a record of this attempt's outcome, until it lands. A

@@ -38,6 +38,24 @@ func (d *Deliverer) claim(ctx context.Context, st *spool.DeliveryState) (*claimK
 	return &claimKeeper{d: d, state: st.Clone(), claim: c}, nil
 }
 
+// lateClaim claims the message qid for a first attempt that has run for a
+// while (see handle): from the state stored now, or a new one.
+func (d *Deliverer) lateClaim(ctx context.Context, qid string) (*claimKeeper, error) {
+	cctx, cancel := context.WithTimeout(ctx, recordTry)
+	defer cancel()
+	st, err := d.cfg.Spool.LoadState(cctx, qid)
+	if err != nil {
+		return nil, err
+	}
+	if st == nil {
+		st = &spool.DeliveryState{QueueID: qid}
+	}
+	if st.Claim.Held("", d.cfg.Now()) {
+		return nil, spool.ErrClaimed
+	}
+	return d.claim(ctx, st)
+}
+
 // extend moves the claim's end one ack wait from now. It is a
 // compare-and-set on the claimed state, so it never overwrites what the
 // attempt recorded meanwhile; a failure only means the claim runs out

@@ -142,6 +142,24 @@ type queueMsg interface {
 
 var _ queueMsg = (jetstream.Msg)(nil)
 
+// heldRecheck is how long a held message is handed back for. Releasing
+// it does not wait for this: the release replaces the record.
+const heldRecheck = time.Hour
+
+// retryAsked tells whether an administrator asked for a retry (or a
+// release) that a pending recipient of m has not had yet.
+func retryAsked(m *spool.Message, st *spool.DeliveryState) bool {
+	if m.RetryAt.IsZero() {
+		return false
+	}
+	for _, rs := range st.Rcpts {
+		if (rs.Status == spool.RcptQueued || rs.Status == spool.RcptDeferred) && rs.LastAttempt.Before(m.RetryAt) {
+			return true
+		}
+	}
+	return false
+}
+
 // handle takes one queued message through one attempt.
 func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 	md, err := msg.Metadata()
@@ -162,6 +180,14 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 	}
 	env := &m.Envelope
 	log := d.log.With(zap.String("queue_id", env.QueueID))
+	if !m.Held.IsZero() {
+		// On hold (jetmail queue hold): not attempted, and not expired,
+		// until released. The release replaces this record, and the
+		// consumer drops this hand-back with it.
+		log.Info("message on hold; not attempted until released", zap.Time("held_since", m.Held))
+		_ = msg.NakWithDelay(heldRecheck)
+		return
+	}
 	pol := d.cfg.Source.Delivery()
 	now := d.cfg.Now()
 
@@ -192,15 +218,30 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 		return
 	}
 	expires := env.Received.Add(pol.QueueLifetime)
-	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) {
+	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) && !retryAsked(m, st) {
 		// Handed back early (a replica died, or the schedule changed):
 		// wait for the time that was set, never past the expiry.
 		_ = msg.NakWithDelay(min(st.NextAttempt.Sub(now), expires.Sub(now)))
 		return
 	}
 
+	requeued := !m.Requeued.IsZero()
+	if requeued && !hadState {
+		// An administrator replaced the record (release, retry) of a
+		// message that may be in its first attempt, which is not claimed
+		// until it has run for a quarter of the ack wait (the ticker
+		// below). Wait until such an attempt has claimed it or ended.
+		if wait := m.Requeued.Add(d.cfg.AckWait / 2).Sub(now); wait > 0 {
+			_ = msg.NakWithDelay(wait)
+			return
+		}
+	}
+
 	var claim *claimKeeper
-	if md.NumDelivered > 1 {
+	if md.NumDelivered > 1 || requeued {
+		// A redelivery, or a record an administrator replaced (hold,
+		// release, retry) while an attempt of the one before it may still
+		// be running: claimed, so that two attempts never overlap.
 		claim, err = d.claim(ctx, st)
 		if errors.Is(err, spool.ErrClaimed) {
 			// Another attempt got there first; the next delivery sees
@@ -220,16 +261,41 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 	// recorded.
 	stop := make(chan struct{})
 	defer close(stop)
+	// A first attempt that runs past the first tick claims the message
+	// then (late), so that a record an administrator put in its place
+	// meanwhile waits for it. lateMu keeps that claim and finish apart.
+	var (
+		lateMu   sync.Mutex
+		late     *claimKeeper
+		finished bool
+	)
 	go func() {
 		t := time.NewTicker(d.cfg.AckWait / 4)
 		defer t.Stop()
+		tried := false
 		for {
 			select {
 			case <-stop:
 				return
 			case <-t.C:
 				_ = msg.InProgress()
-				claim.extend(ctx)
+				if claim != nil {
+					claim.extend(ctx)
+					continue
+				}
+				lateMu.Lock()
+				switch {
+				case late != nil:
+					late.extend(ctx)
+				case !tried && !finished:
+					tried = true
+					if k, err := d.lateClaim(ctx, env.QueueID); err == nil {
+						late = k
+					} else {
+						log.Info("claiming a long first attempt", zap.Error(err))
+					}
+				}
+				lateMu.Unlock()
 			}
 		}
 	}()
@@ -238,5 +304,10 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 	} else {
 		a.run(ctx)
 	}
+	lateMu.Lock()
+	finished = true
+	// A late claim is a stored state that finish must replace or clear.
+	hadState = hadState || late != nil
+	lateMu.Unlock()
 	a.finish(ctx, hadState)
 }

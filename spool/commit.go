@@ -32,9 +32,18 @@ type Message struct {
 	Subject  string
 	Sequence uint64
 	// Tombstone is set when the mail has left the queue and only its
-	// duplicate-guard record remains.
-	Tombstone bool
-	inline    []byte
+	// duplicate-guard record remains; Removed when an administrator
+	// removed it.
+	Tombstone, Removed bool
+	// Held is when the mail was put on hold (zero: not held), RetryAt
+	// the time of the last retry or release, Requeued the time this
+	// record replaced an earlier one of the same mail (see admin.go).
+	Held, RetryAt, Requeued time.Time
+
+	inline []byte
+	// hdr and raw are the record as stored, for a replacement.
+	hdr nats.Header
+	raw []byte
 }
 
 // Commit stores env with body durably. guard is the duplicate-guard
@@ -161,8 +170,13 @@ func decode(subject string, seq uint64, hdr nats.Header, data []byte) (*Message,
 	m := &Message{Subject: subject, Sequence: seq, Tombstone: hdr.Get(HeaderTombstone) != ""}
 	if m.Tombstone {
 		m.Envelope.QueueID = hdr.Get(HeaderQueueID)
+		m.Removed = hdr.Get(HeaderRemoved) != ""
 		return m, nil
 	}
+	m.Held = parseHeaderTime(hdr.Get(HeaderHeld))
+	m.RetryAt = parseHeaderTime(hdr.Get(HeaderRetryAt))
+	m.Requeued = parseHeaderTime(hdr.Get(HeaderRequeued))
+	m.hdr, m.raw = hdr, data
 	i := bytes.IndexByte(data, '\n')
 	if i < 0 {
 		return nil, fmt.Errorf("spool: malformed envelope at %s seq %d", subject, seq)
@@ -210,21 +224,35 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 	msg := &nats.Msg{Subject: m.Subject, Header: nats.Header{}}
 	msg.Header.Set(HeaderQueueID, m.Envelope.QueueID)
 	msg.Header.Set(HeaderTombstone, "1")
-	_, err := s.js.PublishMsg(ctx, msg,
-		jetstream.WithExpectStream(QueueStream),
-		jetstream.WithExpectLastSequencePerSubject(m.Sequence),
-		jetstream.WithMsgTTL(s.cfg.DuplicateWindow))
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+	expect := m.Sequence
+	var err error
+	for try := 0; ; try++ {
+		_, err = s.js.PublishMsg(ctx, msg,
+			jetstream.WithExpectStream(QueueStream),
+			jetstream.WithExpectLastSequencePerSubject(expect),
+			jetstream.WithMsgTTL(s.cfg.DuplicateWindow))
+		var apiErr *jetstream.APIError
+		if !errors.As(err, &apiErr) || apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence {
+			break
+		}
 		last, gerr := s.queue.GetLastMsgForSubject(ctx, m.Subject)
+		mine := gerr == nil && last.Header.Get(HeaderQueueID) == m.Envelope.QueueID
 		switch {
-		case gerr == nil && last.Header.Get(HeaderTombstone) != "" && last.Header.Get(HeaderQueueID) == m.Envelope.QueueID:
+		case mine && last.Header.Get(HeaderRemoved) != "":
+			return fmt.Errorf("spool: complete %s: %w", m.Envelope.QueueID, ErrRemoved)
+		case mine && last.Header.Get(HeaderTombstone) != "":
 			err = nil // an earlier try landed
+		case mine && try < 8:
+			// An administrator replaced the record during the attempt
+			// (hold, retry): the mail is still this one.
+			expect = last.Sequence
+			continue
 		case gerr == nil || errors.Is(gerr, jetstream.ErrMsgNotFound):
 			return fmt.Errorf("spool: complete %s: %w", m.Envelope.QueueID, ErrNotQueued)
 		default:
 			err = gerr
 		}
+		break
 	}
 	if err != nil {
 		return fmt.Errorf("spool: complete %s: %w", m.Envelope.QueueID, err)
@@ -267,6 +295,8 @@ type walkFrom struct {
 	// bucket's current values).
 	lastPerSubject bool
 	headersOnly    bool
+	// subject, when set, reads only the records of these subjects.
+	subject string
 }
 
 // walk calls fn for the records of stream from where says, in stream
@@ -301,6 +331,9 @@ func (s *Spool) walk(ctx context.Context, stream jetstream.Stream, from walkFrom
 	case !from.start.IsZero():
 		t := from.start
 		cc.DeliverPolicy, cc.OptStartTime = jetstream.DeliverByStartTimePolicy, &t
+	}
+	if from.subject != "" {
+		cc.FilterSubjects = []string{from.subject}
 	}
 	c, err := stream.CreateConsumer(ctx, cc)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -80,6 +81,9 @@ type QueueStats struct {
 	// Oldest is the queue ID of the first record not acknowledged by the
 	// deliverers (by stream sequence), "" when none.
 	Oldest string
+	// Held is the number of held-mail markers (see Spool.Hold): mail on
+	// hold, which the deliverers hold too (HandedOut counts it).
+	Held uint64
 }
 
 // Stats reads QueueStats from the queue, body and state streams and the
@@ -122,6 +126,11 @@ func (s *Spool) Stats(ctx context.Context) (*QueueStats, error) {
 	if st.NotHandedOut+st.HandedOut > 0 {
 		st.Oldest, _ = s.firstQueued(ctx, from)
 	}
+	if err := s.HeldMarkers(ctx, func(HeldMarker) error { st.Held++; return nil }); err != nil {
+		return nil, err
+	}
+	// The markers live in the state bucket too.
+	st.States -= min(st.States, st.Held)
 	return st, nil
 }
 
@@ -223,6 +232,9 @@ func (s *Spool) States(ctx context.Context, fn func(*DeliveryState) error) error
 	}
 	err = s.walk(ctx, ks, walkFrom{lastPerSubject: true}, func(raw jetstream.Msg, md *jetstream.MsgMetadata) error {
 		if op := raw.Headers().Get("KV-Operation"); op == "DEL" || op == "PURGE" {
+			return nil
+		}
+		if strings.HasPrefix(raw.Subject(), "$KV."+StateBucket+"."+heldPrefix) {
 			return nil
 		}
 		var st DeliveryState

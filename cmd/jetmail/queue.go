@@ -23,10 +23,12 @@ import (
 //	          about to be (its retry time has come)
 //	deferred  its last attempt left recipients to retry later, and that
 //	          time has not come
+//	held      put on hold (queue hold): not attempted until released
 const (
 	stateNew      = "new"
 	stateActive   = "active"
 	stateDeferred = "deferred"
+	stateHeld     = "held"
 )
 
 // queueNow is the clock of the queue tools (tests set it).
@@ -42,9 +44,10 @@ func queueCmd() *cobra.Command {
 	var qf queueFlags
 	cmd := &cobra.Command{
 		Use:   "queue",
-		Short: "Look at the queue of the whole cluster: stat, ls, show (read-only)",
+		Short: "The queue of the whole cluster: stat, ls, show, shape; rm, hold, release, retry",
 		Long: `queue reads the queue from NATS JetStream, for the whole cluster at once,
-without asking any deliverer. It writes nothing.
+without asking any deliverer. stat, ls, show and shape write nothing; rm,
+hold, release and retry change the messages they select.
 
 Against jetmail serve on this host:
   jetmail queue stat --nats-nkey ./jetmail-data/nats-user.nk`,
@@ -53,7 +56,10 @@ Against jetmail serve on this host:
 	qf.nats.register(fl)
 	fl.StringVarP(&qf.output, "output", "o", "text", "output format: text or json (one object per line)")
 	fl.DurationVar(&qf.timeout, "timeout", 10*time.Second, "bound on each request to NATS")
-	cmd.AddCommand(queueStatCmd(&qf), queueLsCmd(&qf), queueShowCmd(&qf))
+	cmd.AddCommand(queueStatCmd(&qf), queueLsCmd(&qf), queueShowCmd(&qf), queueShapeCmd(&qf))
+	for _, a := range queueActions {
+		cmd.AddCommand(queueActionCmd(&qf, a))
+	}
 	return cmd
 }
 
@@ -117,6 +123,9 @@ func (qf *queueFlags) run(cmd *cobra.Command, fn func(ctx context.Context, sp *s
 
 // msgState is the state of one queued message (see the constants).
 func msgState(m *spool.Message, st *spool.DeliveryState, stats *spool.QueueStats, now time.Time) string {
+	if !m.Held.IsZero() {
+		return stateHeld
+	}
 	if st != nil && st.Claim.Held("", now) {
 		return stateActive
 	}

@@ -26,7 +26,7 @@ func (f *lsFilter) register(cmd *cobra.Command) {
 	fl.StringVar(&f.sender, "sender", "", "only mail from this envelope sender (case-insensitive; \"<>\" for bounces)")
 	fl.StringVar(&f.rcpt, "rcpt", "", "only mail with this recipient (case-insensitive)")
 	fl.StringVar(&f.domain, "domain", "", "only mail with a recipient in this domain")
-	fl.StringVar(&f.state, "state", "", "only mail in this state (new, active, deferred) or with a recipient in this status (queued, deferred, delivered, failed)")
+	fl.StringVar(&f.state, "state", "", "only mail in this state (new, active, deferred, held) or with a recipient in this status (queued, deferred, delivered, failed)")
 	fl.StringVar(&f.errText, "error", "", "only mail with a recipient whose last reply contains this text (case-insensitive)")
 	fl.DurationVar(&f.minAge, "min-age", 0, "only mail queued at least this long ago")
 	fl.DurationVar(&f.maxAge, "max-age", 0, "only mail queued at most this long ago")
@@ -34,10 +34,10 @@ func (f *lsFilter) register(cmd *cobra.Command) {
 
 func (f *lsFilter) check() error {
 	switch f.state {
-	case "", stateNew, stateActive, stateDeferred, string(spool.RcptQueued), string(spool.RcptDelivered), string(spool.RcptFailed):
+	case "", stateNew, stateActive, stateDeferred, stateHeld, string(spool.RcptQueued), string(spool.RcptDelivered), string(spool.RcptFailed):
 		return nil
 	}
-	return fmt.Errorf("--state %s: one of new, active, deferred, queued, delivered, failed", f.state)
+	return fmt.Errorf("--state %s: one of new, active, deferred, held, queued, delivered, failed", f.state)
 }
 
 // envelopeMatch applies the filters that need no delivery state, so that
@@ -72,7 +72,7 @@ func (f *lsFilter) envelopeMatch(m *spool.Message, now time.Time) bool {
 func (f *lsFilter) match(state string, rcpts []spool.RcptState) bool {
 	rcptState := f.state
 	switch {
-	case f.state == stateNew || f.state == stateActive:
+	case f.state == stateNew || f.state == stateActive || f.state == stateHeld:
 		if state != f.state {
 			return false
 		}

@@ -21,6 +21,7 @@ type statOutput struct {
 	New          uint64     `json:"new"`
 	Active       uint64     `json:"active"`
 	Deferred     uint64     `json:"deferred"`
+	Held         uint64     `json:"held"`
 	Exact        bool       `json:"exact"`
 	Bytes        uint64     `json:"bytes"`
 	QueueBytes   uint64     `json:"queueBytes"`
@@ -55,7 +56,10 @@ reading any message, whatever the size of the queue:
   deferred  delivery states in JETMAIL_STATE: mail whose last attempt left
             recipients to retry. For a minute after such mail leaves the
             queue its cleared state still counts, so this is an estimate
-  active    handed out minus deferred: in an attempt now or about to be
+  held      put on hold (queue hold), from the markers hold leaves in
+            JETMAIL_STATE: never attempted until released
+  active    handed out minus deferred and held: in an attempt now or
+            about to be
   bytes     the queue stream (envelopes, inline bodies, tombstones) and the
             stream of large bodies
   oldest    the first message not acknowledged, by the time in its queue ID
@@ -76,7 +80,8 @@ recipients: its time grows with the queue.`,
 					Deferred: min(st.States, st.HandedOut), Bytes: st.QueueBytes + st.BodyBytes,
 					QueueBytes: st.QueueBytes, BodyBytes: st.BodyBytes, Consumer: st.Consumer, Oldest: st.Oldest,
 				}
-				out.Active = st.HandedOut - out.Deferred
+				out.Held = st.Held
+				out.Active = st.HandedOut - out.Deferred - min(st.Held, st.HandedOut-out.Deferred)
 				if t, ok := spool.QueueIDTime(st.Oldest); ok {
 					out.OldestTime = t
 					out.OldestAgeSec = now.Sub(t).Seconds()
@@ -121,6 +126,8 @@ func statScan(ctx context.Context, sp *spool.Spool, st *spool.QueueStats, now ti
 			out.Active++
 		case stateDeferred:
 			out.Deferred++
+		case stateHeld:
+			out.Held++
 		}
 		seen := map[string]bool{}
 		for _, rs := range rcptStates(m, ds) {
@@ -170,6 +177,7 @@ func writeStat(w io.Writer, out *statOutput, now time.Time) error {
 	fmt.Fprintf(tw, "new\t%d\tnot handed to a deliverer yet\n", out.New)
 	fmt.Fprintf(tw, "active\t%d\tin an attempt now or due\n", out.Active)
 	fmt.Fprintf(tw, "deferred\t%d\twaiting for a retry\n", out.Deferred)
+	fmt.Fprintf(tw, "held\t%d\ton hold until released (queue release)\n", out.Held)
 	fmt.Fprintf(tw, "bytes\t%d\tqueue %d, large bodies %d\n", out.Bytes, out.QueueBytes, out.BodyBytes)
 	if out.Oldest != "" {
 		fmt.Fprintf(tw, "oldest\t%s\t%s, arrived %s\n", age(now.Sub(out.OldestTime)), out.Oldest, stamp(out.OldestTime))
