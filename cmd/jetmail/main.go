@@ -10,6 +10,13 @@ import (
 )
 
 func main() {
+	if isPlugin(os.Args[0]) {
+		if err := pluginCmd().Execute(); err != nil {
+			fmt.Fprintln(os.Stderr, "kubectl jetmail:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	applyMemoryLimit()
 	root := &cobra.Command{
 		Use:           "jetmail",
@@ -17,9 +24,15 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd(), controllerCmd(), queueCmd())
+	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd(), controllerCmd())
+	root.AddCommand(operatorCmds()...)
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "jetmail:", err)
 		os.Exit(1)
 	}
+}
+
+// operatorCmds are the tools for people, which kubectl-jetmail has too.
+func operatorCmds() []*cobra.Command {
+	return []*cobra.Command{queueCmd()}
 }

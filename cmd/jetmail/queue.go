@@ -107,8 +107,20 @@ func (qf *queueFlags) run(cmd *cobra.Command, fn func(ctx context.Context, sp *s
 	ctx, cancel := context.WithCancel(cmd.Context())
 	defer cancel()
 	octx, ocancel := context.WithTimeout(ctx, qf.timeout)
+	defer ocancel()
+	where := ""
+	if natsURLFinder != nil && !cmd.Flags().Changed("nats-url") {
+		url, from, err := natsURLFinder(octx)
+		if err != nil {
+			return err
+		}
+		qf.nats.url, where = url, from
+	}
 	sp, closeNC, err := qf.open(octx)
 	ocancel()
+	if err != nil && where != "" {
+		return fmt.Errorf("%w\n  (the URL is that of %s; from outside the cluster, forward a port to NATS with kubectl port-forward and give --nats-url)", err, where)
+	}
 	if err != nil {
 		return err
 	}

@@ -41,7 +41,7 @@ func TestQueueToolsOnALargeQueue(t *testing.T) {
 		if _, err := js.PublishMsgAsync(m); err != nil {
 			t.Fatal(err)
 		}
-		if i%5000 == 4999 {
+		if i%2000 == 1999 {
 			<-js.PublishAsyncComplete()
 		}
 	}
@@ -52,12 +52,18 @@ func TestQueueToolsOnALargeQueue(t *testing.T) {
 	}
 	// One destination in 50: the filtered listing reads 50 envelopes for
 	// each message it lists, and the states of those it lists only.
-	for _, args := range [][]string{{"stat"}, {"ls", "--limit", "100"}, {"ls", "--limit", "100", "--domain", "d49.example"}, {"stat", "--scan"}} {
+	// The newest tenth of the queue (one message per millisecond).
+	tenth := (time.Duration(n/10) * time.Millisecond).String()
+	for _, args := range [][]string{{"stat"}, {"ls", "--limit", "100"}, {"ls", "--limit", "100", "--domain", "d49.example"}, {"stat", "--scan"},
+		{"shape"}, {"rm", "--max-age", tenth, "--yes"}, {"stat"}} {
 		start := time.Now()
 		out, err := runQueue(t, f.url, args...)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Logf("%v: %s (%d bytes of output)", args, time.Since(start), len(out))
+		if args[0] != "ls" && args[0] != "shape" {
+			t.Logf("%s", out)
+		}
 	}
 }
