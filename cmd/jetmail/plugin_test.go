@@ -45,9 +45,11 @@ func TestKubectlPlugin(t *testing.T) {
 	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
 		t.Fatal("KUBEBUILDER_ASSETS is not set; run the tests with hack/test.sh (it builds kube-apiserver and etcd)")
 	}
-	kubectl, err := exec.LookPath("kubectl")
-	if err != nil {
-		t.Fatalf("kubectl: %v (hack/test.sh installs it)", err)
+	// hack/envtest.sh puts kubectl beside kube-apiserver (building it
+	// when the machine has none).
+	kubectl := filepath.Join(os.Getenv("KUBEBUILDER_ASSETS"), "kubectl")
+	if _, err := os.Stat(kubectl); err != nil {
+		t.Fatalf("kubectl: %v (hack/envtest.sh provides it)", err)
 	}
 	env := &envtest.Environment{}
 	if _, err := env.Start(); err != nil {
