@@ -311,6 +311,7 @@ func (d *Deliverer) routeHops(ctx context.Context, r *policy.Route) ([]resolve.H
 // line per recipient per attempt, like Postfix's status= lines.
 func (a *attempt) record(r spool.Rcpt, res outbound.RcptResult, elapsed time.Duration) {
 	rs := a.rcptState(r.Addr)
+	rs.Remember()
 	a.recorded++
 	rs.Attempts++
 	rs.LastAttempt = a.now
@@ -326,6 +327,7 @@ func (a *attempt) record(r spool.Rcpt, res outbound.RcptResult, elapsed time.Dur
 	switch res.Status {
 	case spool.RcptDelivered:
 		rs.Status, rs.Code, rs.Enhanced, rs.Text, rs.NextAttempt = spool.RcptDelivered, 250, "2.0.0", res.Reply, time.Time{}
+		rs.RemoteMTA = res.Hop.Host
 		fields = append(fields, zap.String("reply", res.Reply))
 		a.d.metrics.latency.Observe(a.d.cfg.Now().Sub(a.m.Envelope.Received).Seconds())
 		// NOTIFY=SUCCESS: a next hop that took our DSN parameters will

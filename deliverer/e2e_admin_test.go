@@ -274,3 +274,30 @@ func TestAdministratorActions(t *testing.T) {
 		r.stop(t)
 	})
 }
+
+// The queue tools show each recipient's earlier attempts: the state keeps
+// them, at no write of their own.
+func TestRecipientHistory(t *testing.T) {
+	e := newE2E(t)
+	var calls atomic.Int64
+	e.startMXOf("grey.test", &mxtest.MX{Rcpt: func(string) error {
+		if calls.Add(1) <= 3 {
+			return e2eSMTPError(451, [3]int{4, 7, 1}, "greylisted, come back later")
+		}
+		return e2eSMTPError(452, [3]int{4, 2, 2}, "mailbox full")
+	}})
+	r := e.startDeliverer()
+	qid := e.enqueue(e2eSender, "ivan@grey.test")
+	st := e.waitState(qid, 20*time.Second, "four attempts", func(st *spool.DeliveryState) bool { return st.Attempts >= 4 })
+	r.stop(t)
+	rs := e2eRcptState(st, "ivan@grey.test")
+	if rs.Code != 452 || len(rs.History) != 3 {
+		t.Fatalf("recipient state after 4 attempts: %+v", rs)
+	}
+	for i, h := range rs.History {
+		if h.Code != 451 || h.Enhanced != "4.7.1" || h.Status != spool.RcptDeferred || h.Relay == "" || h.At.IsZero() ||
+			(i > 0 && !h.At.After(rs.History[i-1].At)) {
+			t.Errorf("history[%d] = %+v", i, h)
+		}
+	}
+}

@@ -55,6 +55,9 @@ type DeliveryState struct {
 func (st *DeliveryState) Clone() *DeliveryState {
 	c := *st
 	c.Rcpts = slices.Clone(st.Rcpts)
+	for i := range c.Rcpts {
+		c.Rcpts[i].History = slices.Clone(c.Rcpts[i].History)
+	}
 	c.Bounced = slices.Clone(st.Bounced)
 	if st.Claim != nil {
 		cl := *st.Claim
@@ -100,6 +103,37 @@ type RcptState struct {
 	// NextAttempt is when a deferred recipient is due again, from its own
 	// attempt count and the retry schedule.
 	NextAttempt time.Time `json:"nextAttempt,omitempty"`
+	// History holds the results of the recipient's earlier attempts,
+	// oldest first, the last MaxRcptHistory of them (the latest result is
+	// the fields above). It costs no write of its own: it travels in the
+	// state each deferral writes anyway.
+	History []AttemptResult `json:"history,omitempty"`
+}
+
+// MaxRcptHistory is how many earlier results a recipient's state keeps.
+const MaxRcptHistory = 10
+
+// AttemptResult is the result of one attempt for one recipient.
+type AttemptResult struct {
+	At       time.Time  `json:"at"`
+	Status   RcptStatus `json:"status"`
+	Code     int        `json:"code,omitempty"`
+	Enhanced string     `json:"enhanced,omitempty"`
+	Text     string     `json:"text,omitempty"`
+	Relay    string     `json:"relay,omitempty"`
+}
+
+// Remember moves the recipient's latest result into its history, before
+// a new result replaces it.
+func (rs *RcptState) Remember() {
+	if rs.Attempts == 0 {
+		return
+	}
+	rs.History = append(rs.History, AttemptResult{At: rs.LastAttempt, Status: rs.Status, Code: rs.Code,
+		Enhanced: rs.Enhanced, Text: rs.Text, Relay: rs.RemoteMTA})
+	if n := len(rs.History); n > MaxRcptHistory {
+		rs.History = slices.Clone(rs.History[n-MaxRcptHistory:])
+	}
 }
 
 // LoadState returns the delivery state of qid, or nil if it has none.

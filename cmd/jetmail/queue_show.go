@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -140,6 +141,15 @@ func writeShow(w io.Writer, m *spool.Message, st *spool.DeliveryState, state str
 			next = stamp(rs.NextAttempt)
 		}
 		fmt.Fprintf(tw, "  %s\t%s\t%d\t%s\t%s\t%s\t%s\n", rs.Addr, rs.Status, rs.Attempts, stamp(rs.LastAttempt), next, relay, reply(rs))
+		// Earlier attempts, newest first, under the latest.
+		for j := len(rs.History) - 1; j >= 0; j-- {
+			h := rs.History[j]
+			fmt.Fprintf(tw, "  \t%s\t\t%s\t\t%s\t%s\n", h.Status, stamp(h.At), cmp.Or(h.Relay, "-"),
+				reply(spool.RcptState{Code: h.Code, Enhanced: h.Enhanced, Text: h.Text}))
+		}
+		if lost := rs.Attempts - 1 - len(rs.History); lost > 0 && len(rs.History) > 0 {
+			fmt.Fprintf(tw, "  \t(%d earlier not kept)\t\t\t\t\t\n", lost)
+		}
 		r := env.Rcpts[i]
 		if len(r.Notify) > 0 || r.ORcpt != "" {
 			fmt.Fprintf(tw, "  \tNOTIFY=%s ORCPT=%s\t\t\t\t\t\n", strings.Join(r.Notify, ","), r.ORcpt)

@@ -133,7 +133,11 @@ func newQueueOfFour(t *testing.T) *queueOfFour {
 	next := qNow.Add(20 * time.Minute)
 	f.saveState(t, &spool.DeliveryState{QueueID: f.deferred.QueueID, Attempts: 3, LastAttempt: qNow.Add(-10 * time.Minute), NextAttempt: next,
 		Rcpts: []spool.RcptState{{Addr: "dave@grey.example", Status: spool.RcptDeferred, Attempts: 3, Code: 451, Enhanced: "4.7.1",
-			Text: "greylisted, try again later", RemoteMTA: "mx.grey.example", LastAttempt: qNow.Add(-10 * time.Minute), NextAttempt: next}}})
+			Text: "greylisted, try again later", RemoteMTA: "mx.grey.example", LastAttempt: qNow.Add(-10 * time.Minute), NextAttempt: next,
+			History: []spool.AttemptResult{
+				{At: qNow.Add(-110 * time.Minute), Status: spool.RcptDeferred, Code: 421, Enhanced: "4.4.2", Text: "timeout after greeting", Relay: "mx2.grey.example"},
+				{At: qNow.Add(-40 * time.Minute), Status: spool.RcptDeferred, Code: 451, Enhanced: "4.7.1", Text: "greylisted, try again later", Relay: "mx.grey.example"},
+			}}}})
 	f.saveState(t, &spool.DeliveryState{QueueID: f.mixed.QueueID, Attempts: 1, LastAttempt: qNow.Add(-5 * time.Minute), NextAttempt: qNow.Add(5 * time.Minute),
 		Bounced: []string{"gone@example.org"},
 		Rcpts: []spool.RcptState{
@@ -298,6 +302,15 @@ func TestQueueShowPrintsEnvelopeStateAndHeaders(t *testing.T) {
 	}
 	if strings.Contains(got, "report") {
 		t.Errorf("show prints the body without --body:\n%s", got)
+	}
+	// Each recipient's earlier attempts, newest first, under the latest.
+	got = mustRunQueue(t, f.url, "show", f.deferred.QueueID)
+	want := `  dave@grey.example  deferred  3         2026-12-02 11:50:00Z  2026-12-02 12:20:00Z  mx.grey.example   451 4.7.1 greylisted, try again later
+                     deferred            2026-12-02 11:20:00Z                        mx.grey.example   451 4.7.1 greylisted, try again later
+                     deferred            2026-12-02 10:10:00Z                        mx2.grey.example  421 4.4.2 timeout after greeting
+`
+	if !strings.Contains(got, want) {
+		t.Errorf("show of a message with history:\n%s\nwant the lines:\n%s", got, want)
 	}
 	// A guarded mail is found by its ID too; --body is the message as stored.
 	if got := mustRunQueue(t, f.url, "show", "--body", strings.ToLower(f.deferred.QueueID)); got != "Message-ID: <d@example.net>\r\nSubject: deferred\r\n\r\nhello\r\n" {
