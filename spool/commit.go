@@ -284,6 +284,9 @@ func (s *Spool) walkQueue(ctx context.Context, headersOnly bool, fn func(jetstre
 	return s.walk(ctx, s.queue, walkFrom{headersOnly: headersOnly}, fn)
 }
 
+// walkBatch is how many records one pull of a walk asks for.
+const walkBatch = 1024
+
 // walkFrom says where a walk starts and what it reads.
 type walkFrom struct {
 	// seq, when not 0, is the first stream sequence read.
@@ -348,8 +351,10 @@ func (s *Spool) walk(ctx context.Context, stream jetstream.Stream, from walkFrom
 		// Nothing from the start point on (all of it expired or left).
 		return nil
 	}
+	// One pull at a time: with two waiting, the server deals the records
+	// out between them and the order is lost.
 	for {
-		batch, err := c.Fetch(256, jetstream.FetchMaxWait(2*time.Second))
+		batch, err := c.Fetch(walkBatch, jetstream.FetchMaxWait(2*time.Second))
 		if err != nil {
 			return err
 		}
