@@ -147,4 +147,3 @@ func Follow(ctx context.Context, js jetstream.JetStream, start time.Time, fn fun
 		}
 	}
 }
-
