@@ -17,7 +17,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd(), controllerCmd(), queueCmd())
+	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd(), controllerCmd(), queueCmd(), reportCmd(), eventsCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "jetmail:", err)
 		os.Exit(1)
