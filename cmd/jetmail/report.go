@@ -341,27 +341,35 @@ func topOf(m map[string]*topRow, top int) []topRow {
 
 func writeReport(w io.Writer, r *report) error {
 	fmt.Fprintf(w, "jetmail report, the whole cluster, %s to %s\n\n", stamp(r.From), stamp(r.To))
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	line := func(name string, n any, note string) {
-		fmt.Fprintf(tw, "%s\t%v\t%s\t\n", name, n, note)
+	// Names to the left, figures to the right, as pflogsumm aligns them.
+	type total struct {
+		name string
+		n    int64
+		note string
 	}
 	notices := fmt.Sprintf("failed %d, delayed %d, success %d", r.Notices["failed"], r.Notices["delayed"], r.Notices["success"])
-	line("received", r.Received, "messages")
-	line("delivered", r.Delivered, "recipients")
-	line("deferred", r.Deferred, fmt.Sprintf("messages (%d deferrals)", r.Deferrals))
-	line("bounced", r.Bounced, "recipients")
-	line("expired", r.Expired, "recipients")
-	line("rejected", r.Rejected, fmt.Sprintf("%.1f%% of received, duplicates and refusals", r.RejectedPercent))
-	line("duplicates", r.Duplicates, "retransmissions suppressed")
-	line("notices", r.Notices["failed"]+r.Notices["delayed"]+r.Notices["success"], notices)
-	line("held", r.Held, "")
-	line("released", r.Released, "")
-	line("removed", r.Removed, "")
-	line("retried", r.Retried, "")
-	line("bytes in", r.BytesIn, "received")
-	line("bytes out", r.BytesOut, "delivered")
-	if err := tw.Flush(); err != nil {
-		return err
+	totals := []total{
+		{"received", int64(r.Received), "messages"},
+		{"delivered", int64(r.Delivered), "recipients"},
+		{"deferred", int64(r.Deferred), fmt.Sprintf("messages (%d deferrals)", r.Deferrals)},
+		{"bounced", int64(r.Bounced), "recipients"},
+		{"expired", int64(r.Expired), "recipients"},
+		{"rejected", int64(r.Rejected), fmt.Sprintf("%.1f%% of received, duplicates and refusals", r.RejectedPercent)},
+		{"duplicates", int64(r.Duplicates), "retransmissions suppressed"},
+		{"notices", int64(r.Notices["failed"] + r.Notices["delayed"] + r.Notices["success"]), notices},
+		{"held", int64(r.Held), "messages"},
+		{"released", int64(r.Released), "messages"},
+		{"removed", int64(r.Removed), "messages"},
+		{"retried", int64(r.Retried), "messages"},
+		{"bytes in", r.BytesIn, "received"},
+		{"bytes out", r.BytesOut, "delivered"},
+	}
+	width := 1
+	for _, t := range totals {
+		width = max(width, len(fmt.Sprint(t.n)))
+	}
+	for _, t := range totals {
+		fmt.Fprintf(w, "  %-10s  %*d  %s\n", t.name, width, t.n, t.note)
 	}
 	table := func(title, header string, rows [][]any) error {
 		fmt.Fprintf(w, "\n%s\n", title)
