@@ -12,8 +12,8 @@ import (
 
 	"github.com/emersion/go-smtp"
 	"github.com/nats-io/nats.go/jetstream"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"go.uber.org/zap"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
 	"github.com/jetmail/jetmail/deliverer"
@@ -212,8 +212,8 @@ func TestReportAddsUpTheTrafficOfTheCluster(t *testing.T) {
 	}
 	type figures struct {
 		Received, Delivered, Deferred, Deferrals, Bounced, Expired, Rejected, Duplicates, Held, Removed int
-		BytesIn, BytesOut                                                                          int64
-		Percent                                                                                    float64
+		BytesIn, BytesOut                                                                               int64
+		Percent                                                                                         float64
 	}
 	got := figures{r.Received, r.Delivered, r.Deferred, r.Deferrals, r.Bounced, r.Expired, r.Rejected, r.Duplicates, r.Held, r.Removed, r.BytesIn, r.BytesOut, r.RejectedPercent}
 	want := figures{Received: 9, Delivered: 7, Deferred: 2, Deferrals: 2, Bounced: 2, Rejected: 3, Duplicates: 1, BytesIn: bytesIn, BytesOut: bytesOut, Percent: 23.1}
