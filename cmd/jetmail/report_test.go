@@ -126,6 +126,16 @@ func newMailWorld(t *testing.T) *mailWorld {
 // runTool runs a jetmail subcommand in process against the world's NATS.
 func (w *mailWorld) runTool(t *testing.T, args ...string) string {
 	t.Helper()
+	out, err := runLogTool(t, w.url, args...)
+	if err != nil {
+		t.Fatalf("jetmail %v: %v\n%s", args, err, out)
+	}
+	return out
+}
+
+// runLogTool runs `jetmail report|events args...` in process.
+func runLogTool(t *testing.T, url string, args ...string) (string, error) {
+	t.Helper()
 	root := reportCmd()
 	if args[0] == "events" {
 		root = eventsCmd()
@@ -133,11 +143,9 @@ func (w *mailWorld) runTool(t *testing.T, args ...string) string {
 	var out bytes.Buffer
 	root.SetOut(&out)
 	root.SetErr(&out)
-	root.SetArgs(append(args[1:], "--nats-url", w.url))
-	if err := root.ExecuteContext(testCtx(t)); err != nil {
-		t.Fatalf("jetmail %v: %v\n%s", args, err, out.String())
-	}
-	return out.String()
+	root.SetArgs(append(args[1:], "--nats-url", url))
+	err := root.ExecuteContext(testCtx(t))
+	return out.String(), err
 }
 
 // window is the --from/--to of the whole test (the queue tools' clock is
