@@ -79,9 +79,14 @@ func TestALogBatchesEventsIntoFewStreamMessages(t *testing.T) {
 	if err := l.Close(testCtx(t)); err != nil {
 		t.Fatal(err)
 	}
-	if got := storedBatches(t, s); got == 0 || got > 5 {
+	info, err := s.Info(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := info.State.Msgs; got == 0 || got > 5 {
 		t.Fatalf("%d events made %d stream messages, want 1 to 5", n, got)
 	}
+	t.Logf("%d events: %d stream messages, %d bytes stored (%.1f per event)", n, info.State.Msgs, info.State.Bytes, float64(info.State.Bytes)/n)
 	evs := readAll(t, js, start.Add(-time.Second), time.Now().Add(time.Second))
 	if len(evs) != n {
 		t.Fatalf("read back %d events, want %d", len(evs), n)
@@ -247,4 +252,38 @@ func TestFollowSeesBatchesAsTheyArrive(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("Follow after cancel: %v", err)
 	}
+}
+
+// BenchmarkEmit is the cost of an event on the mail path, with the log
+// publishing to a real server behind it, and what realistic events cost
+// in the stream.
+func BenchmarkEmit(b *testing.B) {
+	ns := natstest.Start(b, natstest.Options{})
+	nc, err := nats.Connect(ns.ClientURL())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	s, err := OpenStream(context.Background(), js, StreamConfig{Storage: jetstream.FileStorage})
+	if err != nil {
+		b.Fatal(err)
+	}
+	l := New(Config{JetStream: js, Pod: "gw-0", Buffer: 1 << 20})
+	evs := make([]Event, b.N)
+	for i := range b.N {
+		evs[i] = (Event{Kind: Delivered, QueueID: fmt.Sprintf("2NTKX9%08d", i), From: fmt.Sprintf("sender%d@example.net", i%97),
+			Rcpt: fmt.Sprintf("user%d@d%d.example", i, i%50), Domain: fmt.Sprintf("d%d.example", i%50), Relay: fmt.Sprintf("mx%d.d%d.example", i%3, i%50),
+			Code: 250, Enhanced: "2.0.0", Reply: fmt.Sprintf("2.0.0 Ok: queued as %X", i*7919), Delay: time.Duration(i%5000) * time.Millisecond, Size: int64(2000 + i%3000), Attempt: 1})
+	}
+	b.ResetTimer()
+	for i := range b.N {
+		l.Emit(evs[i])
+	}
+	b.StopTimer()
+	l.Close(context.Background())
+	info, _ := s.Info(context.Background())
+	b.ReportMetric(float64(info.State.Bytes)/float64(b.N), "stored-B/event")
+	b.ReportMetric(float64(b.N)/float64(info.State.Msgs), "events/batch")
+	b.ReportMetric(testutil.ToFloat64(l.dropped.WithLabelValues(dropFull)), "dropped")
 }
