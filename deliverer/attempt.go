@@ -45,6 +45,8 @@ type attempt struct {
 	// saved is set when run saved the state before finish (a destination
 	// delivered while others were still in session).
 	saved bool
+	// expiring is set while expire records its failures.
+	expiring bool
 }
 
 func (a *attempt) rcptState(addr string) *spool.RcptState {
@@ -90,6 +92,8 @@ func (a *attempt) due() []spool.Rcpt {
 // whatever state the message was in.
 func (a *attempt) expire() {
 	age := a.now.Sub(a.m.Envelope.Received).Round(time.Second)
+	a.expiring = true
+	defer func() { a.expiring = false }()
 	for _, r := range a.pending() {
 		rs := a.rcptState(r.Addr)
 		last := rs.Text
@@ -354,6 +358,7 @@ func (a *attempt) record(r spool.Rcpt, res outbound.RcptResult, elapsed time.Dur
 		a.reports = append(a.reports, report)
 	}
 	a.d.metrics.attempts.WithLabelValues(string(rs.Status)).Inc()
+	a.resultEvent(r, res, rs)
 	fields = append(fields, zap.String("status", string(rs.Status)))
 	if rs.Status == spool.RcptDelivered {
 		a.log.Info("delivery", fields...)

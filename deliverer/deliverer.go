@@ -11,6 +11,7 @@ import (
 
 	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/deliverer/resolve"
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -35,6 +36,9 @@ type Config struct {
 	Log      *zap.Logger
 	// Registerer receives the metrics; nil means none.
 	Registerer prometheus.Registerer
+	// Events receives an event per recipient result, expiry and notice
+	// queued; nil: none.
+	Events *events.Log
 	// MaxInFlight bounds the messages this process works on at once
 	// (including those waiting for a destination slot). Default 200.
 	MaxInFlight int

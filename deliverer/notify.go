@@ -7,6 +7,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/deliverer/dsn"
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -83,6 +84,10 @@ func (a *attempt) notify(ctx context.Context, rcpts []dsn.Recipient, kind string
 		return err
 	}
 	a.d.metrics.notifications.WithLabelValues(kind).Inc()
+	if !res.Duplicate {
+		a.d.cfg.Events.Emit(events.Event{Kind: events.DSN, QueueID: res.QueueID, Orig: env.QueueID, Notice: kind,
+			From: "<>", Rcpt: to, Domain: events.DomainOf(to), Rcpts: len(wanted), Size: benv.Body.Size})
+	}
 	a.log.Info("notification queued", zap.String("kind", kind), zap.String("dsn_queue_id", res.QueueID), zap.String("to", to), zap.Bool("duplicate", res.Duplicate))
 	return nil
 }

@@ -35,6 +35,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 			s.g.metrics.auth.WithLabelValues("locked").Inc()
 			s.log.Warn("auth refused: too many failures from this address", zap.String("user", user))
 			s.reply(421)
+			s.authRefused(user, 421, "4.7.0", "Too many failed authentication attempts from your address")
 			s.closeWith(authLockedLine)
 			return errAuthBusy
 		}
@@ -54,6 +55,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 		delay := guard.failed(s.ip)
 		s.log.Info("auth failed", zap.String("user", user), zap.Duration("delay", delay))
 		time.Sleep(delay)
+		s.authRefused(user, errAuthFailed.Code, "5.7.8", errAuthFailed.Message)
 		return s.fail(errAuthFailed)
 	}
 	switch mech {

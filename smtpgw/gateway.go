@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -41,6 +42,9 @@ type Config struct {
 	ShutdownGrace time.Duration
 	// Auth bounds password guessing; zero fields take their defaults.
 	Auth AuthLimits
+	// Events receives an event per queued message, duplicate suppressed
+	// and refusal; nil: none.
+	Events *events.Log
 }
 
 // Gateway is the SMTP ingress.
@@ -251,14 +255,17 @@ func (g *Gateway) admit(c *conn, ip netip.Addr) string {
 	switch {
 	case g.draining:
 		g.metrics.connections.WithLabelValues("shutting_down").Inc()
+		g.refused(ip, events.ReasonShutdown, "4.3.2", "Service shutting down, try again later")
 		return "421 4.3.2 Service shutting down, try again later\r\n"
 	case len(g.conns) >= pol.MaxConnections:
 		g.metrics.connections.WithLabelValues("max_connections").Inc()
 		g.log.Warn("connection refused: too many connections", zap.Stringer("client", ip))
+		g.refused(ip, events.ReasonLimit, "4.7.0", "Too many connections, try again later")
 		return "421 4.7.0 Too many connections, try again later\r\n"
 	case g.perIP[ip] >= pol.MaxConnectionsPerIP:
 		g.metrics.connections.WithLabelValues("max_connections_per_ip").Inc()
 		g.log.Warn("connection refused: too many connections from one address", zap.Stringer("client", ip))
+		g.refused(ip, events.ReasonLimit, "4.7.0", "Too many connections from your address, try again later")
 		return "421 4.7.0 Too many connections from your address, try again later\r\n"
 	}
 	g.conns[c] = struct{}{}

@@ -13,6 +13,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"go.uber.org/zap"
 
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -101,18 +102,22 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.inTx {
 		// RFC 5321 section 4.1.4: MAIL inside a transaction is a bad
 		// sequence of commands, not a new transaction.
+		s.rejected(stageMail, events.Sender(from), "", errNestedMail)
 		return s.fail(errNestedMail)
 	}
 	if s.tc != nil && s.tc.isDraining() {
+		s.rejected(stageMail, events.Sender(from), "", errShuttingDown)
 		return s.fail(errShuttingDown)
 	}
 	utf8 := opts != nil && opts.UTF8
 	if err := s.pol.CheckSender(from, utf8); err != nil {
 		s.log.Info("sender rejected", zap.String("from", from), zap.Int("code", err.Code))
+		s.rejected(stageMail, events.Sender(from), "", err)
 		return s.fail(err)
 	}
 	if opts != nil {
 		if opts.Size >= s.pol.MaxMessageBytes {
+			s.rejected(stageMail, events.Sender(from), "", errTooBig)
 			return s.fail(errTooBig)
 		}
 		s.mail = spool.MailParams{Size: opts.Size, Body: string(opts.Body), SMTPUTF8: opts.UTF8,
@@ -131,10 +136,12 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 // Rcpt adds a recipient.
 func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	if len(s.rcpts) >= s.pol.MaxRecipients {
+		s.rejected(stageRcpt, events.Sender(s.from), to, errTooManyRcpts)
 		return s.fail(errTooManyRcpts)
 	}
 	if err := s.pol.CheckRecipient(to, s.mayRelay, s.mail.SMTPUTF8); err != nil {
 		s.log.Info("recipient rejected", zap.String("from", s.from), zap.String("to", to), zap.Int("code", err.Code))
+		s.rejected(stageRcpt, events.Sender(s.from), to, err)
 		return s.fail(err)
 	}
 	r := spool.Rcpt{Addr: to}
@@ -247,6 +254,7 @@ func (s *session) dataError(log *zap.Logger, start time.Time, qid string, n int6
 	case errors.Is(err, smtp.ErrDataReset) && s.tc != nil && s.tc.lastFailure() != nil:
 		// go-smtp aborted the BDAT transfer because a read of the chunk
 		// failed on one of our limits; it has sent the reply and closed.
+		s.rejected(stageData, events.Sender(s.from), "", limitReply(s.tc.lastFailure()))
 		s.finishData(log, start, qid, n, "aborted", nil, s.tc.lastFailure())
 		return errTempFail
 	case errors.As(err, &se) && se.Code == 421, isTimeout(err):
@@ -255,6 +263,7 @@ func (s *session) dataError(log *zap.Logger, start time.Time, qid string, n int6
 		if se == nil {
 			se = errDataIdle
 		}
+		s.rejected(stageData, events.Sender(s.from), "", se)
 		s.finishData(log, start, qid, n, "aborted", nil, err)
 		s.closeWith(replyLine(se))
 		return errTempFail
@@ -298,6 +307,7 @@ func (s *session) finishData(log *zap.Logger, start time.Time, qid string, n int
 	} else {
 		log.Warn("transaction", fields...)
 	}
+	s.transactionEvent(qid, n, result, reply)
 	// The transaction's state is reset by go-smtp, which calls Reset
 	// once Data has returned.
 	if reply == nil {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/jetmail/jetmail/deliverer"
 	"github.com/jetmail/jetmail/deliverer/outbound"
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -35,7 +36,7 @@ func (f *delivererFlags) register(cmd *cobra.Command) {
 }
 
 // runDeliverer delivers until ctx ends.
-func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *spool.Spool, src *policy.Source, reg prometheus.Registerer, log *zap.Logger) error {
+func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *spool.Spool, src *policy.Source, evl *events.Log, reg prometheus.Registerer, log *zap.Logger) error {
 	// Every outbound setting, messagesPerConnection included, comes from
 	// src.Delivery() at each attempt (Config.Source), so a DeliveryPolicy
 	// change applies without a restart: the Client holds none of them.
@@ -49,6 +50,7 @@ func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *s
 		Client:      client,
 		Log:         log.Named("deliver"),
 		Registerer:  reg,
+		Events:      evl,
 		MaxInFlight: f.maxInFlight,
 		AckWait:     f.ackWait,
 		Grace:       f.grace,
@@ -64,6 +66,7 @@ func delivererCmd() *cobra.Command {
 	var (
 		df          delivererFlags
 		nf          natsFlags
+		ef          eventFlags
 		replicas    int
 		hostname    string
 		configPaths []string
@@ -108,13 +111,16 @@ nothing: the message comes back to another one.`,
 			if err != nil {
 				return err
 			}
+			evl := openEventLog(ctx, &ef, sp, podName, reg, log)
+			defer closeEventLog(evl)
 			ready.sp.Store(sp)
-			return runDeliverer(ctx, &df, hostname, sp, src, reg, log)
+			return runDeliverer(ctx, &df, hostname, sp, src, evl, reg, log)
 		},
 	}
 	df.register(cmd)
 	fl := cmd.Flags()
 	nf.register(fl)
+	ef.register(fl)
 	fl.IntVar(&replicas, "replicas", 3, "JetStream replicas for the queue streams")
 	fl.StringVar(&hostname, "hostname", defaultHostname(), "our name in EHLO and delivery status notifications")
 	fl.StringArrayVarP(&configPaths, "file", "f", nil, "configuration file or folder (MailRoute, DeliveryPolicy, Secret); repeatable")

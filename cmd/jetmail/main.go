@@ -34,5 +34,5 @@ func main() {
 
 // operatorCmds are the tools for people, which kubectl-jetmail has too.
 func operatorCmds() []*cobra.Command {
-	return []*cobra.Command{queueCmd()}
+	return []*cobra.Command{queueCmd(), reportCmd(), eventsCmd()}
 }

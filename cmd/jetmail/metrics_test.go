@@ -15,6 +15,7 @@ import (
 
 	"github.com/jetmail/jetmail/deliverer"
 	"github.com/jetmail/jetmail/deliverer/outbound"
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/internal/natstest"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/smtpgw"
@@ -77,6 +78,9 @@ func TestMetricsCatalogueMatchesWhatTheRolesRegister(t *testing.T) {
 		Resolver: &deliverer.Resolver{}, Client: &outbound.Client{}, Registerer: reg, Log: zap.NewNop()}); err != nil {
 		t.Fatal(err)
 	}
+	// The event log every role that writes events runs.
+	evl := events.New(events.Config{JetStream: sp.JetStream(), Pod: "pod", Registerer: reg})
+	defer evl.Close(ctx)
 	hctx, stop := context.WithCancel(ctx)
 	defer stop()
 	heartbeat(hctx, src, nil, "pod", "gateway", reg, zap.NewNop())

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -29,6 +30,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/internal/smtptest"
 	"github.com/jetmail/jetmail/policy"
 	"github.com/jetmail/jetmail/spool"
@@ -275,6 +277,34 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// The event log: both binaries wrote theirs; the admin records an
+	// action of its own (as the queue tools do), and reads the whole log
+	// with jetmail report and jetmail events.
+	if err := events.Publish(ctx, adm.js, "admin", []events.Event{{Kind: events.Held, QueueID: qid1, User: "admin"}}); err != nil {
+		t.Fatalf("admin: publish an event: %v", err)
+	}
+	window := []string{"--nats-nkey", srv.seeds["admin"], "--from", time.Now().Add(-time.Hour).UTC().Format(time.RFC3339), "--to", time.Now().Add(time.Hour).UTC().Format(time.RFC3339)}
+	deadline = time.Now().Add(15 * time.Second)
+	for {
+		out, err := runLogTool(t, srv.url, append([]string{"report", "-o", "json"}, window...)...)
+		if err != nil {
+			t.Fatalf("admin: jetmail report: %v\n%s", err, out)
+		}
+		var r report
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			t.Fatal(err)
+		}
+		if r.Received == 2 && r.Duplicates == 1 && r.Delivered == 4 && r.Bounced == 2 && r.Notices["failed"] == 2 && r.Held == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("admin: jetmail report never showed the gateway's and the deliverer's events: %s", out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if out, err := runLogTool(t, srv.url, append([]string{"events", "--queue-id", qid1}, window...)...); err != nil || !strings.Contains(out, "received") || !strings.Contains(out, "held") {
+		t.Fatalf("admin: jetmail events --queue-id %s: %v\n%s", qid1, err, out)
+	}
 	stateWatch.Stop()
 	if st, err := asp.LoadState(ctx, qid1); err != nil || st != nil {
 		t.Fatalf("admin: state of %s after delivery: %+v, %v; want none", qid1, st, err)
@@ -371,6 +401,13 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 		_, err := gsp.State().Put(ctx, qid1, []byte(`{}`))
 		return err
 	})
+	check(gwc, "gateway reads the event log", "$JS.API.STREAM.INFO.JETMAIL_EVENTS", func(ctx context.Context) error {
+		return events.Read(ctx, gwc.js, time.Now().Add(-time.Hour), time.Now(), func(events.Event) error { return nil })
+	})
+	check(dl, "deliverer reads the event log", "$JS.API.CONSUMER.CREATE.JETMAIL_EVENTS.", request(dl, "$JS.API.CONSUMER.CREATE.JETMAIL_EVENTS.peek"))
+	check(gwc, "gateway deletes the event log", "$JS.API.STREAM.DELETE.JETMAIL_EVENTS", func(ctx context.Context) error {
+		return gwc.js.DeleteStream(ctx, events.Stream)
+	})
 	check(gwc, "gateway deletes the queue stream", "$JS.API.STREAM.DELETE.JETMAIL_QUEUE", func(ctx context.Context) error {
 		return gwc.js.DeleteStream(ctx, spool.QueueStream)
 	})
@@ -407,6 +444,7 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 	check(ctl, "controller reads a delivery state", "$JS.API.DIRECT.GET.KV_JETMAIL_STATE.$KV.JETMAIL_STATE."+qid1, request(ctl, "$JS.API.DIRECT.GET.KV_JETMAIL_STATE.$KV.JETMAIL_STATE."+qid1))
 	check(ctl, "controller reads a delivery state from the leader", "$JS.API.STREAM.MSG.GET.KV_JETMAIL_STATE", request(ctl, "$JS.API.STREAM.MSG.GET.KV_JETMAIL_STATE"))
 	check(ctl, "controller queues a mail", "jetmail.queue.qX", request(ctl, "jetmail.queue.qX"))
+	check(ctl, "controller writes events", "jetmail.events.x", request(ctl, "jetmail.events.x"))
 	// Somebody else's stream on the same server.
 	for _, rc := range []*roleConn{gwc, dl, ctl, adm} {
 		for _, subj := range []string{
@@ -440,8 +478,8 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 			streams[s.Name] = s.State.Msgs
 		}
 	}
-	if len(streams) != 6 || streams["OTHER"] != 1 || streams[spool.QueueStream] != 4 || streams["KV_"+spool.StateBucket] != 2 {
-		t.Errorf("streams after the refusals: %v; want OTHER with its one message, the queue's 4 tombstones, the state's 2 purge markers, nothing created", streams)
+	if len(streams) != 7 || streams["OTHER"] != 1 || streams[spool.QueueStream] != 4 || streams["KV_"+spool.StateBucket] != 2 || streams[events.Stream] == 0 {
+		t.Errorf("streams after the refusals: %v; want OTHER with its one message, the queue's 4 tombstones, the state's 2 purge markers, the event log, nothing created", streams)
 	}
 }
 
@@ -455,13 +493,16 @@ func TestNATSPermissionsLetEachRoleCreateTheStreams(t *testing.T) {
 	spoolCfg := spool.ClusterConfig()
 	spoolCfg.Replicas = 1
 	adm := srv.connect(t, "admin", "jetmail-admin")
-	all := []string{spool.QueueStream, spool.BodyStream, "KV_" + spool.StateBucket, "KV_" + policy.ConfigBucket, "KV_" + policy.PodsBucket}
+	all := []string{spool.QueueStream, spool.BodyStream, "KV_" + spool.StateBucket, "KV_" + policy.ConfigBucket, "KV_" + policy.PodsBucket, events.Stream}
 	for _, role := range []string{"gateway", "deliverer", "controller"} {
 		rc := srv.connect(t, role, "jetmail-"+role)
-		want := all[3:]
+		want := all[3:5]
 		if role != "controller" {
 			if _, err := spool.Open(ctx, rc.nc, spoolCfg); err != nil {
 				t.Fatalf("%s: spool.Open on an empty server: %v", role, err)
+			}
+			if _, err := events.OpenStream(ctx, rc.js, events.StreamConfig{Replicas: 1}); err != nil {
+				t.Fatalf("%s: events.OpenStream on an empty server: %v", role, err)
 			}
 			want = all
 		}

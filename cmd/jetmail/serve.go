@@ -19,6 +19,7 @@ func serveCmd() *cobra.Command {
 	var (
 		f          gatewayFlags
 		df         delivererFlags
+		ef         eventFlags
 		dataDir    string
 		natsListen string
 		noSync     bool
@@ -92,12 +93,15 @@ Files given with -f are re-read when they change.`,
 			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
 				return err
 			}
+			evl := openEventLog(ctx, &ef, sp, f.hostname, reg, log)
+			defer closeEventLog(evl)
+			gwCfg.Events = evl
 			go heartbeat(ctx, src, nil, f.hostname, "serve", reg, log)
 			delivered := make(chan error, 1)
 			if noDeliver {
 				delivered <- nil
 			} else {
-				go func() { delivered <- runDeliverer(ctx, &df, f.hostname, sp, src, reg, log) }()
+				go func() { delivered <- runDeliverer(ctx, &df, f.hostname, sp, src, evl, reg, log) }()
 			}
 			err = runGateway(ctx, &f, smtpL, sp, src, gwCfg, reg, log)
 			if derr := <-delivered; err == nil {
@@ -108,6 +112,7 @@ Files given with -f are re-read when they change.`,
 	}
 	f.register(cmd, "console")
 	df.register(cmd)
+	ef.register(cmd.Flags())
 	cmd.Flags().StringVar(&relayhost, "relayhost", "", "send all mail to this host:port (Postfix relayhost): a catch-all MailRoute")
 	cmd.Flags().BoolVar(&noDeliver, "no-deliver", false, "only accept and queue; run no deliverer")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "./jetmail-data", "where the embedded JetStream keeps the queue")
@@ -120,6 +125,7 @@ func gatewayCmd() *cobra.Command {
 	var (
 		f        gatewayFlags
 		nf       natsFlags
+		ef       eventFlags
 		replicas int
 		podName  string
 	)
@@ -168,6 +174,9 @@ func gatewayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			evl := openEventLog(ctx, &ef, sp, podName, reg, log)
+			defer closeEventLog(evl)
+			gwCfg.Events = evl
 			ready.sp.Store(sp)
 			standby.Ready()
 			return runGateway(ctx, &f, standby.Listener(), sp, src, gwCfg, reg, log)
@@ -175,6 +184,7 @@ func gatewayCmd() *cobra.Command {
 	}
 	f.register(cmd, "json")
 	nf.register(cmd.Flags())
+	ef.register(cmd.Flags())
 	cmd.Flags().IntVar(&replicas, "replicas", 3, "JetStream replicas for the queue streams")
 	cmd.Flags().StringVar(&podName, "pod-name", envOr("POD_NAME", defaultHostname()), "name this pod reports its configuration revision under")
 	return cmd
