@@ -63,20 +63,41 @@ Against jetmail serve on this host:
 	return cmd
 }
 
-// open connects to NATS and attaches to the queue, with errors that say
-// what to do.
-func (qf *queueFlags) open(ctx context.Context) (*spool.Spool, func(), error) {
+// dial connects to NATS for an operator tool, with errors that say what
+// to do. Under kubectl (the plugin) the URL is the release's, unless
+// --nats-url was given.
+func (qf *queueFlags) dial(ctx context.Context, cmd *cobra.Command, name string) (*nats.Conn, error) {
 	if qf.output != "text" && qf.output != "json" {
-		return nil, nil, fmt.Errorf("-o %s: text or json", qf.output)
+		return nil, fmt.Errorf("-o %s: text or json", qf.output)
+	}
+	where := ""
+	if natsURLFinder != nil && !cmd.Flags().Changed("nats-url") {
+		url, from, err := natsURLFinder(ctx)
+		if err != nil {
+			return nil, err
+		}
+		qf.nats.url, where = url, from
 	}
 	auth, err := natsAuth(qf.nats.nkey, qf.nats.creds)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	opts := append(spool.NATSOptions(), nats.Name("jetmail-queue"), nats.Timeout(qf.timeout))
+	opts := append(spool.NATSOptions(), nats.Name(name), nats.Timeout(qf.timeout))
 	nc, err := nats.Connect(qf.nats.url, append(opts, auth...)...)
+	if err != nil && where != "" {
+		return nil, fmt.Errorf("%w\n  (the URL is that of %s; from outside the cluster, forward a port to NATS with kubectl port-forward and give --nats-url)", qf.connectError(err), where)
+	}
 	if err != nil {
-		return nil, nil, qf.connectError(err)
+		return nil, qf.connectError(err)
+	}
+	return nc, nil
+}
+
+// open connects to NATS and attaches to the queue.
+func (qf *queueFlags) open(ctx context.Context, cmd *cobra.Command) (*spool.Spool, func(), error) {
+	nc, err := qf.dial(ctx, cmd, "jetmail-queue")
+	if err != nil {
+		return nil, nil, err
 	}
 	sp, err := spool.Attach(ctx, nc)
 	if err != nil {
@@ -107,20 +128,8 @@ func (qf *queueFlags) run(cmd *cobra.Command, fn func(ctx context.Context, sp *s
 	ctx, cancel := context.WithCancel(cmd.Context())
 	defer cancel()
 	octx, ocancel := context.WithTimeout(ctx, qf.timeout)
-	defer ocancel()
-	where := ""
-	if natsURLFinder != nil && !cmd.Flags().Changed("nats-url") {
-		url, from, err := natsURLFinder(octx)
-		if err != nil {
-			return err
-		}
-		qf.nats.url, where = url, from
-	}
-	sp, closeNC, err := qf.open(octx)
+	sp, closeNC, err := qf.open(octx, cmd)
 	ocancel()
-	if err != nil && where != "" {
-		return fmt.Errorf("%w\n  (the URL is that of %s; from outside the cluster, forward a port to NATS with kubectl port-forward and give --nats-url)", err, where)
-	}
 	if err != nil {
 		return err
 	}

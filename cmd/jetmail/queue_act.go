@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -31,6 +32,8 @@ type queueAction struct {
 	// needState is set when applies needs the delivery state (not only
 	// the record).
 	needState bool
+	// event is what the event log records for each message changed.
+	event events.Kind
 }
 
 var queueActions = []queueAction{
@@ -45,6 +48,7 @@ is sent). The duplicate guard of a removed message stays for the duplicate
 window, so a client's retransmission of it is not queued again.`,
 		applies: func(string) (bool, string) { return true, "" },
 		do:      (*spool.Spool).Remove,
+		event:   events.Removed,
 	},
 	{
 		name: "hold", done: "held",
@@ -60,7 +64,8 @@ held once that attempt ends (what it delivered stays delivered).`,
 			}
 			return true, ""
 		},
-		do: (*spool.Spool).Hold,
+		do:    (*spool.Spool).Hold,
+		event: events.Held,
 	},
 	{
 		name: "release", done: "released",
@@ -71,7 +76,8 @@ held once that attempt ends (what it delivered stays delivered).`,
 			}
 			return true, ""
 		},
-		do: (*spool.Spool).Release,
+		do:    (*spool.Spool).Release,
+		event: events.Released,
 	},
 	{
 		name: "retry", done: "made due now",
@@ -91,6 +97,7 @@ A recipient's retry schedule goes on from its attempt count.`,
 		},
 		do:        (*spool.Spool).Retry,
 		needState: true,
+		event:     events.Retried,
 	},
 }
 
@@ -154,6 +161,9 @@ messages it changed and why it left others alone.`,
 				if err != nil {
 					return err
 				}
+				if err := r.record(ctx); err != nil {
+					fmt.Fprintf(cmd.ErrOrStderr(), "warning: the event log did not record these actions: %v\n", err)
+				}
 				if qf.output == "json" {
 					if err := json.NewEncoder(w).Encode(r.sum); err != nil {
 						return err
@@ -185,8 +195,21 @@ type actRun struct {
 	f   *lsFilter
 	dry bool
 
-	mu  sync.Mutex
-	sum actSummary
+	mu   sync.Mutex
+	sum  actSummary
+	done []events.Event
+}
+
+// record puts one event per message changed in the cluster's event log,
+// under the name "queue@<host>".
+func (r *actRun) record(ctx context.Context) error {
+	if len(r.done) == 0 {
+		return nil
+	}
+	host, _ := os.Hostname()
+	pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	return events.Publish(pctx, r.sp.JetStream(), "queue@"+host, r.done)
 }
 
 func (r *actRun) byID(ctx context.Context, ids []string) error {
@@ -318,8 +341,11 @@ func (r *actRun) apply(ctx context.Context, m *spool.Message, st *spool.Delivery
 		r.fail(m, err)
 		return
 	}
+	env := &m.Envelope
 	r.mu.Lock()
 	r.sum.Affected++
+	r.done = append(r.done, events.Event{Time: time.Now(), Kind: r.a.event, QueueID: env.QueueID, From: events.Sender(env.From),
+		Rcpts: len(env.Rcpts), Size: env.Body.Size})
 	r.mu.Unlock()
 }
 

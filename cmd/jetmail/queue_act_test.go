@@ -3,10 +3,12 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -113,6 +115,31 @@ func TestQueueHoldReleaseRetryRm(t *testing.T) {
 	out, err = runQueue(t, f.url, "rm", a)
 	if err == nil || !strings.Contains(out, "no such message") {
 		t.Errorf("rm of removed mail: %v\n%s", err, out)
+	}
+	// Each change is in the cluster's event log, and in the report.
+	// (The tools' clock is fixed in these tests; the events have the
+	// real time.)
+	got, err := runLogTool(t, f.url, "events", "-o", "json", "--from", time.Now().Add(-time.Hour).UTC().Format(time.RFC3339),
+		"--to", time.Now().Add(time.Minute).UTC().Format(time.RFC3339))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for _, l := range strings.Split(strings.TrimSpace(got), "\n") {
+		var ev events.Event
+		if err := json.Unmarshal([]byte(l), &ev); err != nil {
+			t.Fatalf("%v: %s", err, l)
+		}
+		if !strings.HasPrefix(ev.Pod, "queue@") || ev.QueueID == "" {
+			t.Errorf("admin event %+v", ev)
+		}
+		kinds = append(kinds, string(ev.Kind)+" "+ev.QueueID)
+	}
+	want := []string{"held " + d, "retried " + m, "released " + d, "removed " + a, "removed " + m, "removed " + n}
+	slices.Sort(kinds)
+	slices.Sort(want)
+	if !slices.Equal(kinds, want) {
+		t.Errorf("events of the actions:\n%v\nwant\n%v", kinds, want)
 	}
 	if _, err := runQueue(t, f.url, "rm"); err == nil || !strings.Contains(err.Error(), "nothing selected") {
 		t.Errorf("rm with no selection: %v", err)

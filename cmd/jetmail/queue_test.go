@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/internal/natstest"
 	"github.com/jetmail/jetmail/spool"
 )
@@ -35,6 +36,10 @@ func newQueueFixture(t *testing.T) *queueFixture {
 	cfg.PublishTimeout = 5 * time.Second
 	sp, err := spool.Open(testCtx(t), nc, cfg)
 	if err != nil {
+		t.Fatal(err)
+	}
+	// The event log, where the queue tools record what they change.
+	if _, err := events.OpenStream(testCtx(t), sp.JetStream(), events.StreamConfig{Replicas: 1, Storage: jetstream.FileStorage}); err != nil {
 		t.Fatal(err)
 	}
 	return &queueFixture{url: ns.ClientURL(), sp: sp}

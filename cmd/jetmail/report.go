@@ -12,12 +12,10 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
 	"github.com/jetmail/jetmail/events"
-	"github.com/jetmail/jetmail/spool"
 )
 
 // The event log tools, report and events, read JETMAIL_EVENTS with the
@@ -66,17 +64,11 @@ func (lf *logFlags) window(now time.Time) (time.Time, time.Time, error) {
 
 // run connects to NATS and runs fn with a buffered output.
 func (lf *logFlags) run(cmd *cobra.Command, fn func(ctx context.Context, js jetstream.JetStream, w *bufio.Writer) error) error {
-	if lf.output != "text" && lf.output != "json" {
-		return fmt.Errorf("-o %s: text or json", lf.output)
-	}
-	auth, err := natsAuth(lf.nats.nkey, lf.nats.creds)
+	dctx, cancel := context.WithTimeout(cmd.Context(), lf.timeout)
+	nc, err := lf.dial(dctx, cmd, "jetmail-events")
+	cancel()
 	if err != nil {
 		return err
-	}
-	opts := append(spool.NATSOptions(), nats.Name("jetmail-events"), nats.Timeout(lf.timeout))
-	nc, err := nats.Connect(lf.nats.url, append(opts, auth...)...)
-	if err != nil {
-		return lf.connectError(err)
 	}
 	defer nc.Close()
 	js, err := jetstream.New(nc)
