@@ -10,14 +10,16 @@ import (
 	"github.com/jetmail/jetmail/spool"
 )
 
-// claimKeeper holds an attempt's claim on a redelivered message (see
-// spool.Claim) and extends it while the attempt runs.
+// claimKeeper holds an attempt's claim on a message (see spool.Claim) and
+// extends it while the attempt runs.
 //
-// Why only redelivered messages: a first delivery is what the consumer
-// hands out once, and claiming it would cost every message a write. The
-// early hand-outs seen after a consumer leader change were of messages
-// already redelivered (their latest delivery time had not reached the new
-// leader), so those are claimed, at one write per retry.
+// Which attempts claim: those of a redelivered message, of a record an
+// administrator replaced (spool/admin.go), and a first attempt once it has
+// run for a quarter of the ack wait (lateClaim). Claiming every first
+// attempt at once would cost every message a write. The early hand-outs
+// seen after a consumer leader change were of messages already redelivered
+// (their latest delivery time had not reached the new leader), so those are
+// claimed, at one write per retry.
 type claimKeeper struct {
 	d     *Deliverer
 	state *spool.DeliveryState // a copy of the claimed state, the keeper's own
