@@ -249,6 +249,27 @@ func TestAdministratorActions(t *testing.T) {
 		r.stop(t)
 	})
 
+	t.Run("hold during an attempt that delivers: delivered once, and no hold is left behind", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		mx := e.gatedMX("slow.test", every, accept)
+		r := e.startDeliverer()
+		qid := e.enqueue(e2eSender, "judy@slow.test")
+		<-mx.inData
+		e.act("hold", (*spool.Spool).Hold, qid)
+		close(mx.open)
+		e.waitEmpty(10 * time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if stats, err := e.sp.Stats(ctx); err != nil || stats.Held != 0 {
+			t.Errorf("held count after the held message was delivered: %+v, %v", stats, err)
+		}
+		if n := len(mx.Transactions()); n != 1 {
+			t.Fatalf("delivered %d times, want once", n)
+		}
+		r.stop(t)
+	})
+
 	t.Run("hold during an attempt that defers: the message then waits for its release", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)

@@ -225,6 +225,7 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 	msg.Header.Set(HeaderQueueID, m.Envelope.QueueID)
 	msg.Header.Set(HeaderTombstone, "1")
 	expect := m.Sequence
+	held := !m.Held.IsZero()
 	var err error
 	for try := 0; ; try++ {
 		_, err = s.js.PublishMsg(ctx, msg,
@@ -246,6 +247,7 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 			// An administrator replaced the record during the attempt
 			// (hold, retry): the mail is still this one.
 			expect = last.Sequence
+			held = held || last.Header.Get(HeaderHeld) != ""
 			continue
 		case gerr == nil || errors.Is(gerr, jetstream.ErrMsgNotFound):
 			return fmt.Errorf("spool: complete %s: %w", m.Envelope.QueueID, ErrNotQueued)
@@ -261,6 +263,11 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 		if err := s.bodies.Purge(ctx, jetstream.WithPurgeSubject(bodyPrefix+m.Envelope.Body.ID+".>")); err != nil {
 			return fmt.Errorf("spool: delete body of %s: %w", m.Envelope.QueueID, err)
 		}
+	}
+	if held {
+		// Put on hold while its last attempt ran, which delivered it: the
+		// marker goes with it.
+		return s.dropHeldMarker(ctx, m.Envelope.QueueID)
 	}
 	return nil
 }

@@ -259,18 +259,26 @@ func (r *actRun) bySelection(ctx context.Context, stderr io.Writer) error {
 			}
 		}()
 	}
-	needState := r.a.needState || r.f.state != "" || r.f.errText != ""
+	// The states in one read of their bucket, not one request per
+	// message: most messages have none.
+	var states map[string]*spool.DeliveryState
+	if r.a.needState || r.f.state != "" || r.f.errText != "" {
+		states = map[string]*spool.DeliveryState{}
+		if err := r.sp.States(ctx, func(s *spool.DeliveryState) error {
+			states[s.QueueID] = s
+			return nil
+		}); err != nil {
+			return err
+		}
+	}
 	err = r.sp.Scan(ctx, func(m *spool.Message) error {
 		bar.add()
 		if !r.f.envelopeMatch(m, r.now) {
 			return nil
 		}
 		j := job{m: m}
-		if needState {
-			st, err := r.sp.LoadState(ctx, m.Envelope.QueueID)
-			if err != nil {
-				return err
-			}
+		if states != nil {
+			st := states[m.Envelope.QueueID]
 			j.st, j.state = st, msgState(m, st, stats, r.now)
 			if !r.f.match(j.state, rcptStates(m, st)) {
 				return nil
