@@ -3,6 +3,10 @@ package deliverer
 import (
 	"context"
 	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -321,4 +325,114 @@ func TestRecipientHistory(t *testing.T) {
 			t.Errorf("history[%d] = %+v", i, h)
 		}
 	}
+}
+
+// TestAdministratorActionsUnderLoad throws random holds, releases, retries
+// and removals at messages a deliverer is working on, against an MX that
+// defers a third of its transactions after a random pause, then releases
+// everything and checks: no recipient got a message twice, every message
+// not removed was delivered, and no state or hold marker was left behind.
+func TestAdministratorActionsUnderLoad(t *testing.T) {
+	e := newE2E(t)
+	var calls atomic.Int64
+	mx := e.startMXOf("chaos.test", &mxtest.MX{Data: func(int) error {
+		n := calls.Add(1)
+		time.Sleep(time.Duration(n%7) * 40 * time.Millisecond)
+		if n%3 != 0 {
+			return e2eSMTPError(451, [3]int{4, 3, 0}, "try again")
+		}
+		return nil
+	}})
+	r := e.startDeliverer()
+	const n = 40
+	var qids []string
+	for i := range n {
+		qids = append(qids, e.enqueue(e2eSender, fmt.Sprintf("u%d@chaos.test", i)))
+	}
+	removed := map[string]bool{}
+	// A new seed each run, logged; JETMAIL_CHAOS_SEED replays one.
+	seed := uint64(time.Now().UnixNano())
+	if v, err := strconv.ParseUint(os.Getenv("JETMAIL_CHAOS_SEED"), 10, 64); err == nil {
+		seed = v
+	}
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewPCG(seed, 1))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	deadline := time.Now().Add(8 * time.Second)
+	actions := map[string]int{}
+	for time.Now().Before(deadline) {
+		qid := qids[rng.IntN(n)]
+		m, err := e.sp.Find(ctx, qid)
+		if errors.Is(err, spool.ErrNoSuchMessage) {
+			continue // delivered, or removed
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		var do func(*spool.Spool, context.Context, *spool.Message, time.Time) error
+		kind := ""
+		switch p := rng.IntN(40); {
+		case p == 0:
+			do, kind = (*spool.Spool).Remove, "rm"
+		case p < 16 && m.Held.IsZero():
+			do, kind = (*spool.Spool).Hold, "hold"
+		case p < 28 && !m.Held.IsZero():
+			do, kind = (*spool.Spool).Release, "release"
+		default:
+			do, kind = (*spool.Spool).Retry, "retry"
+		}
+		err = do(e.sp, ctx, m, time.Now())
+		switch {
+		case errors.Is(err, spool.ErrChanged):
+		case err != nil:
+			t.Fatalf("action on %s: %v", qid, err)
+		default:
+			actions[kind]++
+			if kind == "rm" {
+				removed[qid] = true
+			}
+		}
+		time.Sleep(time.Duration(rng.IntN(60)) * time.Millisecond)
+	}
+	// Release what is still held, until nothing is.
+	mxtest.Within(t, 45*time.Second, "every message to leave the queue", func() bool {
+		left := 0
+		_ = e.sp.Scan(ctx, func(m *spool.Message) error {
+			left++
+			if !m.Held.IsZero() {
+				_ = e.sp.Release(ctx, m, time.Now())
+			}
+			return nil
+		})
+		return left == 0
+	})
+	r.stop(t)
+	got := map[string]int{}
+	for _, txn := range mx.Transactions() {
+		for _, rc := range txn.Rcpts {
+			got[rc]++
+		}
+	}
+	for i, qid := range qids {
+		rcpt := fmt.Sprintf("u%d@chaos.test", i)
+		switch {
+		case got[rcpt] > 1:
+			t.Errorf("%s (%s) was delivered %d times", qid, rcpt, got[rcpt])
+		case got[rcpt] == 0 && !removed[qid]:
+			t.Errorf("%s (%s) was never delivered, and not removed", qid, rcpt)
+		}
+	}
+	states := 0
+	if err := e.sp.States(ctx, func(*spool.DeliveryState) error { states++; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	stats, err := e.sp.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if states != 0 || stats.Held != 0 || stats.HandedOut != 0 {
+		t.Errorf("left behind: %d states, %+v", states, stats)
+	}
+	t.Logf("actions %v, %d messages removed, %d MX transactions, %d DATA calls", actions, len(removed), len(mx.Transactions()), calls.Load())
 }
