@@ -17,6 +17,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/jetmail/jetmail/spool"
 )
 
 // Names of the stream and its subjects.
@@ -61,7 +63,7 @@ func OpenStream(ctx context.Context, js jetstream.JetStream, cfg StreamConfig) (
 	if cfg.MaxBytes == 0 {
 		cfg.MaxBytes = DefaultMaxBytes
 	}
-	s, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	s, err := spool.EnsureStream(ctx, js, jetstream.StreamConfig{
 		Name:        Stream,
 		Description: "jetmail event log: batches of gzipped JSON lines, one batch per pod per second at most",
 		Subjects:    []string{SubjectPrefix + ">"},

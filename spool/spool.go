@@ -130,7 +130,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 		}
 	}
 
-	s.queue, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	s.queue, err = EnsureStream(ctx, js, jetstream.StreamConfig{
 		Name:        QueueStream,
 		Description: "jetmail queue: one envelope (and inline body) per mail, keyed for the duplicate guard",
 		Subjects:    []string{queuePrefix + ">"},
@@ -156,7 +156,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("spool: stream %s: %w", QueueStream, err)
 	}
-	s.bodies, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	s.bodies, err = EnsureStream(ctx, js, jetstream.StreamConfig{
 		Name:              BodyStream,
 		Description:       "jetmail message bodies too large to travel inline, in chunks",
 		Subjects:          []string{bodyPrefix + ">"},
@@ -174,7 +174,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("spool: stream %s: %w", BodyStream, err)
 	}
-	s.state, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+	s.state, err = ensureKeyValue(ctx, js, jetstream.KeyValueConfig{
 		Bucket:      StateBucket,
 		Description: "jetmail per-message delivery state",
 		History:     1,

@@ -401,7 +401,7 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 		_, err := gsp.State().Put(ctx, qid1, []byte(`{}`))
 		return err
 	})
-	check(gwc, "gateway reads the event log", "$JS.API.STREAM.INFO.JETMAIL_EVENTS", func(ctx context.Context) error {
+	check(gwc, "gateway reads the event log", "$JS.API.CONSUMER.CREATE.JETMAIL_EVENTS.", func(ctx context.Context) error {
 		return events.Read(ctx, gwc.js, time.Now().Add(-time.Hour), time.Now(), func(events.Event) error { return nil })
 	})
 	check(dl, "deliverer reads the event log", "$JS.API.CONSUMER.CREATE.JETMAIL_EVENTS.", request(dl, "$JS.API.CONSUMER.CREATE.JETMAIL_EVENTS.peek"))
