@@ -80,6 +80,22 @@ type QueueStats struct {
 	// Oldest is the queue ID of the first record not acknowledged by the
 	// deliverers (by stream sequence), "" when none.
 	Oldest string
+	// Held is the number of messages an operator put on hold. Stats
+	// leaves it 0: it is the hook for the hold state, to be counted here
+	// from its own markers (without reading messages) once they exist.
+	Held uint64
+}
+
+// ByState splits the queued mail by state, as the cluster gauges and
+// `jetmail queue stat` count it: new is not handed to a deliverer yet;
+// held (Held) is taken out of the handed-out mail first; deferred is the
+// delivery states, at most what is left (an estimate: a state outlives
+// its mail by a minute); active is the rest, in an attempt now or due.
+func (st *QueueStats) ByState() (newMail, active, deferred, held uint64) {
+	held = min(st.Held, st.HandedOut)
+	rest := st.HandedOut - held
+	deferred = min(st.States, rest)
+	return st.NotHandedOut, rest - deferred, deferred, held
 }
 
 // Stats reads QueueStats from the queue, body and state streams and the
