@@ -89,6 +89,7 @@ Files given with -f are re-read when they change.`,
 				return err
 			}
 			reg := newRegistry()
+			natsConnected(reg, nc)
 			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
 				return err
 			}
@@ -154,6 +155,7 @@ func gatewayCmd() *cobra.Command {
 			cfg := f.spoolConfig(spool.ClusterConfig())
 			cfg.Replicas = replicas
 			reg := newRegistry()
+			natsConnected(reg, nc)
 			var ready readiness
 			if err := serveMetrics(ctx, f.metricsListen, reg, ready.check, log); err != nil {
 				return err
