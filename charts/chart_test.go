@@ -15,8 +15,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"net/http"
 	"os"
@@ -32,6 +34,10 @@ import (
 	"time"
 
 	natsserver "github.com/nats-io/nats-server/v2/server"
+	"github.com/prometheus/common/model"
+	"github.com/prometheus/prometheus/model/labels"
+	"github.com/prometheus/prometheus/model/rulefmt"
+	"github.com/prometheus/prometheus/promql/parser"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -1225,7 +1231,7 @@ func checkScaleTarget(t *testing.T, m manifest, ref scaleTargetRef, component st
 func codeMetrics(t *testing.T) map[string]bool {
 	t.Helper()
 	names := map[string]bool{}
-	re := regexp.MustCompile(`Name:\s*"([a-z_:][a-z0-9_:]*)"`)
+	re := regexp.MustCompile(`(?:Name:\s*|NewDesc\(\s*)"([a-z_:][a-z0-9_:]*)"`)
 	add := func(file string) {
 		b, err := os.ReadFile(file)
 		if err != nil {
@@ -1254,7 +1260,8 @@ func codeMetrics(t *testing.T) map[string]bool {
 		t.Fatalf("go list -m sigs.k8s.io/controller-runtime: %v", err)
 	}
 	add(filepath.Join(strings.TrimSpace(string(out)), "pkg", "internal", "controller", "metrics", "metrics.go"))
-	for _, must := range []string{"jetmail_smtp_connections_open", "jetmail_queue_messages", "jetmail_config_revision", "controller_runtime_reconcile_total"} {
+	for _, must := range []string{"jetmail_smtp_connections_open", "jetmail_queue_messages", "jetmail_config_revision",
+		"jetmail_cluster_queue_messages", "controller_runtime_reconcile_total"} {
 		if !names[must] {
 			t.Fatalf("metric %s not found in the source (found %d names): the reader is broken", must, len(names))
 		}
@@ -1269,64 +1276,131 @@ var notFromCode = map[string]string{
 	"kube_deployment_status_replicas_unavailable": "kube-state-metrics",
 }
 
-var (
-	selectorRE = regexp.MustCompile(`([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}`)
-	matcherRE  = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"`)
-	tokenRE    = regexp.MustCompile(`\b(jetmail|controller_runtime)_[a-z0-9_]+`)
-)
+// tokenRE finds metric names in the text of annotations (not PromQL).
+var tokenRE = regexp.MustCompile(`\b(jetmail|controller_runtime)_[a-z0-9_]+`)
 
-// checkExpr checks one PromQL expression of an alert or a panel: brackets
-// balance, every series it selects is one the code exports (or a known
-// outside one), and every job matcher names the chart's metrics Services.
-// jobs maps what a job matcher may match to true; vars replaces Grafana
-// variables first.
-func checkExpr(t *testing.T, where, expr string, exported map[string]bool, jobs []string, vars map[string]string) {
+// promQL is Prometheus's own PromQL parser, with its default functions.
+var promQL = parser.NewParser(parser.Options{})
+
+// metricRoles maps each jetmail_ metric to the components that export it,
+// read from the catalogue docs/metrics.md (which cmd/jetmail's
+// TestMetricsCatalogueMatchesWhatTheRolesRegister checks against the
+// code); controller-runtime's metrics are the controller's.
+func metricRoles(t *testing.T) map[string][]string {
+	t.Helper()
+	doc, err := os.ReadFile(filepath.Join("..", "docs", "metrics.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	row := regexp.MustCompile("^\\| `(jetmail_[a-z_]+)` \\| [a-z]+ \\|[^|]*\\| ([a-z, ]+) \\|")
+	roles := map[string][]string{}
+	for _, line := range strings.Split(string(doc), "\n") {
+		if m := row.FindStringSubmatch(line); m != nil {
+			for _, r := range strings.Split(m[2], ",") {
+				roles[m[1]] = append(roles[m[1]], strings.TrimSpace(r))
+			}
+		}
+	}
+	if len(roles) < 20 || !slices.Contains(roles["jetmail_cluster_queue_messages"], "controller") {
+		t.Fatalf("read %d metrics from docs/metrics.md: the table's format changed?", len(roles))
+	}
+	return roles
+}
+
+// selected is one series selector of a parsed expression.
+type selected struct {
+	name string
+	vs   *parser.VectorSelector
+}
+
+// selectors parses expr with the PromQL parser and returns its series
+// selectors, from the syntax tree.
+func selectors(t *testing.T, where, expr string) ([]selected, parser.Expr) {
+	t.Helper()
+	e, err := promQL.ParseExpr(expr)
+	if err != nil {
+		t.Errorf("%s: PromQL parser: %v\n%s", where, err, expr)
+		return nil, nil
+	}
+	var out []selected
+	parser.Inspect(e, func(n parser.Node, _ []parser.Node) error {
+		if vs, ok := n.(*parser.VectorSelector); ok {
+			out = append(out, selected{vs.Name, vs})
+		}
+		return nil
+	})
+	return out, e
+}
+
+// baseName is a metric's name without the suffix of a histogram's series.
+func baseName(name string, exported map[string]bool) string {
+	for _, suf := range []string{"_bucket", "_sum", "_count"} {
+		if b, ok := strings.CutSuffix(name, suf); ok && exported[b] {
+			return b
+		}
+	}
+	return name
+}
+
+// checkExpr checks one PromQL expression of an alert or a panel, parsed by
+// Prometheus's parser: every series it selects (every VectorSelector of
+// the syntax tree) is one the code exports, or a known outside one; every
+// job matcher matches metrics Services of the chart, and only those of the
+// components that export the metric; the namespace is the release's.
+// vars replaces Grafana variables first. It returns the parsed expression
+// (nil if it does not parse).
+func checkExpr(t *testing.T, where, expr string, exported map[string]bool, roles map[string][]string, jobs []string, vars map[string]string) parser.Expr {
 	t.Helper()
 	for k, v := range vars {
 		expr = strings.ReplaceAll(expr, k, v)
 	}
-	for _, pair := range []string{"()", "{}", "[]"} {
-		if strings.Count(expr, pair[:1]) != strings.Count(expr, pair[1:]) {
-			t.Errorf("%s: unbalanced %s in %s", where, pair, expr)
-		}
+	sels, e := selectors(t, where, expr)
+	if e == nil {
+		return nil
 	}
-	sels := selectorRE.FindAllStringSubmatch(expr, -1)
 	if len(sels) == 0 {
 		t.Errorf("%s: selects no series: %s", where, expr)
 	}
 	for _, sel := range sels {
-		name := sel[1]
-		base := name
-		for _, suf := range []string{"_bucket", "_sum", "_count"} {
-			if b, ok := strings.CutSuffix(name, suf); ok && exported[b] {
-				base = b
-			}
+		name := sel.name
+		if name == "" {
+			t.Errorf("%s: a selector without a metric name: %s", where, sel.vs)
+			continue
 		}
+		base := baseName(name, exported)
 		if !exported[base] && notFromCode[name] == "" {
 			t.Errorf("%s: metric %s is not exported by jetmail's code: %s", where, name, expr)
 		}
 		hasJob := false
-		for _, mt := range matcherRE.FindAllStringSubmatch(sel[2], -1) {
-			label, op, val := mt[1], mt[2], mt[3]
-			switch label {
+		for _, m := range sel.vs.LabelMatchers {
+			switch m.Name {
 			case "job":
 				hasJob = true
-				matched := 0
+				var matched []string
 				for _, j := range jobs {
-					ok := val == j
-					if op == "=~" {
-						ok = regexp.MustCompile("^(?:" + val + ")$").MatchString(j)
-					}
-					if ok {
-						matched++
+					if m.Matches(j) {
+						matched = append(matched, j)
 					}
 				}
-				if matched == 0 {
-					t.Errorf("%s: job%s%q matches none of the metrics Services %v", where, op, val, jobs)
+				if len(matched) == 0 {
+					t.Errorf("%s: %s matches none of the metrics Services %v", where, m, jobs)
+				}
+				if notFromCode[name] != "" {
+					break
+				}
+				want := roles[base]
+				if strings.HasPrefix(base, "controller_runtime_") {
+					want = []string{"controller"}
+				}
+				for _, j := range matched {
+					comp := strings.TrimSuffix(strings.TrimPrefix(j, release+"-jetmail-"), "-metrics")
+					if !slices.Contains(want, comp) {
+						t.Errorf("%s: %s selects %s of the %s, which does not export it (exported by %v)", where, m, name, comp, want)
+					}
 				}
 			case "namespace":
-				if val != namespace {
-					t.Errorf("%s: namespace %q, want %q", where, val, namespace)
+				if m.Type != labels.MatchEqual || m.Value != namespace {
+					t.Errorf("%s: %s, want namespace=%q", where, m, namespace)
 				}
 			}
 		}
@@ -1334,17 +1408,27 @@ func checkExpr(t *testing.T, where, expr string, exported map[string]bool, jobs 
 			t.Errorf("%s: %s is selected without a job matcher (another release's series would count): %s", where, name, expr)
 		}
 	}
-	for _, tok := range tokenRE.FindAllString(expr, -1) {
-		base := tok
-		for _, suf := range []string{"_bucket", "_sum", "_count"} {
-			if b, ok := strings.CutSuffix(tok, suf); ok && exported[b] {
-				base = b
+	return e
+}
+
+// groupsBy tells whether e aggregates metric by label somewhere (sum by
+// (label) (... metric ...)), or selects it without aggregating it away.
+func groupsBy(e parser.Expr, metric, label string) bool {
+	found := false
+	parser.Inspect(e, func(n parser.Node, _ []parser.Node) error {
+		agg, ok := n.(*parser.AggregateExpr)
+		if !ok || found || agg.Without || !slices.Contains(agg.Grouping, label) {
+			return nil
+		}
+		parser.Inspect(agg.Expr, func(n parser.Node, _ []parser.Node) error {
+			if vs, ok := n.(*parser.VectorSelector); ok && vs.Name == metric {
+				found = true
 			}
-		}
-		if !exported[base] {
-			t.Errorf("%s: %s is not a metric of the code", where, tok)
-		}
-	}
+			return nil
+		})
+		return nil
+	})
+	return found
 }
 
 func TestGatewayAutoscaling(t *testing.T) {
@@ -1577,42 +1661,56 @@ func TestServiceMonitors(t *testing.T) {
 	}
 }
 
+// parseRules hands the rendered PrometheusRule's groups to Prometheus's
+// own rule file parser (rulefmt: unknown fields, durations, label names,
+// annotation templates, each expression through the PromQL parser).
+func parseRules(t *testing.T, pr *unstructured.Unstructured) *rulefmt.RuleGroups {
+	t.Helper()
+	groups, ok, err := unstructured.NestedSlice(pr.Object, "spec", "groups")
+	if err != nil || !ok {
+		t.Fatalf("spec.groups: %v (found %v)", err, ok)
+	}
+	file, err := yaml.Marshal(map[string]any{"groups": groups})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rgs, errs := rulefmt.Parse(file, false, model.LegacyValidation, promQL, slog.New(slog.DiscardHandler))
+	if len(errs) > 0 {
+		t.Fatalf("Prometheus refuses the rules: %v\n%s", errors.Join(errs...), file)
+	}
+	return rgs
+}
+
 func TestPrometheusRule(t *testing.T) {
 	m := index(t, render(t, "prometheusRule.enabled=true", "prometheusRule.labels.release=prom",
 		"prometheusRule.alertLabels.team=mail", "prometheusRule.disabled={JetmailPodsUnavailable}",
 		"prometheusRule.extraRules[0].alert=SiteSpecific", "prometheusRule.extraRules[0].expr=vector(1)",
-		"prometheusRule.thresholds.tempfailRatio=0.02"))
+		"prometheusRule.thresholds.tempfailRatio=0.02", "prometheusRule.thresholds.queueGrowingFor=45m",
+		"prometheusRule.thresholds.oldestMessageAgeSeconds=7200"))
 	pr := m.get(t, "PrometheusRule", "jm-jetmail")
 	if pr.GetAPIVersion() != "monitoring.coreos.com/v1" || pr.GetNamespace() != namespace || pr.GetLabels()["release"] != "prom" {
 		t.Errorf("PrometheusRule %s in %q, labels %v", pr.GetAPIVersion(), pr.GetNamespace(), pr.GetLabels())
 	}
-	type rule struct {
-		Alert       string            `json:"alert"`
-		Expr        string            `json:"expr"`
-		For         string            `json:"for"`
-		Labels      map[string]string `json:"labels"`
-		Annotations map[string]string `json:"annotations"`
-	}
-	groups := field[[]struct {
-		Name  string `json:"name"`
-		Rules []rule `json:"rules"`
-	}](t, pr, "spec", "groups")
+	groups := parseRules(t, pr).Groups
 	if len(groups) != 1 {
 		t.Fatalf("%d groups", len(groups))
 	}
 	var names []string
-	exprs := map[string]string{}
+	rules := map[string]rulefmt.Rule{}
 	for _, r := range groups[0].Rules {
 		names = append(names, r.Alert)
-		exprs[r.Alert] = r.Expr
+		rules[r.Alert] = r
 	}
-	want := []string{"JetmailQueueAcceptanceFailing", "JetmailDeliveriesDeferredHigh", "JetmailSMTPDeadlineKills",
+	want := []string{"JetmailQueueAcceptanceFailing", "JetmailGatewayJetStreamUnreachable", "JetmailQueueGrowing",
+		"JetmailQueueOldestMessage", "JetmailDeliveryFailureRatioHigh", "JetmailDeliveriesDeferredHigh", "JetmailSMTPDeadlineKills",
 		"JetmailDeliveryDeadlineKills", "JetmailDeliveryStalled", "JetmailConfigRevisionLagging", "JetmailTargetDown", "SiteSpecific"}
 	if !reflect.DeepEqual(names, want) {
 		t.Fatalf("alerts\n got %v\nwant %v", names, want)
 	}
 	exported := codeMetrics(t)
+	roles := metricRoles(t)
 	jobs := metricsJobs(t, index(t, render(t)))
+	exprs := map[string]parser.Expr{}
 	for _, r := range groups[0].Rules[:len(groups[0].Rules)-1] {
 		if sev := r.Labels["severity"]; sev != "critical" && sev != "warning" {
 			t.Errorf("%s severity %q", r.Alert, sev)
@@ -1620,10 +1718,10 @@ func TestPrometheusRule(t *testing.T) {
 		if r.Labels["team"] != "mail" {
 			t.Errorf("%s labels %v lack alertLabels", r.Alert, r.Labels)
 		}
-		if r.For == "" || r.Annotations["summary"] == "" || r.Annotations["description"] == "" {
-			t.Errorf("%s: for %q, annotations %v", r.Alert, r.For, r.Annotations)
+		if r.For == 0 || r.Annotations["summary"] == "" || r.Annotations["description"] == "" {
+			t.Errorf("%s: for %v, annotations %v", r.Alert, r.For, r.Annotations)
 		}
-		checkExpr(t, r.Alert, r.Expr, exported, jobs, nil)
+		exprs[r.Alert] = checkExpr(t, r.Alert, r.Expr, exported, roles, jobs, nil)
 		for _, a := range r.Annotations {
 			for _, tok := range tokenRE.FindAllString(a, -1) {
 				if !exported[tok] {
@@ -1633,46 +1731,83 @@ func TestPrometheusRule(t *testing.T) {
 		}
 	}
 	// The label values the alerts select on are the code's.
-	src := sourceText(t, "smtpgw", "deliverer", "spool")
-	for _, v := range []string{"queued", "duplicate", "tempfail", "deferred"} {
+	src := sourceText(t, "smtpgw", "deliverer", "spool", "controllers")
+	for _, v := range []string{"queued", "duplicate", "tempfail", "deferred", "failed", "held"} {
 		if !strings.Contains(src, `"`+v+`"`) {
-			t.Errorf("result=%q is not a value the code uses", v)
+			t.Errorf("result or state %q is not a value the code uses", v)
 		}
 	}
 	for _, c := range []struct{ alert, want string }{
 		{"JetmailQueueAcceptanceFailing", "> 0.02"},
 		{"JetmailDeliveriesDeferredHigh", "> 0.5"},
+		{"JetmailDeliveryFailureRatioHigh", `result="failed"`},
+		{"JetmailDeliveryFailureRatioHigh", "> 0.2"},
 		{"JetmailDeliveryStalled", "[3h]"},
+		{"JetmailQueueGrowing", `deriv(jetmail_cluster_queue_messages{job="jm-jetmail-controller-metrics"`},
+		{"JetmailQueueGrowing", "[15m]"},
+		{"JetmailQueueGrowing", "> 1000"},
+		{"JetmailQueueOldestMessage", "> 7200"},
+		{"JetmailGatewayJetStreamUnreachable", `jetmail_nats_connected{job="jm-jetmail-gateway-metrics"`},
 		{"JetmailConfigRevisionLagging", `jetmail_config_revision{job=~"jm-jetmail-gateway-metrics|jm-jetmail-deliverer-metrics"`},
 		{"JetmailTargetDown", `job=~"jm-jetmail-(gateway|deliverer|controller)-metrics"`},
 	} {
-		if !strings.Contains(exprs[c.alert], c.want) {
-			t.Errorf("%s expr lacks %q:\n%s", c.alert, c.want, exprs[c.alert])
+		if !strings.Contains(rules[c.alert].Expr, c.want) {
+			t.Errorf("%s expr lacks %q:\n%s", c.alert, c.want, rules[c.alert].Expr)
+		}
+	}
+	if d := time.Duration(rules["JetmailQueueGrowing"].For); d != 45*time.Minute {
+		t.Errorf("JetmailQueueGrowing for %s, want the 45m set", d)
+	}
+	if d := time.Duration(rules["JetmailGatewayJetStreamUnreachable"].For); d != 2*time.Minute {
+		t.Errorf("JetmailGatewayJetStreamUnreachable for %s, want the default 2m", d)
+	}
+	// The queue alerts read the cluster gauges the leading controller
+	// exports, not the per-deliverer copies.
+	for _, a := range []string{"JetmailQueueGrowing", "JetmailQueueOldestMessage"} {
+		sels, _ := selectors(t, a, rules[a].Expr)
+		for _, sel := range sels {
+			if !strings.HasPrefix(sel.name, "jetmail_cluster_") {
+				t.Errorf("%s selects %s, not a cluster gauge", a, sel.name)
+			}
 		}
 	}
 
 	// Every alert, with kube-state-metrics' too.
-	all := index(t, render(t, "prometheusRule.enabled=true"))
-	rules := field[[]struct {
-		Rules []rule `json:"rules"`
-	}](t, all.get(t, "PrometheusRule", "jm-jetmail"), "spec", "groups")[0].Rules
-	if len(rules) != 8 || rules[7].Alert != "JetmailPodsUnavailable" {
-		t.Fatalf("default rules %d, last %q", len(rules), rules[len(rules)-1].Alert)
+	all := parseRules(t, index(t, render(t, "prometheusRule.enabled=true")).get(t, "PrometheusRule", "jm-jetmail")).Groups[0].Rules
+	if len(all) != 12 || all[11].Alert != "JetmailPodsUnavailable" {
+		t.Fatalf("default rules %d, last %q", len(all), all[len(all)-1].Alert)
 	}
-	checkExpr(t, rules[7].Alert, rules[7].Expr, exported, jobs, nil)
+	checkExpr(t, all[11].Alert, all[11].Expr, exported, roles, jobs, nil)
 	// Its deployment matcher selects exactly the chart's Deployments.
-	dm := regexp.MustCompile(`deployment=~"([^"]*)"`).FindStringSubmatch(rules[7].Expr)
-	if dm == nil {
-		t.Fatalf("JetmailPodsUnavailable has no deployment matcher: %s", rules[7].Expr)
-	}
-	deployRE := regexp.MustCompile("^(?:" + dm[1] + ")$")
-	for _, d := range all.kinds("Deployment") {
-		if !deployRE.MatchString(d) {
-			t.Errorf("JetmailPodsUnavailable's deployment=~%q misses Deployment %s", dm[1], d)
+	sels, _ := selectors(t, all[11].Alert, all[11].Expr)
+	var dm *labels.Matcher
+	for _, mt := range sels[0].vs.LabelMatchers {
+		if mt.Name == "deployment" {
+			dm = mt
 		}
 	}
-	if deployRE.MatchString("jm-jetmail-nats") || deployRE.MatchString("other-gateway") {
-		t.Errorf("deployment=~%q selects too much", dm[1])
+	if dm == nil {
+		t.Fatalf("JetmailPodsUnavailable has no deployment matcher: %s", all[11].Expr)
+	}
+	deployments := index(t, render(t, "prometheusRule.enabled=true")).kinds("Deployment")
+	for _, d := range deployments {
+		if !dm.Matches(d) {
+			t.Errorf("JetmailPodsUnavailable's %s misses Deployment %s", dm, d)
+		}
+	}
+	if dm.Matches("jm-jetmail-nats") || dm.Matches("other-gateway") {
+		t.Errorf("%s selects too much", dm)
+	}
+	// Every alert can be turned off by name, as the schema lists them.
+	off := "prometheusRule.disabled={" + strings.Join(func() []string {
+		var n []string
+		for _, r := range all {
+			n = append(n, r.Alert)
+		}
+		return n
+	}(), ",") + "}"
+	if n := len(parseRules(t, index(t, render(t, "prometheusRule.enabled=true", off)).get(t, "PrometheusRule", "jm-jetmail")).Groups[0].Rules); n != 0 {
+		t.Errorf("with every alert disabled, %d rules remain", n)
 	}
 }
 
@@ -1760,13 +1895,27 @@ func TestGrafanaDashboard(t *testing.T) {
 		}
 	}
 	exported := codeMetrics(t)
+	roles := metricRoles(t)
+	// Grafana's variables, replaced as Grafana would before the query
+	// reaches Prometheus: the dashboard's own and the built-in intervals.
+	gvars := map[string]string{"$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h",
+		"${jetmail}": "jm-jetmail", "$jetmail": "jm-jetmail", "${namespace}": namespace, "$namespace": namespace}
+	type query struct {
+		panel string
+		expr  parser.Expr
+	}
+	var parsed []query
 	ids := map[int]bool{}
-	queries := 0
+	titles := map[string]bool{}
 	for _, p := range dash.Panels {
 		if ids[p.ID] {
 			t.Errorf("panel id %d twice", p.ID)
 		}
 		ids[p.ID] = true
+		if titles[p.Title] {
+			t.Errorf("panel title %q twice", p.Title)
+		}
+		titles[p.Title] = true
 		if p.GridPos.X+p.GridPos.W > 24 {
 			t.Errorf("panel %q is wider than the dashboard", p.Title)
 		}
@@ -1777,13 +1926,69 @@ func TestGrafanaDashboard(t *testing.T) {
 			t.Errorf("panel %q has no query", p.Title)
 		}
 		for _, q := range p.Targets {
-			queries++
-			checkExpr(t, "panel "+p.Title, q.Expr, exported, jobs,
-				map[string]string{"$jetmail": "jm-jetmail", "$namespace": namespace, "$__rate_interval": "5m"})
+			expr := q.Expr
+			for _, k := range slices.Sorted(maps.Keys(gvars)) {
+				expr = strings.ReplaceAll(expr, k, gvars[k])
+			}
+			if strings.Contains(expr, "$") {
+				t.Errorf("panel %q: a Grafana variable the test does not know: %s", p.Title, q.Expr)
+				continue
+			}
+			if e := checkExpr(t, "panel "+p.Title, expr, exported, roles, jobs, nil); e != nil {
+				parsed = append(parsed, query{p.Title, e})
+			}
 		}
 	}
-	if queries < 20 {
-		t.Errorf("only %d queries", queries)
+	if len(parsed) < 25 {
+		t.Errorf("only %d queries parsed", len(parsed))
+	}
+	// The panels an operator needs, found by what their queries select
+	// (from the parsed queries), and by which label they break it down.
+	for _, need := range []struct {
+		what, metric, by string
+	}{
+		{"intake (mail queued)", "jetmail_smtp_transactions_total", ""},
+		{"delivery rate by result", "jetmail_delivery_attempts_total", "result"},
+		{"deferral reasons", "jetmail_delivery_deferrals_total", "class"},
+		{"queue depth by state", "jetmail_cluster_queue_messages", "state"},
+		{"queue age", "jetmail_cluster_queue_oldest_message_age_seconds", ""},
+		{"queue storage", "jetmail_cluster_queue_bytes", "stream"},
+		{"inbound deadline kills", "jetmail_smtp_deadline_kills_total", "reason"},
+		{"outbound deadline kills", "jetmail_delivery_deadline_kills_total", ""},
+		{"duplicates suppressed", "jetmail_smtp_duplicates_suppressed_total", ""},
+		{"configuration revision per pod", "jetmail_config_revision", ""},
+		{"NATS connection per pod", "jetmail_nats_connected", "pod"},
+	} {
+		var found []string
+		for _, q := range parsed {
+			sels := 0
+			parser.Inspect(q.expr, func(n parser.Node, _ []parser.Node) error {
+				if vs, ok := n.(*parser.VectorSelector); ok && vs.Name == need.metric {
+					sels++
+				}
+				return nil
+			})
+			if sels > 0 && (need.by == "" || groupsBy(q.expr, need.metric, need.by)) {
+				found = append(found, q.panel)
+			}
+		}
+		if len(found) == 0 {
+			t.Errorf("no panel shows %s (%s by %q)", need.what, need.metric, need.by)
+		}
+	}
+	// The configuration revision is shown per pod: not aggregated away.
+	for _, q := range parsed {
+		if q.panel == "Configuration revision per pod" {
+			if _, ok := q.expr.(*parser.VectorSelector); !ok {
+				t.Errorf("panel %q aggregates the revisions: %s", q.panel, q.expr)
+			}
+		}
+	}
+	for _, title := range []string{"Intake: mail queued / s", "Delivery attempts by result", "Deferrals by class", "Queue by state",
+		"Oldest message age", "Sessions cut off", "Outbound sessions cut off", "Duplicates suppressed", "Configuration revision per pod"} {
+		if !titles[title] {
+			t.Errorf("no panel %q", title)
+		}
 	}
 
 	// Into the namespace the sidecar watches.

@@ -3,6 +3,8 @@ package controllers
 import (
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
@@ -10,6 +12,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
@@ -39,6 +42,14 @@ type ManagerOptions struct {
 	ReadyPoll time.Duration
 	// SkipNameValidation allows several managers in one process (tests).
 	SkipNameValidation bool
+	// NATS, when set, adds the cluster gauges (ClusterMetrics), read
+	// from the queue on this connection by the leader every
+	// ClusterMetricsEvery (0: DefaultClusterMetricsEvery).
+	NATS                *nats.Conn
+	ClusterMetricsEvery time.Duration
+	// Registerer takes the cluster gauges; nil is controller-runtime's
+	// registry, the one its metrics endpoint serves.
+	Registerer prometheus.Registerer
 }
 
 // NewManager returns a manager running the configuration reconciler
@@ -94,6 +105,19 @@ func NewManager(cfg *rest.Config, store *policy.Store, o ManagerOptions) (ctrl.M
 		Namespace: o.Namespace, ReadyPoll: o.ReadyPoll}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return nil, err
+	}
+	if o.NATS != nil {
+		cm := NewClusterMetrics(o.NATS, o.ClusterMetricsEvery)
+		reg := o.Registerer
+		if reg == nil {
+			reg = ctrlmetrics.Registry
+		}
+		if err := reg.Register(cm); err != nil {
+			return nil, err
+		}
+		if err := mgr.Add(cm); err != nil {
+			return nil, err
+		}
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
 		return nil, err

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -69,6 +70,7 @@ type world struct {
 	store *policy.Store
 	js    jetstream.JetStream
 	sp    *spool.Spool
+	nc    *nats.Conn
 }
 
 var nsCounter int
@@ -106,7 +108,7 @@ func newBareWorld(t *testing.T) *world {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &world{t: t, ns: name, c: c, store: store, js: sp.JetStream(), sp: sp}
+	w := &world{t: t, ns: name, c: c, store: store, js: sp.JetStream(), sp: sp, nc: nc}
 	w.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}})
 	return w
 }

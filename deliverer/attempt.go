@@ -353,6 +353,7 @@ func (a *attempt) record(r spool.Rcpt, res outbound.RcptResult, elapsed time.Dur
 		} else {
 			rs.Status, report.Action = spool.RcptDeferred, dsn.ActionDelayed
 			rs.NextAttempt = a.now.Add(a.pol.RetryDelay(rs.Attempts))
+			a.d.metrics.deferrals.WithLabelValues(deferralClass(e)).Inc()
 		}
 		fields = append(fields, zap.Int("code", e.Code), zap.String("dsn", e.Enhanced), zap.String("reply", e.Text))
 		a.reports = append(a.reports, report)

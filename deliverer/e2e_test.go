@@ -636,6 +636,12 @@ func TestDelivererEndToEnd(t *testing.T) {
 		mxtest.Within(t, 10*time.Second, "one probe", func() bool { return dials.Load() == tried+1 })
 		probes := e2eCount(t, r.d.metrics.suspended)
 		mxtest.Within(t, 10*time.Second, "more suspended deferrals", func() bool { return e2eCount(t, r.d.metrics.suspended) >= probes+2 })
+		// The deferrals by class: the refused connections, then the
+		// suspended recipients, one each.
+		if c, s, n := e2eCount(t, r.d.metrics.deferrals.WithLabelValues("connect")), e2eCount(t, r.d.metrics.deferrals.WithLabelValues("suspended")),
+			e2eCount(t, r.d.metrics.suspended); c < 1 || s != n {
+			t.Errorf("deferrals: connect %v, suspended %v (suspended recipients %v)", c, s, n)
+		}
 		if n := dials.Load(); n != tried+1 {
 			t.Errorf("%d connections tried after the first hour, want the one probe", n-tried)
 		}
@@ -1015,6 +1021,9 @@ func TestDelivererEndToEnd(t *testing.T) {
 		}
 		if n := e2eCount(t, r.d.metrics.deadlineKills); n != 1 {
 			t.Errorf("deadline kills = %v, want 1", n)
+		}
+		if n := e2eCount(t, r.d.metrics.deferrals.WithLabelValues("deadline")); n != 1 {
+			t.Errorf("deferrals{class=deadline} = %v, want 1", n)
 		}
 		if n := tp.Accepted.Load(); n != 1 {
 			t.Errorf("tarpit accepted %d connections, want 1", n)

@@ -1,6 +1,12 @@
 package deliverer
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/jetmail/jetmail/deliverer/failure"
+)
 
 type metrics struct {
 	attempts         *prometheus.CounterVec
@@ -15,6 +21,7 @@ type metrics struct {
 	queueMessages    prometheus.Gauge
 	queueOldestAge   prometheus.Gauge
 	recordRetries    prometheus.Counter
+	deferrals        *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -68,9 +75,50 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_delivery_record_retries_total",
 			Help: "Tries at recording a delivery outcome that failed and were made again (NATS stalled or a stream leader changed).",
 		}),
+		deferrals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_delivery_deferrals_total",
+			Help: "Recipients deferred, by class of the failure: dns, connect, tls, timeout, deadline, reply (a 4xx reply of the remote), suspended (destination down), other.",
+		}, []string{"class"}),
+	}
+	for _, c := range deferralClasses {
+		m.deferrals.WithLabelValues(c)
 	}
 	if reg != nil {
+		reg.MustRegister(m.deferrals)
 		reg.MustRegister(m.attempts, m.latency, m.sessionsOpen, m.notifications, m.expired, m.destinationBusy, m.suspended, m.destinationsDown, m.deadlineKills, m.queueMessages, m.queueOldestAge, m.recordRetries)
 	}
 	return m
+}
+
+// deferralClasses are the values of jetmail_delivery_deferrals_total's
+// class label: a fixed few, whatever the failures.
+var deferralClasses = []string{"dns", "connect", "tls", "timeout", "deadline", "reply", "suspended", "other"}
+
+// deferralClass sorts a temporary failure into one of deferralClasses, by
+// its reason, whether a remote server gave it, and its RFC 3463 code (the
+// ones package outbound and package resolve give local failures).
+func deferralClass(e *failure.Error) string {
+	switch {
+	case e == nil:
+		return "other"
+	case e.Reason == failure.Suspended:
+		return "suspended"
+	case e.Reason == failure.DeadlineKill:
+		return "deadline"
+	case e.Remote != "":
+		return "reply"
+	}
+	switch {
+	case e.Enhanced == "4.4.3", e.Enhanced == "4.4.4":
+		// DNS lookups that failed, and no usable next hop found.
+		return "dns"
+	case e.Enhanced == "4.4.1":
+		return "connect"
+	case e.Enhanced == "4.4.2":
+		// A timeout, or the connection lost during the session.
+		return "timeout"
+	case strings.HasPrefix(e.Enhanced, "4.7."):
+		return "tls"
+	}
+	return "other"
 }

@@ -86,6 +86,18 @@ type QueueStats struct {
 	Held uint64
 }
 
+// ByState splits the queued mail by state, as the cluster gauges and
+// `jetmail queue stat` count it: new is not handed to a deliverer yet;
+// held (Held) is taken out of the handed-out mail first; deferred is the
+// delivery states, at most what is left (an estimate: a state outlives
+// its mail by a minute); active is the rest, in an attempt now or due.
+func (st *QueueStats) ByState() (newMail, active, deferred, held uint64) {
+	held = min(st.Held, st.HandedOut)
+	rest := st.HandedOut - held
+	deferred = min(st.States, rest)
+	return st.NotHandedOut, rest - deferred, deferred, held
+}
+
 // Stats reads QueueStats from the queue, body and state streams and the
 // deliverers' consumer: a handful of requests, whatever the queue holds.
 func (s *Spool) Stats(ctx context.Context) (*QueueStats, error) {

@@ -49,6 +49,9 @@ func controllerCmd() *cobra.Command {
 			}
 			mgr, err := controllers.NewManager(ctrl.GetConfigOrDie(), store, controllers.ManagerOptions{
 				Namespace: namespace, LeaderElect: leaderElect, MetricsAddr: metrics, ProbeAddr: probes,
+				// The leader exports the queue's figures once for the
+				// cluster (jetmail_cluster_*).
+				NATS: nc,
 			})
 			if err != nil {
 				return err

@@ -97,6 +97,7 @@ nothing: the message comes back to another one.`,
 			cfg := spool.ClusterConfig()
 			cfg.Replicas = replicas
 			reg := newRegistry()
+			natsConnected(reg, nc)
 			var ready readiness
 			if err := serveMetrics(ctx, metrics, reg, ready.check, log); err != nil {
 				return err

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/jetmail/jetmail/controllers"
 	"github.com/jetmail/jetmail/deliverer"
 	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/events"
@@ -59,7 +60,8 @@ func (r *descRecorder) MustRegister(cs ...prometheus.Collector) {
 }
 
 // The metric catalogue (docs/metrics.md) lists exactly what the roles
-// register: every jetmail_ metric, with its labels.
+// register: every jetmail_ metric, with its labels (the controller's
+// cluster gauges included).
 func TestMetricsCatalogueMatchesWhatTheRolesRegister(t *testing.T) {
 	ns := natstest.Start(t, natstest.Options{})
 	nc := natstest.Connect(t, ns, spool.NATSOptions()...)
@@ -84,6 +86,9 @@ func TestMetricsCatalogueMatchesWhatTheRolesRegister(t *testing.T) {
 	hctx, stop := context.WithCancel(ctx)
 	defer stop()
 	heartbeat(hctx, src, nil, "pod", "gateway", reg, zap.NewNop())
+	natsConnected(reg, nc)
+	// The controller's: the cluster gauges of the leader.
+	reg.MustRegister(controllers.NewClusterMetrics(nc, 0))
 
 	doc, err := os.ReadFile("../../docs/metrics.md")
 	if err != nil {

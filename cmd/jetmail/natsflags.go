@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
 
 	"github.com/jetmail/jetmail/spool"
@@ -55,4 +56,19 @@ func natsAuth(nkey, creds string) ([]nats.Option, error) {
 		opts = append(opts, nats.UserCredentials(creds))
 	}
 	return opts, nil
+}
+
+// natsConnected exports whether nc is connected to a NATS server now
+// (jetmail_nats_connected): 0 while the client reconnects, which is when
+// a gateway answers 451 and neither role is ready.
+func natsConnected(reg prometheus.Registerer, nc *nats.Conn) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "jetmail_nats_connected",
+		Help: "1 while this process is connected to a NATS server, 0 while it is not (reconnecting).",
+	}, func() float64 {
+		if nc.IsConnected() {
+			return 1
+		}
+		return 0
+	}))
 }

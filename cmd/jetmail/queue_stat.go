@@ -76,12 +76,11 @@ recipients: its time grows with the queue.`,
 					return err
 				}
 				out := statOutput{
-					Messages: st.NotHandedOut + st.HandedOut, New: st.NotHandedOut,
-					Deferred: min(st.States, st.HandedOut), Bytes: st.QueueBytes + st.BodyBytes,
+					Messages: st.NotHandedOut + st.HandedOut, Bytes: st.QueueBytes + st.BodyBytes,
 					QueueBytes: st.QueueBytes, BodyBytes: st.BodyBytes, Consumer: st.Consumer, Oldest: st.Oldest,
 				}
-				out.Held = st.Held
-				out.Active = st.HandedOut - out.Deferred - min(st.Held, st.HandedOut-out.Deferred)
+				// As the cluster gauges count them.
+				out.New, out.Active, out.Deferred, out.Held = st.ByState()
 				if t, ok := spool.QueueIDTime(st.Oldest); ok {
 					out.OldestTime = t
 					out.OldestAgeSec = now.Sub(t).Seconds()

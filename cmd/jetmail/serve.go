@@ -90,6 +90,7 @@ Files given with -f are re-read when they change.`,
 				return err
 			}
 			reg := newRegistry()
+			natsConnected(reg, nc)
 			if err := serveMetrics(ctx, f.metricsListen, reg, sp.Ping, log); err != nil {
 				return err
 			}
@@ -160,6 +161,7 @@ func gatewayCmd() *cobra.Command {
 			cfg := f.spoolConfig(spool.ClusterConfig())
 			cfg.Replicas = replicas
 			reg := newRegistry()
+			natsConnected(reg, nc)
 			var ready readiness
 			if err := serveMetrics(ctx, f.metricsListen, reg, ready.check, log); err != nil {
 				return err
