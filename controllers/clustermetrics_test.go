@@ -69,22 +69,40 @@ func TestLeaderExportsTheClusterQueueGauges(t *testing.T) {
 	// hands out two, one of which has a delivery state (deferred).
 	oldest := queueAged(t, w.sp, time.Hour, "a@example.net")
 	queueAged(t, w.sp, 0, "b@example.net")
-	queueAged(t, w.sp, 0, "c@example.net")
+	held := queueAged(t, w.sp, 0, "c@example.net")
 	cons, err := w.sp.DeliveryConsumer(ctx, 5*time.Minute, 100)
 	if err != nil {
 		t.Fatal(err)
 	}
-	batch, err := cons.Fetch(2, jetstream.FetchMaxWait(5*time.Second))
+	fetch := func(n int) {
+		t.Helper()
+		batch, err := cons.Fetch(n, jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := 0
+		for m := range batch.Messages() {
+			got++
+			if m.Headers().Get(spool.HeaderHeld) != "" {
+				_ = m.NakWithDelay(time.Hour) // as a deliverer does
+			}
+		}
+		if got != n {
+			t.Fatalf("fetched %d messages, want %d", got, n)
+		}
+	}
+	fetch(3)
+	// The third is put on hold (a new record, which a deliverer takes and
+	// hands back); a fourth arrives, which no deliverer has had yet.
+	m, err := w.sp.Find(ctx, held)
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := 0
-	for range batch.Messages() {
-		got++
+	if err := w.sp.Hold(ctx, m, time.Now()); err != nil {
+		t.Fatal(err)
 	}
-	if got != 2 {
-		t.Fatalf("fetched %d messages, want 2", got)
-	}
+	fetch(1)
+	queueAged(t, w.sp, 0, "d@example.net")
 	if err := w.sp.SaveState(ctx, &spool.DeliveryState{QueueID: oldest, Attempts: 1,
 		Rcpts: []spool.RcptState{{Addr: "a@example.net", Status: spool.RcptDeferred}}}); err != nil {
 		t.Fatal(err)
@@ -101,7 +119,7 @@ func TestLeaderExportsTheClusterQueueGauges(t *testing.T) {
 		"jetmail_cluster_queue_messages{state=new}":      1,
 		"jetmail_cluster_queue_messages{state=active}":   1,
 		"jetmail_cluster_queue_messages{state=deferred}": 1,
-		"jetmail_cluster_queue_messages{state=held}":     0,
+		"jetmail_cluster_queue_messages{state=held}":     1,
 		"jetmail_cluster_queue_bytes{stream=queue}":      float64(st.QueueBytes),
 		"jetmail_cluster_queue_bytes{stream=body}":       float64(st.BodyBytes),
 		"jetmail_cluster_delivery_states":                1,
