@@ -176,8 +176,15 @@ func (s *Spool) actionError(what string, m *Message, err error) error {
 	return fmt.Errorf("spool: %s %s: %w", what, m.Envelope.QueueID, err)
 }
 
+// dropHeldMarker deletes the marker with a purge of its subject in the
+// bucket's stream, which leaves nothing behind (a KV delete or purge
+// leaves a marker of its own, which `queue stat` would count).
 func (s *Spool) dropHeldMarker(ctx context.Context, qid string) error {
-	if err := s.state.Purge(ctx, heldPrefix+qid, jetstream.PurgeTTL(time.Minute)); err != nil {
+	ks, err := s.js.Stream(ctx, "KV_"+StateBucket)
+	if err == nil {
+		err = ks.Purge(ctx, jetstream.WithPurgeSubject("$KV."+StateBucket+"."+heldPrefix+qid))
+	}
+	if err != nil {
 		return fmt.Errorf("spool: release %s: marker: %w", qid, err)
 	}
 	return nil

@@ -138,9 +138,12 @@ func (s *Spool) Stats(ctx context.Context) (*QueueStats, error) {
 	if st.NotHandedOut+st.HandedOut > 0 {
 		st.Oldest, _ = s.firstQueued(ctx, from)
 	}
-	if err := s.HeldMarkers(ctx, func(HeldMarker) error { st.Held++; return nil }); err != nil {
-		return nil, err
+	// Held mail: the number of marker subjects, from the stream info.
+	hi, err := ks.Info(ctx, jetstream.WithSubjectFilter("$KV."+StateBucket+"."+heldPrefix+">"))
+	if err != nil {
+		return nil, fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
 	}
+	st.Held = uint64(len(hi.State.Subjects))
 	// The markers live in the state bucket too.
 	st.States -= min(st.States, st.Held)
 	return st, nil
