@@ -190,29 +190,6 @@ func (s *Spool) dropHeldMarker(ctx context.Context, qid string) error {
 	return nil
 }
 
-// HeldMarkers calls fn for every held-mail marker: one read of the
-// markers, not of the queue.
-func (s *Spool) HeldMarkers(ctx context.Context, fn func(HeldMarker) error) error {
-	ks, err := s.js.Stream(ctx, "KV_"+StateBucket)
-	if err != nil {
-		return fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
-	}
-	err = s.walk(ctx, ks, walkFrom{lastPerSubject: true, subject: "$KV." + StateBucket + "." + heldPrefix + ">"}, func(raw jetstream.Msg, _ *jetstream.MsgMetadata) error {
-		if op := raw.Headers().Get("KV-Operation"); op == "DEL" || op == "PURGE" {
-			return nil
-		}
-		var hm HeldMarker
-		if err := json.Unmarshal(raw.Data(), &hm); err != nil {
-			return fmt.Errorf("spool: decode held marker at %s: %w", raw.Subject(), err)
-		}
-		return fn(hm)
-	})
-	if errors.Is(err, errWalkIncomplete) {
-		return nil
-	}
-	return err
-}
-
 // StillQueued tells whether m's record is still the last of its subject:
 // false once it was completed, removed or replaced. A deliverer asks
 // after saving a deferred outcome, so that the state of mail removed

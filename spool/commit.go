@@ -305,8 +305,6 @@ type walkFrom struct {
 	// bucket's current values).
 	lastPerSubject bool
 	headersOnly    bool
-	// subject, when set, reads only the records of these subjects.
-	subject string
 }
 
 // walk calls fn for the records of stream from where says, in stream
@@ -341,9 +339,6 @@ func (s *Spool) walk(ctx context.Context, stream jetstream.Stream, from walkFrom
 	case !from.start.IsZero():
 		t := from.start
 		cc.DeliverPolicy, cc.OptStartTime = jetstream.DeliverByStartTimePolicy, &t
-	}
-	if from.subject != "" {
-		cc.FilterSubjects = []string{from.subject}
 	}
 	c, err := stream.CreateConsumer(ctx, cc)
 	if err != nil {
