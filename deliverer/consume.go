@@ -180,6 +180,14 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 	}
 	env := &m.Envelope
 	log := d.log.With(zap.String("queue_id", env.QueueID))
+	// A replacement (release, retry) is dated by the NATS server that
+	// stored it, not by the clock of the tool that asked for it.
+	if !m.Requeued.IsZero() {
+		m.Requeued = md.Timestamp
+	}
+	if !m.RetryAt.IsZero() {
+		m.RetryAt = md.Timestamp
+	}
 	if !m.Held.IsZero() {
 		// On hold (jetmail queue hold): not attempted, and not expired,
 		// until released. The release replaces this record, and the
