@@ -54,7 +54,7 @@ go run ./hack/idleconns -addr "127.0.0.1:$PORT" -n 5000 -pid "$pid"
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 
 echo "== Go benchmark: final dot to 250 (one session reuses its connection)"
-go test -run '^$' -bench BenchmarkAccept -benchtime "${N}x" ./smtpgw/ | grep -E '^Benchmark'
+go test -run '^$' -bench '^BenchmarkAccept$' -benchtime "${N}x" ./smtpgw/ | grep -E '^Benchmark'
 
 echo "== Postfix, same machine, same load"
 N="$N" SESSIONS="$SESSIONS" SIZE="$SIZE" hack/bench-postfix.sh | grep -E '^postfix'
