@@ -42,8 +42,10 @@ type kubeFlags struct {
 func pluginCmd() *cobra.Command {
 	var kf kubeFlags
 	root := &cobra.Command{
-		Use:   "kubectl jetmail",
-		Short: "jetmail's queue tools as a kubectl plugin",
+		Use: pluginBinary,
+		// kubectl's plugin convention: help and usage say "kubectl jetmail".
+		Annotations: map[string]string{cobra.CommandDisplayNameAnnotation: "kubectl jetmail"},
+		Short:       "jetmail's queue tools as a kubectl plugin",
 		Long: `kubectl jetmail runs jetmail's operator tools against the jetmail release in
 a namespace: the NATS URL comes from the release's Deployments (their
 --nats-url), unless --nats-url is given. Sign in with --nats-nkey or
