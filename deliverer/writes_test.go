@@ -47,7 +47,9 @@ func TestWritesPerMessage(t *testing.T) {
 			return nil
 		}})
 		q0, s0 := e.writes()
-		r := e.startDeliverer()
+		// A long ack wait: an attempt that ran past a quarter of it (a
+		// slow machine) would claim or extend its claim, a write more.
+		r := e.startDeliverer(e2eAckWaitOf(time.Minute))
 		e.enqueue(e2eSender, "x@w.test")
 		e.waitEmpty(20 * time.Second)
 		r.stop(t)
