@@ -1703,7 +1703,7 @@ func TestPrometheusRule(t *testing.T) {
 	}
 	want := []string{"JetmailQueueAcceptanceFailing", "JetmailGatewayJetStreamUnreachable", "JetmailQueueGrowing",
 		"JetmailQueueOldestMessage", "JetmailDeliveryFailureRatioHigh", "JetmailDeliveriesDeferredHigh", "JetmailSMTPDeadlineKills",
-		"JetmailDeliveryDeadlineKills", "JetmailDeliveryStalled", "JetmailConfigRevisionLagging", "JetmailTargetDown", "SiteSpecific"}
+		"JetmailDeliveryDeadlineKills", "JetmailDeliveryOutcomeNotRecorded", "JetmailDeliveryStalled", "JetmailConfigRevisionLagging", "JetmailTargetDown", "SiteSpecific"}
 	if !reflect.DeepEqual(names, want) {
 		t.Fatalf("alerts\n got %v\nwant %v", names, want)
 	}
@@ -1774,12 +1774,13 @@ func TestPrometheusRule(t *testing.T) {
 
 	// Every alert, with kube-state-metrics' too.
 	all := parseRules(t, index(t, render(t, "prometheusRule.enabled=true")).get(t, "PrometheusRule", "jm-jetmail")).Groups[0].Rules
-	if len(all) != 12 || all[11].Alert != "JetmailPodsUnavailable" {
-		t.Fatalf("default rules %d, last %q", len(all), all[len(all)-1].Alert)
+	last := all[len(all)-1]
+	if len(all) != 13 || last.Alert != "JetmailPodsUnavailable" {
+		t.Fatalf("default rules %d, last %q", len(all), last.Alert)
 	}
-	checkExpr(t, all[11].Alert, all[11].Expr, exported, roles, jobs, nil)
+	checkExpr(t, last.Alert, last.Expr, exported, roles, jobs, nil)
 	// Its deployment matcher selects exactly the chart's Deployments.
-	sels, _ := selectors(t, all[11].Alert, all[11].Expr)
+	sels, _ := selectors(t, last.Alert, last.Expr)
 	var dm *labels.Matcher
 	for _, mt := range sels[0].vs.LabelMatchers {
 		if mt.Name == "deployment" {
@@ -1787,7 +1788,7 @@ func TestPrometheusRule(t *testing.T) {
 		}
 	}
 	if dm == nil {
-		t.Fatalf("JetmailPodsUnavailable has no deployment matcher: %s", all[11].Expr)
+		t.Fatalf("JetmailPodsUnavailable has no deployment matcher: %s", last.Expr)
 	}
 	deployments := index(t, render(t, "prometheusRule.enabled=true")).kinds("Deployment")
 	for _, d := range deployments {
