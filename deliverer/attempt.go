@@ -79,7 +79,7 @@ func (a *attempt) due() []spool.Rcpt {
 	var out []spool.Rcpt
 	for _, r := range a.pending() {
 		rs := a.rcptState(r.Addr)
-		if !rs.NextAttempt.After(a.now) || rs.LastAttempt.Before(a.m.RetryAt) {
+		if !rs.NextAttempt.After(a.now) || a.m.RetryAsked(*rs) {
 			// Due, or an administrator asked for a retry since its last
 			// attempt (jetmail queue retry, release).
 			out = append(out, r)

@@ -3,6 +3,7 @@ package deliverer
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -149,15 +150,7 @@ const heldRecheck = time.Hour
 // retryAsked tells whether an administrator asked for a retry (or a
 // release) that a pending recipient of m has not had yet.
 func retryAsked(m *spool.Message, st *spool.DeliveryState) bool {
-	if m.RetryAt.IsZero() {
-		return false
-	}
-	for _, rs := range st.Rcpts {
-		if (rs.Status == spool.RcptQueued || rs.Status == spool.RcptDeferred) && rs.LastAttempt.Before(m.RetryAt) {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(st.Rcpts, m.RetryAsked)
 }
 
 // handle takes one queued message through one attempt.

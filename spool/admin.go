@@ -50,6 +50,13 @@ const (
 	HeaderRemoved = "Jetmail-Removed"
 )
 
+// RetryAsked tells whether an administrator asked for a retry (or a
+// release) of m that recipient rs has not had yet: rs is then due at once,
+// whatever its retry time says.
+func (m *Message) RetryAsked(rs RcptState) bool {
+	return rs.Status.Pending() && rs.LastAttempt.Before(m.RetryAt)
+}
+
 // ErrChanged is an action's answer when the mail's record changed since it
 // was read: a deliverer finished it, or another action came first.
 var ErrChanged = errors.New("spool: the message changed since it was read")

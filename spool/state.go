@@ -28,6 +28,9 @@ const (
 	RcptFailed RcptStatus = "failed"
 )
 
+// Pending tells whether a recipient in this status is still to deliver.
+func (s RcptStatus) Pending() bool { return s == RcptQueued || s == RcptDeferred }
+
 // DeliveryState is what deliverers know about a queued message beyond its
 // envelope: attempts and per-recipient results. It lives in JETMAIL_STATE
 // under the queue ID, so the queue tools can read it without asking a

@@ -186,8 +186,6 @@ func domainOf(addr string) string {
 	return strings.ToLower(addr[strings.LastIndexByte(addr, '@')+1:])
 }
 
-func pendingStatus(s spool.RcptStatus) bool {
-	return s == spool.RcptQueued || s == spool.RcptDeferred
-}
+func pendingStatus(s spool.RcptStatus) bool { return s.Pending() }
 
 // ---- stat ----
