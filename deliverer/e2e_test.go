@@ -638,9 +638,21 @@ func TestDelivererEndToEnd(t *testing.T) {
 		mxtest.Within(t, 10*time.Second, "more suspended deferrals", func() bool { return e2eCount(t, r.d.metrics.suspended) >= probes+2 })
 		// The deferrals by class: the refused connections, then the
 		// suspended recipients, one each.
-		if c, s, n := e2eCount(t, r.d.metrics.deferrals.WithLabelValues("connect")), e2eCount(t, r.d.metrics.deferrals.WithLabelValues("suspended")),
-			e2eCount(t, r.d.metrics.suspended); c < 1 || s != n {
-			t.Errorf("deferrals: connect %v, suspended %v (suspended recipients %v)", c, s, n)
+		// The counters are read while retries go on (one a second), and the
+		// two suspended counts are bumped one after the other: they must
+		// agree at some read, not at every one.
+		var c, sus, n float64
+		agree := func() bool {
+			c, sus, n = e2eCount(t, r.d.metrics.deferrals.WithLabelValues("connect")), e2eCount(t, r.d.metrics.deferrals.WithLabelValues("suspended")),
+				e2eCount(t, r.d.metrics.suspended)
+			return c >= 1 && sus == n
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for !agree() && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if c < 1 || sus != n {
+			t.Errorf("deferrals: connect %v, suspended %v (suspended recipients %v)", c, sus, n)
 		}
 		if n := dials.Load(); n != tried+1 {
 			t.Errorf("%d connections tried after the first hour, want the one probe", n-tried)
