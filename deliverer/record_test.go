@@ -165,8 +165,10 @@ func TestADeliveryIsRecordedWhileAnotherDestinationIsStillInSession(t *testing.T
 	if len(quick.Transactions()) != 1 || len(slow.Transactions()) != 1 {
 		t.Fatalf("copies: quick %d, slow %d; want 1 each", len(quick.Transactions()), len(slow.Transactions()))
 	}
+	// The queue is empty once the completion is stored; the state is
+	// cleared just after it. Run returns when its attempts have ended.
+	r.stop(t)
 	if st, err := e.sp.LoadState(context.Background(), qid); err != nil || st != nil {
 		t.Errorf("state after delivery: %+v (%v); want none", st, err)
 	}
-	r.stop(t)
 }

@@ -88,6 +88,15 @@ func (s *Spool) Commit(ctx context.Context, env *Envelope, body *Body, guard str
 		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
 		// Somebody stored this subject first.
 		orig, gerr := s.queue.GetLastMsgForSubject(ctx, msg.Subject)
+		for tries := 0; errors.Is(gerr, jetstream.ErrMsgNotFound) && tries < 3; tries++ {
+			// The record that held the subject is gone already: a
+			// tombstone reached the end of the duplicate window between
+			// the two requests. The subject is free; store again.
+			if ack, err = s.publish(ctx, msg, ref.ID); err == nil {
+				return Result{QueueID: env.QueueID, Sequence: ack.Sequence}, nil
+			}
+			orig, gerr = s.queue.GetLastMsgForSubject(ctx, msg.Subject)
+		}
 		if gerr != nil {
 			// Whose it is is unknown, so the chunks stay: if the envelope
 			// is ours they are its body; if not, the sweeper takes them.
