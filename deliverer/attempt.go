@@ -47,6 +47,8 @@ type attempt struct {
 	saved bool
 	// expiring is set while expire records its failures.
 	expiring bool
+	// down lists the recipient domains found down in this attempt.
+	down map[string]bool
 }
 
 func (a *attempt) rcptState(addr string) *spool.RcptState {
@@ -116,7 +118,7 @@ func (a *attempt) run(ctx context.Context) {
 	groups := map[string][]spool.Rcpt{}
 	var domains []string
 	for _, r := range a.due() {
-		dom := strings.ToLower(r.Addr[strings.LastIndexByte(r.Addr, '@')+1:])
+		dom := rcptDomain(r.Addr)
 		if _, ok := groups[dom]; !ok {
 			domains = append(domains, dom)
 		}
@@ -138,7 +140,7 @@ func (a *attempt) run(ctx context.Context) {
 			defer wg.Done()
 			start := time.Now()
 			res, skipped := a.deliverDomain(ctx, dom, groups[dom], body)
-			g := groupResult{rcpts: groups[dom], results: res, elapsed: time.Since(start), skipped: skipped, cut: ctx.Err() != nil}
+			g := groupResult{dom: dom, rcpts: groups[dom], results: res, elapsed: time.Since(start), skipped: skipped, cut: ctx.Err() != nil}
 			mu.Lock()
 			left--
 			early := left > 0 && !g.skipped && !g.cut && g.delivered()
@@ -170,11 +172,22 @@ func (a *attempt) run(ctx context.Context) {
 		if !g.recorded {
 			a.recordGroup(g)
 		}
+		if g.down() {
+			if a.down == nil {
+				a.down = map[string]bool{}
+			}
+			a.down[g.dom] = true
+		}
 	}
+}
+
+func rcptDomain(addr string) string {
+	return strings.ToLower(addr[strings.LastIndexByte(addr, '@')+1:])
 }
 
 // groupResult is what one destination's session gave.
 type groupResult struct {
+	dom     string
 	rcpts   []spool.Rcpt
 	results []outbound.RcptResult
 	elapsed time.Duration
@@ -184,6 +197,16 @@ type groupResult struct {
 	cut bool
 	// recorded is set when the group was recorded as soon as it ended.
 	recorded bool
+}
+
+// down tells whether the destination was down: every next hop failed, or
+// it was left alone as down (suspended).
+func (g groupResult) down() bool {
+	if g.skipped || g.cut || len(g.results) == 0 {
+		return false
+	}
+	r := g.results[0]
+	return r.PassedOver || (r.Err != nil && r.Err.Reason == failure.Suspended)
 }
 
 func (g groupResult) delivered() bool {
@@ -496,12 +519,55 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 		_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
 		return
 	}
-	if err := a.keep(ctx, "state", func(c context.Context) error { return sp.SaveState(c, a.st) }); err != nil {
+	deadline := expires
+	if w := a.pol.DelayWarning; w > 0 && !a.st.DelayWarned && a.m.Envelope.Received.Add(w).Before(deadline) {
+		deadline = a.m.Envelope.Received.Add(w)
+	}
+	park := a.parking(next, deadline)
+	save := func(c context.Context) error {
+		if park != nil {
+			return sp.ParkState(c, a.st, park)
+		}
+		return sp.SaveState(c, a.st)
+	}
+	if err := a.keep(ctx, "state", save); err != nil {
 		a.retryLater(err)
 		return
 	}
 	a.dropIfRemoved(ctx)
+	if park != nil {
+		// Stored parked: the waker hands it out again when it is due.
+		a.d.metrics.parked.Inc()
+		_ = a.msg.Ack()
+		return
+	}
 	_ = a.msg.NakWithDelay(next.Sub(a.d.cfg.Now()))
+}
+
+// parking says how the message is parked until next (see spool/park.go),
+// or nil when it waits in the consumer instead: a short wait (under
+// ParkAfter) costs nothing there. It waits for the destination of its
+// earliest due pending recipient.
+func (a *attempt) parking(next, deadline time.Time) *spool.Park {
+	if a.d.cfg.ParkAfter < 0 {
+		return nil
+	}
+	var first *spool.RcptState
+	dom := ""
+	for _, r := range a.pending() {
+		if rs := a.rcptState(r.Addr); first == nil || rs.NextAttempt.Before(first.NextAttempt) {
+			first, dom = rs, rcptDomain(r.Addr)
+		}
+	}
+	if first == nil {
+		return nil
+	}
+	down := a.down[dom]
+	if !down && next.Sub(a.d.cfg.Now()) < a.d.cfg.ParkAfter {
+		return nil
+	}
+	return &spool.Park{QueueID: a.m.Envelope.QueueID, Dest: dom, Due: next, Deadline: deadline, Down: down,
+		Subject: a.m.Subject, Seq: a.m.Sequence}
 }
 
 // dropIfRemoved clears the state just saved if the message left the queue

@@ -46,6 +46,14 @@ func (d *Deliverer) Run(ctx context.Context) error {
 		}
 	}()
 	go d.watchQueue(ctx, cons)
+	if d.cfg.ParkAfter >= 0 {
+		wakerDone := make(chan struct{})
+		go func() {
+			defer close(wakerDone)
+			d.runWaker(ctx, cons)
+		}()
+		defer func() { <-wakerDone }()
+	}
 	if d.cfg.SweepEvery > 0 {
 		go d.sweepBodies(ctx)
 	}
@@ -222,6 +230,12 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) && !retryAsked(m, st) {
 		// Handed back early (a replica died, or the schedule changed):
 		// wait for the time that was set, never past the expiry.
+		if p := st.Parked(); p != nil && p.Seq == md.Sequence.Stream {
+			// Parked already: the deliverer that parked it died before
+			// its acknowledgement. The waker has it.
+			_ = msg.Ack()
+			return
+		}
 		_ = msg.NakWithDelay(min(st.NextAttempt.Sub(now), expires.Sub(now)))
 		return
 	}

@@ -60,6 +60,11 @@ type Config struct {
 	// SweepEvery is how often orphan message bodies are looked for (see
 	// spool.SweepBodies); default 1h, negative: never.
 	SweepEvery time.Duration
+	// ParkAfter is the shortest retry wait that parks a deferred message
+	// (spool/park.go) instead of leaving it in the consumer: mail whose
+	// destination is down is always parked. Default 1m; negative: never
+	// park (and no waker).
+	ParkAfter time.Duration
 	// OrphanAge is how old an unreferenced body must be to be deleted; it
 	// must exceed the gateways' session deadline. Default 24h.
 	OrphanAge time.Duration
@@ -108,6 +113,9 @@ func New(cfg Config) (*Deliverer, error) {
 	}
 	if cfg.SweepEvery == 0 {
 		cfg.SweepEvery = time.Hour
+	}
+	if cfg.ParkAfter == 0 {
+		cfg.ParkAfter = time.Minute
 	}
 	if cfg.OrphanAge <= 0 {
 		cfg.OrphanAge = 24 * time.Hour

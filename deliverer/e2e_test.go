@@ -613,19 +613,50 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if tried != 1 {
 			t.Errorf("the first attempt tried %d connections, want 1", tried)
 		}
-		// Later mail, and the first message's own retries (every second),
-		// are deferred without a connection while the destination is down.
+		// Later mail is deferred without a connection while the
+		// destination is down, and parked.
 		var later []string
 		for i := range 3 {
 			later = append(later, e.enqueue(e2eSender, fmt.Sprintf("later%d@dead.test", i)))
 		}
-		for _, qid := range append(later, first) {
+		for _, qid := range later {
 			st := e.waitState(qid, 10*time.Second, "a suspended deferral", func(st *spool.DeliveryState) bool {
 				return strings.HasPrefix(e2eRcptState(st, st.Rcpts[0].Addr).Text, "delivery temporarily suspended: ")
 			})
 			if rs := st.Rcpts[0]; rs.Status != spool.RcptDeferred || rs.Enhanced != "4.4.1" || rs.Code != 451 {
 				t.Errorf("%s: %+v, want deferred 451 4.4.1", qid, rs)
 			}
+		}
+		// Parked mail of a destination that is down is not handed out
+		// message by message at each retry (every second here): one
+		// message at a time probes it, the others wait.
+		attempts := func() (sum int, unchanged int) {
+			for _, qid := range append(later, first) {
+				st, err := e.sp.LoadState(context.Background(), qid)
+				if err != nil || st == nil {
+					t.Fatalf("state of %s: %+v, %v", qid, st, err)
+				}
+				if p := st.Parked(); p == nil || !p.Down || p.Dest != "dead.test" {
+					t.Errorf("%s is not parked as waiting for dead.test, which is down: %+v", qid, p)
+				}
+				sum += st.Attempts
+				if st.Attempts == 1 {
+					unchanged++
+				}
+			}
+			return sum, unchanged
+		}
+		before, _ := attempts()
+		probes0 := e2eCount(t, r.d.metrics.woken.WithLabelValues("probe"))
+		mxtest.Within(t, 10*time.Second, "two probes", func() bool {
+			return e2eCount(t, r.d.metrics.woken.WithLabelValues("probe")) >= probes0+2
+		})
+		after, unchanged := attempts()
+		if woken := e2eCount(t, r.d.metrics.woken.WithLabelValues("due")); woken != 0 {
+			t.Errorf("%v messages of a destination that is down woken as due", woken)
+		}
+		if probes := int(e2eCount(t, r.d.metrics.woken.WithLabelValues("probe")) - probes0); after-before > probes+1 || unchanged < 2 {
+			t.Errorf("attempts went from %d to %d over %d probes; %d of 4 messages not attempted again", before, after, probes, unchanged)
 		}
 		if n := dials.Load(); n != tried {
 			t.Errorf("%d connections tried while the destination was known down", n-tried)

@@ -16,6 +16,9 @@ type metrics struct {
 	expired          prometheus.Counter
 	destinationBusy  prometheus.Counter
 	suspended        prometheus.Counter
+	parked           prometheus.Counter
+	woken            *prometheus.CounterVec
+	wakerLeader      prometheus.Gauge
 	destinationsDown prometheus.Gauge
 	deadlineKills    prometheus.Counter
 	queueMessages    prometheus.Gauge
@@ -51,6 +54,18 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_delivery_destination_busy_total",
 			Help: "Attempts postponed because their destination had no free session slot.",
 		}),
+		parked: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "jetmail_delivery_parked_total",
+			Help: "Deferred messages parked until due (out of the consumer; the waker hands them out again).",
+		}),
+		woken: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_delivery_woken_total",
+			Help: "Parked messages handed out again by the waker: due (their retry time came), probe (one message of a destination that is down), deadline (their queue lifetime ended, or a delay warning was due, while it was down).",
+		}, []string{"kind"}),
+		wakerLeader: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "jetmail_delivery_waker_leader",
+			Help: "1 while this deliverer holds the waker lease.",
+		}),
 		suspended: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "jetmail_delivery_suspended_total",
 			Help: "Recipients deferred without a connection because their destination was found down (deadDestinationTime).",
@@ -85,7 +100,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.deferrals)
-		reg.MustRegister(m.attempts, m.latency, m.sessionsOpen, m.notifications, m.expired, m.destinationBusy, m.suspended, m.destinationsDown, m.deadlineKills, m.queueMessages, m.queueOldestAge, m.recordRetries)
+		reg.MustRegister(m.attempts, m.latency, m.sessionsOpen, m.notifications, m.expired, m.destinationBusy, m.suspended, m.parked, m.woken, m.wakerLeader, m.destinationsDown, m.deadlineKills, m.queueMessages, m.queueOldestAge, m.recordRetries)
 	}
 	return m
 }

@@ -2,33 +2,88 @@ package deliverer
 
 import (
 	"context"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/jetmail/jetmail/internal/mxtest"
 	"github.com/jetmail/jetmail/spool"
 )
 
-// writes is the number of JetStream writes the streams of the spool have
-// taken: every stored record (envelope, tombstone, state, claim, purge
-// marker) advances its stream's last sequence.
-func (e *e2eEnv) writes() (queue, state uint64) {
+// writeCounter counts the JetStream writes the streams of the spool take
+// from its start: every stored record (envelope, tombstone, state, claim,
+// purge marker) advances its stream's last sequence. The state bucket's
+// writes are followed one by one, to leave out the waker's lease renewals
+// (a write every few seconds whatever the traffic).
+type writeCounter struct {
+	e      *e2eEnv
+	queue0 uint64
+	cc     jetstream.ConsumeContext
+	mu     sync.Mutex
+	state  uint64 // writes to message states
+	last   uint64 // the last state bucket sequence seen
+}
+
+func (e *e2eEnv) countWrites() *writeCounter {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	for _, name := range []string{spool.QueueStream, "KV_" + spool.StateBucket} {
-		s, err := e.sp.JetStream().Stream(ctx, name)
-		if err != nil {
-			e.t.Fatal(err)
-		}
-		if name == spool.QueueStream {
-			queue = s.CachedInfo().State.LastSeq
-		} else {
-			state = s.CachedInfo().State.LastSeq
-		}
+	w := &writeCounter{e: e, queue0: e.lastSeq(spool.QueueStream), last: e.lastSeq("KV_" + spool.StateBucket)}
+	ks, err := e.sp.JetStream().Stream(ctx, "KV_"+spool.StateBucket)
+	if err != nil {
+		e.t.Fatal(err)
 	}
-	return queue, state
+	oc, err := ks.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverNewPolicy, HeadersOnly: true})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	w.cc, err = oc.Consume(func(m jetstream.Msg) {
+		md, err := m.Metadata()
+		if err != nil {
+			return
+		}
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		w.last = md.Sequence.Stream
+		if !strings.HasPrefix(m.Subject(), "$KV."+spool.StateBucket+".lease.") {
+			w.state++
+		}
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(w.cc.Stop)
+	return w
+}
+
+func (e *e2eEnv) lastSeq(stream string) uint64 {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := e.sp.JetStream().Stream(ctx, stream)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return s.CachedInfo().State.LastSeq
+}
+
+// writes is what was counted so far, once every state write stored has
+// been seen.
+func (w *writeCounter) writes() (queue, state uint64) {
+	w.e.t.Helper()
+	end := w.e.lastSeq("KV_" + spool.StateBucket)
+	mxtest.Within(w.e.t, 5*time.Second, "the state writes seen", func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.last >= end
+	})
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.e.lastSeq(spool.QueueStream) - w.queue0, w.state
 }
 
 // TestWritesPerMessage counts the JetStream writes (each one fsynced with
@@ -37,34 +92,45 @@ func (e *e2eEnv) writes() (queue, state uint64) {
 // figures are in README ("Writes per message"); the test pins them, so a
 // change that adds a write per message shows here.
 func TestWritesPerMessage(t *testing.T) {
-	for _, deferrals := range []int{0, 1, 3} {
-		e := newE2E(t)
-		var calls atomic.Int64
-		e.startMXOf("w.test", &mxtest.MX{Rcpt: func(string) error {
-			if calls.Add(1) <= int64(deferrals) {
-				return e2eSMTPError(451, [3]int{4, 7, 1}, "greylisted")
+	for _, parking := range []bool{false, true} {
+		for _, deferrals := range []int{0, 1, 3} {
+			e := newE2E(t)
+			var calls atomic.Int64
+			e.startMXOf("w.test", &mxtest.MX{Rcpt: func(string) error {
+				if calls.Add(1) <= int64(deferrals) {
+					return e2eSMTPError(451, [3]int{4, 7, 1}, "greylisted")
+				}
+				return nil
+			}})
+			w := e.countWrites()
+			// A long ack wait: an attempt that ran past a quarter of it (a
+			// slow machine) would claim or extend its claim, a write more.
+			// Parking off: every deferral (a second's retry here) waits in
+			// the consumer; on: every one is parked.
+			parkAfter := -time.Duration(1)
+			if parking {
+				parkAfter = time.Nanosecond
 			}
-			return nil
-		}})
-		q0, s0 := e.writes()
-		// A long ack wait: an attempt that ran past a quarter of it (a
-		// slow machine) would claim or extend its claim, a write more.
-		r := e.startDeliverer(e2eAckWaitOf(time.Minute))
-		e.enqueue(e2eSender, "x@w.test")
-		e.waitEmpty(20 * time.Second)
-		r.stop(t)
-		q1, s1 := e.writes()
-		q, s := q1-q0, s1-s0
-		t.Logf("deferred %d times: %d queue writes (envelope, tombstone), %d state writes", deferrals, q, s)
-		// The envelope and the tombstone. Each deferral: its state; each
-		// redelivery after it: a claim. The last one: a purge of the
-		// state when the message leaves.
-		wantState := uint64(0)
-		if deferrals > 0 {
-			wantState = uint64(2*deferrals) + 1
-		}
-		if q != 2 || s != wantState {
-			t.Errorf("deferred %d times: %d queue and %d state writes, want 2 and %d", deferrals, q, s, wantState)
+			r := e.startDeliverer(e2eAckWaitOf(time.Minute), func(c *Config, _ *e2eConn) { c.ParkAfter = parkAfter })
+			e.enqueue(e2eSender, "x@w.test")
+			e.waitEmpty(20 * time.Second)
+			r.stop(t)
+			q, s := w.writes()
+			t.Logf("parking %v, deferred %d times: %d queue writes, %d state writes", parking, deferrals, q, s)
+			// The envelope and the tombstone. Each deferral: its state
+			// (parked or not); each attempt after it: a claim. The last
+			// one: a purge of the state when the message leaves. A parked
+			// message is woken by a copy of its queue record.
+			wantQueue, wantState := uint64(2), uint64(0)
+			if deferrals > 0 {
+				wantState = uint64(2*deferrals) + 1
+			}
+			if parking {
+				wantQueue += uint64(deferrals)
+			}
+			if q != wantQueue || s != wantState {
+				t.Errorf("parking %v, deferred %d times: %d queue and %d state writes, want %d and %d", parking, deferrals, q, s, wantQueue, wantState)
+			}
 		}
 	}
 }

@@ -144,8 +144,12 @@ func (s *Spool) Stats(ctx context.Context) (*QueueStats, error) {
 		return nil, fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
 	}
 	st.Held = uint64(len(hi.State.Subjects))
-	// The markers live in the state bucket too.
-	st.States -= min(st.States, st.Held)
+	// The markers live in the state bucket too, and so do leases.
+	li, err := ks.Info(ctx, jetstream.WithSubjectFilter("$KV."+StateBucket+"."+leasePrefix+">"))
+	if err != nil {
+		return nil, fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
+	}
+	st.States -= min(st.States, st.Held+uint64(len(li.State.Subjects)))
 	return st, nil
 }
 
@@ -249,8 +253,8 @@ func (s *Spool) States(ctx context.Context, fn func(*DeliveryState) error) error
 		if op := raw.Headers().Get("KV-Operation"); op == "DEL" || op == "PURGE" {
 			return nil
 		}
-		if strings.HasPrefix(raw.Subject(), "$KV."+StateBucket+"."+heldPrefix) {
-			return nil
+		if strings.Contains(strings.TrimPrefix(raw.Subject(), "$KV."+StateBucket+"."), ".") {
+			return nil // held.<id>, lease.<name>
 		}
 		var st DeliveryState
 		if err := json.Unmarshal(raw.Data(), &st); err != nil {

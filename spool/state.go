@@ -52,7 +52,12 @@ type DeliveryState struct {
 	// revision is the bucket revision this state was read at (0: none
 	// stored), for Claim's compare-and-set.
 	revision uint64
+	// park is how it was parked, if it was (see park.go).
+	park *Park
 }
+
+// Parked is how the state was parked when it was read (nil: not parked).
+func (st *DeliveryState) Parked() *Park { return st.park }
 
 // Clone is a copy of st that shares nothing with it.
 func (st *DeliveryState) Clone() *DeliveryState {
@@ -161,6 +166,7 @@ func (s *Spool) LoadState(ctx context.Context, qid string) (*DeliveryState, erro
 		return nil, fmt.Errorf("spool: decode state of %s: %w", qid, err)
 	}
 	st.revision = seq
+	st.park = parkFrom(qid, hdr)
 	return &st, nil
 }
 

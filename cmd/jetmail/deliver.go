@@ -25,6 +25,7 @@ type delivererFlags struct {
 	maxInFlight int
 	ackWait     time.Duration
 	grace       time.Duration
+	parkAfter   time.Duration
 }
 
 func (f *delivererFlags) register(cmd *cobra.Command) {
@@ -33,6 +34,7 @@ func (f *delivererFlags) register(cmd *cobra.Command) {
 	fl.IntVar(&f.maxInFlight, "max-in-flight", 200, "messages one deliverer works on at once")
 	fl.DurationVar(&f.ackWait, "ack-wait", 30*time.Second, "how long a message stays with a deliverer that gives no news (in-progress signals every quarter of it extend it); also the longest a message handed to a pull lost with a NATS server waits")
 	fl.DurationVar(&f.grace, "delivery-grace", 30*time.Second, "on SIGTERM, time for delivery attempts in flight to finish")
+	fl.DurationVar(&f.parkAfter, "park-after", time.Minute, "shortest retry wait that parks a deferred message out of the consumer until it is due (mail for a destination found down is always parked); negative: never park")
 }
 
 // runDeliverer delivers until ctx ends.
@@ -54,6 +56,7 @@ func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *s
 		MaxInFlight: f.maxInFlight,
 		AckWait:     f.ackWait,
 		Grace:       f.grace,
+		ParkAfter:   f.parkAfter,
 	})
 	if err != nil {
 		return err

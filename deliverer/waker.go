@@ -1,0 +1,386 @@
+package deliverer
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/jetmail/jetmail/spool"
+)
+
+// The waker hands parked mail out again (spool/park.go). One deliverer at
+// a time runs it, the holder of the "waker" lease. It keeps no list of
+// parked mail, only a line per destination: the earliest due time it has
+// seen, and whether the destination is down. It learns of parks by
+// following the state bucket's writes (headers only); when something is
+// due it walks the parked states (headers only again) and wakes what is
+// due, no faster than the consumer hands mail out.
+//
+// A destination that is down costs nothing while it waits: at its due time
+// one message is woken, the probe; only when the probe leaves (delivered,
+// bounced) or is parked as not down are the others woken.
+const leaseName = "waker"
+
+// The waker lease lasts leaseFor and is renewed every leaseRenew: a waker
+// that died is replaced within leaseFor (a clean stop hands it over at
+// once). Variables for the tests.
+var (
+	leaseFor   = 20 * time.Second
+	leaseRenew = 5 * time.Second
+)
+
+const (
+	wakeTick = time.Second
+	// wakeAhead bounds the woken mail waiting in the consumer to be
+	// handed out.
+	wakeAhead = 1000
+	// wakeWorkers is how many wakes are in flight at once.
+	wakeWorkers = 16
+	// fullPassEvery is how often the waker walks every parked state even
+	// when it expects nothing to be due: what it missed (a follow that
+	// broke) is found then.
+	fullPassEvery = 10 * time.Minute
+)
+
+// destLine is what the waker knows of one destination.
+type destLine struct {
+	// next is the earliest due time seen since the last pass; deadNext the
+	// earliest deadline (a queue lifetime's end, a delay warning).
+	next, deadNext time.Time
+	down           bool
+	// candidate is a parked message to probe the destination with.
+	candidate *spool.Park
+	// probe is the queue ID of the probe in flight, woken at probeAt.
+	probe   string
+	probeAt time.Time
+}
+
+type waker struct {
+	d    *Deliverer
+	cons jetstream.Consumer
+	log  *zap.Logger
+
+	mu     sync.Mutex
+	dests  map[string]*destLine
+	probes map[string]string // queue ID of a probe -> destination
+	// passing is set while a pass runs; fresh until the first pass ends.
+	passing, fresh bool
+	lastPass       time.Time
+	retryPass      time.Time
+
+	budget int
+}
+
+// runWaker takes the waker lease whenever it is free and wakes parked mail
+// while it holds it.
+func (d *Deliverer) runWaker(ctx context.Context, cons jetstream.Consumer) {
+	token := make([]byte, 6)
+	_, _ = rand.Read(token)
+	holder := d.cfg.Hostname + "/" + hex.EncodeToString(token)
+	for ctx.Err() == nil {
+		now := d.cfg.Now()
+		ok, err := d.cfg.Spool.TakeLease(ctx, leaseName, holder, now, now.Add(leaseFor))
+		if err != nil && ctx.Err() == nil {
+			d.log.Warn("taking the waker lease", zap.Error(err))
+		}
+		if ok {
+			d.lead(ctx, cons, holder)
+			if ctx.Err() != nil {
+				// A clean stop: the next deliverer need not wait for
+				// the lease to run out.
+				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+				if err := d.cfg.Spool.ReleaseLease(rctx, leaseName, holder); err != nil {
+					d.log.Warn("releasing the waker lease", zap.Error(err))
+				}
+				cancel()
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(leaseRenew):
+		}
+	}
+}
+
+// lead wakes parked mail until the lease is lost or ctx ends.
+func (d *Deliverer) lead(ctx context.Context, cons jetstream.Consumer, holder string) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	d.log.Info("waker lease taken: this deliverer wakes parked mail")
+	d.metrics.wakerLeader.Set(1)
+	defer d.metrics.wakerLeader.Set(0)
+	w := &waker{d: d, cons: cons, log: d.log.Named("waker"), dests: map[string]*destLine{}, probes: map[string]string{}, fresh: true}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(2)
+	go func() {
+		// Renew; a lease not renewed within its time is someone else's.
+		defer wg.Done()
+		defer cancel()
+		last := d.cfg.Now()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(leaseRenew):
+			}
+			now := d.cfg.Now()
+			ok, err := d.cfg.Spool.TakeLease(ctx, leaseName, holder, now, now.Add(leaseFor))
+			if ok {
+				last = now
+				continue
+			}
+			if err == nil || now.Sub(last) > leaseFor-leaseRenew {
+				d.log.Warn("waker lease lost", zap.Error(err))
+				return
+			}
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for ctx.Err() == nil {
+			err := d.cfg.Spool.FollowParks(ctx, w.note)
+			if ctx.Err() != nil {
+				return
+			}
+			// Writes were missed: walk everything again.
+			d.log.Warn("following parked mail; walking it again", zap.Error(err))
+			w.mu.Lock()
+			w.retryPass = d.cfg.Now()
+			w.mu.Unlock()
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+	}()
+	t := time.NewTicker(wakeTick)
+	defer t.Stop()
+	w.tick(ctx, &wg)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			w.tick(ctx, &wg)
+		}
+	}
+}
+
+func (w *waker) line(dest string) *destLine {
+	l := w.dests[dest]
+	if l == nil {
+		l = &destLine{}
+		w.dests[dest] = l
+	}
+	return l
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
+	}
+	return a
+}
+
+// note takes in one write to the state bucket.
+func (w *waker) note(ev spool.ParkEvent) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if dest, ok := w.probes[ev.QueueID]; ok && (ev.Gone || ev.Park != nil) {
+		delete(w.probes, ev.QueueID)
+		l := w.line(dest)
+		if l.probe == ev.QueueID {
+			l.probe = ""
+		}
+		if ev.Gone || !ev.Park.Down {
+			// The probe left the queue, or waits for something else
+			// than its destination being down: the destination is back.
+			w.log.Info("destination back; waking its parked mail", zap.String("destination", dest))
+			l.down = false
+			l.next = w.d.cfg.Now()
+		}
+	}
+	p := ev.Park
+	if p == nil {
+		return
+	}
+	l := w.line(p.Dest)
+	l.down = p.Down
+	if p.Down {
+		l.candidate = p
+	}
+	l.next = earliest(l.next, p.Due)
+	l.deadNext = earliest(l.deadNext, p.Deadline)
+}
+
+// tick probes destinations that are down and starts a pass when mail is
+// due.
+func (w *waker) tick(ctx context.Context, wg *sync.WaitGroup) {
+	now := w.d.cfg.Now()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	pass := w.fresh || now.Sub(w.lastPass) >= fullPassEvery || (!w.retryPass.IsZero() && !w.retryPass.After(now))
+	var probes []*spool.Park
+	for dest, l := range w.dests {
+		if !l.down {
+			pass = pass || (!l.next.IsZero() && !l.next.After(now))
+			continue
+		}
+		pass = pass || (!l.deadNext.IsZero() && !l.deadNext.After(now))
+		if l.probe != "" {
+			if now.Sub(l.probeAt) < 2*w.d.cfg.AckWait {
+				continue
+			}
+			// No news of the probe: try another.
+			delete(w.probes, l.probe)
+			l.probe = ""
+		}
+		if c := l.candidate; c != nil && !c.Due.After(now) {
+			l.candidate, l.probe, l.probeAt = nil, c.QueueID, now
+			w.probes[c.QueueID] = dest
+			probes = append(probes, c)
+		} else if c == nil && !l.next.IsZero() && !l.next.After(now) {
+			// Nothing known to probe with (the waker just started, or
+			// the candidate left): let the pass pick one.
+			pass = true
+		}
+	}
+	for _, p := range probes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := w.wake(ctx, p, "probe"); err != nil {
+				w.mu.Lock()
+				if l := w.dests[p.Dest]; l != nil && l.probe == p.QueueID {
+					l.probe = ""
+				}
+				delete(w.probes, p.QueueID)
+				w.mu.Unlock()
+			}
+		}()
+	}
+	if pass && !w.passing {
+		w.passing, w.retryPass = true, time.Time{}
+		for _, l := range w.dests {
+			// The pass finds them again; the follow adds what is parked
+			// meanwhile.
+			l.next, l.deadNext = time.Time{}, time.Time{}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.pass(ctx)
+		}()
+	}
+}
+
+// pass walks every parked state and wakes what is due.
+func (w *waker) pass(ctx context.Context) {
+	start := w.d.cfg.Now()
+	sem := make(chan struct{}, wakeWorkers)
+	var wg sync.WaitGroup
+	seen, woken := 0, 0
+	err := w.d.cfg.Spool.Parked(ctx, func(p *spool.Park) error {
+		seen++
+		now := w.d.cfg.Now()
+		w.mu.Lock()
+		l := w.line(p.Dest)
+		if w.fresh {
+			// Stream order: the latest park of a destination says last.
+			l.down = p.Down
+		}
+		kind := ""
+		switch {
+		case p.Due.After(now):
+		case !l.down:
+			kind = "due"
+		case !p.Deadline.After(now):
+			kind = "deadline"
+		}
+		if kind == "" {
+			l.next = earliest(l.next, p.Due)
+			l.deadNext = earliest(l.deadNext, p.Deadline)
+			if l.down && l.candidate == nil {
+				l.candidate = p
+			}
+		}
+		w.mu.Unlock()
+		if kind == "" {
+			return nil
+		}
+		if err := w.pace(ctx); err != nil {
+			return err
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		woken++
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			_ = w.wake(ctx, p, kind)
+		}()
+		return nil
+	})
+	wg.Wait()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.passing, w.fresh = false, false
+	w.lastPass = start
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("walking parked mail; again in 5s", zap.Error(err))
+			w.retryPass = w.d.cfg.Now().Add(5 * time.Second)
+		}
+		return
+	}
+	w.log.Debug("pass over parked mail", zap.Int("parked", seen), zap.Int("woken", woken), zap.Duration("took", w.d.cfg.Now().Sub(start)))
+}
+
+// pace waits until the consumer has room for another woken message: mail
+// woken faster than it is handed out would only wait there.
+func (w *waker) pace(ctx context.Context) error {
+	for w.budget <= 0 {
+		info, err := w.cons.Info(ctx)
+		if err != nil {
+			return err
+		}
+		if info.NumPending < wakeAhead {
+			w.budget = wakeAhead - int(info.NumPending)
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	w.budget--
+	return nil
+}
+
+func (w *waker) wake(ctx context.Context, p *spool.Park, kind string) error {
+	err := w.d.cfg.Spool.Wake(ctx, p, w.d.cfg.Now())
+	switch {
+	case err == nil:
+		w.d.metrics.woken.WithLabelValues(kind).Inc()
+	case errors.Is(err, spool.ErrChanged):
+		// Gone, or replaced by an administrator or a wake before.
+	default:
+		w.log.Warn("waking parked mail; again in 5s", zap.String("queue_id", p.QueueID), zap.Error(err))
+		w.mu.Lock()
+		w.retryPass = earliest(w.retryPass, w.d.cfg.Now().Add(5*time.Second))
+		w.mu.Unlock()
+	}
+	return err
+}

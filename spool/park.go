@@ -1,0 +1,287 @@
+package spool
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Parking: mail that waits for a retry leaves the deliverers' consumer.
+//
+// A negative acknowledgement with a delay keeps a message in the consumer:
+// the server holds an entry for it and hands it out again when the delay
+// is over, reading the record (and the store block around it) back each
+// time, whether or not its destination can take it. With a large backlog
+// that is one read per message per retry interval, spread over the whole
+// queue stream.
+//
+// A deferred message is parked instead: the deliverer saves its delivery
+// state with the park headers below (the one write a deferral made
+// anyway), then acknowledges it. The state says where the message is
+// going and when it is due. One deliverer at a time, the waker, holds the
+// lease below and wakes parked mail when it is due by replacing its queue
+// record (Wake), which the consumer hands out like new mail. A destination
+// that is down is woken one message at a time (the probe) until it takes
+// mail again; its other parked mail is not touched meanwhile.
+//
+// A message is acknowledged only after its state was stored parked, so a
+// crash between the two leaves a record the consumer hands out again
+// (after the ack wait), and the attempt parks it again.
+const (
+	// HeaderParkDest is the destination (a recipient domain) whose retry
+	// the parked message waits for: its earliest due pending recipient's.
+	HeaderParkDest = "Jetmail-Park-Dest"
+	// HeaderParkDue is when the message is due, in Unix milliseconds.
+	HeaderParkDue = "Jetmail-Park-Due"
+	// HeaderParkDeadline is when it must be handed out even if its
+	// destination is still down (the end of its queue lifetime, or its
+	// delay warning), likewise.
+	HeaderParkDeadline = "Jetmail-Park-Deadline"
+	// HeaderParkDown is set when the destination was down (every next
+	// hop failed, or it was left alone as down).
+	HeaderParkDown = "Jetmail-Park-Down"
+	// HeaderParkSubject and HeaderParkSeq locate the queue record that was
+	// parked; Wake replaces only that record.
+	HeaderParkSubject = "Jetmail-Park-Subject"
+	HeaderParkSeq     = "Jetmail-Park-Seq"
+	// HeaderWoken marks a record the waker put in place of a parked one
+	// (its value is the time).
+	HeaderWoken = "Jetmail-Woken"
+)
+
+// Park is where and until when a deferred message waits.
+type Park struct {
+	QueueID string
+	Dest    string
+	Due     time.Time
+	// Deadline is when it is woken even if its destination is still
+	// down: the end of its queue lifetime, or its delay warning.
+	Deadline time.Time
+	Down     bool
+	// Subject and Seq are the queue record that was parked.
+	Subject string
+	Seq     uint64
+}
+
+func (p *Park) header() nats.Header {
+	h := nats.Header{}
+	h.Set(HeaderParkDest, p.Dest)
+	h.Set(HeaderParkDue, strconv.FormatInt(p.Due.UnixMilli(), 10))
+	h.Set(HeaderParkDeadline, strconv.FormatInt(p.Deadline.UnixMilli(), 10))
+	if p.Down {
+		h.Set(HeaderParkDown, "1")
+	}
+	h.Set(HeaderParkSubject, p.Subject)
+	h.Set(HeaderParkSeq, strconv.FormatUint(p.Seq, 10))
+	return h
+}
+
+// parkFrom reads the park headers of a state record; nil if it is not
+// parked (a claim, a save during an attempt, a deletion).
+func parkFrom(qid string, h nats.Header) *Park {
+	dest := h.Get(HeaderParkDest)
+	if dest == "" {
+		return nil
+	}
+	due, err1 := strconv.ParseInt(h.Get(HeaderParkDue), 10, 64)
+	seq, err2 := strconv.ParseUint(h.Get(HeaderParkSeq), 10, 64)
+	exp, err3 := strconv.ParseInt(h.Get(HeaderParkDeadline), 10, 64)
+	if err1 != nil || err2 != nil || err3 != nil {
+		return nil
+	}
+	return &Park{QueueID: qid, Dest: dest, Due: time.UnixMilli(due), Deadline: time.UnixMilli(exp), Down: h.Get(HeaderParkDown) != "",
+		Subject: h.Get(HeaderParkSubject), Seq: seq}
+}
+
+// ParkState stores st with p's park headers, in the one write a deferral
+// makes: after it the message may be acknowledged.
+func (s *Spool) ParkState(ctx context.Context, st *DeliveryState, p *Park) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	msg := &nats.Msg{Subject: stateSubject(st.QueueID), Header: p.header(), Data: b}
+	if _, err := s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream("KV_"+StateBucket)); err != nil {
+		return fmt.Errorf("spool: park %s: %w", st.QueueID, err)
+	}
+	return nil
+}
+
+func stateSubject(qid string) string { return "$KV." + StateBucket + "." + qid }
+
+// ParkEvent is a write to the state bucket as the waker follows it.
+type ParkEvent struct {
+	QueueID string
+	// Park is set when the message was parked by this write.
+	Park *Park
+	// Gone is set when the state was deleted: the message left the queue.
+	Gone bool
+}
+
+// parkEventOf reads one state bucket record (headers only); ok is false for
+// keys that are not a message's state.
+func parkEventOf(raw jetstream.Msg) (ParkEvent, bool) {
+	qid := strings.TrimPrefix(raw.Subject(), "$KV."+StateBucket+".")
+	if strings.Contains(qid, ".") {
+		return ParkEvent{}, false // held.<id>, lease.<name>
+	}
+	h := raw.Headers()
+	if op := h.Get("KV-Operation"); op == "DEL" || op == "PURGE" {
+		return ParkEvent{QueueID: qid, Gone: true}, true
+	}
+	return ParkEvent{QueueID: qid, Park: parkFrom(qid, h)}, true
+}
+
+// Parked calls fn for every parked message, reading the state bucket's
+// headers only (no state is decoded, no queue record read).
+func (s *Spool) Parked(ctx context.Context, fn func(*Park) error) error {
+	ks, err := s.js.Stream(ctx, "KV_"+StateBucket)
+	if err != nil {
+		return fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
+	}
+	err = s.walk(ctx, ks, walkFrom{headersOnly: true}, func(raw jetstream.Msg, _ *jetstream.MsgMetadata) error {
+		if ev, ok := parkEventOf(raw); ok && ev.Park != nil {
+			return fn(ev.Park)
+		}
+		return nil
+	})
+	if errors.Is(err, errWalkIncomplete) {
+		return nil
+	}
+	return err
+}
+
+// FollowParks calls fn for each write to the state bucket from now on
+// (headers only), until ctx ends or the follow fails; it returns the
+// error. fn runs on one goroutine, in stream order.
+func (s *Spool) FollowParks(ctx context.Context, fn func(ParkEvent)) error {
+	ks, err := s.js.Stream(ctx, "KV_"+StateBucket)
+	if err != nil {
+		return fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
+	}
+	c, err := ks.CreateConsumer(ctx, jetstream.ConsumerConfig{
+		AckPolicy:         jetstream.AckNonePolicy,
+		DeliverPolicy:     jetstream.DeliverNewPolicy,
+		HeadersOnly:       true,
+		MemoryStorage:     true,
+		InactiveThreshold: 30 * time.Second,
+	})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = ks.DeleteConsumer(dctx, c.CachedInfo().Name)
+	}()
+	for ctx.Err() == nil {
+		batch, err := c.Fetch(walkBatch, jetstream.FetchMaxWait(2*time.Second))
+		if err != nil {
+			return err
+		}
+		for raw := range batch.Messages() {
+			if ev, ok := parkEventOf(raw); ok {
+				fn(ev)
+			}
+		}
+		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
+			return err
+		}
+	}
+	return ctx.Err()
+}
+
+// Wake hands parked mail out again: it replaces the queue record p parked
+// with the same record marked woken, which the deliverers' consumer hands
+// out like new mail. The record is replaced only if it is still the one
+// that was parked: ErrChanged means the mail left the queue, or an
+// administrator or another waker replaced it, and there is nothing to do.
+// It reads the record once.
+func (s *Spool) Wake(ctx context.Context, p *Park, now time.Time) error {
+	hdr, data, seq, err := s.leaderGet(ctx, QueueStream, p.Subject)
+	if errors.Is(err, jetstream.ErrMsgNotFound) || (err == nil && seq != p.Seq) {
+		return fmt.Errorf("spool: wake %s: %w", p.QueueID, ErrChanged)
+	}
+	if err != nil {
+		return fmt.Errorf("spool: wake %s: %w", p.QueueID, err)
+	}
+	m, err := decode(p.Subject, seq, hdr, data)
+	if err != nil {
+		return err
+	}
+	if m.Envelope.QueueID != p.QueueID || m.Tombstone || !m.Held.IsZero() {
+		return fmt.Errorf("spool: wake %s: %w", p.QueueID, ErrChanged)
+	}
+	return s.replace(ctx, m, now, func(h nats.Header) {
+		h.Set(HeaderWoken, now.UTC().Format(time.RFC3339Nano))
+	})
+}
+
+// Lease is a named lease in the state bucket (key lease.<name>): one
+// holder at a time, for until, renewed by a compare-and-set.
+type Lease struct {
+	Holder string    `json:"holder"`
+	Until  time.Time `json:"until"`
+}
+
+const leasePrefix = "lease."
+
+// TakeLease takes (or renews) the lease name for holder until until, if it
+// is free, expired, or already holder's; ok is false if another holds it.
+func (s *Spool) TakeLease(ctx context.Context, name, holder string, now, until time.Time) (ok bool, err error) {
+	key := leasePrefix + name
+	cur, err := s.state.Get(ctx, key)
+	b, _ := json.Marshal(Lease{Holder: holder, Until: until})
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+		_, err = s.state.Create(ctx, key, b)
+	case err != nil:
+		return false, err
+	default:
+		var l Lease
+		if json.Unmarshal(cur.Value(), &l) == nil && l.Holder != holder && now.Before(l.Until) {
+			return false, nil
+		}
+		_, err = s.state.Update(ctx, key, b, cur.Revision())
+	}
+	var apiErr *jetstream.APIError
+	if errors.Is(err, jetstream.ErrKeyExists) || (errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence) {
+		return false, nil // another took it first
+	}
+	if err != nil {
+		return false, fmt.Errorf("spool: lease %s: %w", name, err)
+	}
+	return true, nil
+}
+
+// ReleaseLease gives the lease name up if holder holds it.
+func (s *Spool) ReleaseLease(ctx context.Context, name, holder string) error {
+	key := leasePrefix + name
+	cur, err := s.state.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("spool: lease %s: %w", name, err)
+	}
+	var l Lease
+	if json.Unmarshal(cur.Value(), &l) != nil || l.Holder != holder {
+		return nil
+	}
+	b, _ := json.Marshal(Lease{Holder: holder})
+	if _, err := s.state.Update(ctx, key, b, cur.Revision()); err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
+		var apiErr *jetstream.APIError
+		if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
+			return nil // taken meanwhile
+		}
+		return fmt.Errorf("spool: lease %s: %w", name, err)
+	}
+	return nil
+}
