@@ -45,7 +45,7 @@ func (d *Deliverer) Run(ctx context.Context) error {
 		case <-work.Done():
 		}
 	}()
-	go d.watchQueue(ctx, cons)
+	go d.watchQueue(ctx)
 	if d.cfg.ParkAfter >= 0 {
 		wakerDone := make(chan struct{})
 		go func() {

@@ -5,26 +5,24 @@ import (
 	"math/rand/v2"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/spool"
 )
 
-// watchQueue exports the queue depth and the age of the oldest message.
-func (d *Deliverer) watchQueue(ctx context.Context, cons jetstream.Consumer) {
+// watchQueue exports the queue depth and the age of the oldest message,
+// parked mail included (spool.QueueStats).
+func (d *Deliverer) watchQueue(ctx context.Context) {
 	t := time.NewTicker(10 * time.Second)
 	defer t.Stop()
 	for {
-		if info, err := cons.Info(ctx); err == nil {
-			d.metrics.queueMessages.Set(float64(info.NumPending + uint64(info.NumAckPending)))
-			if info.NumAckPending+int(info.NumPending) == 0 {
-				d.metrics.queueOldestAge.Set(0)
-			} else if qid := d.oldest(ctx, info.AckFloor.Stream+1, info.Delivered.Stream); qid != "" {
-				if ts, ok := spool.QueueIDTime(qid); ok {
-					d.metrics.queueOldestAge.Set(d.cfg.Now().Sub(ts).Seconds())
-				}
+		if st, err := d.cfg.Spool.Stats(ctx); err == nil {
+			d.metrics.queueMessages.Set(float64(st.Messages()))
+			age := 0.0
+			if ts, ok := spool.QueueIDTime(st.Oldest); ok {
+				age = max(0, d.cfg.Now().Sub(ts).Seconds())
 			}
+			d.metrics.queueOldestAge.Set(age)
 		}
 		select {
 		case <-ctx.Done():
@@ -53,14 +51,4 @@ func (d *Deliverer) sweepBodies(ctx context.Context) {
 			d.log.Info("orphan message bodies deleted", zap.Int("bodies", n), zap.Duration("older_than", d.cfg.OrphanAge))
 		}
 	}
-}
-
-// oldest finds the queue ID of the first unacknowledged envelope.
-func (d *Deliverer) oldest(ctx context.Context, from, to uint64) string {
-	for seq := from; seq <= to && seq < from+20; seq++ {
-		if qid := d.cfg.Spool.QueueIDAt(ctx, seq); qid != "" {
-			return qid
-		}
-	}
-	return ""
 }

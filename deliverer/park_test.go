@@ -262,6 +262,16 @@ func TestParking(t *testing.T) {
 		for _, qid := range []string{retried, released, removed} {
 			e.waitState(qid, 10*time.Second, "parked for an hour", func(st *spool.DeliveryState) bool { return st.Parked() != nil })
 		}
+		// Parked mail is acknowledged, and still counted, oldest first.
+		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer scancel()
+		st, err := e.sp.Stats(sctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n, a, d, h := st.ByState(); st.HandedOut != 0 || st.Messages() != 3 || n != 0 || a != 0 || d != 3 || h != 0 || st.Oldest != retried {
+			t.Errorf("stats of 3 parked messages: %+v; by state %d %d %d %d", st, n, a, d, h)
+		}
 		e.act("retry", (*spool.Spool).Retry, retried)
 		e.act("hold", (*spool.Spool).Hold, released)
 		e.act("rm", (*spool.Spool).Remove, removed)

@@ -41,7 +41,7 @@ const (
 	// handed out.
 	wakeAhead = 1000
 	// wakeWorkers is how many wakes are in flight at once.
-	wakeWorkers = 16
+	wakeWorkers = 64
 	// fullPassEvery is how often the waker walks every parked state even
 	// when it expects nothing to be due: what it missed (a follow that
 	// broke) is found then.

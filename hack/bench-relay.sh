@@ -28,7 +28,9 @@
 # sampled every RSS_EVERY seconds, then the sink starts and the drain rate is
 # DRAIN_N over the time from sink start to the DRAIN_N-th message at the sink.
 # The whole drain is bounded by DRAIN_BUDGET seconds; whatever was seen is
-# reported even if it does not finish.
+# reported even if it does not finish. DRAIN_FLAGS are added to serve's
+# flags (DRAIN_FLAGS=--park-after=-1s: deferred mail waits in the consumer,
+# as before parking).
 #
 # Only loopback is used. Needs root (Postfix instance; apt-get if missing).
 # Keep the machine otherwise idle (no `go test`): the figures are for
@@ -279,7 +281,8 @@ spec:
 EOF
   echo "policy ($work/policy.yaml):"; sed 's/^/  /' "$work/policy.yaml"
   port_free "$SINK_PORT" || { echo "bench-relay: something listens on $SINK_PORT" >&2; exit 1; }
-  start_jetmail drain -f "$work/policy.yaml"
+  # shellcheck disable=SC2086 # DRAIN_FLAGS: several serve flags, split
+  start_jetmail drain -f "$work/policy.yaml" ${DRAIN_FLAGS:-}
   echo inject >"$work/phase"
   # RSS sampler, bounded in count (and by jetmail's life); with the Go heap
   # in use and the goroutine count from /metrics, to tell live memory from

@@ -391,13 +391,3 @@ func (s *Spool) walk(ctx context.Context, stream jetstream.Stream, from walkFrom
 		}
 	}
 }
-
-// QueueIDAt returns the queue ID of the envelope at stream sequence seq,
-// or "" if there is none (deleted, replaced, or a tombstone).
-func (s *Spool) QueueIDAt(ctx context.Context, seq uint64) string {
-	raw, err := s.queue.GetMsg(ctx, seq)
-	if err != nil || raw.Header.Get(HeaderTombstone) != "" {
-		return ""
-	}
-	return raw.Header.Get(HeaderQueueID)
-}

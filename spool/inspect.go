@@ -89,13 +89,24 @@ type QueueStats struct {
 // ByState splits the queued mail by state, as the cluster gauges and
 // `jetmail queue stat` count it: new is not handed to a deliverer yet;
 // held (Held) is taken out of the handed-out mail first; deferred is the
-// delivery states, at most what is left (an estimate: a state outlives
-// its mail by a minute); active is the rest, in an attempt now or due.
+// delivery states (an estimate: a state outlives its mail by a minute).
+// Deferred mail is either in the consumer (a short wait, a negative
+// acknowledgement) or parked (acknowledged, see park.go): the states
+// beyond every record the consumer holds are taken for parked mail, the
+// others for handed-out mail. Active is what is left of the handed-out
+// mail, in an attempt now or due.
 func (st *QueueStats) ByState() (newMail, active, deferred, held uint64) {
+	parked := st.States - min(st.States, st.NotHandedOut+st.HandedOut)
 	held = min(st.Held, st.HandedOut)
 	rest := st.HandedOut - held
-	deferred = min(st.States, rest)
-	return st.NotHandedOut, rest - deferred, deferred, held
+	waiting := min(st.States-parked, rest)
+	return st.NotHandedOut, rest - waiting, waiting + parked, held
+}
+
+// Messages is the queued mail: the sum of ByState.
+func (st *QueueStats) Messages() uint64 {
+	n, a, d, h := st.ByState()
+	return n + a + d + h
 }
 
 // Stats reads QueueStats from the queue, body and state streams and the
@@ -135,7 +146,13 @@ func (s *Spool) Stats(ctx context.Context) (*QueueStats, error) {
 		st.HandedUpTo = info.Delivered.Stream
 		from = info.AckFloor.Stream + 1
 	}
-	if st.NotHandedOut+st.HandedOut > 0 {
+	if st.States > 0 {
+		// Parked mail is acknowledged: the oldest may lie below the ack
+		// floor. The stream's first record is the oldest not woken since
+		// (unless more than a few tombstones come first).
+		st.Oldest, _ = s.firstQueued(ctx, qi.State.FirstSeq)
+	}
+	if st.Oldest == "" && st.NotHandedOut+st.HandedOut > 0 {
 		st.Oldest, _ = s.firstQueued(ctx, from)
 	}
 	// Held mail: the number of marker subjects, from the stream info.

@@ -88,3 +88,27 @@ func TestAttachReadsWhatOpenWrote(t *testing.T) {
 		t.Errorf("ScanFrom(2) = %v; want [%s]", from, guarded.QueueID)
 	}
 }
+
+func TestByStateTakesTheStatesBeyondTheConsumerForParkedMail(t *testing.T) {
+	for _, c := range []struct {
+		name                      string
+		st                        spool.QueueStats
+		newMail, active, def, hld uint64
+	}{
+		{"nothing", spool.QueueStats{}, 0, 0, 0, 0},
+		{"in the consumer: 1 new, 3 handed out of which 2 deferred", spool.QueueStats{NotHandedOut: 1, HandedOut: 3, States: 2}, 1, 1, 2, 0},
+		{"all parked", spool.QueueStats{States: 1000}, 0, 0, 1000, 0},
+		// An estimate: 10 handed out are taken for 10 of the states, so 10
+		// first attempts (no state yet) beside 1,000 parked count 1,000.
+		{"parked, and 10 handed out", spool.QueueStats{HandedOut: 10, States: 1000}, 0, 0, 1000, 0},
+		{"a held record replaced (new) with its state", spool.QueueStats{NotHandedOut: 2, HandedOut: 2, States: 2, Held: 1}, 2, 0, 1, 1},
+	} {
+		n, a, d, h := c.st.ByState()
+		if n != c.newMail || a != c.active || d != c.def || h != c.hld {
+			t.Errorf("%s: new %d active %d deferred %d held %d; want %d %d %d %d", c.name, n, a, d, h, c.newMail, c.active, c.def, c.hld)
+		}
+		if m := c.st.Messages(); m != n+a+d+h {
+			t.Errorf("%s: Messages %d", c.name, m)
+		}
+	}
+}

@@ -215,7 +215,7 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 
 	// The deliverer's housekeeping, run now rather than after a random
 	// hour: the body sweeper reads the queue's headers (the big body is in
-	// use, so nothing goes), the queue-age metric reads an envelope.
+	// use, so nothing goes), the queue metrics read the queue's stats and its oldest envelope.
 	dl := srv.connect(t, "deliverer", "jetmail-deliverer")
 	dsp, err := spool.Open(ctx, dl.nc, spoolCfg)
 	if err != nil {
@@ -224,8 +224,8 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 	if n, err := dsp.SweepBodies(ctx, time.Nanosecond, time.Now().Add(time.Minute)); err != nil || n != 0 {
 		t.Fatalf("deliverer: sweep bodies: %d deleted, %v; want 0", n, err)
 	}
-	if got := dsp.QueueIDAt(ctx, seqs[qid1]); got != qid1 {
-		t.Fatalf("deliverer: QueueIDAt(%d) = %q, want %s", seqs[qid1], got, qid1)
+	if st, err := dsp.Stats(ctx); err != nil || st.Oldest != qid1 {
+		t.Fatalf("deliverer: the queue's stats: oldest %v, %v; want %s", st, err, qid1)
 	}
 
 	// The deliverer binary, its configuration (the route to the sink)

@@ -50,19 +50,21 @@ func queueStatCmd(qf *queueFlags) *cobra.Command {
 		Long: `stat answers from the stream and consumer information of JetStream, without
 reading any message, whatever the size of the queue:
 
-  messages  the deliverers' consumer: not handed out yet + handed out and not
-            acknowledged (the jetmail_queue_messages gauge)
+  messages  new + active + deferred + held (the jetmail_queue_messages gauge)
   new       not handed to a deliverer yet (the consumer's pending count)
   deferred  delivery states in JETMAIL_STATE: mail whose last attempt left
-            recipients to retry. For a minute after such mail leaves the
-            queue its cleared state still counts, so this is an estimate
+            recipients to retry, handed out and waiting for a short retry,
+            or parked (acknowledged until the waker hands it out again). For
+            a minute after such mail leaves the queue its cleared state
+            still counts, so this is an estimate
   held      put on hold (queue hold), from the markers hold leaves in
             JETMAIL_STATE: never attempted until released
   active    handed out minus deferred and held: in an attempt now or
             about to be
   bytes     the queue stream (envelopes, inline bodies, tombstones) and the
             stream of large bodies
-  oldest    the first message not acknowledged, by the time in its queue ID
+  oldest    the first message in the queue stream (parked mail included),
+            by the time in its queue ID
 
 --scan reads every envelope and every delivery state once (streamed, not
 loaded whole) for exact counts and the top destinations by pending
@@ -76,7 +78,7 @@ recipients: its time grows with the queue.`,
 					return err
 				}
 				out := statOutput{
-					Messages: st.NotHandedOut + st.HandedOut, Bytes: st.QueueBytes + st.BodyBytes,
+					Messages: st.Messages(), Bytes: st.QueueBytes + st.BodyBytes,
 					QueueBytes: st.QueueBytes, BodyBytes: st.BodyBytes, Consumer: st.Consumer, Oldest: st.Oldest,
 				}
 				// As the cluster gauges count them.
