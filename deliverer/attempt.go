@@ -49,6 +49,9 @@ type attempt struct {
 	expiring bool
 	// down lists the recipient domains found down in this attempt.
 	down map[string]bool
+	// woken is set for parked mail the waker handed out (wokenMsg): it
+	// is not in the consumer, so a deferral always parks it again.
+	woken bool
 }
 
 func (a *attempt) rcptState(addr string) *spool.RcptState {
@@ -549,7 +552,7 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 // ParkAfter) costs nothing there. It waits for the destination of its
 // earliest due pending recipient.
 func (a *attempt) parking(next, deadline time.Time) *spool.Park {
-	if a.d.cfg.ParkAfter < 0 {
+	if a.d.cfg.ParkAfter < 0 && !a.woken {
 		return nil
 	}
 	var first *spool.RcptState
@@ -563,7 +566,7 @@ func (a *attempt) parking(next, deadline time.Time) *spool.Park {
 		return nil
 	}
 	down := a.down[dom]
-	if !down && next.Sub(a.d.cfg.Now()) < a.d.cfg.ParkAfter {
+	if !down && !a.woken && next.Sub(a.d.cfg.Now()) < a.d.cfg.ParkAfter {
 		return nil
 	}
 	return &spool.Park{QueueID: a.m.Envelope.QueueID, Dest: dom, Due: next, Deadline: deadline, Down: down,

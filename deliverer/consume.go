@@ -46,14 +46,14 @@ func (d *Deliverer) Run(ctx context.Context) error {
 		}
 	}()
 	go d.watchQueue(ctx)
-	if d.cfg.ParkAfter >= 0 {
-		wakerDone := make(chan struct{})
-		go func() {
-			defer close(wakerDone)
-			d.runWaker(ctx, cons)
-		}()
-		defer func() { <-wakerDone }()
-	}
+	// The waker runs even if this deliverer parks nothing (ParkAfter < 0):
+	// mail parked before must still be handed out.
+	wakerDone := make(chan struct{})
+	go func() {
+		defer close(wakerDone)
+		d.runWaker(ctx)
+	}()
+	defer func() { <-wakerDone }()
 	if d.cfg.SweepEvery > 0 {
 		go d.sweepBodies(ctx)
 	}
@@ -61,6 +61,9 @@ func (d *Deliverer) Run(ctx context.Context) error {
 	sem := make(chan struct{}, d.cfg.MaxInFlight)
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	if err := d.serveWakes(ctx, work, &wg); err != nil {
+		return err
+	}
 	backoff := time.Duration(0)
 	for {
 		// One slot, waiting for it, then every other free one.
@@ -227,7 +230,9 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 		return
 	}
 	expires := env.Received.Add(pol.QueueLifetime)
-	if !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) && !retryAsked(m, st) {
+	// A woken message is due: the waker says so (at its retry time, or
+	// at its deadline while its destination is down).
+	if !isWoken(msg) && !st.NextAttempt.IsZero() && st.NextAttempt.After(now) && now.Before(expires) && !retryAsked(m, st) {
 		// Handed back early (a replica died, or the schedule changed):
 		// wait for the time that was set, never past the expiry.
 		if p := st.Parked(); p != nil && p.Seq == md.Sequence.Stream {
@@ -238,6 +243,12 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 		}
 		_ = msg.NakWithDelay(min(st.NextAttempt.Sub(now), expires.Sub(now)))
 		return
+	}
+
+	if !isWoken(msg) {
+		// Handed out by the consumer: whatever it was parked as before
+		// (an administrator replaced the record since), it is not now.
+		st.Unpark()
 	}
 
 	requeued := !m.Requeued.IsZero()
@@ -271,7 +282,7 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 		}
 		hadState = true // the claim is stored; finish must replace it
 	}
-	a := &attempt{d: d, msg: msg, m: m, st: st, pol: pol, now: now, log: log}
+	a := &attempt{d: d, msg: msg, m: m, st: st, pol: pol, now: now, log: log, woken: isWoken(msg)}
 	// Keep the message ours while sessions run and their outcome is
 	// recorded.
 	stop := make(chan struct{})

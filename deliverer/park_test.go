@@ -141,6 +141,48 @@ func TestParking(t *testing.T) {
 		mxtest.CheckServersClosed(t, mx.Counter)
 	})
 
+	t.Run("a deliverer killed during the attempt of a woken message: its claim runs out, the waker hands the message out again, and one copy arrives", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.retryEvery(time.Second)
+		inData, release := make(chan struct{}), make(chan struct{})
+		mx := greylist()
+		mx.Data = func(n int) error {
+			if n > 1 {
+				return nil
+			}
+			close(inData)
+			<-release
+			return e2eSMTPError(451, [3]int{4, 4, 2}, "client went away")
+		}
+		e.startMXOf("woken.test", mx)
+		first := e.startDeliverer(e2eOwnConn(), parkAll(), e2eGrace(time.Millisecond))
+		qid := e.enqueue(e2eSender, "bo@woken.test")
+		select {
+		case <-inData:
+		case <-time.After(15 * time.Second):
+			t.Fatal("the woken message never reached DATA")
+		}
+		if n := e2eCount(t, first.d.metrics.woken.WithLabelValues("due")); n != 1 {
+			t.Fatalf("%v messages woken, want 1", n)
+		}
+		st := e.waitState(qid, 5*time.Second, "the claim", func(st *spool.DeliveryState) bool { return st.Claim != nil })
+		if p := st.Parked(); p == nil || p.Due.Before(st.Claim.Until.Truncate(time.Millisecond)) {
+			t.Fatalf("the claim of a woken message is not parked until it runs out: park %+v, claim %+v", p, st.Claim)
+		}
+		// SIGKILL: no state written after the claim.
+		first.nc.Close()
+		killed := time.Now()
+		first.stop(t)
+		close(release)
+		second := e.startDeliverer(e2eOwnConn(), parkAll())
+		e.waitEmpty(leaseFor + 4*e2eAckWait + 10*time.Second)
+		t.Logf("delivered %s after the kill", time.Since(killed).Round(time.Millisecond))
+		wantOneCopyAfterKill(t, mx)
+		second.stop(t)
+		mxtest.CheckServersClosed(t, mx.Counter)
+	})
+
 	t.Run("the waker lease moves to another deliverer when its holder is killed, and parked mail is still woken", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)

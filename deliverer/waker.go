@@ -4,11 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/spool"
@@ -19,8 +19,8 @@ import (
 // parked mail, only a line per destination: the earliest due time it has
 // seen, and whether the destination is down. It learns of parks by
 // following the state bucket's writes (headers only); when something is
-// due it walks the parked states (headers only again) and wakes what is
-// due, no faster than the consumer hands mail out.
+// due it walks the parked states (headers only again) and hands what is
+// due to the deliverers (deliverer/wake.go), each to one with a free slot.
 //
 // A destination that is down costs nothing while it waits: at its due time
 // one message is woken, the probe; only when the probe leaves (delivered,
@@ -37,10 +37,8 @@ var (
 
 const (
 	wakeTick = time.Second
-	// wakeAhead bounds the woken mail waiting in the consumer to be
-	// handed out.
-	wakeAhead = 1000
-	// wakeWorkers is how many wakes are in flight at once.
+	// wakeWorkers is how many wakes are in flight at once; each waits for
+	// a deliverer's free slot.
 	wakeWorkers = 64
 	// fullPassEvery is how often the waker walks every parked state even
 	// when it expects nothing to be due: what it missed (a follow that
@@ -62,9 +60,8 @@ type destLine struct {
 }
 
 type waker struct {
-	d    *Deliverer
-	cons jetstream.Consumer
-	log  *zap.Logger
+	d   *Deliverer
+	log *zap.Logger
 
 	mu     sync.Mutex
 	dests  map[string]*destLine
@@ -73,13 +70,11 @@ type waker struct {
 	passing, fresh bool
 	lastPass       time.Time
 	retryPass      time.Time
-
-	budget int
 }
 
 // runWaker takes the waker lease whenever it is free and wakes parked mail
 // while it holds it.
-func (d *Deliverer) runWaker(ctx context.Context, cons jetstream.Consumer) {
+func (d *Deliverer) runWaker(ctx context.Context) {
 	token := make([]byte, 6)
 	_, _ = rand.Read(token)
 	holder := d.cfg.Hostname + "/" + hex.EncodeToString(token)
@@ -90,7 +85,7 @@ func (d *Deliverer) runWaker(ctx context.Context, cons jetstream.Consumer) {
 			d.log.Warn("taking the waker lease", zap.Error(err))
 		}
 		if ok {
-			d.lead(ctx, cons, holder)
+			d.lead(ctx, holder)
 			if ctx.Err() != nil {
 				// A clean stop: the next deliverer need not wait for
 				// the lease to run out.
@@ -109,13 +104,13 @@ func (d *Deliverer) runWaker(ctx context.Context, cons jetstream.Consumer) {
 }
 
 // lead wakes parked mail until the lease is lost or ctx ends.
-func (d *Deliverer) lead(ctx context.Context, cons jetstream.Consumer, holder string) {
+func (d *Deliverer) lead(ctx context.Context, holder string) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	d.log.Info("waker lease taken: this deliverer wakes parked mail")
 	d.metrics.wakerLeader.Set(1)
 	defer d.metrics.wakerLeader.Set(0)
-	w := &waker{d: d, cons: cons, log: d.log.Named("waker"), dests: map[string]*destLine{}, probes: map[string]string{}, fresh: true}
+	w := &waker{d: d, log: d.log.Named("waker"), dests: map[string]*destLine{}, probes: map[string]string{}, fresh: true}
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Add(2)
@@ -315,9 +310,6 @@ func (w *waker) pass(ctx context.Context) {
 		if kind == "" {
 			return nil
 		}
-		if err := w.pace(ctx); err != nil {
-			return err
-		}
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
@@ -344,43 +336,46 @@ func (w *waker) pass(ctx context.Context) {
 		}
 		return
 	}
+	if woken > 0 {
+		// A deliverer that took a message and died before claiming it
+		// left it parked and due, and wrote nothing the follow sees:
+		// look again once such a claim would have run out.
+		w.retryPass = earliest(w.retryPass, w.d.cfg.Now().Add(2*w.d.cfg.AckWait))
+	}
 	w.log.Debug("pass over parked mail", zap.Int("parked", seen), zap.Int("woken", woken), zap.Duration("took", w.d.cfg.Now().Sub(start)))
 }
 
-// pace waits until the consumer has room for another woken message: mail
-// woken faster than it is handed out would only wait there.
-func (w *waker) pace(ctx context.Context) error {
-	for w.budget <= 0 {
-		info, err := w.cons.Info(ctx)
-		if err != nil {
-			return err
-		}
-		if info.NumPending < wakeAhead {
-			w.budget = wakeAhead - int(info.NumPending)
-			break
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-	w.budget--
-	return nil
-}
-
+// wake hands p to a deliverer (spool.WakeSubject), asking again while
+// they are all busy: the deliverers' free slots pace the waker.
 func (w *waker) wake(ctx context.Context, p *spool.Park, kind string) error {
-	err := w.d.cfg.Spool.Wake(ctx, p, w.d.cfg.Now())
-	switch {
-	case err == nil:
-		w.d.metrics.woken.WithLabelValues(kind).Inc()
-	case errors.Is(err, spool.ErrChanged):
-		// Gone, or replaced by an administrator or a wake before.
-	default:
-		w.log.Warn("waking parked mail; again in 5s", zap.String("queue_id", p.QueueID), zap.Error(err))
-		w.mu.Lock()
-		w.retryPass = earliest(w.retryPass, w.d.cfg.Now().Add(5*time.Second))
-		w.mu.Unlock()
+	req, err := json.Marshal(p)
+	if err != nil {
+		return err
 	}
-	return err
+	nc := w.d.cfg.Spool.JetStream().Conn()
+	for {
+		rctx, cancel := context.WithTimeout(ctx, wakeSlotWait+recordTry)
+		resp, err := nc.RequestWithContext(rctx, spool.WakeSubject, req)
+		cancel()
+		switch {
+		case err == nil && string(resp.Data) == spool.WakeTaken:
+			w.d.metrics.woken.WithLabelValues(kind).Inc()
+			return nil
+		case err == nil && string(resp.Data) == spool.WakeChanged:
+			// Gone, or replaced by an administrator: nothing to do.
+			return spool.ErrChanged
+		case err == nil && string(resp.Data) == spool.WakeBusy && ctx.Err() == nil:
+			continue
+		}
+		if err == nil {
+			err = errors.New("answer " + string(resp.Data))
+		}
+		if ctx.Err() == nil {
+			w.log.Warn("handing parked mail to a deliverer; again in 5s", zap.String("queue_id", p.QueueID), zap.Error(err))
+			w.mu.Lock()
+			w.retryPass = earliest(w.retryPass, w.d.cfg.Now().Add(5*time.Second))
+			w.mu.Unlock()
+		}
+		return err
+	}
 }

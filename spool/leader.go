@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -18,41 +19,48 @@ import (
 // delivery state, which one deliverer writes and another reads moments
 // later, is read here. The answer is ErrMsgNotFound if there is none.
 func (s *Spool) leaderGet(ctx context.Context, stream, subject string) (hdr nats.Header, data []byte, seq uint64, err error) {
+	hdr, data, seq, _, err = s.leaderGetAt(ctx, stream, subject)
+	return hdr, data, seq, err
+}
+
+// leaderGetAt is leaderGet with the time the record was stored.
+func (s *Spool) leaderGetAt(ctx context.Context, stream, subject string) (hdr nats.Header, data []byte, seq uint64, stored time.Time, err error) {
 	req, merr := json.Marshal(struct {
 		LastBySubject string `json:"last_by_subj"`
 	}{subject})
 	if merr != nil {
-		return nil, nil, 0, merr
+		return nil, nil, 0, time.Time{}, merr
 	}
 	msg, err := s.nc.RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+stream, req)
 	if err != nil {
-		return nil, nil, 0, err
+		return nil, nil, 0, time.Time{}, err
 	}
 	var resp struct {
 		Error   *jetstream.APIError `json:"error"`
 		Message *struct {
-			Sequence uint64 `json:"seq"`
-			Header   []byte `json:"hdrs"` // base64 in JSON
-			Data     []byte `json:"data"`
+			Sequence uint64    `json:"seq"`
+			Time     time.Time `json:"time"`
+			Header   []byte    `json:"hdrs"` // base64 in JSON
+			Data     []byte    `json:"data"`
 		} `json:"message"`
 	}
 	if err := json.Unmarshal(msg.Data, &resp); err != nil {
-		return nil, nil, 0, fmt.Errorf("spool: message get answer from %s: %w", stream, err)
+		return nil, nil, 0, time.Time{}, fmt.Errorf("spool: message get answer from %s: %w", stream, err)
 	}
 	if resp.Error != nil {
 		if resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound {
-			return nil, nil, 0, jetstream.ErrMsgNotFound
+			return nil, nil, 0, time.Time{}, jetstream.ErrMsgNotFound
 		}
-		return nil, nil, 0, resp.Error
+		return nil, nil, 0, time.Time{}, resp.Error
 	}
 	if resp.Message == nil {
-		return nil, nil, 0, fmt.Errorf("spool: empty message get answer from %s", stream)
+		return nil, nil, 0, time.Time{}, fmt.Errorf("spool: empty message get answer from %s", stream)
 	}
 	hdr, err = parseHeader(resp.Message.Header)
 	if err != nil {
-		return nil, nil, 0, err
+		return nil, nil, 0, time.Time{}, err
 	}
-	return hdr, resp.Message.Data, resp.Message.Sequence, nil
+	return hdr, resp.Message.Data, resp.Message.Sequence, resp.Message.Time, nil
 }
 
 // parseHeader reads a NATS header block ("NATS/1.0\r\nKey: value\r\n\r\n"),

@@ -26,10 +26,18 @@ import (
 // state with the park headers below (the one write a deferral made
 // anyway), then acknowledges it. The state says where the message is
 // going and when it is due. One deliverer at a time, the waker, holds the
-// lease below and wakes parked mail when it is due by replacing its queue
-// record (Wake), which the consumer hands out like new mail. A destination
-// that is down is woken one message at a time (the probe) until it takes
-// mail again; its other parked mail is not touched meanwhile.
+// lease below and hands parked mail to a deliverer when it is due, over
+// core NATS (WakeSubject): that deliverer reads the record (ParkedRecord)
+// and attempts it as if the consumer had handed it out again. A
+// destination that is down is woken one message at a time (the probe)
+// until it takes mail again; its other parked mail is not touched
+// meanwhile.
+//
+// A woken message is claimed before its attempt, and a claim of a parked
+// state keeps it parked, due when the claim runs out (Claim): a deliverer
+// that dies during the attempt leaves it to the waker, as the consumer's
+// ack wait would have. The attempt ends by parking it again or by
+// completing it; it never leaves a woken message unparked.
 //
 // A message is acknowledged only after its state was stored parked, so a
 // crash between the two leaves a record the consumer hands out again
@@ -111,6 +119,7 @@ func (s *Spool) ParkState(ctx context.Context, st *DeliveryState, p *Park) error
 	if _, err := s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream("KV_"+StateBucket)); err != nil {
 		return fmt.Errorf("spool: park %s: %w", st.QueueID, err)
 	}
+	st.park = p
 	return nil
 }
 
@@ -198,30 +207,34 @@ func (s *Spool) FollowParks(ctx context.Context, fn func(ParkEvent)) error {
 	return ctx.Err()
 }
 
-// Wake hands parked mail out again: it replaces the queue record p parked
-// with the same record marked woken, which the deliverers' consumer hands
-// out like new mail. The record is replaced only if it is still the one
-// that was parked: ErrChanged means the mail left the queue, or an
-// administrator or another waker replaced it, and there is nothing to do.
-// It reads the record once.
-func (s *Spool) Wake(ctx context.Context, p *Park, now time.Time) error {
-	hdr, data, seq, err := s.leaderGet(ctx, QueueStream, p.Subject)
+// WakeSubject is where the waker hands parked mail to the deliverers (a
+// core NATS request to their queue group, with the Park as JSON). The
+// answer says what became of it: WakeTaken, WakeChanged or WakeBusy.
+const (
+	WakeSubject = "jetmail.wake"
+	WakeTaken   = "taken"
+	WakeChanged = "changed"
+	WakeBusy    = "busy"
+)
+
+// ParkedRecord reads the queue record p parked, from the stream leader,
+// with the time it was stored: the deliverer a parked message is handed
+// to reads it once, as the consumer would have. ErrChanged means it is
+// not that record any more (the mail left the queue, or an administrator
+// replaced it: held, released, retried), or it is held: there is nothing
+// to do, the consumer has what replaced it.
+func (s *Spool) ParkedRecord(ctx context.Context, p *Park) (hdr nats.Header, data []byte, stored time.Time, err error) {
+	hdr, data, seq, stored, err := s.leaderGetAt(ctx, QueueStream, p.Subject)
 	if errors.Is(err, jetstream.ErrMsgNotFound) || (err == nil && seq != p.Seq) {
-		return fmt.Errorf("spool: wake %s: %w", p.QueueID, ErrChanged)
+		return nil, nil, time.Time{}, fmt.Errorf("spool: parked %s: %w", p.QueueID, ErrChanged)
 	}
 	if err != nil {
-		return fmt.Errorf("spool: wake %s: %w", p.QueueID, err)
+		return nil, nil, time.Time{}, fmt.Errorf("spool: parked %s: %w", p.QueueID, err)
 	}
-	m, err := decode(p.Subject, seq, hdr, data)
-	if err != nil {
-		return err
+	if hdr.Get(HeaderQueueID) != p.QueueID || hdr.Get(HeaderTombstone) != "" || hdr.Get(HeaderHeld) != "" {
+		return nil, nil, time.Time{}, fmt.Errorf("spool: parked %s: %w", p.QueueID, ErrChanged)
 	}
-	if m.Envelope.QueueID != p.QueueID || m.Tombstone || !m.Held.IsZero() {
-		return fmt.Errorf("spool: wake %s: %w", p.QueueID, ErrChanged)
-	}
-	return s.replace(ctx, m, now, func(h nats.Header) {
-		h.Set(HeaderWoken, now.UTC().Format(time.RFC3339Nano))
-	})
+	return hdr, data, stored, nil
 }
 
 // Lease is a named lease in the state bucket (key lease.<name>): one

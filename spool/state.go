@@ -8,6 +8,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -58,6 +59,10 @@ type DeliveryState struct {
 
 // Parked is how the state was parked when it was read (nil: not parked).
 func (st *DeliveryState) Parked() *Park { return st.park }
+
+// Unpark forgets how the state was parked: an attempt of mail the consumer
+// handed out (not woken) saves its state unparked.
+func (st *DeliveryState) Unpark() { st.park = nil }
 
 // Clone is a copy of st that shares nothing with it.
 func (st *DeliveryState) Clone() *DeliveryState {
@@ -180,9 +185,23 @@ func (s *Spool) Claim(ctx context.Context, st *DeliveryState, c Claim) error {
 		return err
 	}
 	var rev uint64
-	if st.revision == 0 {
+	switch {
+	case st.park != nil:
+		// A claim of parked mail (a woken message) keeps it parked, due
+		// when the claim runs out: if the attempt dies, the waker hands
+		// it out again then.
+		p := *st.park
+		p.Due = c.Until
+		msg := &nats.Msg{Subject: stateSubject(st.QueueID), Header: p.header(), Data: b}
+		var ack *jetstream.PubAck
+		ack, err = s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream("KV_"+StateBucket),
+			jetstream.WithExpectLastSequencePerSubject(st.revision))
+		if err == nil {
+			rev, st.park = ack.Sequence, &p
+		}
+	case st.revision == 0:
 		rev, err = s.state.Create(ctx, st.QueueID, b)
-	} else {
+	default:
 		rev, err = s.state.Update(ctx, st.QueueID, b, st.revision)
 	}
 	var apiErr *jetstream.APIError
@@ -196,8 +215,14 @@ func (s *Spool) Claim(ctx context.Context, st *DeliveryState, c Claim) error {
 	return nil
 }
 
-// SaveState stores the delivery state of a message.
+// SaveState stores the delivery state of a message. A state read parked
+// (and not unparked) stays parked as it was read or last claimed (see
+// Claim): the mail of a woken attempt is not in the consumer, and must not
+// be lost to the waker if the attempt dies.
 func (s *Spool) SaveState(ctx context.Context, st *DeliveryState) error {
+	if st.park != nil {
+		return s.ParkState(ctx, st, st.park)
+	}
 	b, err := json.Marshal(st)
 	if err != nil {
 		return err
