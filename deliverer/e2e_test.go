@@ -704,6 +704,11 @@ func TestDelivererEndToEnd(t *testing.T) {
 		if len(got) != 4 || got["first@dead.test"] != 1 || got["later0@dead.test"] != 1 || got["later2@dead.test"] != 1 {
 			t.Errorf("deliveries per recipient after the destination came back: %v", got)
 		}
+		// The probe that got through brought the rest at once, not one
+		// probe at a time.
+		if n := e2eCount(t, r.d.metrics.woken.WithLabelValues("due")); n < 2 {
+			t.Errorf("%v messages woken as due after the destination came back, want the rest (2 or 3)", n)
+		}
 		r.stop(t)
 		mxtest.CheckServersClosed(t, mx.Counter)
 	})

@@ -188,6 +188,16 @@ func earliest(a, b time.Time) time.Time {
 func (w *waker) note(ev spool.ParkEvent) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if p := ev.Park; p != nil && p.Claimed {
+		// A woken message in its attempt (its claim, or a save during
+		// it): its end says what became of it. If the attempt dies, the
+		// message is due when its claim runs out.
+		if !p.Down {
+			l := w.line(p.Dest)
+			l.next = earliest(l.next, p.Due)
+		}
+		return
+	}
 	if dest, ok := w.probes[ev.QueueID]; ok && (ev.Gone || ev.Park != nil) {
 		delete(w.probes, ev.QueueID)
 		l := w.line(dest)

@@ -59,6 +59,9 @@ const (
 	// parked; Wake replaces only that record.
 	HeaderParkSubject = "Jetmail-Park-Subject"
 	HeaderParkSeq     = "Jetmail-Park-Seq"
+	// HeaderParkClaimed marks the park a claim of woken mail keeps (see
+	// Claim): the message is in an attempt, due only if that dies.
+	HeaderParkClaimed = "Jetmail-Park-Claimed"
 	// HeaderWoken marks a record the waker put in place of a parked one
 	// (its value is the time).
 	HeaderWoken = "Jetmail-Woken"
@@ -76,6 +79,9 @@ type Park struct {
 	// Subject and Seq are the queue record that was parked.
 	Subject string
 	Seq     uint64
+	// Claimed is set while a woken message is in an attempt: Due is when
+	// its claim runs out.
+	Claimed bool `json:",omitempty"`
 }
 
 func (p *Park) header() nats.Header {
@@ -85,6 +91,9 @@ func (p *Park) header() nats.Header {
 	h.Set(HeaderParkDeadline, strconv.FormatInt(p.Deadline.UnixMilli(), 10))
 	if p.Down {
 		h.Set(HeaderParkDown, "1")
+	}
+	if p.Claimed {
+		h.Set(HeaderParkClaimed, "1")
 	}
 	h.Set(HeaderParkSubject, p.Subject)
 	h.Set(HeaderParkSeq, strconv.FormatUint(p.Seq, 10))
@@ -105,7 +114,7 @@ func parkFrom(qid string, h nats.Header) *Park {
 		return nil
 	}
 	return &Park{QueueID: qid, Dest: dest, Due: time.UnixMilli(due), Deadline: time.UnixMilli(exp), Down: h.Get(HeaderParkDown) != "",
-		Subject: h.Get(HeaderParkSubject), Seq: seq}
+		Subject: h.Get(HeaderParkSubject), Seq: seq, Claimed: h.Get(HeaderParkClaimed) != ""}
 }
 
 // ParkState stores st with p's park headers, in the one write a deferral

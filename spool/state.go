@@ -191,7 +191,7 @@ func (s *Spool) Claim(ctx context.Context, st *DeliveryState, c Claim) error {
 		// when the claim runs out: if the attempt dies, the waker hands
 		// it out again then.
 		p := *st.park
-		p.Due = c.Until
+		p.Due, p.Claimed = c.Until, true
 		msg := &nats.Msg{Subject: stateSubject(st.QueueID), Header: p.header(), Data: b}
 		var ack *jetstream.PubAck
 		ack, err = s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream("KV_"+StateBucket),
