@@ -62,9 +62,6 @@ const (
 	// HeaderParkClaimed marks the park a claim of woken mail keeps (see
 	// Claim): the message is in an attempt, due only if that dies.
 	HeaderParkClaimed = "Jetmail-Park-Claimed"
-	// HeaderWoken marks a record the waker put in place of a parked one
-	// (its value is the time).
-	HeaderWoken = "Jetmail-Woken"
 )
 
 // Park is where and until when a deferred message waits.
