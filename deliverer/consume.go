@@ -61,9 +61,11 @@ func (d *Deliverer) Run(ctx context.Context) error {
 	sem := make(chan struct{}, d.cfg.MaxInFlight)
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	if err := d.serveWakes(ctx, work, &wg); err != nil {
+	stopWakes, err := d.serveWakes(ctx, work, &wg)
+	if err != nil {
 		return err
 	}
+	defer stopWakes() // before wg.Wait: no attempt is added after it
 	backoff := time.Duration(0)
 	for {
 		// One slot, waiting for it, then every other free one.

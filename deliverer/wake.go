@@ -51,11 +51,23 @@ func isWoken(msg queueMsg) bool {
 // serveWakes takes woken messages from the waker (whichever deliverer it
 // runs in) until ctx ends, with at most MaxInFlight of them in attempts
 // at once (beside as many from the consumer). Attempts run on work, like
-// the consumer's, and are counted in wg.
-func (d *Deliverer) serveWakes(ctx, work context.Context, wg *sync.WaitGroup) error {
+// the consumer's, and are counted in wg. The returned stop ends the
+// subscription; after it no attempt is added to wg, so Run calls it
+// before it waits for wg.
+func (d *Deliverer) serveWakes(ctx, work context.Context, wg *sync.WaitGroup) (stop func(), err error) {
 	nc := d.cfg.Spool.JetStream().Conn()
 	slots := make(chan struct{}, d.cfg.MaxInFlight)
+	var (
+		mu     sync.Mutex
+		closed bool
+	)
 	sub, err := nc.QueueSubscribe(spool.WakeSubject, wakeQueue, func(req *nats.Msg) {
+		mu.Lock()
+		defer mu.Unlock()
+		if closed {
+			_ = req.Respond([]byte(spool.WakeBusy))
+			return
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -63,13 +75,14 @@ func (d *Deliverer) serveWakes(ctx, work context.Context, wg *sync.WaitGroup) er
 		}()
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	go func() {
-		<-ctx.Done()
+	return func() {
 		_ = sub.Unsubscribe()
-	}()
-	return nil
+		mu.Lock()
+		closed = true
+		mu.Unlock()
+	}, nil
 }
 
 func (d *Deliverer) takeWoken(ctx, work context.Context, req *nats.Msg, slots chan struct{}) {

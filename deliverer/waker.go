@@ -137,24 +137,46 @@ func (d *Deliverer) lead(ctx context.Context, holder string) {
 			}
 		}
 	}()
+	// The first pass waits until the follow has started: a park written
+	// after the pass read the states and before the follow began would
+	// be seen by neither. After a broken follow, likewise, the walk that
+	// makes up for what it missed starts once the new one has.
+	following := make(chan struct{})
 	go func() {
 		defer wg.Done()
-		for ctx.Err() == nil {
-			err := d.cfg.Spool.FollowParks(ctx, w.note)
-			if ctx.Err() != nil {
-				return
-			}
-			// Writes were missed: walk everything again.
-			d.log.Warn("following parked mail; walking it again", zap.Error(err))
+		first := true
+		started := func() {
 			w.mu.Lock()
 			w.retryPass = d.cfg.Now()
 			w.mu.Unlock()
+			if first {
+				first = false
+				close(following)
+			}
+		}
+		for ctx.Err() == nil {
+			err := d.cfg.Spool.FollowParks(ctx, started, w.note)
+			if ctx.Err() != nil {
+				return
+			}
+			// Writes were missed: walk everything again once the
+			// follow is back.
+			d.log.Warn("following parked mail; walking it again", zap.Error(err))
 			select {
 			case <-ctx.Done():
 			case <-time.After(time.Second):
 			}
 		}
 	}()
+	select {
+	case <-following:
+	case <-ctx.Done():
+		return
+	case <-time.After(10 * time.Second):
+		// Not following yet (NATS away?): walk anyway, and again once
+		// it is (the follow's restart asks for that).
+		d.log.Warn("following parked mail has not started; walking without it")
+	}
 	t := time.NewTicker(wakeTick)
 	defer t.Stop()
 	w.tick(ctx, &wg)
@@ -375,6 +397,12 @@ func (w *waker) wake(ctx context.Context, p *spool.Park, kind string) error {
 			// Gone, or replaced by an administrator: nothing to do.
 			return spool.ErrChanged
 		case err == nil && string(resp.Data) == spool.WakeBusy && ctx.Err() == nil:
+			// No free slot for wakeSlotWait, or the record could not
+			// be read: a moment's pause, then again.
+			select {
+			case <-ctx.Done():
+			case <-time.After(200 * time.Millisecond):
+			}
 			continue
 		}
 		if err == nil {

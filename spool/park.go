@@ -175,8 +175,9 @@ func (s *Spool) Parked(ctx context.Context, fn func(*Park) error) error {
 
 // FollowParks calls fn for each write to the state bucket from now on
 // (headers only), until ctx ends or the follow fails; it returns the
-// error. fn runs on one goroutine, in stream order.
-func (s *Spool) FollowParks(ctx context.Context, fn func(ParkEvent)) error {
+// error. started is called once the follow is in place: every write
+// stored after that is seen. fn runs on one goroutine, in stream order.
+func (s *Spool) FollowParks(ctx context.Context, started func(), fn func(ParkEvent)) error {
 	ks, err := s.js.Stream(ctx, "KV_"+StateBucket)
 	if err != nil {
 		return fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
@@ -196,6 +197,7 @@ func (s *Spool) FollowParks(ctx context.Context, fn func(ParkEvent)) error {
 		defer cancel()
 		_ = ks.DeleteConsumer(dctx, c.CachedInfo().Name)
 	}()
+	started()
 	for ctx.Err() == nil {
 		batch, err := c.Fetch(walkBatch, jetstream.FetchMaxWait(2*time.Second))
 		if err != nil {
