@@ -22,9 +22,9 @@ import (
 	"github.com/jetmail/jetmail/policy"
 )
 
-// +kubebuilder:rbac:groups=mail.jetmail.io,resources=relaypolicies;mailroutes;deliverypolicies,verbs=get;list;watch
-// +kubebuilder:rbac:groups=mail.jetmail.io,resources=relaypolicies/status;mailroutes/status;deliverypolicies/status,verbs=get;update;patch
-// +kubebuilder:rbac:groups="",resources=secrets,verbs=get;list;watch
+// +kubebuilder:rbac:groups=mail.jetmail.io,resources=relaypolicies;mailroutes;deliverypolicies;dkimkeys,verbs=get;list;watch
+// +kubebuilder:rbac:groups=mail.jetmail.io,resources=relaypolicies/status;mailroutes/status;deliverypolicies/status;dkimkeys/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups="",resources=secrets,verbs=get;list;watch;create
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 // +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch;delete
 
@@ -61,6 +61,7 @@ func (r *ConfigReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Watches(&v1alpha1.RelayPolicy{}, all).
 		Watches(&v1alpha1.MailRoute{}, all).
 		Watches(&v1alpha1.DeliveryPolicy{}, all).
+		Watches(&v1alpha1.DKIMKey{}, all).
 		Watches(&corev1.Secret{}, all).
 		Complete(r)
 }
@@ -70,8 +71,9 @@ type item struct {
 	obj    client.Object
 	status *v1alpha1.ConfigStatus
 	kind   string
-	// secrets it references, by name.
-	secrets []string
+	// dkim is set for a DKIMKey: its DNS record, from the key in its
+	// Secret ("" when there is none that parses).
+	dkim *dkimRecord
 }
 
 // Reconcile compiles every object, publishes the snapshot when it changed
@@ -87,11 +89,19 @@ func (r *ConfigReconciler) Reconcile(ctx context.Context, _ reconcile.Request) (
 	if err != nil {
 		return reconcile.Result{}, err
 	}
+	created := map[types.NamespacedName]*corev1.Secret{}
+	for i := range items {
+		if k, ok := items[i].obj.(*v1alpha1.DKIMKey); ok {
+			if items[i].dkim, err = r.ensureDKIMSecret(ctx, k, created); err != nil {
+				return reconcile.Result{}, err
+			}
+		}
+	}
 	snap := &policy.Snapshot{}
 	rejected := map[types.UID]error{}
 	for _, it := range items {
 		trial := cloneSnapshot(snap)
-		if err := r.add(ctx, trial, it.obj); err == nil {
+		if err := r.add(ctx, trial, it.obj, created); err == nil {
 			if _, err = trial.Compile(); err == nil {
 				snap = trial
 				r.accepted[it.obj.GetUID()] = it.obj.DeepCopyObject().(client.Object)
@@ -105,7 +115,7 @@ func (r *ConfigReconciler) Reconcile(ctx context.Context, _ reconcile.Request) (
 		// still fits.
 		if prev, ok := r.accepted[it.obj.GetUID()]; ok {
 			trial := cloneSnapshot(snap)
-			if r.add(ctx, trial, prev) == nil {
+			if r.add(ctx, trial, prev, created) == nil {
 				if _, err := trial.Compile(); err == nil {
 					snap = trial
 				}
@@ -118,7 +128,7 @@ func (r *ConfigReconciler) Reconcile(ctx context.Context, _ reconcile.Request) (
 	}
 	if changed {
 		logger.Info("configuration published", "revision", rev, "relayPolicies", len(snap.RelayPolicies),
-			"mailRoutes", len(snap.MailRoutes), "deliveryPolicies", len(snap.DeliveryPolicies))
+			"mailRoutes", len(snap.MailRoutes), "deliveryPolicies", len(snap.DeliveryPolicies), "dkimKeys", len(snap.DKIMKeys))
 	}
 	pods, err := r.Store.Pods(ctx)
 	if err != nil {
@@ -159,6 +169,9 @@ func (r *ConfigReconciler) loadAccepted(ctx context.Context) error {
 	for i := range snap.DeliveryPolicies {
 		r.accepted[snap.DeliveryPolicies[i].UID] = &snap.DeliveryPolicies[i]
 	}
+	for i := range snap.DKIMKeys {
+		r.accepted[snap.DKIMKeys[i].UID] = &snap.DKIMKeys[i]
+	}
 	return nil
 }
 
@@ -195,6 +208,14 @@ func (r *ConfigReconciler) list(ctx context.Context) ([]item, error) {
 		o := &dps.Items[i]
 		items = append(items, item{obj: o, status: &o.Status, kind: "DeliveryPolicy"})
 	}
+	var dks v1alpha1.DKIMKeyList
+	if err := r.Client.List(ctx, &dks, opts...); err != nil {
+		return nil, err
+	}
+	for i := range dks.Items {
+		o := &dks.Items[i]
+		items = append(items, item{obj: o, status: &o.Status.ConfigStatus, kind: "DKIMKey"})
+	}
 	sort.SliceStable(items, func(i, j int) bool {
 		a, b := items[i].obj, items[j].obj
 		_, ina := r.accepted[a.GetUID()]
@@ -217,8 +238,9 @@ func (r *ConfigReconciler) list(ctx context.Context) ([]item, error) {
 	return items, nil
 }
 
-// add puts obj (and the Secrets it references) into snap.
-func (r *ConfigReconciler) add(ctx context.Context, snap *policy.Snapshot, obj client.Object) error {
+// add puts obj (and the Secrets it references) into snap. created holds the
+// Secrets this reconcile made, which the cache may not show yet.
+func (r *ConfigReconciler) add(ctx context.Context, snap *policy.Snapshot, obj client.Object, created map[types.NamespacedName]*corev1.Secret) error {
 	var refs []string
 	switch o := obj.(type) {
 	case *v1alpha1.RelayPolicy:
@@ -239,19 +261,23 @@ func (r *ConfigReconciler) add(ctx context.Context, snap *policy.Snapshot, obj c
 		c := o.DeepCopy()
 		c.Status, c.ObjectMeta = v1alpha1.ConfigStatus{}, snapshotMeta(o.ObjectMeta)
 		snap.DeliveryPolicies = append(snap.DeliveryPolicies, *c)
+	case *v1alpha1.DKIMKey:
+		c := o.DeepCopy()
+		c.Status, c.ObjectMeta = v1alpha1.DKIMKeyStatus{}, snapshotMeta(o.ObjectMeta)
+		snap.DKIMKeys = append(snap.DKIMKeys, *c)
+		refs = append(refs, policy.DKIMSecretName(o))
 	}
 	for _, name := range refs {
 		key := types.NamespacedName{Namespace: obj.GetNamespace(), Name: name}
 		if hasSecret(snap, key) {
 			continue
 		}
-		var s corev1.Secret
-		if err := r.Client.Get(ctx, key, &s); err != nil {
-			if apierrors.IsNotFound(err) {
-				// The compiler names the object and field.
-				continue
-			}
+		s, err := r.secret(ctx, key, created)
+		if err != nil {
 			return err
+		}
+		if s == nil {
+			continue // the compiler names the object and field
 		}
 		snap.Secrets = append(snap.Secrets, corev1.Secret{
 			ObjectMeta: metav1.ObjectMeta{Name: s.Name, Namespace: s.Namespace},
@@ -282,6 +308,7 @@ func cloneSnapshot(s *policy.Snapshot) *policy.Snapshot {
 		RelayPolicies:    append([]v1alpha1.RelayPolicy(nil), s.RelayPolicies...),
 		MailRoutes:       append([]v1alpha1.MailRoute(nil), s.MailRoutes...),
 		DeliveryPolicies: append([]v1alpha1.DeliveryPolicy(nil), s.DeliveryPolicies...),
+		DKIMKeys:         append([]v1alpha1.DKIMKey(nil), s.DKIMKeys...),
 		Secrets:          append([]corev1.Secret(nil), s.Secrets...),
 	}
 }
@@ -333,7 +360,12 @@ func (r *ConfigReconciler) writeStatus(ctx context.Context, it item, rejectErr e
 				Status: metav1.ConditionTrue, Reason: "InForce", Message: fmt.Sprintf("all %d pods run revision %d or later", len(pods), st.Revision), ObservedGeneration: gen})
 		}
 	}
-	if statusEqual(before, st) {
+	dkimChanged := false
+	if k, ok := obj.(*v1alpha1.DKIMKey); ok && it.dkim != nil {
+		dkimChanged = k.Status.DNSName != it.dkim.name || k.Status.DNSRecord != it.dkim.value
+		k.Status.DNSName, k.Status.DNSRecord = it.dkim.name, it.dkim.value
+	}
+	if statusEqual(before, st) && !dkimChanged {
 		return ready, nil
 	}
 	if err := r.Client.Status().Update(ctx, obj); err != nil {

@@ -162,6 +162,8 @@ func (w *world) conditions(obj client.Object) (accepted, ready *metav1.Condition
 		st = &o.Status
 	case *v1alpha1.DeliveryPolicy:
 		st = &o.Status
+	case *v1alpha1.DKIMKey:
+		st = &o.Status.ConfigStatus
 	}
 	return meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionAccepted),
 		meta.FindStatusCondition(st.Conditions, v1alpha1.ConditionReady), st

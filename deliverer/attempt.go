@@ -117,7 +117,14 @@ func (a *attempt) run(ctx context.Context) {
 	// The body is read once, by the first destination that gets as far as
 	// a session slot: mail for a destination that is down or busy is
 	// deferred without reading it.
-	body := sync.OnceValues(func() ([]byte, error) { return a.d.cfg.Spool.ReadBody(ctx, a.m) })
+	body := sync.OnceValues(func() ([]byte, error) {
+		b, err := a.d.cfg.Spool.ReadBody(ctx, a.m)
+		if h := a.m.Envelope.Headers; err == nil && h != "" {
+			// The DKIM signatures made at acceptance go in front.
+			b = append([]byte(h), b...)
+		}
+		return b, err
+	})
 	groups := map[string][]spool.Rcpt{}
 	var domains []string
 	for _, r := range a.due() {

@@ -20,6 +20,7 @@ type Objects struct {
 	RelayPolicies    []v1alpha1.RelayPolicy
 	MailRoutes       []v1alpha1.MailRoute
 	DeliveryPolicies []v1alpha1.DeliveryPolicy
+	DKIMKeys         []v1alpha1.DKIMKey
 	Secrets          []corev1.Secret
 }
 
@@ -36,7 +37,7 @@ var readFile = os.ReadFile
 // LoadFiles reads every YAML document of every file named, descending into
 // folders (files ending in .yaml, .yml or .json, in lexical order). Documents
 // are Kubernetes objects: jetmail kinds of mail.jetmail.io/v1alpha1
-// (RelayPolicy, MailRoute, DeliveryPolicy), and v1 Secrets they reference.
+// (RelayPolicy, MailRoute, DeliveryPolicy, DKIMKey), and v1 Secrets they reference.
 func LoadFiles(paths []string) (*Objects, error) {
 	objs := &Objects{}
 	for _, p := range paths {
@@ -102,6 +103,8 @@ func (o *Objects) add(file string, data []byte) error {
 			o.MailRoutes, err = appendNamed(o.MailRoutes, doc)
 		case gv == v1alpha1.GroupVersion.String() && meta.Kind == "DeliveryPolicy":
 			o.DeliveryPolicies, err = appendNamed(o.DeliveryPolicies, doc)
+		case gv == v1alpha1.GroupVersion.String() && meta.Kind == "DKIMKey":
+			o.DKIMKeys, err = appendNamed(o.DKIMKeys, doc)
 		case gv == "v1" && meta.Kind == "Secret":
 			o.Secrets, err = appendNamed(o.Secrets, doc)
 		default:
@@ -205,6 +208,9 @@ func (o *Objects) Compile(opts CompileOptions) (*Config, error) {
 	}
 	delivery, err := CompileDelivery(o.DeliveryPolicies, o.MailRoutes, o.SecretLookup(), opts)
 	if err != nil {
+		return nil, err
+	}
+	if relay.DKIM, err = CompileSigning(o.DKIMKeys, o.SecretLookup()); err != nil {
 		return nil, err
 	}
 	return &Config{Relay: relay, Delivery: delivery}, nil

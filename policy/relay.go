@@ -56,6 +56,9 @@ type Relay struct {
 	MaxConnectionsPerIP int
 	MaxErrors           int
 	MaxReceivedHeaders  int
+
+	// DKIM holds the DKIMKeys: which mail the gateway signs, with what.
+	DKIM *Signing
 }
 
 // Default is the policy in force when no RelayPolicy exists: loopback

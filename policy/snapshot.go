@@ -35,13 +35,14 @@ type Snapshot struct {
 	RelayPolicies    []v1alpha1.RelayPolicy    `json:"relayPolicies,omitempty"`
 	MailRoutes       []v1alpha1.MailRoute      `json:"mailRoutes,omitempty"`
 	DeliveryPolicies []v1alpha1.DeliveryPolicy `json:"deliveryPolicies,omitempty"`
+	DKIMKeys         []v1alpha1.DKIMKey        `json:"dkimKeys,omitempty"`
 	Secrets          []corev1.Secret           `json:"secrets,omitempty"`
 }
 
 // Objects returns the snapshot as a set of objects to compile.
 func (s *Snapshot) Objects() *Objects {
 	return &Objects{RelayPolicies: s.RelayPolicies, MailRoutes: s.MailRoutes,
-		DeliveryPolicies: s.DeliveryPolicies, Secrets: s.Secrets}
+		DeliveryPolicies: s.DeliveryPolicies, DKIMKeys: s.DKIMKeys, Secrets: s.Secrets}
 }
 
 // Compile compiles the snapshot as the cluster runs it: a snapshot comes

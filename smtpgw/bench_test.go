@@ -11,7 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/crypto/bcrypt"
+
+	"github.com/jetmail/jetmail/api/v1alpha1"
 
 	"github.com/jetmail/jetmail/internal/natstest"
 	"github.com/jetmail/jetmail/spool"
@@ -54,6 +57,44 @@ func BenchmarkAccept(b *testing.B) {
 		writes += info.State.LastSeq
 	}
 	b.ReportMetric(float64(writes)/float64(len(all)), "js-writes/msg")
+}
+
+// BenchmarkAcceptSigned is BenchmarkAccept with DKIM signing at the
+// gateway (From: bench@example.org, a relay client): RSA 2048, Ed25519, and
+// both on each message. The difference to BenchmarkAccept is the cost of
+// signing.
+//
+//	go test -run '^$' -bench BenchmarkAcceptSigned -benchtime 20000x ./smtpgw/
+func BenchmarkAcceptSigned(b *testing.B) {
+	for _, tc := range []struct {
+		name string
+		keys []*dkimKey
+	}{
+		{"rsa-sha256", []*dkimKey{{domain: "example.org", selector: "r", algo: v1alpha1.DKIMRSASHA256}}},
+		{"ed25519-sha256", []*dkimKey{{domain: "example.org", selector: "e", algo: v1alpha1.DKIMEd25519SHA256}}},
+		{"both", []*dkimKey{{domain: "example.org", selector: "r", algo: v1alpha1.DKIMRSASHA256},
+			{domain: "example.org", selector: "e", algo: v1alpha1.DKIMEd25519SHA256}}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			ns := natstest.Start(b, natstest.Options{SyncAlways: true})
+			nc := natstest.Connect(b, ns, spool.NATSOptions()...)
+			sp, err := spool.Open(b.Context(), nc, spool.DefaultConfig())
+			if err != nil {
+				b.Fatal(err)
+			}
+			g := startGateway(b, sp, keysPolicy(b, "  relayNetworks: [\"127.0.0.0/8\"]\n", tc.keys...))
+			b.ResetTimer()
+			all, elapsed := sendLoad(b, g.addr, 20, b.N)
+			b.StopTimer()
+			if len(all) == 0 {
+				return
+			}
+			reportLatency(b, all, elapsed)
+			if signed := testutil.ToFloat64(g.metrics.dkim.WithLabelValues(dkimSigned)); int(signed) != len(all) {
+				b.Fatalf("%v of %d messages signed", signed, len(all))
+			}
+		})
+	}
 }
 
 // sendLoad sends n 5 KB messages over sessions concurrent sessions and
@@ -103,7 +144,7 @@ func sendLoad(b *testing.B, addr string, sessions, n int) ([]time.Duration, time
 				expect("250")
 				fmt.Fprintf(c, "DATA\r\n")
 				expect("354")
-				fmt.Fprintf(c, "Subject: bench %d\r\nMessage-ID: <%d.%d@bench.test>\r\n\r\n%s", i, i, start.UnixNano(), body)
+				fmt.Fprintf(c, "From: bench@example.org\r\nSubject: bench %d\r\nMessage-ID: <%d.%d@bench.test>\r\n\r\n%s", i, i, start.UnixNano(), body)
 				t0 := time.Now()
 				fmt.Fprintf(c, ".\r\n")
 				expect("250")

@@ -15,6 +15,7 @@ type metrics struct {
 	publishSeconds       prometheus.Histogram
 	deadlineKills        *prometheus.CounterVec
 	auth                 *prometheus.CounterVec
+	dkim                 *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -60,13 +61,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_smtp_auth_total",
 			Help: "SMTP AUTH attempts by result: success, failure (wrong credentials), locked (the client address used up its failures), busy (no password check slot).",
 		}, []string{"result"}),
+		dkim: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_smtp_dkim_total",
+			Help: "Messages from relay clients and authenticated users while DKIMKeys exist, by signing result: signed, no_key (none for the From: domain), no_from (no single From: that parses), too_long (header section over 256 KiB, or no body), error.",
+		}, []string{"result"}),
 	}
 	for _, r := range []string{"success", "failure", "locked", "busy"} {
 		m.auth.WithLabelValues(r)
 	}
 	if reg != nil {
 		reg.MustRegister(m.connections, m.connectionsOpen, m.transactions, m.receivedBytes, m.queuedMessageBytes,
-			m.replies, m.duplicatesSuppressed, m.publishSeconds, m.deadlineKills, m.auth)
+			m.replies, m.duplicatesSuppressed, m.publishSeconds, m.deadlineKills, m.auth, m.dkim)
 	}
 	return m
 }

@@ -180,7 +180,15 @@ func (s *session) Data(r io.Reader) error {
 	// dot-unstuffing reader.
 	s.bdat = isPipe(r)
 	dr := newDataReader(r, s.pol, s.pol.Normalize(s.ip))
-	_, err := io.Copy(body, dr)
+	var sign *dkimTee
+	var to io.Writer = body
+	if keys := s.g.src.Relay().DKIM; s.mayRelay && !keys.Empty() {
+		// Our own users' mail is signed as it streams (DKIMKey).
+		sign = newDKIMTee(keys)
+		defer sign.abort()
+		to = io.MultiWriter(body, sign)
+	}
+	_, err := io.Copy(to, dr)
 	if err == nil && s.tc != nil && s.tc.eolViolation() {
 		err = errBareLineEnding
 	}
@@ -204,6 +212,19 @@ func (s *session) Data(r io.Reader) error {
 		From:     s.from,
 		Mail:     s.mail,
 		Rcpts:    s.rcpts,
+	}
+	if sign != nil {
+		hdrs, result, used, err := sign.finish()
+		s.g.metrics.dkim.WithLabelValues(result).Inc()
+		if err != nil {
+			log.Warn("DKIM signing failed: the message leaves unsigned", zap.Error(err))
+		}
+		env.Headers = hdrs
+		names := make([]string, len(used))
+		for i, k := range used {
+			names[i] = policy.DKIMRecordName(k.Selector, k.Domain)
+		}
+		log = log.With(zap.String("dkim", result), zap.Strings("dkim_keys", names))
 	}
 	guard := ""
 	if dr.messageID {

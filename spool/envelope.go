@@ -37,6 +37,10 @@ type Envelope struct {
 
 	// Body says where the body is and how to check it.
 	Body BodyRef `json:"body"`
+
+	// Headers are header fields the deliverer sends in front of the stored
+	// body, each ending in CRLF: the DKIM signatures made at acceptance.
+	Headers string `json:"headers,omitempty"`
 }
 
 // MailParams are the ESMTP parameters of MAIL FROM that matter after

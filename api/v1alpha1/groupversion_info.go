@@ -25,5 +25,6 @@ var (
 func init() {
 	SchemeBuilder.Register(&RelayPolicy{}, &RelayPolicyList{},
 		&MailRoute{}, &MailRouteList{},
-		&DeliveryPolicy{}, &DeliveryPolicyList{})
+		&DeliveryPolicy{}, &DeliveryPolicyList{},
+		&DKIMKey{}, &DKIMKeyList{})
 }

@@ -24,7 +24,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd(), controllerCmd())
+	root.AddCommand(serveCmd(), gatewayCmd(), delivererCmd(), controllerCmd(), dkimCmd())
 	root.AddCommand(operatorCmds()...)
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "jetmail:", err)

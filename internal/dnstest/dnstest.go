@@ -5,6 +5,7 @@
 package dnstest
 
 import (
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -213,4 +214,45 @@ func (d *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 		}
 	}
 	w.WriteMsg(resp)
+}
+
+// AddTXT publishes a TXT record of any length at name, split into strings
+// of at most 255 octets as a zone file must.
+func (d *Server) AddTXT(t *testing.T, name, value string) {
+	t.Helper()
+	var parts []string
+	for len(value) > 255 {
+		parts = append(parts, value[:255])
+		value = value[255:]
+	}
+	rr := &dns.TXT{Hdr: dns.RR_Header{Name: dns.Fqdn(name), Rrtype: dns.TypeTXT, Class: dns.ClassINET, Ttl: 300},
+		Txt: append(parts, value)}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	q := question{strings.ToLower(rr.Hdr.Name), dns.TypeTXT}
+	d.records[q] = append(d.records[q], rr)
+}
+
+// LookupTXT asks the server at addr for the TXT records of name over UDP,
+// as a verifier's resolver would, and returns each record's strings joined.
+func LookupTXT(addr string) func(name string) ([]string, error) {
+	return func(name string) ([]string, error) {
+		m := new(dns.Msg)
+		m.SetQuestion(dns.Fqdn(name), dns.TypeTXT)
+		c := &dns.Client{Timeout: 2 * time.Second}
+		r, _, err := c.Exchange(m, addr)
+		if err != nil {
+			return nil, err
+		}
+		if r.Rcode != dns.RcodeSuccess {
+			return nil, fmt.Errorf("%s: %s", name, dns.RcodeToString[r.Rcode])
+		}
+		var out []string
+		for _, rr := range r.Answer {
+			if txt, ok := rr.(*dns.TXT); ok {
+				out = append(out, strings.Join(txt.Txt, ""))
+			}
+		}
+		return out, nil
+	}
 }
