@@ -476,6 +476,10 @@ func (a *attempt) finish(ctx context.Context, hadState bool) {
 			if err := sp.ClearState(cctx, a.m.Envelope.QueueID); err != nil {
 				a.log.Warn("clearing delivery state", zap.Error(err))
 			}
+			if a.st.Parked() != nil {
+				// Woken mail left: the waker may be waiting for this probe.
+				_ = sp.JetStream().Conn().Publish(spool.GoneSubject, []byte(a.m.Envelope.QueueID))
+			}
 		}
 		_ = a.msg.Ack()
 		return

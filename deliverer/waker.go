@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"go.uber.org/zap"
 
 	"github.com/jetmail/jetmail/spool"
@@ -168,6 +169,16 @@ func (d *Deliverer) lead(ctx context.Context, holder string) {
 			}
 		}
 	}()
+	// Parked mail that left the queue is purged without a marker the
+	// follow would see; deliverers say so on spool.GoneSubject.
+	gone, err := d.cfg.Spool.JetStream().Conn().Subscribe(spool.GoneSubject, func(m *nats.Msg) {
+		w.note(spool.ParkEvent{QueueID: string(m.Data), Gone: true})
+	})
+	if err != nil {
+		d.log.Warn("listening for parked mail that left; probes will wait for their ack wait", zap.Error(err))
+	} else {
+		defer gone.Unsubscribe()
+	}
 	select {
 	case <-following:
 	case <-ctx.Done():

@@ -187,11 +187,7 @@ func (s *Spool) actionError(what string, m *Message, err error) error {
 // bucket's stream, which leaves nothing behind (a KV delete or purge
 // leaves a marker of its own, which `queue stat` would count).
 func (s *Spool) dropHeldMarker(ctx context.Context, qid string) error {
-	ks, err := s.js.Stream(ctx, "KV_"+StateBucket)
-	if err == nil {
-		err = ks.Purge(ctx, jetstream.WithPurgeSubject("$KV."+StateBucket+"."+heldPrefix+qid))
-	}
-	if err != nil {
+	if err := s.purgeSubject(ctx, "KV_"+StateBucket, stateSubject(heldPrefix+qid)); err != nil {
 		return fmt.Errorf("spool: release %s: marker: %w", qid, err)
 	}
 	return nil

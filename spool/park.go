@@ -218,7 +218,16 @@ func (s *Spool) FollowParks(ctx context.Context, started func(), fn func(ParkEve
 // WakeSubject is where the waker hands parked mail to the deliverers (a
 // core NATS request to their queue group, with the Park as JSON). The
 // answer says what became of it: WakeTaken, WakeChanged or WakeBusy.
+//
+// GoneSubject is where a deliverer says, best effort, that mail it was
+// handed left the queue (delivered or bounced; the payload is the queue
+// ID): the state is then purged from the stream without a marker, so the
+// waker would not see it go, and a probe that got through is how it
+// learns that a destination is back. A notice lost (no waker listening, a
+// waker that just took over) costs a wait: the waker probes again after
+// two ack waits without news.
 const (
+	GoneSubject = "jetmail.wake.gone"
 	WakeSubject = "jetmail.wake"
 	WakeTaken   = "taken"
 	WakeChanged = "changed"

@@ -180,7 +180,8 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 		History:     1,
 		Storage:     cfg.Storage,
 		Replicas:    cfg.Replicas,
-		// Lets the purge markers of finished messages expire (ClearState).
+		// Lets a KV purge marker expire (ClearState wrote them up to
+		// 2026-12; it now purges the subject in the stream, no marker).
 		LimitMarkerTTL: time.Minute,
 	})
 	if err != nil {

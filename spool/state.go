@@ -233,10 +233,42 @@ func (s *Spool) SaveState(ctx context.Context, st *DeliveryState) error {
 	return nil
 }
 
-// ClearState removes the delivery state of a finished message.
+// ClearState removes the delivery state of a finished message, with a
+// purge of its subject in the bucket's stream. That leaves nothing behind:
+// a KV delete or purge writes a marker, and a marker that expires costs a
+// second write and, when it goes, a removal (an fsync each: at a
+// deferred message's end that was 3 fsyncs where this is 1).
 func (s *Spool) ClearState(ctx context.Context, qid string) error {
-	if err := s.state.Purge(ctx, qid, jetstream.PurgeTTL(time.Minute)); err != nil {
+	if err := s.purgeSubject(ctx, "KV_"+StateBucket, stateSubject(qid)); err != nil {
 		return fmt.Errorf("spool: clear state of %s: %w", qid, err)
+	}
+	return nil
+}
+
+// purgeSubject removes every record of subject from stream.
+func (s *Spool) purgeSubject(ctx context.Context, stream, subject string) error {
+	req, err := json.Marshal(struct {
+		Filter string `json:"filter"`
+	}{subject})
+	if err != nil {
+		return err
+	}
+	msg, err := s.nc.RequestWithContext(ctx, "$JS.API.STREAM.PURGE."+stream, req)
+	if err != nil {
+		return err
+	}
+	var resp struct {
+		Error   *jetstream.APIError `json:"error"`
+		Success bool                `json:"success"`
+	}
+	if err := json.Unmarshal(msg.Data, &resp); err != nil {
+		return fmt.Errorf("purge answer from %s: %w", stream, err)
+	}
+	if resp.Error != nil {
+		return resp.Error
+	}
+	if !resp.Success {
+		return fmt.Errorf("purge of %s in %s did not succeed", subject, stream)
 	}
 	return nil
 }
