@@ -553,7 +553,7 @@ func TestDefaults(t *testing.T) {
 		d := getDeployment(t, m, "deliverer")
 		c := d.Pod.Containers[0]
 		want := []string{"deliverer", "--nats-url=" + natsURL, "--replicas=3", "--metrics-listen=:9091",
-			"--pod-name=$(POD_NAME)", "--delivery-grace=30s", "--log-format=json"}
+			"--pod-name=$(POD_NAME)", "--delivery-grace=30s", "--park-after=1m", "--log-format=json"}
 		if !reflect.DeepEqual(c.Args, want) {
 			t.Errorf("args\n got %q\nwant %q", c.Args, want)
 		}
