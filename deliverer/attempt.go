@@ -117,14 +117,7 @@ func (a *attempt) run(ctx context.Context) {
 	// The body is read once, by the first destination that gets as far as
 	// a session slot: mail for a destination that is down or busy is
 	// deferred without reading it.
-	body := sync.OnceValues(func() ([]byte, error) {
-		b, err := a.d.cfg.Spool.ReadBody(ctx, a.m)
-		if h := a.m.Envelope.Headers; err == nil && h != "" {
-			// The DKIM signatures made at acceptance go in front.
-			b = append([]byte(h), b...)
-		}
-		return b, err
-	})
+	body := sync.OnceValues(func() ([]byte, error) { return a.d.cfg.Spool.ReadBody(ctx, a.m) })
 	groups := map[string][]spool.Rcpt{}
 	var domains []string
 	for _, r := range a.due() {
@@ -311,7 +304,8 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 		a.log.Error("reading the message body", zap.Error(err))
 		return all(failure.Temporary(451, "4.3.0", "queue read error")), false
 	}
-	t := &outbound.Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts, Body: data}
+	t := &outbound.Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts,
+		Header: a.m.Envelope.Headers, Body: data}
 	// The same snapshot decides whether the connection may carry another
 	// message after this one: messagesPerConnection applies without a
 	// restart, like every other setting.

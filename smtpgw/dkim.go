@@ -40,7 +40,6 @@ type dkimTee struct {
 	hdr     []byte
 	started bool   // the header section ended and the signers run
 	result  string // set once the outcome is known without signing
-	domain  string
 	signers []*dkim.Signer
 	used    []*policy.DKIMSigner
 }
@@ -85,12 +84,12 @@ func headerEnd(b []byte, from int) int {
 func (t *dkimTee) start(hdr []byte) {
 	t.started = true
 	fields := parseHeaderFields(hdr)
-	t.domain = fromDomain(fields)
-	if t.domain == "" {
+	domain := fromDomain(fields)
+	if domain == "" {
 		t.result = dkimNoFrom
 		return
 	}
-	keys := t.keys.For(t.domain)
+	keys := t.keys.For(domain)
 	if len(keys) == 0 {
 		t.result = dkimNoKey
 		return

@@ -174,6 +174,49 @@ func TestDKIMSigning(t *testing.T) {
 		}
 	})
 
+	t.Run("BDAT with the end of the header section split across chunks is signed and verifies", func(t *testing.T) {
+		c := smtptest.DialReady(t, g.addr)
+		cmdWant(c, "EHLO client.test", "250")
+		cmdWant(c, "MAIL FROM:<alice@example.org>", "250 2.0.0")
+		cmdWant(c, "RCPT TO:<bob@example.net>", "250 2.0.0")
+		msg := "From: alice@example.org\r\nSubject: chunks\r\nMessage-ID: <bdat-split@example.org>\r\n\r\n" + body
+		cut := strings.Index(msg, "\r\n\r\n") + 3 // inside the empty line
+		bdat(c, msg[:cut], false, "250 2.0.0")
+		m := queuedMail(t, sp, bdat(c, msg[cut:], true, "250 2.0.0"))
+		if got := verify(t, dns, signedMessage(t, sp, m)); strings.Join(got, "; ") != "d=example.org: ok; d=example.org: ok" {
+			t.Fatalf("verification: %v", got)
+		}
+	})
+
+	t.Run("a transfer cut off mid-header, RSET, then a pipelined transaction: only that one is stored, signed over its own bytes", func(t *testing.T) {
+		before := queueCount(t, sp)
+		c := smtptest.DialReady(t, g.addr)
+		cmdWant(c, "EHLO client.test", "250")
+		cmdWant(c, "MAIL FROM:<alice@example.org>", "250 2.0.0")
+		cmdWant(c, "RCPT TO:<bob@example.net>", "250 2.0.0")
+		// BDAT chunk of a header section that never ends, then RSET: the
+		// signer of that transfer must not leak into the next.
+		bdat(c, "From: alice@example.org\r\nSubject: first, abandoned", false, "250 2.0.0")
+		cmdWant(c, "RSET", "250")
+		second := "From: alice@example.org\r\nSubject: second\r\nMessage-ID: <pipelined@example.org>\r\n\r\n" + body
+		c.Send("MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
+		replyWant(c, "250")
+		replyWant(c, "250")
+		replyWant(c, "354")
+		c.Send(second + ".\r\n")
+		m := queuedMail(t, sp, replyWant(c, "250 2.0.0"))
+		if got := queueCount(t, sp) - before; got != 1 {
+			t.Fatalf("%d messages stored, want 1", got)
+		}
+		signed := signedMessage(t, sp, m)
+		if strings.Contains(signed, "abandoned") {
+			t.Fatalf("bytes of the abandoned transfer in the stored message:\n%s", signed)
+		}
+		if got := verify(t, dns, signed); strings.Join(got, "; ") != "d=example.org: ok; d=example.org: ok" {
+			t.Fatalf("verification: %v", got)
+		}
+	})
+
 	for name, header := range map[string]string{
 		"a From domain without a key":             "From: alice@elsewhere.test\r\n",
 		"a domain that merely ends in a key's":    "From: alice@badexample.org\r\n",
@@ -215,7 +258,7 @@ func TestDKIMSigning(t *testing.T) {
 		}
 	})
 
-	for result, want := range map[string]float64{dkimSigned: 5, dkimNoKey: 2, dkimNoFrom: 4} {
+	for result, want := range map[string]float64{dkimSigned: 7, dkimNoKey: 2, dkimNoFrom: 4} {
 		if got := testutil.ToFloat64(g.metrics.dkim.WithLabelValues(result)); got != want {
 			t.Errorf("jetmail_smtp_dkim_total{result=%q} = %v, want %v", result, got, want)
 		}

@@ -124,7 +124,7 @@ func stripEmpty(b []byte) string {
 	var out []string
 	for _, l := range strings.Split(string(b), "\n") {
 		switch strings.TrimSpace(l) {
-		case "creationTimestamp: null", "status: {}", "spec: {}":
+		case "creationTimestamp: null", "status: {}":
 			continue
 		}
 		out = append(out, l)

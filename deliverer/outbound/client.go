@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"time"
@@ -29,7 +30,7 @@ type Transfer struct {
 	// From is the reverse path; "" is the null reverse path of a bounce.
 	From string
 	// Mail holds the original MAIL FROM parameters. SIZE is sent as
-	// len(Body); SMTPUTF8 is required of the server; RET and ENVID are
+	// Header and Body together; SMTPUTF8 is required of the server; RET and ENVID are
 	// passed on when the server offers DSN. BODY=8BITMIME is sent whenever
 	// the server offers 8BITMIME (go-smtp does so for every message, which
 	// is harmless for 7-bit content); to a server without 8BITMIME an
@@ -39,9 +40,16 @@ type Transfer struct {
 	// Rcpts are the recipients; NOTIFY and ORCPT are passed on when the
 	// server offers DSN.
 	Rcpts []spool.Rcpt
+	// Header is sent in front of Body: header fields ending in CRLF (the
+	// DKIM signatures made at acceptance), kept apart so the stored body
+	// is sent as it was read, without a copy.
+	Header string
 	// Body is the message with CRLF line ends, not dot-stuffed.
 	Body []byte
 }
+
+// size is the octets sent as the message.
+func (t *Transfer) size() int64 { return int64(len(t.Header) + len(t.Body)) }
 
 // RcptResult is the outcome for one recipient of a Transfer.
 type RcptResult struct {
@@ -228,9 +236,9 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	}
 	// Checks that need no round trip. None starts a transaction, so the
 	// connection stays reusable.
-	if cn.maxSize > 0 && int64(len(t.Body)) > cn.maxSize {
+	if cn.maxSize > 0 && t.size() > cn.maxSize {
 		// RFC 1870 §6.1: do not send what the server announced it refuses.
-		finishAll(res, spool.RcptFailed, failure.Permanent(552, "5.3.4", "message size %d exceeds the limit %d of %s", len(t.Body), cn.maxSize, host))
+		finishAll(res, spool.RcptFailed, failure.Permanent(552, "5.3.4", "message size %d exceeds the limit %d of %s", t.size(), cn.maxSize, host))
 		return true, nil
 	}
 	if t.Mail.SMTPUTF8 && !cn.utf8 {
@@ -302,7 +310,10 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	// the network gets a deadline from deadlineConn (DataBlock, the rate).
 	cn.dc.startData(to.DataBlock, to.MinDataRate, to.DataRateGrace)
 	step := stepBody
-	_, err = w.Write(t.Body)
+	_, err = io.WriteString(w, t.Header)
+	if err == nil {
+		_, err = w.Write(t.Body)
+	}
 	var resp *smtp.DataResponse
 	if err == nil {
 		step = stepDataDone
@@ -330,7 +341,7 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 
 // mailOptions are the MAIL FROM parameters for t on this server.
 func (cn *smtpConn) mailOptions(t *Transfer) *smtp.MailOptions {
-	opts := &smtp.MailOptions{Size: int64(len(t.Body)), UTF8: t.Mail.SMTPUTF8}
+	opts := &smtp.MailOptions{Size: t.size(), UTF8: t.Mail.SMTPUTF8}
 	if !cn.dsn {
 		return opts
 	}
