@@ -30,7 +30,8 @@
 # The whole drain is bounded by DRAIN_BUDGET seconds; whatever was seen is
 # reported even if it does not finish. DRAIN_FLAGS are added to serve's
 # flags (DRAIN_FLAGS=--park-after=-1s: deferred mail waits in the consumer,
-# as before parking).
+# as before parking). INTAKE_N=20000 takes that many messages into the empty
+# queue before the DRAIN_N and again after them, and reports both rates.
 #
 # Only loopback is used. Needs root (Postfix instance; apt-get if missing).
 # Keep the machine otherwise idle (no `go test`): the figures are for
@@ -301,14 +302,29 @@ EOF
     done
   ) >"$work/rss.txt" 2>/dev/null & SAMPLER=$!
 
-  local t0 t1 src_rc=0
+  local t0 t1 src_rc=0 queued
+  queued_now() { local q; q=$(jm_metrics drain | awk '$1 == "jetmail_smtp_transactions_total{result=\"queued\"}" { printf "%d", $2 }'); echo "${q:-0}"; }
+  # inject N LABEL: one smtp-source batch, its acceptance rate reported.
+  inject() {
+    local before after a b rc=0
+    before=$(queued_now); a=$(now)
+    source_load "$1" "$JM_PORT" "$work/source-$2.out" "$(left)" || rc=$?
+    b=$(now); after=$(queued_now)
+    awk -v n="$((after - before))" -v q="$after" -v a="$a" -v b="$b" -v rc="$rc" -v l="$2" \
+      'BEGIN { printf "injection (%s): %d messages queued in %.2f s = %.0f msg/s, %d in the queue now (fsync on; smtp-source rc=%s)\n", l, n, b-a, n/(b-a), q, rc }'
+    [ "$rc" = 0 ]
+  }
+  # With INTAKE_N, the same batch is taken into the empty queue first and
+  # into the full one last: the intake with DRAIN_N queued against the
+  # intake of an empty queue, in one run.
+  if [ "${INTAKE_N:-0}" -gt 0 ]; then inject "$INTAKE_N" intake-empty || src_rc=$?; fi
   t0=$(now)
-  source_load "$DRAIN_N" "$JM_PORT" "$work/source-drain.out" "$(left)" || src_rc=$?
+  inject "$DRAIN_N" bulk || src_rc=$?
   t1=$(now)
-  local queued; queued=$(jm_metrics drain | awk '$1 == "jetmail_smtp_transactions_total{result=\"queued\"}" { printf "%d", $2 }')
-  [ -n "$queued" ] || queued=0
+  if [ "${INTAKE_N:-0}" -gt 0 ]; then inject "$INTAKE_N" intake-full || src_rc=$?; fi
+  queued=$(queued_now)
   awk -v n="$queued" -v a="$t0" -v b="$t1" -v rc="$src_rc" \
-    'BEGIN { printf "injection: %d messages queued in %.2f s = %.0f msg/s (fsync on; smtp-source rc=%s)\n", n, b-a, n/(b-a), rc }'
+    'BEGIN { printf "injection: %d messages queued in all; the bulk batch took %.2f s (smtp-source rc=%s)\n", n, b-a, rc }'
   echo "after injection:"; "$work/jscount" -nkey "$JM_DATA/nats-user.nk" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true; jm_metrics drain
 
   echo wait >"$work/phase"
