@@ -766,6 +766,7 @@ func TestOptions(t *testing.T) {
 		"nats.replicas=1",
 		"gateway.extraArgs={--duplicate-window=48h}",
 		"deliverer.dns={10.0.0.10:53,10.0.0.11:53}",
+		"deliverer.dnssec=true",
 		"service.type=ClusterIP",
 		"serviceMonitor.enabled=true",
 		"samples.enabled=true",
@@ -791,7 +792,7 @@ func TestOptions(t *testing.T) {
 		t.Errorf("mounts %+v", c.VolumeMounts)
 	}
 	dl := getDeployment(t, m, "deliverer").Pod.Containers[0]
-	for _, arg := range []string{"--dns=10.0.0.10:53,10.0.0.11:53", "--hostname=mx1.example.org", "--replicas=1"} {
+	for _, arg := range []string{"--dns=10.0.0.10:53,10.0.0.11:53", "--dnssec", "--hostname=mx1.example.org", "--replicas=1"} {
 		if !slices.Contains(dl.Args, arg) {
 			t.Errorf("deliverer args %q lack %s", dl.Args, arg)
 		}

@@ -29,6 +29,7 @@ func i64(v int64) *int64 { return &v }
 func TestAPIServerRejectsInvalidObjects(t *testing.T) {
 	w := newWorld(t)
 	neg := &metav1.Duration{Duration: -time.Second}
+	yes := true
 	for name, obj := range map[string]client.Object{
 		"a RelayPolicy with a malformed CIDR": &v1alpha1.RelayPolicy{ObjectMeta: metav1.ObjectMeta{Name: "bad-cidr"},
 			Spec: v1alpha1.RelayPolicySpec{RelayNetworks: []string{"10.0.0.0/33"}}},
@@ -46,6 +47,10 @@ func TestAPIServerRejectsInvalidObjects(t *testing.T) {
 			Spec: v1alpha1.MailRouteSpec{Domains: []string{"example.org"}}},
 		"a MailRoute with a malformed next hop": &v1alpha1.MailRoute{ObjectMeta: metav1.ObjectMeta{Name: "badhop"},
 			Spec: v1alpha1.MailRouteSpec{Domains: []string{"example.org"}, NextHops: []string{"mx example org:25"}}},
+		"a MailRoute without TLS that asks for DANE": &v1alpha1.MailRoute{ObjectMeta: metav1.ObjectMeta{Name: "dane"},
+			Spec: v1alpha1.MailRouteSpec{Domains: []string{"example.org"}, NextHops: []string{"mx.example.org"}, TLS: v1alpha1.TLSNone, DANE: &yes}},
+		"a MailRoute without TLS that asks for MTA-STS": &v1alpha1.MailRoute{ObjectMeta: metav1.ObjectMeta{Name: "sts"},
+			Spec: v1alpha1.MailRouteSpec{Domains: []string{"example.org"}, NextHops: []string{"mx.example.org"}, TLS: v1alpha1.TLSNone, MTASTS: &yes}},
 		"a DeliveryPolicy with a port out of range": &v1alpha1.DeliveryPolicy{ObjectMeta: metav1.ObjectMeta{Name: "port"},
 			Spec: v1alpha1.DeliveryPolicySpec{Port: i32(70000)}},
 		"a DeliveryPolicy with a negative retry interval": &v1alpha1.DeliveryPolicy{ObjectMeta: metav1.ObjectMeta{Name: "retry"},
@@ -72,7 +77,7 @@ func TestAPIServerRejectsInvalidObjects(t *testing.T) {
 		Spec: v1alpha1.RelayPolicySpec{RelayNetworks: []string{"10.0.0.0/8", "2001:db8::/32", "192.0.2.1"},
 			AcceptedDomains: []string{"example.org", ".example.org", "*.example.net"}, RejectSenders: []string{"a@b.example", "@c.example"}}})
 	w.create(&v1alpha1.MailRoute{ObjectMeta: metav1.ObjectMeta{Name: "ok"},
-		Spec: v1alpha1.MailRouteSpec{Domains: []string{"*"}, NextHops: []string{"[192.0.2.1]:2525", "smtp.example.org:587", "mx.example.org"}, TLS: v1alpha1.TLSVerify}})
+		Spec: v1alpha1.MailRouteSpec{Domains: []string{"*"}, NextHops: []string{"[192.0.2.1]:2525", "smtp.example.org:587", "mx.example.org"}, TLS: v1alpha1.TLSVerify, DANE: &yes, MTASTS: &yes}})
 	w.create(&v1alpha1.DeliveryPolicy{ObjectMeta: metav1.ObjectMeta{Name: "ok"},
 		Spec: v1alpha1.DeliveryPolicySpec{Port: i32(2525), RetryIntervals: []metav1.Duration{{Duration: time.Minute}}}})
 }

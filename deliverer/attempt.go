@@ -283,8 +283,10 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 	if probe {
 		defer d.endProbe(dest)
 	}
+	dane, sts := a.pol.DANE, a.pol.MTASTS
 	if route != nil {
 		tlsp, creds, to = route.TLS, route.Auth, route.Timeouts
+		dane, sts = route.DANE, route.MTASTS
 		hops, err = d.routeHops(ctx, route)
 	} else {
 		hops, err = d.cfg.Resolver.Lookup(ctx, domain)
@@ -294,6 +296,10 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 	}
 	if err != nil {
 		return all(failure.Classify(err)), false
+	}
+	hops, sec, refused := a.secure(ctx, domain, hops, tlsp, dane, sts, route == nil)
+	if refused != nil {
+		return all(refused), false
 	}
 	if !d.takeSlot(ctx, dest, a.pol) {
 		return nil, true
@@ -309,7 +315,7 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 	// The same snapshot decides whether the connection may carry another
 	// message after this one: messagesPerConnection applies without a
 	// restart, like every other setting.
-	res := d.cfg.Client.Deliver(ctx, hops, tlsp, creds, to, a.pol.PerConnection, t)
+	res := d.cfg.Client.Deliver(ctx, hops, sec, creds, to, a.pol.PerConnection, t)
 	if ctx.Err() == nil {
 		// A session cut short by a shutdown says nothing about dest.
 		d.noteDest(dest, res, a.pol)
@@ -353,6 +359,9 @@ func (a *attempt) record(r spool.Rcpt, res outbound.RcptResult, elapsed time.Dur
 	}
 	if res.Hop.Host != "" {
 		fields = append(fields, zap.String("relay", res.Hop.Host), zap.String("relay_addr", res.Hop.Addr.String()), zap.Bool("tls", res.TLS))
+		if res.TLSPolicy != "" {
+			fields = append(fields, zap.String("tls_policy", res.TLSPolicy))
+		}
 	}
 	report := dsn.Recipient{Rcpt: r, LastAttempt: a.now, RemoteMTA: res.Hop.Host}
 	switch res.Status {

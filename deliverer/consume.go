@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
+	"github.com/jetmail/jetmail/deliverer/mtasts"
 	"github.com/jetmail/jetmail/spool"
 )
 
@@ -33,6 +34,10 @@ const (
 func (d *Deliverer) Run(ctx context.Context) error {
 	cons, err := d.cfg.Spool.DeliveryConsumer(ctx, d.cfg.AckWait, d.cfg.MaxWaiting)
 	if err != nil {
+		return err
+	}
+	sc := d.cfg.Spool.Config()
+	if d.sts.KV, err = mtasts.OpenBucket(ctx, d.cfg.Spool.JetStream(), sc.Replicas, sc.Storage); err != nil {
 		return err
 	}
 	work, cancelWork := context.WithCancel(context.WithoutCancel(ctx))

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/jetmail/jetmail/deliverer/mtasts"
 	"github.com/jetmail/jetmail/deliverer/outbound"
 	"github.com/jetmail/jetmail/deliverer/resolve"
 	"github.com/jetmail/jetmail/events"
@@ -68,6 +69,9 @@ type Config struct {
 	// OrphanAge is how old an unreferenced body must be to be deleted; it
 	// must exceed the gateways' session deadline. Default 24h.
 	OrphanAge time.Duration
+	// STS fetches MTA-STS policies; nil: one that trusts the Client's
+	// RootCAs and resolves the policy host with Resolver.
+	STS *mtasts.Fetcher
 }
 
 // Deliverer consumes the queue and delivers.
@@ -86,6 +90,9 @@ type Deliverer struct {
 	slotFree    chan struct{} // signalled when a session slot frees up
 	// dead remembers destinations whose every next hop just failed.
 	dead map[string]*deadDest
+	// sts finds recipient domains' MTA-STS policies; Run gives it the
+	// cluster's cache.
+	sts *mtasts.Policies
 }
 
 // New checks cfg and returns a Deliverer.
@@ -126,7 +133,13 @@ func New(cfg Config) (*Deliverer, error) {
 	if cfg.Resolver.IsLocal == nil {
 		cfg.Resolver.IsLocal = func(host string, addr netip.Addr) bool { return cfg.Source.Delivery().IsLocal(host, addr) }
 	}
-	return &Deliverer{cfg: cfg, log: cfg.Log, metrics: newMetrics(cfg.Registerer),
+	d := &Deliverer{cfg: cfg, log: cfg.Log, metrics: newMetrics(cfg.Registerer),
 		perDest: map[string]int{}, destWaiting: map[string]int{}, destFree: map[string]chan struct{}{},
-		slotFree: make(chan struct{}, 1), dead: map[string]*deadDest{}}, nil
+		slotFree: make(chan struct{}, 1), dead: map[string]*deadDest{}}
+	d.sts = newPolicies(&d.cfg, d.metrics)
+	if cfg.Client.Report == nil {
+		log := d.log
+		cfg.Client.Report = func(r outbound.TLSReport) { d.reportTLS(log, r) }
+	}
+	return d, nil
 }

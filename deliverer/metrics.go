@@ -25,6 +25,8 @@ type metrics struct {
 	queueOldestAge   prometheus.Gauge
 	recordRetries    prometheus.Counter
 	deferrals        *prometheus.CounterVec
+	tls              *prometheus.CounterVec
+	stsFetches       *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -94,12 +96,20 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_delivery_deferrals_total",
 			Help: "Recipients deferred, by class of the failure: dns, connect, tls, timeout, deadline, reply (a 4xx reply of the remote), suspended (destination down), other.",
 		}, []string{"class"}),
+		tls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_delivery_tls_total",
+			Help: "New outbound sessions and next hops refused before connecting, by the TLS policy that applied (TLS-RPT policy types: tlsa for DANE, sts for MTA-STS, no-policy-found), whether it was enforced (false: MTA-STS testing, or opportunistic TLS), and the TLS-RPT result type (RFC 8460 §4.3: success, starttls-not-supported, certificate-host-mismatch, certificate-expired, certificate-not-trusted, validation-failure, tlsa-invalid, dnssec-invalid).",
+		}, []string{"policy", "enforced", "result"}),
+		stsFetches: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "jetmail_delivery_mtasts_fetches_total",
+			Help: "MTA-STS policy fetches, by result: success, or the TLS-RPT result type of the failure (sts-policy-fetch-error, sts-policy-invalid, sts-webpki-invalid).",
+		}, []string{"result"}),
 	}
 	for _, c := range deferralClasses {
 		m.deferrals.WithLabelValues(c)
 	}
 	if reg != nil {
-		reg.MustRegister(m.deferrals)
+		reg.MustRegister(m.deferrals, m.tls, m.stsFetches)
 		reg.MustRegister(m.attempts, m.latency, m.sessionsOpen, m.notifications, m.expired, m.destinationBusy, m.suspended, m.parked, m.woken, m.wakerLeader, m.destinationsDown, m.deadlineKills, m.queueMessages, m.queueOldestAge, m.recordRetries)
 	}
 	return m

@@ -150,6 +150,10 @@ const (
 	// TLSVerify is TLSRequired with a certificate that must verify for the
 	// hop's host name; a failed check is a temporary 4.7.5.
 	TLSVerify TLSPolicy = "verify"
+	// TLSDANE is TLSRequired with a certificate that must match the hop's
+	// TLSA records (RFC 7672). The deliverer sets it for a hop whose host
+	// publishes usable TLSA records under DNSSEC; no MailRoute names it.
+	TLSDANE TLSPolicy = "dane"
 )
 
 // compileTLS converts MailRoute spec.tls; empty is TLSOpportunistic.
@@ -186,6 +190,10 @@ type Delivery struct {
 	PerConnection int
 	Port          uint16
 	Postmaster    string
+	// DANE authenticates MX hosts by their TLSA records when the
+	// deliverer's resolver validates DNSSEC; MTASTS applies recipient
+	// domains' MTA-STS policies. Both on by default.
+	DANE, MTASTS bool
 
 	localNames map[string]bool
 	localAddrs map[netip.Addr]bool
@@ -211,6 +219,10 @@ type Route struct {
 	// Timeouts are the DeliveryPolicy's, changed by the route's
 	// spec.timeouts; every field is set.
 	Timeouts OutboundTimeouts
+	// DANE authenticates the route's hosts by their TLSA records;
+	// MTASTS holds them to the recipient domain's MTA-STS policy. Both
+	// off by default: a route names its hosts itself.
+	DANE, MTASTS bool
 }
 
 // RouteHop is one next hop of a route.
@@ -251,6 +263,8 @@ func CompileDelivery(dps []v1alpha1.DeliveryPolicy, routes []v1alpha1.MailRoute,
 		MaxPerDest:      DefaultMaxPerDestination,
 		PerConnection:   DefaultPerConnection,
 		Port:            DefaultSMTPPort,
+		DANE:            true,
+		MTASTS:          true,
 		localNames:      map[string]bool{},
 		localAddrs:      map[netip.Addr]bool{},
 		exact:           map[string]*Route{},
@@ -379,6 +393,12 @@ func (d *Delivery) compilePolicy(o *v1alpha1.DeliveryPolicy) error {
 		}
 		d.localNames[h] = true
 	}
+	if sp.DANE != nil {
+		d.DANE = *sp.DANE
+	}
+	if sp.MTASTS != nil {
+		d.MTASTS = *sp.MTASTS
+	}
 	if sp.Postmaster != "" {
 		if _, err := ParseAddress(sp.Postmaster, true, "recipient"); err != nil {
 			return fmt.Errorf("%s: spec.postmaster: %q is not an address", name, sp.Postmaster)
@@ -393,7 +413,11 @@ func (d *Delivery) compileRoute(name string, o *v1alpha1.MailRoute, secrets Secr
 	if !ok {
 		return nil, fmt.Errorf("%s: spec.tls: %q is not one of none, opportunistic, required, verify", name, o.Spec.TLS)
 	}
-	r := &Route{Name: name, TLS: tlsp, Timeouts: d.Timeouts}
+	r := &Route{Name: name, TLS: tlsp, Timeouts: d.Timeouts,
+		DANE: o.Spec.DANE != nil && *o.Spec.DANE, MTASTS: o.Spec.MTASTS != nil && *o.Spec.MTASTS}
+	if tlsp == TLSNone && (r.DANE || r.MTASTS) {
+		return nil, fmt.Errorf("%s: spec.tls: none cannot go with spec.dane or spec.mtaSTS, which need TLS", name)
+	}
 	if len(o.Spec.NextHops) == 0 {
 		return nil, fmt.Errorf("%s: spec.nextHops: at least one next hop is required", name)
 	}

@@ -140,3 +140,43 @@ func TestMessagesPerConnection(t *testing.T) {
 		t.Errorf("messagesPerConnection 0: %v, want an error naming the field", err)
 	}
 }
+
+func TestDANEAndMTASTSSwitches(t *testing.T) {
+	on, off := true, false
+	d := policy.DefaultDelivery()
+	if !d.DANE || !d.MTASTS {
+		t.Errorf("defaults: DANE %v, MTA-STS %v; want both on for MX delivery", d.DANE, d.MTASTS)
+	}
+	dp := v1alpha1.DeliveryPolicy{ObjectMeta: metav1.ObjectMeta{Name: "p", Namespace: "mail"},
+		Spec: v1alpha1.DeliveryPolicySpec{DANE: &off, MTASTS: &off}}
+	route := func(tls v1alpha1.TLSPolicy, dane, sts *bool) v1alpha1.MailRoute {
+		return v1alpha1.MailRoute{ObjectMeta: metav1.ObjectMeta{Name: "r", Namespace: "mail"},
+			Spec: v1alpha1.MailRouteSpec{Domains: []string{"example.net"}, NextHops: []string{"smtp.example.net"}, TLS: tls, DANE: dane, MTASTS: sts}}
+	}
+	d, err := policy.CompileDelivery([]v1alpha1.DeliveryPolicy{dp}, []v1alpha1.MailRoute{route("", nil, nil)}, nil, policy.CompileOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.DANE || d.MTASTS {
+		t.Error("spec.dane/mtaSTS false did not turn them off")
+	}
+	if r := d.Route("example.net"); r.DANE || r.MTASTS {
+		t.Errorf("a route's defaults: DANE %v, MTA-STS %v; want off", r.DANE, r.MTASTS)
+	}
+	d, err = policy.CompileDelivery(nil, []v1alpha1.MailRoute{route(v1alpha1.TLSRequired, &on, &on)}, nil, policy.CompileOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := d.Route("example.net"); !r.DANE || !r.MTASTS {
+		t.Error("a route's dane/mtaSTS true did not turn them on")
+	}
+	for _, r := range []v1alpha1.MailRoute{route(v1alpha1.TLSNone, &on, nil), route(v1alpha1.TLSNone, nil, &on)} {
+		if _, err := policy.CompileDelivery(nil, []v1alpha1.MailRoute{r}, nil, policy.CompileOptions{}); err == nil ||
+			!strings.Contains(err.Error(), "MailRoute mail/r: spec.tls: none cannot go with") {
+			t.Errorf("tls none with dane %v mtaSTS %v: %v", r.Spec.DANE != nil, r.Spec.MTASTS != nil, err)
+		}
+	}
+	if _, err := policy.CompileDelivery(nil, []v1alpha1.MailRoute{route(v1alpha1.TLSNone, &off, &off)}, nil, policy.CompileOptions{}); err != nil {
+		t.Errorf("tls none with both off: %v", err)
+	}
+}

@@ -102,6 +102,23 @@ type DeliveryPolicySpec struct {
 	// +optional
 	LocalHosts []string `json:"localHosts,omitempty"`
 
+	// DANE authenticates MX hosts by their TLSA records (RFC 7672), as
+	// Postfix's smtp_tls_security_level = dane does: a host whose TLSA
+	// records are validated by DNSSEC gets mandatory STARTTLS with a
+	// certificate that matches them, and no mail at all otherwise (4.7.5,
+	// never plaintext). It needs a resolver that validates DNSSEC, declared
+	// with the deliverer's --dnssec flag; without it DANE is off whatever
+	// this says. Default true.
+	// +optional
+	DANE *bool `json:"dane,omitempty"`
+
+	// MTASTS applies recipient domains' MTA-STS policies (RFC 8461): under
+	// "enforce", mail goes only to the MX hosts the policy names, over TLS
+	// with a certificate valid for the host; "testing" is reported only.
+	// Where a host has DANE records, DANE decides. Default true.
+	// +optional
+	MTASTS *bool `json:"mtaSTS,omitempty"`
+
 	// Postmaster receives failure notices for messages with a null sender
 	// (which are never bounced). Empty: they are logged and dropped.
 	// +optional

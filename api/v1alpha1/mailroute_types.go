@@ -51,6 +51,7 @@ type MailRouteList struct {
 }
 
 // MailRouteSpec is the desired route.
+// +kubebuilder:validation:XValidation:rule="!has(self.tls) || self.tls != 'none' || !((has(self.dane) && self.dane) || (has(self.mtaSTS) && self.mtaSTS))",message="tls none cannot go with dane or mtaSTS, which need TLS"
 type MailRouteSpec struct {
 	// Domains are the recipient domains this route takes: "example.org"
 	// exactly, "*.example.org" for its subdomains, or "*" for every domain
@@ -74,6 +75,20 @@ type MailRouteSpec struct {
 	// TLS is the STARTTLS policy towards these hops. Default opportunistic.
 	// +optional
 	TLS TLSPolicy `json:"tls,omitempty"`
+
+	// DANE authenticates these hops by their TLSA records when the
+	// deliverer's resolver validates DNSSEC (--dnssec): a host with usable
+	// records gets mandatory STARTTLS with a certificate that matches them,
+	// whatever tls says. Default false: a route's hosts are chosen here.
+	// +optional
+	DANE *bool `json:"dane,omitempty"`
+
+	// MTASTS holds these hops to the recipient domain's MTA-STS policy, as
+	// if they were its MX hosts: under "enforce", a hop the policy does not
+	// name, or whose certificate is not valid for its name, gets no mail.
+	// Default false.
+	// +optional
+	MTASTS *bool `json:"mtaSTS,omitempty"`
 
 	// Auth logs in to the next hop with SMTP AUTH (PLAIN, or LOGIN).
 	// +optional

@@ -22,6 +22,7 @@ import (
 // delivererFlags are the flags of every role that delivers.
 type delivererFlags struct {
 	dns         []string
+	dnssec      bool
 	maxInFlight int
 	ackWait     time.Duration
 	grace       time.Duration
@@ -31,6 +32,7 @@ type delivererFlags struct {
 func (f *delivererFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
 	fl.StringSliceVar(&f.dns, "dns", nil, "DNS resolvers host:port for MX lookups (default: /etc/resolv.conf)")
+	fl.BoolVar(&f.dnssec, "dnssec", false, "the DNS resolvers validate DNSSEC: trust the AD bit of their answers, which DANE needs (Postfix's smtp_dns_support_level = dnssec); set it only for a validating resolver you reach over a trusted path, such as one on the node")
 	fl.IntVar(&f.maxInFlight, "max-in-flight", 200, "messages one deliverer works on at once")
 	fl.DurationVar(&f.ackWait, "ack-wait", 30*time.Second, "how long a message stays with a deliverer that gives no news (in-progress signals every quarter of it extend it); also the longest a message handed to a pull lost with a NATS server waits")
 	fl.DurationVar(&f.grace, "delivery-grace", 30*time.Second, "on SIGTERM, time for delivery attempts in flight to finish")
@@ -48,7 +50,7 @@ func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *s
 		Hostname:    hostname,
 		Spool:       sp,
 		Source:      src,
-		Resolver:    &deliverer.Resolver{Servers: f.dns},
+		Resolver:    &deliverer.Resolver{Servers: f.dns, DNSSEC: f.dnssec},
 		Client:      client,
 		Log:         log.Named("deliver"),
 		Registerer:  reg,
@@ -61,7 +63,7 @@ func runDeliverer(ctx context.Context, f *delivererFlags, hostname string, sp *s
 	if err != nil {
 		return err
 	}
-	log.Info("deliverer running", zap.Strings("delivery", src.Delivery().Sources), zap.Strings("dns", f.dns))
+	log.Info("deliverer running", zap.Strings("delivery", src.Delivery().Sources), zap.Strings("dns", f.dns), zap.Bool("dnssec", f.dnssec))
 	return d.Run(ctx)
 }
 

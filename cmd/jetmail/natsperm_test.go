@@ -30,6 +30,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
+	"github.com/jetmail/jetmail/deliverer/mtasts"
 	"github.com/jetmail/jetmail/events"
 	"github.com/jetmail/jetmail/internal/smtptest"
 	"github.com/jetmail/jetmail/policy"
@@ -494,8 +495,8 @@ func TestNATSPermissionsLetEachRoleWorkAndNoMore(t *testing.T) {
 			streams[s.Name] = s.State.Msgs
 		}
 	}
-	if len(streams) != 7 || streams["OTHER"] != 1 || streams[spool.QueueStream] != 4 || streams["KV_"+spool.StateBucket] != 1 || streams[events.Stream] == 0 {
-		t.Errorf("streams after the refusals: %v; want OTHER with its one message, the queue's 4 tombstones, the state bucket's one record, the waker's lease (finished states and a released hold leave nothing), the event log, nothing created", streams)
+	if len(streams) != 8 || streams["KV_"+mtasts.Bucket] != 0 || streams["OTHER"] != 1 || streams[spool.QueueStream] != 4 || streams["KV_"+spool.StateBucket] != 1 || streams[events.Stream] == 0 {
+		t.Errorf("streams after the refusals: %v; want OTHER with its one message, the queue's 4 tombstones, the state bucket's one record, the waker's lease (finished states and a released hold leave nothing), the event log, the empty MTA-STS bucket, nothing created", streams)
 	}
 }
 
@@ -524,6 +525,20 @@ func TestNATSPermissionsLetEachRoleCreateTheStreams(t *testing.T) {
 		}
 		if _, err := policy.OpenStore(ctx, rc.js, 1); err != nil {
 			t.Fatalf("%s: OpenStore on an empty server: %v", role, err)
+		}
+		if role == "deliverer" {
+			// The MTA-STS policies: created, written after a fetch, read.
+			kv, err := mtasts.OpenBucket(ctx, rc.js, 1, jetstream.FileStorage)
+			if err != nil {
+				t.Fatalf("deliverer: mtasts.OpenBucket on an empty server: %v", err)
+			}
+			if _, err := kv.Put(ctx, "example.org", []byte(`{"mode":"enforce"}`)); err != nil {
+				t.Fatalf("deliverer: put a policy: %v", err)
+			}
+			if _, err := kv.Get(ctx, "example.org"); err != nil {
+				t.Fatalf("deliverer: get a policy: %v", err)
+			}
+			want = append(want, "KV_"+mtasts.Bucket)
 		}
 		for _, name := range want {
 			if err := adm.js.DeleteStream(ctx, name); err != nil {

@@ -69,6 +69,9 @@ type RcptResult struct {
 	Hop resolve.Hop
 	// TLS tells whether the session that gave the result was encrypted.
 	TLS bool
+	// TLSPolicy names what secured that session: "DANE", "MTA-STS",
+	// "MTA-STS testing", or "" for the route's or the default TLS policy.
+	TLSPolicy string
 	// DSNPassed is set when the next hop offered DSN and accepted the
 	// recipient, so it has taken over delivery status notification
 	// (RFC 3461 §4.2): no "relayed" notice is due from us.
@@ -96,6 +99,10 @@ type Client struct {
 	AllowInsecureAuth bool
 	// Dial opens TCP connections; nil means a net.Dialer.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Report, when set, is told how each new session's TLS went, under
+	// the policy that applied (TLSReport): the counts a TLS-RPT report
+	// (RFC 8460) is made of. Not called for sessions under policy.TLSNone.
+	Report func(TLSReport)
 
 	pool connPool
 }
@@ -123,7 +130,7 @@ type Client struct {
 // every hop was passed over, every recipient is deferred with the last
 // hop's error; with no hops at all, with 4.4.4. Cancelling ctx closes the
 // connection in use and defers what is not decided yet.
-func (c *Client) Deliver(ctx context.Context, hops []resolve.Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer) []RcptResult {
+func (c *Client) Deliver(ctx context.Context, hops []resolve.Hop, sec Security, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer) []RcptResult {
 	to = to.WithDefaults()
 	if perConn <= 0 {
 		perConn = policy.DefaultPerConnection
@@ -149,7 +156,7 @@ func (c *Client) Deliver(ctx context.Context, hops []resolve.Hop, pol policy.TLS
 			last, lastHop = canceledError(ctx, hop, "connect"), resolve.Hop{}
 			break
 		}
-		final, err, reached, session := c.tryHop(ctx, hop, pol, auth, to, perConn, t, res)
+		final, err, reached, session := c.tryHop(ctx, hop, sec.For(hop), auth, to, perConn, t, res)
 		if final {
 			return res
 		}
@@ -187,15 +194,31 @@ func (c *Client) OpenConns() int {
 // filled; otherwise err says why the hop was passed over, reached whether
 // a connection was made and session whether the session got as far as MAIL
 // FROM.
-func (c *Client) tryHop(ctx context.Context, hop resolve.Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer, res []RcptResult) (final bool, err *failure.Error, reached, session bool) {
+func (c *Client) tryHop(ctx context.Context, hop resolve.Hop, sec HostSecurity, auth *policy.Credentials, to policy.OutboundTimeouts, perConn int, t *Transfer, res []RcptResult) (final bool, err *failure.Error, reached, session bool) {
 	limit := time.Now().Add(to.Session)
-	cn, err, reached := c.checkout(ctx, hop, pol, auth, to, limit)
+	cn, err, reached := c.checkout(ctx, t.QueueID, hop, sec, auth, to, limit)
 	if err != nil {
 		return false, err, reached, false
 	}
 	final, err = cn.transact(t, to, res)
 	c.checkin(cn, to, perConn)
 	return final, err, true, true
+}
+
+// report tells Report how securing cn's session went; err is why it was
+// not opened, if it was not.
+func (c *Client) report(qid string, cn *smtpConn, err *failure.Error) {
+	if c.Report == nil {
+		return
+	}
+	r := TLSReport{QueueID: qid, Hop: cn.hop, Policy: cn.sec.Policy, Testing: cn.sec.Testing, Result: cn.tlsResult}
+	if r.Result != ResultSuccess {
+		r.Err = err
+		if r.Err == nil {
+			r.Err = failure.Temporary(451, "4.7.5", "%s: %s%s, not enforced", hopName(cn.hop), r.Result, cn.sec.by())
+		}
+	}
+	c.Report(r)
 }
 
 func (c *Client) hostname() string {
@@ -232,7 +255,7 @@ const (
 func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []RcptResult) (bool, *failure.Error) {
 	host := hopName(cn.hop)
 	for i := range res {
-		res[i].Hop, res[i].TLS = cn.hop, cn.tls
+		res[i].Hop, res[i].TLS, res[i].TLSPolicy = cn.hop, cn.tls, cn.sec.label()
 	}
 	// Checks that need no round trip. None starts a transaction, so the
 	// connection stays reusable.

@@ -98,7 +98,7 @@ func TestDeliverFailover(t *testing.T) {
 	t.Run("a primary that refuses connections hands the message to the secondary", func(t *testing.T) {
 		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].Hop != srv.Hop || res[0].TLS {
 			t.Errorf("result from hop %+v TLS %v, want %+v in plaintext", res[0].Hop, res[0].TLS, srv.Hop)
@@ -117,7 +117,7 @@ func TestDeliverFailover(t *testing.T) {
 		busy := mxtest.StartScripted(t, false, (&mxtest.Script{Greeting: "421 4.3.2 too busy"}).Handle)
 		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{busy.Hop, srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{busy.Hop, srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if busy.Accepted.Load() != 1 || len(srv.Transactions()) != 1 {
 			t.Errorf("busy hop saw %d connections, good hop %d transactions", busy.Accepted.Load(), len(srv.Transactions()))
@@ -127,7 +127,7 @@ func TestDeliverFailover(t *testing.T) {
 
 	t.Run("all hops down defers every recipient with 4.4.1", func(t *testing.T) {
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), refusingHop(t)}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.1", "refused")
 		if res[1].Hop != (resolve.Hop{}) {
@@ -139,7 +139,7 @@ func TestDeliverFailover(t *testing.T) {
 	t.Run("a 421 greeting on the last hop defers with the remote's reply", func(t *testing.T) {
 		busy := mxtest.StartScripted(t, false, (&mxtest.Script{Greeting: "421 4.3.2 too busy"}).Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), busy.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusingHop(t), busy.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 421, "4.3.2", "too busy")
 		if res[0].Err.Remote != "mx.test" || res[0].Hop != busy.Hop {
@@ -150,7 +150,7 @@ func TestDeliverFailover(t *testing.T) {
 
 	t.Run("no hops defers with 4.4.4", func(t *testing.T) {
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), nil, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), nil, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.4", "")
 		mxtest.CheckNoConnLeak(t, c)
@@ -162,7 +162,7 @@ func TestDeliverFailover(t *testing.T) {
 		}})
 		second := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{first.Hop, second.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{first.Hop, second.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].Hop != second.Hop || len(second.Transactions()) != 1 {
 			t.Errorf("delivered via %+v, second hop has %d transactions", res[0].Hop, len(second.Transactions()))
@@ -176,7 +176,7 @@ func TestDeliverFailover(t *testing.T) {
 		}})
 		second := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{first.Hop, second.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{first.Hop, second.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, spool.RcptFailed, spool.RcptFailed)
 		wantRcptErr(t, res[1], 553, "5.7.1", "sender rejected")
 		if second.Accepted.Load() != 0 {
@@ -195,7 +195,7 @@ func TestDeliverReplies(t *testing.T) {
 			return nil
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("full@example.com", "ok@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("full@example.com", "ok@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDelivered)
 		wantRcptErr(t, res[0], 452, "4.2.2", "mailbox full")
 		if txns := srv.Transactions(); len(txns) != 1 || strings.Join(txns[0].Rcpts, ",") != "ok@example.com" {
@@ -212,7 +212,7 @@ func TestDeliverReplies(t *testing.T) {
 			return nil
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("ok@example.com", "nobody@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("ok@example.com", "nobody@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered, spool.RcptFailed)
 		wantRcptErr(t, res[1], 550, "5.1.1", "no such user")
 		if res[1].Err.Remote != "mx.test" || res[1].Reply != "550 5.1.1 no such user" {
@@ -226,7 +226,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.NoEnhancedCode, Message: "go away"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 550, "5.0.0", "go away")
 		mxtest.CheckNoConnLeak(t, c, srv.Counter)
@@ -237,7 +237,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, spool.RcptFailed, spool.RcptFailed)
 		if n := srv.DataCount(); n != 0 {
 			t.Errorf("server got DATA %d times", n)
@@ -250,7 +250,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "queue full"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.3.0", "queue full")
 		mxtest.CheckNoConnLeak(t, c, srv.Counter)
@@ -261,7 +261,7 @@ func TestDeliverReplies(t *testing.T) {
 			return &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "spam"}
 		}})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 554, "5.7.1", "spam")
 		mxtest.CheckNoConnLeak(t, c, srv.Counter)
@@ -272,7 +272,7 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("a message over the announced SIZE fails with 5.3.4 without DATA", func(t *testing.T) {
 		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.MaxMessageBytes = 20 })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 552, "5.3.4", "exceeds")
 		if n := srv.DataCount(); n != 0 || srv.Traffic.Count("MAIL FROM") != 0 {
@@ -284,7 +284,7 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("SIZE is declared as the body length", func(t *testing.T) {
 		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.Transactions(); len(txns) != 1 || txns[0].MailOpts.Size != int64(len(transferBody)) || txns[0].MailOpts.Body != smtp.Body8BitMIME {
 			t.Errorf("server got MAIL options %+v", txns[0].MailOpts)
@@ -297,7 +297,7 @@ func TestDeliverExtensions(t *testing.T) {
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, tr)
 		wantStatuses(t, res, spool.RcptFailed)
 		wantRcptErr(t, res[0], 553, "5.6.7", "SMTPUTF8")
 		mxtest.CheckNoConnLeak(t, c, srv.Counter)
@@ -308,7 +308,7 @@ func TestDeliverExtensions(t *testing.T) {
 		c := newTestClient(t)
 		tr := testTransfer("jörg@example.com")
 		tr.Mail.SMTPUTF8 = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, tr)
 		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.Transactions(); len(txns) != 1 || !txns[0].MailOpts.UTF8 || txns[0].Rcpts[0] != "jörg@example.com" {
 			t.Errorf("server got %+v", txns)
@@ -329,7 +329,7 @@ func TestDeliverExtensions(t *testing.T) {
 	t.Run("DSN parameters reach a server that offers DSN", func(t *testing.T) {
 		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.EnableDSN = true })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, dsnTransfer())
 		wantStatuses(t, res, spool.RcptDelivered, spool.RcptDelivered)
 		if !res[0].DSNPassed || !res[1].DSNPassed {
 			t.Errorf("DSNPassed %v %v, want true", res[0].DSNPassed, res[1].DSNPassed)
@@ -358,7 +358,7 @@ func TestDeliverExtensions(t *testing.T) {
 		// DSN, so a delivery proves they were not sent.
 		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, dsnTransfer())
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, dsnTransfer())
 		wantStatuses(t, res, spool.RcptDelivered, spool.RcptDelivered)
 		if res[0].DSNPassed {
 			t.Error("DSNPassed for a server without DSN")
@@ -392,7 +392,7 @@ func TestDeliverTLS(t *testing.T) {
 		sc := brokenTLSScript()
 		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSOpportunistic}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].TLS {
 			t.Error("TLS reported for a plaintext delivery")
@@ -410,7 +410,7 @@ func TestDeliverTLS(t *testing.T) {
 		}}
 		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSOpportunistic, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSOpportunistic}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].TLS || srv.Accepted.Load() != 1 || sc.Txns.Load() != 1 {
 			t.Errorf("TLS %v; server saw %d connections and %d transactions, want 1 and 1", res[0].TLS, srv.Accepted.Load(), sc.Txns.Load())
@@ -425,7 +425,7 @@ func TestDeliverTLS(t *testing.T) {
 		}}
 		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSRequired}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "454 4.7.0 TLS not available")
 		if sc.Txns.Load() != 0 {
@@ -438,7 +438,7 @@ func TestDeliverTLS(t *testing.T) {
 		sc := brokenTLSScript()
 		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSRequired}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "handshake")
 		if srv.Accepted.Load() != 1 || sc.Txns.Load() != 0 {
@@ -450,7 +450,7 @@ func TestDeliverTLS(t *testing.T) {
 	t.Run("required TLS defers when STARTTLS is not offered", func(t *testing.T) {
 		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSRequired}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "STARTTLS")
 		if len(srv.Transactions()) != 0 {
@@ -463,7 +463,7 @@ func TestDeliverTLS(t *testing.T) {
 		cert, _ := mxtest.SelfSignedCert(t, "mx.right.test")
 		srv := mxtest.Start(t, &mxtest.MX{}, func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}} })
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSRequired}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.Transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].TLS {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
@@ -478,7 +478,7 @@ func TestDeliverTLS(t *testing.T) {
 		c.RootCAs = roots
 		hop := srv.Hop
 		hop.Host = "mx.wrong.test"
-		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{hop}, Security{Level: policy.TLSVerify}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "mx.wrong.test")
 		if len(srv.Transactions()) != 0 {
@@ -494,7 +494,7 @@ func TestDeliverTLS(t *testing.T) {
 		c.RootCAs = roots
 		hop := srv.Hop
 		hop.Host = "mx.right.test"
-		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSVerify, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{hop}, Security{Level: policy.TLSVerify}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.Transactions(); !res[0].TLS || len(txns) != 1 || !txns[0].TLS {
 			t.Errorf("TLS %v, server transactions %+v", res[0].TLS, txns)
@@ -512,7 +512,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.Transactions(); len(txns) != 1 || txns[0].User != "relay" {
 			t.Errorf("server got %+v", txns)
@@ -542,7 +542,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := mxtest.StartScripted(t, false, sc.Handle)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 		// "relay" and "s3cret" in base64.
@@ -556,7 +556,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []resolve.Hop{refusing.Hop, srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{refusing.Hop, srv.Hop}, Security{Level: policy.TLSNone}, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if res[0].Hop != srv.Hop {
 			t.Errorf("delivered via %+v", res[0].Hop)
@@ -568,7 +568,7 @@ func TestDeliverAuth(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "wrong"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, &policy.Credentials{Username: "relay", Password: "wrong"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 535, "5.7.8", "Authentication failed")
 		mxtest.CheckNoConnLeak(t, c, srv.Counter)
@@ -577,7 +577,7 @@ func TestDeliverAuth(t *testing.T) {
 	t.Run("credentials are not sent in plaintext without AllowInsecureAuth", func(t *testing.T) {
 		srv := authServer(t)
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.10", "unencrypted")
 		if srv.Traffic.Count("AUTH PLAIN ") != 0 {
@@ -593,7 +593,7 @@ func TestDeliverAuth(t *testing.T) {
 			s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 		})
 		c := newTestClient(t)
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSRequired, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSRequired}, &policy.Credentials{Username: "relay", Password: "s3cret"}, shortTimeouts(), 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.Transactions(); len(txns) != 1 || txns[0].User != "relay" || !txns[0].TLS {
 			t.Errorf("server got %+v", txns)
@@ -612,7 +612,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		to := shortTimeouts()
 		to.Greeting, to.Ehlo, to.Session = time.Minute, time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, to, 0, testTransfer("a@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
@@ -635,7 +635,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		to := shortTimeouts()
 		to.DataDone, to.Session = time.Minute, 2*time.Second
 		start := time.Now()
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com", "b@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, to, 0, testTransfer("a@example.com", "b@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, spool.RcptDeferred, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "session deadline exceeded")
@@ -667,7 +667,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, to, 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, to, 0, tr)
 		took := time.Since(start)
 		close(release)
 		wantStatuses(t, res, spool.RcptDeferred)
@@ -696,7 +696,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		tr := testTransfer("a@example.com")
 		tr.Body = bigBody(16 << 20)
 		start := time.Now()
-		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, to, 0, tr)
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, to, 0, tr)
 		took := time.Since(start)
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.2", "slower than")
@@ -715,7 +715,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 		defer cancel()
 		start := time.Now()
-		res := c.Deliver(ctx, []resolve.Hop{srv.Hop, refusingHop(t)}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
+		res := c.Deliver(ctx, []resolve.Hop{srv.Hop, refusingHop(t)}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com"))
 		took := time.Since(start)
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.0", "interrupted")
@@ -739,9 +739,9 @@ func TestDeliverDeadlines(t *testing.T) {
 		}
 		to := shortTimeouts()
 		to.Connect = 200 * time.Millisecond
-		res := c.Deliver(context.Background(), []resolve.Hop{blackhole, srv.Hop}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{blackhole, srv.Hop}, Security{Level: policy.TLSNone}, nil, to, 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
-		res = c.Deliver(context.Background(), []resolve.Hop{blackhole}, policy.TLSNone, nil, to, 0, testTransfer("a@example.com"))
+		res = c.Deliver(context.Background(), []resolve.Hop{blackhole}, Security{Level: policy.TLSNone}, nil, to, 0, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.4.1", "timed out")
 		mxtest.CheckNoConnLeak(t, c, srv.Counter)
@@ -753,7 +753,7 @@ func TestDeliverDeadlines(t *testing.T) {
 func deliverLimited(t *testing.T, c *Client, hop resolve.Hop, n, perConn int) {
 	t.Helper()
 	for i := 0; i < n; i++ {
-		res := c.Deliver(context.Background(), []resolve.Hop{hop}, policy.TLSNone, nil, shortTimeouts(), perConn, testTransfer("a@example.com"))
+		res := c.Deliver(context.Background(), []resolve.Hop{hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), perConn, testTransfer("a@example.com"))
 		wantStatuses(t, res, spool.RcptDelivered)
 	}
 }
@@ -853,7 +853,7 @@ func TestClientReuse(t *testing.T) {
 		c := newTestClient(t)
 		c.AllowInsecureAuth = true
 		for _, a := range []*policy.Credentials{nil, {Username: "u1", Password: "p"}, {Username: "u2", Password: "p"}, {Username: "u1", Password: "p"}} {
-			res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, a, shortTimeouts(), 0, testTransfer("a@example.com"))
+			res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, a, shortTimeouts(), 0, testTransfer("a@example.com"))
 			wantStatuses(t, res, spool.RcptDelivered)
 		}
 		if a := srv.Accepted.Load(); a != 3 {
@@ -882,7 +882,7 @@ func TestClientReuse(t *testing.T) {
 		for i := 0; i < 8; i++ {
 			wg.Go(func() {
 				for j := 0; j < 5; j++ {
-					res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, policy.TLSNone, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
+					res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, testTransfer("a@example.com", "b@example.com"))
 					for _, r := range res {
 						if r.Status != spool.RcptDelivered {
 							failed.Add(1)

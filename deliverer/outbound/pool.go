@@ -9,6 +9,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
@@ -46,6 +47,7 @@ type poolKey struct {
 	host string
 	addr netip.AddrPort
 	pol  policy.TLSPolicy
+	auth string // HostSecurity.poolAuth: the TLSA records and names under DANE
 	user string
 }
 
@@ -69,6 +71,10 @@ type smtpConn struct {
 	br  *bufio.Reader // reads nc beneath go-smtp
 	sc  *smtp.Client
 	tls bool
+	sec HostSecurity
+	// tlsResult is the TLS-RPT result of securing the session, set while
+	// it is opened.
+	tlsResult string
 
 	// From the EHLO reply.
 	maxSize int64 // RFC 1870 SIZE; 0 = none announced or no limit
@@ -90,8 +96,8 @@ type smtpConn struct {
 // checkout returns a connection to hop ready for MAIL FROM: a pooled one that
 // answers NOOP, or a new one. reached says whether a TCP connection was made
 // (for RcptResult.Hop when the hop is then passed over).
-func (c *Client) checkout(ctx context.Context, hop resolve.Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (*smtpConn, *failure.Error, bool) {
-	key := poolKey{host: hop.Host, addr: hop.Addr, pol: pol}
+func (c *Client) checkout(ctx context.Context, qid string, hop resolve.Hop, sec HostSecurity, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (*smtpConn, *failure.Error, bool) {
+	key := poolKey{host: hop.Host, addr: hop.Addr, pol: sec.Level, auth: sec.poolAuth()}
 	if auth != nil {
 		key.user = auth.Username
 	}
@@ -112,11 +118,13 @@ func (c *Client) checkout(ctx context.Context, hop resolve.Hop, pol policy.TLSPo
 			return nil, canceledError(ctx, hop, stepConnect), false
 		}
 	}
-	cn, err, fallback, reached := c.connect(ctx, key, hop, pol, auth, to, limit)
+	cn, err, fallback, reached := c.connect(ctx, qid, key, hop, sec, auth, to, limit)
 	if fallback {
 		// RFC 7435 opportunistic security: a failed handshake means
 		// plaintext, on a new connection since the old one is spoiled.
-		cn, err, _, _ = c.connect(ctx, key, hop, policy.TLSNone, auth, to, limit)
+		plain := sec
+		plain.Level, plain.Testing = policy.TLSNone, false
+		cn, err, _, _ = c.connect(ctx, qid, key, hop, plain, auth, to, limit)
 	}
 	return cn, err, reached
 }
@@ -147,7 +155,7 @@ func (c *Client) checkin(cn *smtpConn, to policy.OutboundTimeouts, perConn int) 
 // connect dials hop and brings a new connection to the point of MAIL FROM.
 // fallback is set when an opportunistic STARTTLS failed in a way that
 // spoiled the connection, so a plaintext one should be tried.
-func (c *Client) connect(ctx context.Context, key poolKey, hop resolve.Hop, pol policy.TLSPolicy, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (cn *smtpConn, err *failure.Error, fallback, reached bool) {
+func (c *Client) connect(ctx context.Context, qid string, key poolKey, hop resolve.Hop, sec HostSecurity, auth *policy.Credentials, to policy.OutboundTimeouts, limit time.Time) (cn *smtpConn, err *failure.Error, fallback, reached bool) {
 	host := hopName(hop)
 	if !time.Now().Before(limit) {
 		return nil, failure.Temporary(451, "4.4.2", "session deadline exceeded (%s) before connecting to %s", to.Session, host).WithReason(failure.DeadlineKill), false, false
@@ -167,9 +175,12 @@ func (c *Client) connect(ctx context.Context, key poolKey, hop resolve.Hop, pol 
 	}
 	c.pool.open.Add(1)
 	dc := &deadlineConn{Conn: raw, onClose: func() { c.pool.open.Add(-1) }}
-	cn = &smtpConn{key: key, hop: hop, dc: dc, nc: dc}
+	cn = &smtpConn{key: key, hop: hop, dc: dc, nc: dc, sec: sec}
 	cn.arm(ctx, limit, to.Session)
-	err, fallback = cn.open(c, pol, auth, to)
+	err, fallback = cn.open(c, sec.Level, auth, to)
+	if cn.tlsResult != "" && ctx.Err() == nil {
+		c.report(qid, cn, err)
+	}
 	if err != nil {
 		cn.disarm()
 		if cn.broken {
@@ -177,7 +188,7 @@ func (c *Client) connect(ctx context.Context, key poolKey, hop resolve.Hop, pol 
 		} else {
 			dc.Close()
 		}
-		return nil, err, fallback && pol == policy.TLSOpportunistic && ctx.Err() == nil, true
+		return nil, err, fallback && sec.Level == policy.TLSOpportunistic && ctx.Err() == nil, true
 	}
 	return cn, nil, false, true
 }
@@ -204,7 +215,7 @@ func (cn *smtpConn) open(c *Client, pol policy.TLSPolicy, auth *policy.Credentia
 		return cn.fail(stepEhlo, err), false
 	}
 	if pol != policy.TLSNone {
-		if err, fallback := cn.startTLS(c, pol, to); err != nil {
+		if err, fallback := cn.startTLS(c, to); err != nil {
 			return err, fallback
 		}
 	}
@@ -221,16 +232,18 @@ func (cn *smtpConn) open(c *Client, pol policy.TLSPolicy, auth *policy.Credentia
 	return nil, false
 }
 
-// startTLS upgrades the connection per pol (RFC 3207). A nil error with
-// cn.tls unset means opportunistic TLS went on in plaintext on this
-// connection.
-func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.OutboundTimeouts) (*failure.Error, bool) {
-	host := hopName(cn.hop)
+// startTLS upgrades the connection as cn.sec says (RFC 3207). A nil error
+// with cn.tls unset means opportunistic TLS went on in plaintext on this
+// connection. It sets cn.tlsResult.
+func (cn *smtpConn) startTLS(c *Client, to policy.OutboundTimeouts) (*failure.Error, bool) {
+	host, sec := hopName(cn.hop), cn.sec
+	pol := sec.Level
 	if ok, _ := cn.sc.Extension("STARTTLS"); !ok {
+		cn.tlsResult = ResultStartTLSNotSupported
 		if pol == policy.TLSOpportunistic {
 			return nil, false
 		}
-		return failure.Temporary(451, "4.7.4", "TLS is required, but %s does not offer STARTTLS", host), false
+		return failure.Temporary(451, "4.7.4", "TLS is required%s, but %s does not offer STARTTLS", sec.by(), host), false
 	}
 	_, _, err := cn.command(to.StartTLS, "STARTTLS", 220)
 	if err != nil {
@@ -238,24 +251,49 @@ func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.Outbound
 		if !errors.As(err, &te) {
 			return cn.fail(stepStartTLS, err), true
 		}
+		cn.tlsResult = ResultStartTLSNotSupported
 		if pol == policy.TLSOpportunistic {
 			return nil, false // refused: the session goes on in plaintext
 		}
-		return failure.Temporary(451, "4.7.4", "TLS is required, but %s refused STARTTLS: %d %s", host, te.Code, oneLine(te.Msg)), false
+		return failure.Temporary(451, "4.7.4", "TLS is required%s, but %s refused STARTTLS: %d %s", sec.by(), host, te.Code, oneLine(te.Msg)), false
 	}
 	if cn.br.Buffered() > 0 {
 		// Anything sent before the handshake would be taken as if it came
 		// over TLS (the STARTTLS injection of CVE-2011-0411).
 		cn.broken = true
+		cn.tlsResult = ResultValidationFailure
 		return failure.Temporary(451, "4.7.5", "%s sent data after its reply to STARTTLS", host), true
 	}
 	cfg := &tls.Config{
+		// SNI: the host name, which is the TLSA base domain under DANE
+		// (RFC 7672 §8.1).
 		ServerName:         strings.TrimSuffix(cn.hop.Host, "."),
 		RootCAs:            c.RootCAs,
 		InsecureSkipVerify: pol != policy.TLSVerify, // RFC 7435: encryption without authentication
 	}
 	if pol == policy.TLSVerify && cfg.ServerName == "" {
+		cn.tlsResult = ResultHostMismatch
 		return failure.Temporary(451, "4.7.5", "no host name to verify the certificate of %s against", host), false
+	}
+	var verifyErr error
+	switch {
+	case pol == policy.TLSDANE:
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			res, err := verifyDANE(cs.PeerCertificates, sec.TLSA, sec.Names, time.Now())
+			if err != nil {
+				cn.tlsResult, verifyErr = res, err
+			}
+			return err
+		}
+	case sec.Testing:
+		// MTA-STS testing: what enforce would have checked, reported and
+		// not enforced.
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			if err := verifyPKIX(cs, cfg.ServerName, c.RootCAs); err != nil {
+				cn.tlsResult, verifyErr = certResult(err), err
+			}
+			return nil
+		}
 	}
 	tc := tls.Client(cn.dc, cfg)
 	cn.dc.SetDeadline(time.Now().Add(to.StartTLS))
@@ -264,7 +302,16 @@ func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.Outbound
 		if cn.ctx.Err() != nil || cn.dc.sessionOver() {
 			return cn.localError(stepStartTLS, err), false
 		}
-		return failure.Temporary(451, "4.7.5", "TLS handshake with %s failed: %v", host, unwrapOp(err)), true
+		if cn.tlsResult == "" {
+			cn.tlsResult = certResult(err)
+		}
+		if verifyErr != nil && pol == policy.TLSDANE {
+			return failure.Temporary(451, "4.7.5", "DANE: the certificate of %s does not match its TLSA records: %v", host, verifyErr), false
+		}
+		return failure.Temporary(451, "4.7.5", "TLS handshake with %s failed%s: %v", host, sec.by(), unwrapOp(err)), pol == policy.TLSOpportunistic
+	}
+	if cn.tlsResult == "" {
+		cn.tlsResult = ResultSuccess
 	}
 	cn.dc.SetDeadline(time.Time{})
 	cn.nc, cn.br, cn.tls = tc, bufio.NewReader(tc), true
@@ -274,6 +321,21 @@ func (cn *smtpConn) startTLS(c *Client, pol policy.TLSPolicy, to policy.Outbound
 		return cn.fail(stepEhlo, err), false
 	}
 	return nil, false
+}
+
+// verifyPKIX checks the server's certificate as a certificate authority
+// would have it: chained to roots (nil: the system's), valid now and for
+// name.
+func verifyPKIX(cs tls.ConnectionState, name string, roots *x509.CertPool) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("the server sent no certificate")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{DNSName: name, Roots: roots, Intermediates: inter})
+	return err
 }
 
 // auth authenticates with PLAIN, or LOGIN when only LOGIN is offered

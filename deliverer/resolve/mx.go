@@ -55,6 +55,11 @@ type Hop struct {
 	Addr netip.AddrPort
 	// Pref is the MX preference (0 for implicit MX, literals and routes).
 	Pref int
+	// DNSSEC says that every answer that led here (the MX records, when
+	// there were any, and the host's address records) was validated by
+	// DNSSEC: the host's TLSA records may be used (RFC 7672 §2.2). Only
+	// set when the Resolver's DNSSEC is.
+	DNSSEC bool
 }
 
 // Resolver finds the hops for a recipient domain (RFC 5321 §5.1). It caches
@@ -75,6 +80,12 @@ type Resolver struct {
 	// each MX host name with the zero Addr, then about each of its addresses.
 	// Nil: nothing is local.
 	IsLocal func(host string, addr netip.Addr) bool
+	// DNSSEC says the Servers validate DNSSEC, so their AD bit is
+	// trusted: queries ask for validation, and answers carry whether they
+	// were validated (Hop.DNSSEC, TLSA). Off, nothing is taken as validated
+	// and DANE is never used, as in Postfix without smtp_dns_support_level
+	// = dnssec: a resolver that does not validate would say nothing true.
+	DNSSEC bool
 	// Now is the clock for the cache (tests); nil means time.Now.
 	Now func() time.Time
 
@@ -96,13 +107,15 @@ type cacheEntry struct {
 	rrs     []dns.RR // records of the asked type at the end of the CNAME chain
 	nx      bool     // NXDOMAIN
 	cname   string   // the chain ended at this name without its records: ask again
+	secure  bool     // the server validated the answer (AD set; DNSSEC only)
 	expires time.Time
 }
 
 // answer is the result of a query after following CNAMEs.
 type answer struct {
-	rrs []dns.RR
-	nx  bool
+	rrs    []dns.RR
+	nx     bool
+	secure bool // every answer on the way was validated
 }
 
 // Lookup returns the hops for domain, ordered: by MX preference ascending,
@@ -138,7 +151,7 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 		return nil, failure.Permanent(550, "5.1.2", "domain %s does not exist", name)
 	}
 	if len(mx.rrs) == 0 {
-		return r.implicitMX(ctx, name, port)
+		return r.implicitMX(ctx, name, port, mx.secure)
 	}
 
 	type mxHost struct {
@@ -171,8 +184,9 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 	// the mail back to us or to a backup MX that forwards it to us.
 	type resolved struct {
 		mxHost
-		addrs []netip.Addr
-		err   error
+		addrs  []netip.Addr
+		err    error
+		secure bool
 	}
 	cutoff := math.MaxInt
 	var candidates []resolved
@@ -187,12 +201,12 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 			cutoff = h.pref
 			break
 		}
-		addrs, err := r.resolveAddrs(ctx, h.host)
+		addrs, secure, err := r.resolveAddrs(ctx, h.host)
 		if slices.ContainsFunc(addrs, func(a netip.Addr) bool { return r.isLocal(h.host, a) }) {
 			cutoff = h.pref
 			break
 		}
-		candidates = append(candidates, resolved{mxHost: h, addrs: addrs, err: err})
+		candidates = append(candidates, resolved{mxHost: h, addrs: addrs, err: err, secure: mx.secure && secure})
 	}
 
 	var (
@@ -214,7 +228,7 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 				continue
 			}
 			seen[a] = true
-			hops = append(hops, Hop{Host: c.host, Addr: netip.AddrPortFrom(a, port), Pref: c.pref})
+			hops = append(hops, Hop{Host: c.host, Addr: netip.AddrPortFrom(a, port), Pref: c.pref, DNSSEC: c.secure})
 		}
 	}
 	switch {
@@ -231,11 +245,12 @@ func (r *Resolver) Lookup(ctx context.Context, domain string) ([]Hop, error) {
 
 // implicitMX delivers to the domain's own addresses when it has no MX
 // records (RFC 5321 §5.1).
-func (r *Resolver) implicitMX(ctx context.Context, name string, port uint16) ([]Hop, error) {
+// mxSecure says the MX lookup that found none was validated.
+func (r *Resolver) implicitMX(ctx context.Context, name string, port uint16, mxSecure bool) ([]Hop, error) {
 	if r.isLocal(name, netip.Addr{}) {
 		return nil, loopError(name)
 	}
-	addrs, err := r.resolveAddrs(ctx, name)
+	addrs, secure, err := r.resolveAddrs(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -247,7 +262,7 @@ func (r *Resolver) implicitMX(ctx context.Context, name string, port uint16) ([]
 		if r.isLocal(name, a) {
 			return nil, loopError(name)
 		}
-		hops = append(hops, Hop{Host: name, Addr: netip.AddrPortFrom(a, port)})
+		hops = append(hops, Hop{Host: name, Addr: netip.AddrPortFrom(a, port), DNSSEC: mxSecure && secure})
 	}
 	return hops, nil
 }
@@ -271,7 +286,7 @@ func (r *Resolver) ResolveHost(ctx context.Context, host string, port uint16) ([
 	if !ok {
 		return nil, failure.Temporary(451, "4.3.5", "invalid route host %q", host)
 	}
-	addrs, err := r.resolveAddrs(ctx, name)
+	addrs, secure, err := r.resolveAddrs(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -280,19 +295,21 @@ func (r *Resolver) ResolveHost(ctx context.Context, host string, port uint16) ([
 	}
 	hops := make([]Hop, 0, len(addrs))
 	for _, a := range addrs {
-		hops = append(hops, Hop{Host: name, Addr: netip.AddrPortFrom(a, port)})
+		hops = append(hops, Hop{Host: name, Addr: netip.AddrPortFrom(a, port), DNSSEC: secure})
 	}
 	return hops, nil
 }
 
-// resolveAddrs returns the IPv4 then the IPv6 addresses of name. The error
-// is a temporary *Error, only when no address was found and a lookup
-// failed; no addresses and no error means the name has none (NXDOMAIN or
-// NODATA for both types).
-func (r *Resolver) resolveAddrs(ctx context.Context, name string) ([]netip.Addr, error) {
+// resolveAddrs returns the IPv4 then the IPv6 addresses of name, and
+// whether every answer that gave them was validated. The error is a
+// temporary *Error, only when no address was found and a lookup failed; no
+// addresses and no error means the name has none (NXDOMAIN or NODATA for
+// both types).
+func (r *Resolver) resolveAddrs(ctx context.Context, name string) ([]netip.Addr, bool, error) {
 	var (
-		addrs []netip.Addr
-		errs  []error
+		addrs  []netip.Addr
+		errs   []error
+		secure = true
 	)
 	for _, qtype := range []uint16{dns.TypeA, dns.TypeAAAA} {
 		ans, err := r.query(ctx, name, qtype)
@@ -300,6 +317,7 @@ func (r *Resolver) resolveAddrs(ctx context.Context, name string) ([]netip.Addr,
 			errs = append(errs, err)
 			continue
 		}
+		secure = secure && ans.secure
 		for _, rr := range ans.rrs {
 			var ip net.IP
 			switch rec := rr.(type) {
@@ -314,22 +332,23 @@ func (r *Resolver) resolveAddrs(ctx context.Context, name string) ([]netip.Addr,
 		}
 	}
 	if len(addrs) == 0 && len(errs) > 0 {
-		return nil, errs[0]
+		return nil, false, errs[0]
 	}
-	return addrs, nil
+	return addrs, secure, nil
 }
 
 // query asks for name's records of qtype, from the cache or the DNS,
 // following CNAME chains the server did not resolve itself.
 func (r *Resolver) query(ctx context.Context, name string, qtype uint16) (answer, error) {
-	cur := name
+	cur, secure := name, true
 	for range maxCNAMEDepth {
 		e, err := r.queryOnce(ctx, cur, qtype)
 		if err != nil {
 			return answer{}, err
 		}
+		secure = secure && e.secure
 		if e.cname == "" {
-			return answer{rrs: e.rrs, nx: e.nx}, nil
+			return answer{rrs: e.rrs, nx: e.nx, secure: secure}, nil
 		}
 		cur = e.cname
 	}
@@ -348,6 +367,7 @@ func (r *Resolver) queryOnce(ctx context.Context, name string, qtype uint16) (ca
 		return cacheEntry{}, err
 	}
 	e, ttl := processAnswer(msg, name, qtype)
+	e.secure = r.DNSSEC && msg.AuthenticatedData
 	r.store(key, e, ttl)
 	return e, nil
 }
@@ -418,7 +438,10 @@ func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dn
 	q := new(dns.Msg)
 	q.SetQuestion(dns.Fqdn(name), qtype)
 	q.RecursionDesired = true
-	q.SetEdns0(ednsBufferSize, false)
+	// With DNSSEC, ask for validation: DO for the records and their
+	// signatures, AD for the verdict (RFC 6840 §5.7).
+	q.SetEdns0(ednsBufferSize, r.DNSSEC)
+	q.AuthenticatedData = r.DNSSEC
 
 	var last error
 	for _, server := range servers {

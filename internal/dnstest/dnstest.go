@@ -34,6 +34,12 @@ type Server struct {
 	SOA *dns.SOA
 	// OnQuery, if set, is called for each query before it is answered.
 	OnQuery func()
+	// Signed are the zones ("example.com.") this server, playing a
+	// validating resolver, says are DNSSEC-validated: an answer about a
+	// name in one of them (and about every name of its CNAME chain) gets
+	// the AD bit when the query asked for DNSSEC (DO or AD). A bogus
+	// answer is a SERVFAIL: set it in Rcodes.
+	Signed map[string]bool
 
 	queries map[question]int
 	// TCPQueries counts the queries that came over TCP.
@@ -74,6 +80,7 @@ func Start(t *testing.T) *Server {
 		records: make(map[question][]dns.RR),
 		Rcodes:  make(map[string]int),
 		Silent:  make(map[string]bool),
+		Signed:  make(map[string]bool),
 		queries: make(map[question]int),
 		SOA:     MustRR(t, "example.com. 120 IN SOA ns.example.com. hostmaster.example.com. 1 3600 600 86400 120").(*dns.SOA),
 	}
@@ -138,6 +145,20 @@ func (d *Server) Total() int {
 	return n
 }
 
+// signed reports whether name is in one of the Signed zones.
+func (d *Server) signed(name string) bool {
+	for {
+		if d.Signed[name] {
+			return true
+		}
+		_, rest, ok := strings.Cut(name, ".")
+		if !ok || rest == "" {
+			return false
+		}
+		name = rest
+	}
+}
+
 func (d *Server) exists(name string) bool {
 	for q := range d.records {
 		if q.name == name {
@@ -188,6 +209,7 @@ func (d *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 		return
 	}
 	found := false
+	secure := d.signed(name)
 	for range 8 {
 		if rrs := d.records[question{name, q.Qtype}]; len(rrs) > 0 {
 			resp.Answer = append(resp.Answer, rrs...)
@@ -204,7 +226,10 @@ func (d *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 			break
 		}
 		name = strings.ToLower(cname[0].(*dns.CNAME).Target)
+		secure = secure && d.signed(name)
 	}
+	opt := req.IsEdns0()
+	resp.AuthenticatedData = secure && (req.AuthenticatedData || opt != nil && opt.Do())
 	if !found {
 		if !d.exists(name) {
 			resp.Rcode = dns.RcodeNameError

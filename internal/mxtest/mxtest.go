@@ -40,6 +40,7 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+	"github.com/miekg/dns"
 
 	"github.com/jetmail/jetmail/deliverer/resolve"
 )
@@ -533,4 +534,82 @@ func SelfSignedCert(t *testing.T, name string) (tls.Certificate, *x509.CertPool)
 	pool := x509.NewCertPool()
 	pool.AddCert(leaf)
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
+}
+
+// CA is a test certificate authority: a root that issues server
+// certificates, sent with the root in their chain as servers send their
+// intermediates.
+type CA struct {
+	Cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	// Pool trusts the root.
+	Pool *x509.CertPool
+}
+
+// NewCA makes a root certificate valid for a day either side of now.
+func NewCA(t *testing.T, name string) *CA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-24 * time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &CA{Cert: cert, key: key, Pool: pool}
+}
+
+// Issue returns a server certificate for names, valid until notAfter
+// (zero: an hour from now), with the root after it in the chain.
+func (ca *CA) Issue(t *testing.T, notAfter time.Time, names ...string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if notAfter.IsZero() {
+		notAfter = time.Now().Add(time.Hour)
+	}
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial, Subject: pkix.Name{CommonName: names[0]}, DNSNames: names,
+		NotBefore: time.Now().Add(-2 * time.Hour), NotAfter: notAfter,
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der, ca.Cert.Raw}, PrivateKey: key, Leaf: leaf}
+}
+
+// TLSA is a TLSA record in zone file syntax for cert at
+// _port._tcp.host: usage 3 (DANE-EE) or 2 (DANE-TA), selector 1 (SPKI) or
+// 0 (whole certificate), matching 1 (SHA-256), 2 (SHA-512) or 0 (full).
+func TLSA(t *testing.T, host string, port uint16, usage, selector, matching uint8, cert *x509.Certificate) string {
+	t.Helper()
+	data, err := dns.CertificateToDANE(selector, matching, cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("_%d._tcp.%s. 60 IN TLSA %d %d %d %s", port, strings.TrimSuffix(host, "."), usage, selector, matching, data)
 }
