@@ -35,6 +35,7 @@ func (a *attempt) secure(ctx context.Context, domain string, hops []resolve.Hop,
 	if level == policy.TLSNone || (!dane && !sts) {
 		return hops, sec, nil
 	}
+
 	refused := map[string]bool{}
 	var reasons []string
 	refuse := func(hop resolve.Hop, pol, result string, e *failure.Error) {
@@ -51,6 +52,9 @@ func (a *attempt) secure(ctx context.Context, domain string, hops []resolve.Hop,
 			}
 			recs, err := d.cfg.Resolver.TLSA(ctx, h.Host, h.Addr.Port())
 			switch {
+			case err != nil && ctx.Err() != nil:
+				// A shutdown cut the lookup short: that says nothing of the host.
+				return nil, sec, failure.Temporary(451, "4.4.0", "delivery to %s interrupted: %v", domain, context.Cause(ctx))
 			case err != nil:
 				// RFC 7672 §2.2: a host whose TLSA lookup fails is not used.
 				refuse(h, outbound.PolicyDANE, outbound.ResultDNSSECInvalid,

@@ -35,6 +35,10 @@ const (
 	// shorter max_age is fetched again at half of it, so a policy host that
 	// is briefly down does not let the policy lapse.
 	maxRefresh = 24 * time.Hour
+	// minAge is the shortest a fetched policy is used, whatever its
+	// max_age says: a policy of max_age 0 would otherwise cost a fetch per
+	// delivery.
+	minAge = time.Minute
 )
 
 // OpenBucket opens the bucket of policies, creating it if missing. Entries
@@ -111,7 +115,7 @@ func (p *Policies) Lookup(ctx context.Context, domain string) (*Policy, error) {
 		id, _ = ParseRecord(txts)
 	}
 	cached, readErr := p.cached(ctx, domain, now)
-	valid := cached != nil && now.Before(cached.Expires())
+	valid := cached != nil && now.Before(cached.Fetched.Add(max(cached.MaxAge, minAge)))
 	if id == "" {
 		if valid {
 			return cached, readErr
@@ -141,7 +145,7 @@ func policyDomain(domain string) (string, bool) {
 	return d, true
 }
 
-func refreshAfter(pol *Policy) time.Duration { return min(pol.MaxAge/2, maxRefresh) }
+func refreshAfter(pol *Policy) time.Duration { return max(min(pol.MaxAge/2, maxRefresh), minAge) }
 
 // cached is the bucket's policy for domain, through this deliverer's copy
 // of it. When the bucket cannot be read, the copy serves, however old.

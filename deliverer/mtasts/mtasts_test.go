@@ -397,6 +397,24 @@ func TestPolicies(t *testing.T) {
 		}
 	})
 
+	t.Run("a policy of max_age 0 is used for a minute, not fetched per delivery", func(t *testing.T) {
+		ps.set("concurrent.test", "version: STSv1\nmode: enforce\nmx: mx.concurrent.test\nmax_age: 0\n")
+		zone.set("concurrent.test", "v=STSv1; id=zero;")
+		hits := ps.hits.Load()
+		for range 5 {
+			if p, err := a.Lookup(ctx, "concurrent.test"); err != nil || p == nil || p.ID != "zero" {
+				t.Fatalf("%+v, %v", p, err)
+			}
+		}
+		if n := ps.hits.Load() - hits; n != 1 {
+			t.Errorf("%d fetches, want 1", n)
+		}
+		advance(time.Minute + time.Second)
+		if p, _ := a.Lookup(ctx, "concurrent.test"); p == nil || ps.hits.Load()-hits != 2 {
+			t.Errorf("a minute later: %+v, %d fetches", p, ps.hits.Load()-hits)
+		}
+	})
+
 	t.Run("an address literal or a name that is no domain has no policy and asks nothing", func(t *testing.T) {
 		for _, d := range []string{"[192.0.2.1]", "[IPv6:2001:db8::1]", "a..b", ""} {
 			if p, err := a.Lookup(ctx, d); p != nil || err != nil {
