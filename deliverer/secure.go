@@ -31,10 +31,11 @@ import (
 // RFC 8461 §5.1 wants the policy looked up again before mail is returned).
 func (a *attempt) secure(ctx context.Context, domain string, hops []resolve.Hop, level policy.TLSPolicy, dane, sts, mx bool) ([]resolve.Hop, outbound.Security, *failure.Error) {
 	d := a.d
-	sec := outbound.Security{Level: level, Hosts: map[string]outbound.HostSecurity{}}
+	sec := outbound.Security{Level: level}
 	if level == policy.TLSNone || (!dane && !sts) {
 		return hops, sec, nil
 	}
+	sec.Hosts = map[string]outbound.HostSecurity{}
 
 	refused := map[string]bool{}
 	var reasons []string
