@@ -37,14 +37,18 @@ func (a *attempt) secure(ctx context.Context, domain string, hops []resolve.Hop,
 	}
 	sec.Hosts = map[string]outbound.HostSecurity{}
 
-	refused := map[string]bool{}
+	refused := map[string]bool{} // by outbound.HostKey
 	var reasons []string
 	refuse := func(hop resolve.Hop, pol, result string, e *failure.Error) {
-		refused[hop.Host] = true
+		refused[outbound.HostKey(hop)] = true
 		reasons = append(reasons, e.Text)
 		d.reportTLS(a.log, outbound.TLSReport{QueueID: a.m.Envelope.QueueID, Hop: hop, Policy: pol, Result: result, Err: e})
 	}
 	hosts := distinctHosts(hops)
+	// encrypt are the hosts with TLSA records of which none is usable:
+	// TLS is mandatory there (RFC 7672 §2.2), but DANE authenticates
+	// nothing, so MTA-STS still applies to them.
+	encrypt := map[string]bool{}
 
 	if dane && d.cfg.Resolver.DNSSEC {
 		for _, h := range hosts {
@@ -61,19 +65,16 @@ func (a *attempt) secure(ctx context.Context, domain string, hops []resolve.Hop,
 				refuse(h, outbound.PolicyDANE, outbound.ResultDNSSECInvalid,
 					failure.Temporary(451, "4.7.5", "DANE: the TLSA lookup for %s failed: %s", h.Host, errText(err)))
 			case len(recs) == 0:
+			case len(outbound.UsableTLSA(recs)) == 0:
+				encrypt[outbound.HostKey(h)] = true
+				d.reportTLS(a.log, outbound.TLSReport{QueueID: a.m.Envelope.QueueID, Hop: h, Policy: outbound.PolicyDANE, Result: outbound.ResultTLSAInvalid,
+					Err: failure.Temporary(451, "4.7.5", "DANE: none of the %d TLSA records of %s is usable; TLS is required, unauthenticated", len(recs), h.Host)})
 			default:
 				hs := outbound.HostSecurity{Policy: outbound.PolicyDANE, Level: policy.TLSDANE, TLSA: outbound.UsableTLSA(recs), Names: []string{h.Host}}
 				if mx {
 					hs.Names = append(hs.Names, domain)
 				}
-				if len(hs.TLSA) == 0 {
-					// RFC 7672 §2.2: records, none usable: TLS is still
-					// mandatory, without authentication.
-					hs.Level = policy.TLSRequired
-					d.reportTLS(a.log, outbound.TLSReport{QueueID: a.m.Envelope.QueueID, Hop: h, Policy: outbound.PolicyDANE, Result: outbound.ResultTLSAInvalid,
-						Err: failure.Temporary(451, "4.7.5", "DANE: none of the %d TLSA records of %s is usable; TLS without authentication", len(recs), h.Host)})
-				}
-				sec.Hosts[h.Host] = hs
+				sec.Hosts[outbound.HostKey(h)] = hs
 			}
 		}
 	}
@@ -86,8 +87,9 @@ func (a *attempt) secure(ctx context.Context, domain string, hops []resolve.Hop,
 		if p != nil && p.Mode != mtasts.None {
 			enforce := p.Mode == mtasts.Enforce
 			for _, h := range hosts {
-				if _, ok := sec.Hosts[h.Host]; ok || refused[h.Host] {
-					continue
+				k := outbound.HostKey(h)
+				if _, ok := sec.Hosts[k]; ok || refused[k] {
+					continue // DANE authenticates it, or it is out
 				}
 				hs := outbound.HostSecurity{Policy: outbound.PolicySTS, Level: policy.TLSVerify}
 				if !enforce {
@@ -101,9 +103,22 @@ func (a *attempt) secure(ctx context.Context, domain string, hops []resolve.Hop,
 					}
 					d.reportTLS(a.log, outbound.TLSReport{QueueID: a.m.Envelope.QueueID, Hop: h, Policy: outbound.PolicySTS, Testing: true, Result: outbound.ResultValidationFailure, Err: e})
 				}
-				sec.Hosts[h.Host] = hs
+				sec.Hosts[k] = hs
 			}
 		}
+	}
+
+	// Mandatory TLS for unusable TLSA records raises the level; it never
+	// lowers one (verify stays verify).
+	for k := range encrypt {
+		hs, ok := sec.Hosts[k]
+		if !ok {
+			hs = outbound.HostSecurity{Policy: outbound.PolicyDANE, Level: level}
+		}
+		if hs.Level == policy.TLSOpportunistic {
+			hs.Level = policy.TLSRequired
+		}
+		sec.Hosts[k] = hs
 	}
 
 	if len(refused) == 0 {
@@ -111,7 +126,7 @@ func (a *attempt) secure(ctx context.Context, domain string, hops []resolve.Hop,
 	}
 	kept := make([]resolve.Hop, 0, len(hops))
 	for _, h := range hops {
-		if !refused[h.Host] {
+		if !refused[outbound.HostKey(h)] {
 			kept = append(kept, h)
 		}
 	}
@@ -121,13 +136,13 @@ func (a *attempt) secure(ctx context.Context, domain string, hops []resolve.Hop,
 	return kept, sec, nil
 }
 
-// distinctHosts is the first hop of each host name, in order.
+// distinctHosts is the first hop of each host name and port, in order.
 func distinctHosts(hops []resolve.Hop) []resolve.Hop {
 	seen := map[string]bool{}
 	var out []resolve.Hop
 	for _, h := range hops {
-		if !seen[h.Host] {
-			seen[h.Host] = true
+		if k := outbound.HostKey(h); !seen[k] {
+			seen[k] = true
 			out = append(out, h)
 		}
 	}

@@ -280,6 +280,33 @@ func TestOutboundTrust(t *testing.T) {
 		r.stop(t)
 	})
 
+	t.Run("unusable TLSA records do not stand in for MTA-STS: enforce still checks the certificate", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		ps := policyServer(t, ca, map[string]string{
+			"pkix.test": "version: STSv1\nmode: enforce\nmx: mx1.pkix.test\nmax_age: 86400\n",
+		})
+		stranger := mxtest.NewCA(t, "Stranger") // nobody trusts it
+		cert := stranger.Issue(t, time.Time{}, "mx1.pkix.test")
+		e.dns.Add(t, "pkix.test. 60 IN MX 10 mx1.pkix.test.", "mx1.pkix.test. 60 IN A "+e2eMX1,
+			"mta-sts.pkix.test. 60 IN A 127.0.0.1",
+			// PKIX-EE: published, validated, and of no use to SMTP.
+			mxtest.TLSA(t, "mx1.pkix.test", e.port, 1, 1, 1, cert.Leaf))
+		e.dns.AddTXT(t, "_mta-sts.pkix.test", "v=STSv1; id=1;")
+		e.dns.Set(func(d *dnstest.Server) { d.Signed["pkix.test."] = true })
+		mx := e.tlsMX(e2eMX1, &cert)
+		r := e.startDeliverer(e2eDNSSEC(), e2eTrust(ca, ps))
+		qid := e.enqueue(e2eSender, "pat@pkix.test")
+		e.wantDeferred(qid, "pat@pkix.test", "4.7.5", "MTA-STS")
+		if n := len(mx.Transactions()); n != 0 {
+			t.Errorf("%d mails went over a certificate nobody vouches for", n)
+		}
+		if r.tlsCount(t, "tlsa", true, "tlsa-invalid") < 1 || r.tlsCount(t, "sts", true, "certificate-not-trusted") < 1 {
+			t.Errorf("tlsa-invalid %v, sts certificate-not-trusted %v", r.tlsCount(t, "tlsa", true, "tlsa-invalid"), r.tlsCount(t, "sts", true, "certificate-not-trusted"))
+		}
+		r.stop(t)
+	})
+
 	t.Run("DANE wins over MTA-STS on a host that has both", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)

@@ -32,7 +32,7 @@ type delivererFlags struct {
 func (f *delivererFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
 	fl.StringSliceVar(&f.dns, "dns", nil, "DNS resolvers host:port for MX lookups (default: /etc/resolv.conf)")
-	fl.BoolVar(&f.dnssec, "dnssec", false, "the DNS resolvers validate DNSSEC: trust the AD bit of their answers, which DANE needs (Postfix's smtp_dns_support_level = dnssec); set it only for a validating resolver you reach over a trusted path, such as one on the node")
+	fl.BoolVar(&f.dnssec, "dnssec", false, "every --dns resolver validates DNSSEC: trust the AD bit of their answers, which DANE needs (Postfix's smtp_dns_support_level = dnssec); set it only when each of them validates and is reached over a trusted path, such as one on the node: one that does not validate would turn DANE off for the answers it gives")
 	fl.IntVar(&f.maxInFlight, "max-in-flight", 200, "messages one deliverer works on at once")
 	fl.DurationVar(&f.ackWait, "ack-wait", 30*time.Second, "how long a message stays with a deliverer that gives no news (in-progress signals every quarter of it extend it); also the longest a message handed to a pull lost with a NATS server waits")
 	fl.DurationVar(&f.grace, "delivery-grace", 30*time.Second, "on SIGTERM, time for delivery attempts in flight to finish")

@@ -150,9 +150,7 @@ func refreshAfter(pol *Policy) time.Duration { return max(min(pol.MaxAge/2, maxR
 // cached is the bucket's policy for domain, through this deliverer's copy
 // of it. When the bucket cannot be read, the copy serves, however old.
 func (p *Policies) cached(ctx context.Context, domain string, now time.Time) (*Policy, error) {
-	p.mu.Lock()
-	m := p.memo[domain]
-	p.mu.Unlock()
+	m := p.memoOf(domain)
 	if m != nil && (now.Sub(m.read) < memoTTL || p.KV == nil) {
 		return m.pol, nil
 	}
@@ -182,14 +180,14 @@ func (p *Policies) cached(ctx context.Context, domain string, now time.Time) (*P
 // bucket; concurrent callers for one domain share one fetch, and a failed
 // fetch is not tried again for failBackoff.
 func (p *Policies) fetch(ctx context.Context, domain, id string, now time.Time) (*Policy, error) {
-	p.mu.Lock()
-	m := p.memo[domain]
-	backoff := m != nil && now.Before(m.failedUntil)
-	p.mu.Unlock()
-	if backoff {
+	m := p.memoOf(domain)
+	if m != nil && now.Before(m.failedUntil) {
 		return nil, &FetchError{Domain: domain, Result: ResultFetchError, Err: fmt.Errorf("the last fetch failed; next try after %s", m.failedUntil.Format(time.RFC3339))}
 	}
 	v, err, _ := p.group.Do(domain, func() (any, error) {
+		// Shared by every caller waiting for it: not cut short when the
+		// first one's context ends (Fetch has its own deadline).
+		ctx := context.WithoutCancel(ctx)
 		pol, err := p.Fetcher.Fetch(ctx, domain)
 		if p.Fetched != nil {
 			p.Fetched(domain, err)
@@ -210,6 +208,18 @@ func (p *Policies) fetch(ctx context.Context, domain, id string, now time.Time) 
 		return nil, err
 	}
 	return v.(*Policy), nil
+}
+
+// memoOf is a copy of this deliverer's entry for domain, or nil.
+func (p *Policies) memoOf(domain string) *memo {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m, ok := p.memo[domain]
+	if !ok {
+		return nil
+	}
+	c := *m
+	return &c
 }
 
 func (p *Policies) remember(domain string, f func(*memo)) {

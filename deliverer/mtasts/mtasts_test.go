@@ -76,19 +76,20 @@ func TestParsePolicy(t *testing.T) {
 		t.Errorf("none: %+v, %v", p, err)
 	}
 	for name, body := range map[string]string{
-		"no version":     "mode: enforce\nmx: a.test\nmax_age: 1\n",
-		"bad version":    "version: STSv2\nmode: enforce\nmx: a.test\nmax_age: 1\n",
-		"no mode":        "version: STSv1\nmx: a.test\nmax_age: 1\n",
-		"bad mode":       "version: STSv1\nmode: strict\nmx: a.test\nmax_age: 1\n",
-		"no max_age":     "version: STSv1\nmode: enforce\nmx: a.test\n",
-		"max_age > year": "version: STSv1\nmode: enforce\nmx: a.test\nmax_age: 31557601\n",
-		"max_age text":   "version: STSv1\nmode: enforce\nmx: a.test\nmax_age: 1d\n",
-		"no mx":          "version: STSv1\nmode: enforce\nmax_age: 1\n",
-		"bad mx":         "version: STSv1\nmode: enforce\nmx: a..test\nmax_age: 1\n",
-		"inner wildcard": "version: STSv1\nmode: enforce\nmx: a.*.test\nmax_age: 1\n",
-		"two modes":      "version: STSv1\nmode: testing\nmode: enforce\nmx: a.test\nmax_age: 1\n",
-		"no colon":       "version: STSv1\nmode enforce\nmx: a.test\nmax_age: 1\n",
-		"html":           "<html><body>Not found</body></html>\n",
+		"no version":                  "mode: enforce\nmx: a.test\nmax_age: 1\n",
+		"bad version":                 "version: STSv2\nmode: enforce\nmx: a.test\nmax_age: 1\n",
+		"no mode":                     "version: STSv1\nmx: a.test\nmax_age: 1\n",
+		"bad mode":                    "version: STSv1\nmode: strict\nmx: a.test\nmax_age: 1\n",
+		"no max_age":                  "version: STSv1\nmode: enforce\nmx: a.test\n",
+		"max_age > year":              "version: STSv1\nmode: enforce\nmx: a.test\nmax_age: 31557601\n",
+		"max_age that would overflow": "version: STSv1\nmode: enforce\nmx: a.test\nmax_age: 9999999999\n",
+		"max_age text":                "version: STSv1\nmode: enforce\nmx: a.test\nmax_age: 1d\n",
+		"no mx":                       "version: STSv1\nmode: enforce\nmax_age: 1\n",
+		"bad mx":                      "version: STSv1\nmode: enforce\nmx: a..test\nmax_age: 1\n",
+		"inner wildcard":              "version: STSv1\nmode: enforce\nmx: a.*.test\nmax_age: 1\n",
+		"two modes":                   "version: STSv1\nmode: testing\nmode: enforce\nmx: a.test\nmax_age: 1\n",
+		"no colon":                    "version: STSv1\nmode enforce\nmx: a.test\nmax_age: 1\n",
+		"html":                        "<html><body>Not found</body></html>\n",
 	} {
 		if p, err := ParsePolicy([]byte(body)); err == nil {
 			t.Errorf("%s: accepted as %+v", name, p)

@@ -158,7 +158,7 @@ func ParsePolicy(body []byte) (*Policy, error) {
 				return nil, fmt.Errorf("policy max_age %q is not a number of seconds", v)
 			}
 			n, _ := strconv.ParseInt(v, 10, 64)
-			if time.Duration(n)*time.Second > MaxMaxAge {
+			if n > int64(MaxMaxAge/time.Second) {
 				return nil, fmt.Errorf("policy max_age %d exceeds a year", n)
 			}
 			p.MaxAge = time.Duration(n) * time.Second

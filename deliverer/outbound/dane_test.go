@@ -64,9 +64,9 @@ func caAnchor(ca *mxtest.CA) func(tls.Certificate) *x509.Certificate {
 	return func(tls.Certificate) *x509.Certificate { return ca.Cert }
 }
 
-func daneSecurity(host string, names []string, recs ...*dns.TLSA) Security {
+func daneSecurity(hop resolve.Hop, names []string, recs ...*dns.TLSA) Security {
 	return Security{Level: policy.TLSOpportunistic, Hosts: map[string]HostSecurity{
-		host: {Policy: PolicyDANE, Level: policy.TLSDANE, TLSA: recs, Names: names},
+		HostKey(hop): {Policy: PolicyDANE, Level: policy.TLSDANE, TLSA: recs, Names: names},
 	}}
 }
 
@@ -110,7 +110,7 @@ func TestDeliverDANE(t *testing.T) {
 			var rep reports
 			c.Report = rep.add
 			rec := tlsaRecord(t, mxtest.TLSA(t, "mx.dane.test", 25, tc.usage, tc.selector, tc.matchingTy, cert.Leaf))
-			res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity("mx.dane.test", []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
+			res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity(hop, []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
 			delivered(t, srv, res)
 			rep.want(t, PolicyDANE, ResultSuccess, false)
 			mxtest.CheckNoConnLeak(t, c, srv.Counter)
@@ -126,7 +126,7 @@ func TestDeliverDANE(t *testing.T) {
 		var rep reports
 		c.Report = rep.add
 		rec := tlsaRecord(t, mxtest.TLSA(t, "mx.dane.test", 25, 3, 1, 1, published.Leaf))
-		res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity("mx.dane.test", []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
+		res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity(hop, []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
 		refused(t, srv, res, "4.7.5", "TLSA")
 		rep.want(t, PolicyDANE, ResultValidationFailure, false)
 		if srv.Accepted.Load() != 1 {
@@ -158,7 +158,7 @@ func TestDeliverDANE(t *testing.T) {
 			var rep reports
 			c.Report = rep.add
 			rec := tlsaRecord(t, mxtest.TLSA(t, "mx.dane.test", 25, 2, tc.selector, 1, tc.anchor(tc.cert)))
-			res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity("mx.dane.test", names, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
+			res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity(hop, names, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
 			if tc.result == "" {
 				delivered(t, srv, res)
 				rep.want(t, PolicyDANE, ResultSuccess, false)
@@ -179,7 +179,7 @@ func TestDeliverDANE(t *testing.T) {
 		var rep reports
 		c.Report = rep.add
 		rec := tlsaRecord(t, mxtest.TLSA(t, "mx.dane.test", 25, 3, 1, 1, cert.Leaf))
-		res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity("mx.dane.test", []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
+		res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity(hop, []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
 		refused(t, srv, res, "4.7.4", "STARTTLS")
 		rep.want(t, PolicyDANE, ResultStartTLSNotSupported, false)
 		if srv.Accepted.Load() != 1 {
@@ -199,7 +199,7 @@ func TestDeliverDANE(t *testing.T) {
 		cert := ca.Issue(t, time.Time{}, "mx.dane.test")
 		c := newTestClient(t)
 		rec := tlsaRecord(t, mxtest.TLSA(t, "mx.dane.test", 25, 3, 1, 1, cert.Leaf))
-		res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity("mx.dane.test", []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
+		res := c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity(hop, []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.4", "(DANE)")
 		if sc.Txns.Load() != 0 || srv.Accepted.Load() != 1 {
@@ -216,7 +216,7 @@ func TestDeliverDANE(t *testing.T) {
 		res := c.Deliver(context.Background(), []resolve.Hop{hop}, Security{Level: policy.TLSOpportunistic}, nil, shortTimeouts(), 0, testTransfer("a@dane.test"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		rec := tlsaRecord(t, mxtest.TLSA(t, "mx.dane.test", 25, 3, 1, 1, published.Leaf))
-		res = c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity("mx.dane.test", []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("b@dane.test"))
+		res = c.Deliver(context.Background(), []resolve.Hop{hop}, daneSecurity(hop, []string{"mx.dane.test"}, rec), nil, shortTimeouts(), 0, testTransfer("b@dane.test"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		if n := len(srv.Transactions()); n != 1 {
 			t.Errorf("%d transactions, want only the first", n)
@@ -235,7 +235,7 @@ func TestDeliverMTASTSTesting(t *testing.T) {
 		var rep reports
 		c.Report = rep.add
 		sec := Security{Level: policy.TLSOpportunistic, Hosts: map[string]HostSecurity{
-			"mx.sts.test": {Policy: PolicySTS, Level: policy.TLSOpportunistic, Testing: true}}}
+			HostKey(hop): {Policy: PolicySTS, Level: policy.TLSOpportunistic, Testing: true}}}
 		res := c.Deliver(context.Background(), []resolve.Hop{hop}, sec, nil, shortTimeouts(), 0, testTransfer("a@sts.test"))
 		wantStatuses(t, res, spool.RcptDelivered)
 		if !res[0].TLS || res[0].TLSPolicy != "MTA-STS testing" {
@@ -256,7 +256,7 @@ func TestDeliverMTASTSTesting(t *testing.T) {
 		var rep reports
 		c.Report = rep.add
 		sec := Security{Level: policy.TLSOpportunistic, Hosts: map[string]HostSecurity{
-			"mx.sts.test": {Policy: PolicySTS, Level: policy.TLSVerify}}}
+			HostKey(hop): {Policy: PolicySTS, Level: policy.TLSVerify}}}
 		res := c.Deliver(context.Background(), []resolve.Hop{hop}, sec, nil, shortTimeouts(), 0, testTransfer("a@sts.test"))
 		wantStatuses(t, res, spool.RcptDeferred)
 		wantRcptErr(t, res[0], 451, "4.7.5", "(MTA-STS)")

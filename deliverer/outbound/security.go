@@ -7,6 +7,8 @@ package outbound
 import (
 	"crypto/x509"
 	"errors"
+	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/miekg/dns"
@@ -43,8 +45,14 @@ type Security struct {
 	// Level is the TLS policy of hops without an entry in Hosts: the
 	// route's, or opportunistic for MX delivery.
 	Level policy.TLSPolicy
-	// Hosts are what DANE or MTA-STS decided for a host, by Hop.Host.
+	// Hosts are what DANE or MTA-STS decided for a host, by HostKey: TLSA
+	// records are per host and port.
 	Hosts map[string]HostSecurity
+}
+
+// HostKey names a hop's host and port in Security.Hosts.
+func HostKey(hop resolve.Hop) string {
+	return hop.Host + ":" + strconv.Itoa(int(hop.Addr.Port()))
 }
 
 // HostSecurity is how one host's sessions are secured.
@@ -68,7 +76,7 @@ type HostSecurity struct {
 
 // For is the security of hop's sessions.
 func (s Security) For(hop resolve.Hop) HostSecurity {
-	if hs, ok := s.Hosts[hop.Host]; ok {
+	if hs, ok := s.Hosts[HostKey(hop)]; ok {
 		return hs
 	}
 	return HostSecurity{Policy: PolicyNone, Level: s.Level}
@@ -106,8 +114,8 @@ func (hs HostSecurity) poolAuth() string {
 	var b strings.Builder
 	b.WriteString(strings.Join(hs.Names, ","))
 	for _, r := range hs.TLSA {
-		b.WriteString("|")
-		b.WriteString(r.String())
+		// Not r.String(): it holds the TTL, which changes with the cache.
+		fmt.Fprintf(&b, "|%d %d %d %s", r.Usage, r.Selector, r.MatchingType, strings.ToLower(r.Certificate))
 	}
 	return b.String()
 }

@@ -32,6 +32,13 @@ func signedZone(t *testing.T) *dnstest.Server {
 	return d
 }
 
+// lastQuery is the last query d got, read under its lock.
+func lastQuery(d *dnstest.Server) *dns.Msg {
+	var q *dns.Msg
+	d.Set(func(d *dnstest.Server) { q = d.Last })
+	return q
+}
+
 func TestDNSSEC(t *testing.T) {
 	ctx := context.Background()
 
@@ -49,7 +56,7 @@ func TestDNSSEC(t *testing.T) {
 		if err != nil || len(hops) != 2 || hops[0].DNSSEC || hops[1].DNSSEC {
 			t.Fatalf("example.net: %+v, %v; want two hops without DNSSEC", hops, err)
 		}
-		if q := d.Last; q == nil || !q.AuthenticatedData || q.IsEdns0() == nil || !q.IsEdns0().Do() {
+		if q := lastQuery(d); q == nil || !q.AuthenticatedData || q.IsEdns0() == nil || !q.IsEdns0().Do() {
 			t.Errorf("the last query did not ask for validation (AD and DO): %v", q)
 		}
 	})
@@ -76,7 +83,7 @@ func TestDNSSEC(t *testing.T) {
 		if err != nil || len(hops) != 1 || hops[0].DNSSEC {
 			t.Fatalf("%+v, %v; want a hop without DNSSEC", hops, err)
 		}
-		if q := d.Last; q.AuthenticatedData || q.IsEdns0().Do() {
+		if q := lastQuery(d); q.AuthenticatedData || q.IsEdns0().Do() {
 			t.Errorf("query asked for DNSSEC: %v", q)
 		}
 		recs, err := r.TLSA(ctx, "mx.signed.test", 25)
