@@ -45,6 +45,9 @@ func TestFileSourceFollowsItsFilesAndKeepsTheLastGoodConfiguration(t *testing.T)
 
 	write("2000000")
 	waitFor(t, "the new file to be in force", func() bool { return src.Relay().MaxMessageBytes == 2000000 })
+	// Subscribers are told after the configuration is in force: a moment
+	// later, on the watcher's goroutine.
+	waitFor(t, "the subscriber to be told", func() bool { return told.Load() == 2000000 })
 	if told.Load() != 2000000 || src.Revision() != 1 {
 		t.Errorf("subscriber told %d, revision %d; want 2000000 and 1", told.Load(), src.Revision())
 	}
