@@ -17,6 +17,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"github.com/miekg/dns"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
 	"github.com/jetmail/jetmail/deliverer/mtasts"
@@ -91,6 +92,27 @@ func (e *e2eEnv) wantDeferred(qid, rcpt, enhanced, text string) {
 	}
 }
 
+// wantLog fails unless a line with message msg carries every field of
+// fields and, if reason is not "", a reason containing it.
+func wantLog(t *testing.T, logs *observer.ObservedLogs, msg string, fields map[string]string, reason string) {
+	t.Helper()
+	for _, e := range logs.FilterMessage(msg).All() {
+		m := e.ContextMap()
+		ok := reason == "" || strings.Contains(fmt.Sprint(m["reason"]), reason)
+		for k, v := range fields {
+			ok = ok && fmt.Sprint(m[k]) == v
+		}
+		if ok {
+			return
+		}
+	}
+	var got []map[string]any
+	for _, e := range logs.FilterMessage(msg).All() {
+		got = append(got, e.ContextMap())
+	}
+	t.Errorf("no %q line with %v (reason %q); got %v", msg, fields, reason, got)
+}
+
 func TestOutboundTrust(t *testing.T) {
 	ca := mxtest.NewCA(t, "Test CA")
 
@@ -105,9 +127,13 @@ func TestOutboundTrust(t *testing.T) {
 			mxtest.TLSA(t, "mx2.dane.test", e.port, 3, 1, 1, good.Leaf))
 		e.dns.Set(func(d *dnstest.Server) { d.Signed["dane.test."] = true })
 		mx1, mx2 := e.tlsMX(e2eMX1, &bad), e.tlsMX(e2eMX2, &good)
-		r := e.startDeliverer(e2eDNSSEC())
-		e.enqueue(e2eSender, "dan@dane.test")
+		var logs *observer.ObservedLogs
+		r := e.startDeliverer(e2eDNSSEC(), observed(&logs))
+		qid := e.enqueue(e2eSender, "dan@dane.test")
 		e.waitEmpty(15 * time.Second)
+		// The refusal and the delivery each say which policy applied.
+		wantLog(t, logs, "tls policy", map[string]string{"relay": "mx1.dane.test", "tls_policy": "tlsa", "result": "validation-failure", "queue_id": qid}, "TLSA")
+		wantLog(t, logs, "delivery", map[string]string{"relay": "mx2.dane.test", "tls_policy": "DANE", "status": "delivered"}, "")
 		if txns := mx2.Transactions(); len(txns) != 1 || !txns[0].TLS {
 			t.Errorf("mx2 got %+v, want one mail over TLS", txns)
 		}
@@ -219,9 +245,12 @@ func TestOutboundTrust(t *testing.T) {
 		e.dns.AddTXT(t, "_mta-sts.sts.test", "v=STSv1; id=20261203T1;")
 		cert := ca.Issue(t, time.Time{}, "mx1.sts.test", "mx2.sts.test")
 		mx1, mx2 := e.tlsMX(e2eMX1, &cert), e.tlsMX(e2eMX2, &cert)
-		r := e.startDeliverer(e2eTrust(ca, ps))
+		var logs *observer.ObservedLogs
+		r := e.startDeliverer(e2eTrust(ca, ps), observed(&logs))
 		e.enqueue(e2eSender, "stan@sts.test")
 		e.waitEmpty(15 * time.Second)
+		wantLog(t, logs, "tls policy", map[string]string{"relay": "mx1.sts.test", "tls_policy": "sts", "result": "validation-failure"}, "not an MX host the policy of sts.test names")
+		wantLog(t, logs, "delivery", map[string]string{"relay": "mx2.sts.test", "tls_policy": "MTA-STS", "status": "delivered"}, "")
 		if n := mx1.Counter.Accepted.Load(); n != 0 {
 			t.Errorf("mx1, not in the policy, was connected to %d times", n)
 		}

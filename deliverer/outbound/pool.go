@@ -110,6 +110,9 @@ func (c *Client) checkout(ctx context.Context, qid string, hop resolve.Hop, sec 
 		cn.sc.CommandTimeout = min(to.Mail, probeTimeout)
 		err := cn.sc.Noop()
 		if err == nil {
+			// The key holds the level and the DANE records; which policy
+			// asked for them (for logs) is this delivery's.
+			cn.sec = sec
 			return cn, nil, true
 		}
 		cn.disarm()
