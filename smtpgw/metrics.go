@@ -13,6 +13,7 @@ type metrics struct {
 	replies              *prometheus.CounterVec
 	duplicatesSuppressed prometheus.Counter
 	publishSeconds       prometheus.Histogram
+	commitBatch          prometheus.Histogram
 	deadlineKills        *prometheus.CounterVec
 	auth                 *prometheus.CounterVec
 	dkim                 *prometheus.CounterVec
@@ -53,6 +54,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:    "Time from the final dot to JetStream's acknowledgement.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
 		}),
+		commitBatch: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "jetmail_spool_commit_batch_records",
+			Help:    "Per queued message: how many queue records were stored in the same write as its own (group commit; 1: alone).",
+			Buckets: []float64{1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64},
+		}),
 		deadlineKills: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "jetmail_smtp_deadline_kills_total",
 			Help: "Sessions cut off by a hard deadline or the minimum data rate, by reason.",
@@ -71,7 +77,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.connections, m.connectionsOpen, m.transactions, m.receivedBytes, m.queuedMessageBytes,
-			m.replies, m.duplicatesSuppressed, m.publishSeconds, m.deadlineKills, m.auth, m.dkim)
+			m.replies, m.duplicatesSuppressed, m.publishSeconds, m.commitBatch, m.deadlineKills, m.auth, m.dkim)
 	}
 	return m
 }

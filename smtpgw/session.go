@@ -247,6 +247,9 @@ func (s *session) Data(r io.Reader) error {
 		return s.finishData(log, start, res.QueueID, dr.n, "duplicate", ok, nil)
 	}
 	s.g.metrics.queuedMessageBytes.Add(float64(env.Body.Size))
+	if res.Batch > 0 {
+		s.g.metrics.commitBatch.Observe(float64(res.Batch))
+	}
 	return s.finishData(log, start, qid, dr.n, "queued", ok, nil)
 }
 

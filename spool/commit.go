@@ -23,6 +23,9 @@ type Result struct {
 	// Sequence is the queue stream sequence of the stored (or original)
 	// envelope.
 	Sequence uint64
+	// Batch is how many queue records were stored in the same write as
+	// this one (group commit, group.go); 0 when nothing was stored.
+	Batch int
 }
 
 // Message is a queued mail as stored.
@@ -79,9 +82,9 @@ func (s *Spool) Commit(ctx context.Context, env *Envelope, body *Body, guard str
 	msg.Header.Set(HeaderQueueID, env.QueueID)
 	msg.Header.Set(HeaderBodyID, ref.ID)
 
-	ack, err := s.publish(ctx, msg, ref.ID)
+	ack, batch, err := s.store(ctx, msg, ref.ID)
 	if err == nil {
-		return Result{QueueID: env.QueueID, Sequence: ack.Sequence}, nil
+		return Result{QueueID: env.QueueID, Sequence: ack.Sequence, Batch: batch}, nil
 	}
 	var apiErr *jetstream.APIError
 	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
@@ -93,7 +96,7 @@ func (s *Spool) Commit(ctx context.Context, env *Envelope, body *Body, guard str
 			// tombstone reached the end of the duplicate window between
 			// the two requests. The subject is free; store again.
 			if ack, err = s.publish(ctx, msg, ref.ID); err == nil {
-				return Result{QueueID: env.QueueID, Sequence: ack.Sequence}, nil
+				return Result{QueueID: env.QueueID, Sequence: ack.Sequence, Batch: 1}, nil
 			}
 			orig, gerr = s.queue.GetLastMsgForSubject(ctx, msg.Subject)
 		}
@@ -237,10 +240,18 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 	held := !m.Held.IsZero()
 	var err error
 	for try := 0; ; try++ {
-		_, err = s.js.PublishMsg(ctx, msg,
-			jetstream.WithExpectStream(QueueStream),
-			jetstream.WithExpectLastSequencePerSubject(expect),
-			jetstream.WithMsgTTL(s.cfg.DuplicateWindow))
+		err = errGroupFailed
+		if try == 0 && s.cfg.GroupCommit > 1 {
+			// With the records and tombstones of concurrent Commits and
+			// Completes (group.go).
+			_, _, err = s.group.commit(s, ctx, conditioned(msg, "", expect, s.cfg.DuplicateWindow))
+		}
+		if err != nil && fallBack(err) && ctx.Err() == nil {
+			_, err = s.js.PublishMsg(ctx, msg,
+				jetstream.WithExpectStream(QueueStream),
+				jetstream.WithExpectLastSequencePerSubject(expect),
+				jetstream.WithMsgTTL(s.cfg.DuplicateWindow))
+		}
 		var apiErr *jetstream.APIError
 		if !errors.As(err, &apiErr) || apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence {
 			break

@@ -20,7 +20,9 @@
 // configured replication (with the embedded server's sync_interval: always,
 // after an fsync). A mail that fits inline costs exactly one JetStream write:
 // the envelope, body and duplicate guard are the same stored message. Larger
-// mail costs one write per chunk plus one.
+// mail costs one write per chunk plus one. The records of concurrent Commits
+// (and tombstones of concurrent Completes) are stored together, one atomic
+// batch and one sync for all of them (group commit, group.go).
 //
 // # The duplicate guard
 //

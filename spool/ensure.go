@@ -38,7 +38,7 @@ func sameStreamConfig(want, have jetstream.StreamConfig) bool {
 		want.MaxMsgsPerSubject == have.MaxMsgsPerSubject &&
 		want.Storage == have.Storage && want.Replicas == have.Replicas &&
 		want.Duplicates == have.Duplicates && want.AllowMsgTTL == have.AllowMsgTTL &&
-		want.AllowDirect == have.AllowDirect
+		want.AllowDirect == have.AllowDirect && want.AllowAtomicPublish == have.AllowAtomicPublish
 }
 
 // ensureKeyValue is EnsureStream for a bucket: created, or updated only if

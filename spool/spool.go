@@ -54,6 +54,10 @@ type Config struct {
 	// ChunkSize is the size of body chunks for mail too large to travel
 	// inline. Default 256 KiB.
 	ChunkSize int
+	// GroupCommit is the largest number of queue records of concurrent
+	// Commits stored together in one write (group.go); 0 or 1 stores
+	// each alone. Default 64.
+	GroupCommit int
 }
 
 // DefaultConfig is the embedded, single-server default: one replica, file
@@ -67,6 +71,7 @@ func DefaultConfig() Config {
 		DuplicateWindow: 24 * time.Hour,
 		PublishTimeout:  10 * time.Second,
 		ChunkSize:       256 << 10,
+		GroupCommit:     groupMax,
 	}
 }
 
@@ -88,6 +93,7 @@ type Spool struct {
 	state  jetstream.KeyValue
 	// inlineMax is the largest body stored inline with its envelope.
 	inlineMax int
+	group     groupCommit
 }
 
 // Open connects the spool to JetStream through nc and creates or updates,
@@ -146,6 +152,9 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 		// happens within PublishTimeout.
 		Duplicates:  2 * time.Minute,
 		AllowMsgTTL: true,
+		// Group commit (group.go) stores the records of concurrent
+		// Commits as one atomic batch.
+		AllowAtomicPublish: true,
 		// No direct gets: a replica that is behind answers those, and a
 		// mail acknowledged a moment ago would not be found (the
 		// original of a retransmission, the envelope a tool asks for).

@@ -34,6 +34,7 @@ type gatewayFlags struct {
 	proxyProtocol  bool
 	dupWindow      time.Duration
 	publishTimeout time.Duration
+	groupCommit    int
 	shutdownGrace  time.Duration
 	maxLineLength  int
 	maxQueueBytes  int64
@@ -54,6 +55,7 @@ func (f *gatewayFlags) register(cmd *cobra.Command, defaultLog string) {
 	fl.BoolVar(&f.proxyProtocol, "proxy-protocol", false, "require a PROXY protocol v1/v2 header on every SMTP connection")
 	fl.DurationVar(&f.dupWindow, "duplicate-window", 24*time.Hour, "how long after delivery a retransmitted message is still recognised")
 	fl.DurationVar(&f.publishTimeout, "publish-timeout", 10*time.Second, "bound on storing one message in JetStream before answering 451")
+	fl.IntVar(&f.groupCommit, "group-commit", 64, "most queue records of concurrent sessions stored in one write, one fsync (1: each alone)")
 	fl.DurationVar(&f.shutdownGrace, "shutdown-grace", 30*time.Second, "on SIGTERM, time for transactions in flight to finish")
 	fl.IntVar(&f.maxLineLength, "max-line-length", 64<<10, "longest input line accepted (RFC 5321 limits are always accepted)")
 	fl.Int64Var(&f.maxQueueBytes, "max-queue-bytes", -1, "cap on the queue stream (envelopes, inline bodies); when full, new mail gets 451 (-1: no cap)")
@@ -162,6 +164,7 @@ func (f *gatewayFlags) gatewayConfig(log *zap.Logger, selfSignedFallback bool) (
 func (f *gatewayFlags) spoolConfig(base spool.Config) spool.Config {
 	base.DuplicateWindow = f.dupWindow
 	base.PublishTimeout = f.publishTimeout
+	base.GroupCommit = f.groupCommit
 	base.MaxQueueBytes = f.maxQueueBytes
 	base.MaxBodyBytes = f.maxBodyBytes
 	return base

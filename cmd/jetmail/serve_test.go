@@ -118,6 +118,28 @@ func stopProcess(t *testing.T, cmd *exec.Cmd, log fmt.Stringer) {
 	}
 }
 
+// serveSpool opens the spool of a running serve through its NATS address,
+// with the key serve wrote to dataDir.
+func serveSpool(t *testing.T, p *serveProc, dataDir string) *spool.Spool {
+	t.Helper()
+	auth, err := natsAuth(filepath.Join(dataDir, spool.EmbeddedKeyFile), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect("nats://"+p.natsA, append(spool.NATSOptions(), auth...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	sp, err := spool.Open(ctx, nc, spool.DefaultConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sp
+}
+
 // sendMail runs one SMTP transaction and returns the final reply.
 func sendMail(t *testing.T, addr, from, to, data string) string {
 	t.Helper()
@@ -160,19 +182,7 @@ func TestServeKeepsTheQueueAcrossRestarts(t *testing.T) {
 	} else if !strings.Contains(strings.ToLower(err.Error()), "authorization") {
 		t.Errorf("connecting without credentials: %v, want an authorization violation", err)
 	}
-	auth, err := natsAuth(keyFile, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	nc, err := nats.Connect("nats://"+p2.natsA, append(spool.NATSOptions(), auth...)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	sp, err := spool.Open(context.Background(), nc, spool.DefaultConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
+	sp := serveSpool(t, p2, dataDir)
 	var found []string
 	if err := sp.Scan(context.Background(), func(m *spool.Message) error {
 		body, err := sp.ReadBody(context.Background(), m)

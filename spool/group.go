@@ -1,0 +1,198 @@
+package spool
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/synadia-io/orbit.go/jetstreamext"
+)
+
+// Group commit: the queue records of concurrent Commits (and the
+// tombstones of concurrent Completes) share one write.
+//
+// With fsync on every write (the embedded server's sync_interval: always),
+// the disk's fsync rate caps intake: twenty sessions finishing DATA at
+// once wait for twenty fsyncs in a row. Databases answer that with group
+// commit, and so does the spool: while one record (or batch) is being
+// stored, the records that arrive queue up, and the next write takes all
+// of them as one JetStream atomic batch. nats-server stores an atomic
+// batch of a single-replica file stream with one sync for the whole batch
+// (and a replicated stream as one Raft entry), and applies each record's
+// conditions (the duplicate guard's expected subject sequence, the
+// message ID) as for a single publish, all or nothing.
+//
+// There is no goroutine of its own: the first Commit to find nobody
+// writing leads, stores the batch it finds queued (its own record first),
+// hands the lead to the next one waiting and returns. So a lone session
+// pays nothing, and a batch grows with the number of sessions waiting.
+//
+// A batch that fails, for any reason (one retransmission among them hits
+// the duplicate guard, the stream is full, the server did not answer in
+// time), changes nothing on its own: each of its records is then stored
+// alone, on the single-record path with its retries, message ID and
+// duplicate handling. A batch whose fate is unknown (a timeout) is safe
+// to follow that way: a record the batch did store answers its retry as
+// "wrong last sequence" with its own body ID, which Commit takes as
+// stored (see Commit).
+const (
+	// groupMax and groupMaxBytes bound one batch.
+	groupMax      = 64
+	groupMaxBytes = 8 << 20
+	// groupMin is the smallest batch sent as an atomic batch. A batch is
+	// staged on the server before its commit, in a store of its own that
+	// is synced too, so two records gain nothing from it; they are
+	// stored one by one, concurrently.
+	groupMin = 3
+)
+
+// errGroupFailed marks a record whose batch failed: store it alone.
+var errGroupFailed = errors.New("spool: group commit failed")
+
+type groupCommit struct {
+	mu      sync.Mutex
+	queue   []*groupReq
+	leading bool
+}
+
+type groupReq struct {
+	ctx context.Context
+	// msg carries its conditions as headers (see conditioned).
+	msg   *nats.Msg
+	size  int
+	ack   *jetstream.PubAck
+	batch int
+	err   error
+	// done says true to the request that leads next, false to one whose
+	// result is in.
+	done chan bool
+}
+
+// conditioned is a copy of msg with the headers of a conditional publish
+// to the queue stream: stored only if the subject's last sequence is
+// expect (0: the subject is empty), with msgID for deduplication and ttl
+// when they are set.
+func conditioned(msg *nats.Msg, msgID string, expect uint64, ttl time.Duration) *nats.Msg {
+	m := *msg
+	m.Header = make(nats.Header, len(msg.Header)+4)
+	for k, v := range msg.Header {
+		m.Header[k] = v
+	}
+	if msgID != "" {
+		m.Header.Set(jetstream.MsgIDHeader, msgID)
+	}
+	m.Header.Set(jetstream.ExpectedStreamHeader, QueueStream)
+	m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(expect, 10))
+	if ttl > 0 {
+		m.Header.Set(jetstream.MsgTTLHeader, ttl.String())
+	}
+	return &m
+}
+
+// store writes msg (a queue record, stored only if its subject is empty)
+// together with the records of concurrent Commits; batch is how many
+// records shared the write. It falls back to storing msg alone (publish).
+func (s *Spool) store(ctx context.Context, msg *nats.Msg, msgID string) (ack *jetstream.PubAck, batch int, err error) {
+	if s.cfg.GroupCommit > 1 {
+		ack, batch, err = s.group.commit(s, ctx, conditioned(msg, msgID, 0, 0))
+		if err == nil || !fallBack(err) || ctx.Err() != nil {
+			return ack, batch, err
+		}
+	}
+	ack, err = s.publish(ctx, msg, msgID)
+	return ack, 1, err
+}
+
+// fallBack tells the errors of a grouped write after which the record is
+// stored alone: its batch failed, or its fate is unknown.
+func fallBack(err error) bool {
+	return errors.Is(err, errGroupFailed) || isTemporaryPublishError(err)
+}
+
+func (g *groupCommit) commit(s *Spool, ctx context.Context, msg *nats.Msg) (*jetstream.PubAck, int, error) {
+	r := &groupReq{ctx: ctx, msg: msg, size: len(msg.Data) + len(msg.Subject) + 256, done: make(chan bool, 1)}
+	g.mu.Lock()
+	g.queue = append(g.queue, r)
+	if g.leading {
+		g.mu.Unlock()
+		// Bounded: the batch this request is in ends within
+		// PublishTimeout/3, and every batch before it too.
+		if lead := <-r.done; !lead {
+			return r.ack, r.batch, r.err
+		}
+		g.mu.Lock()
+	}
+	g.leading = true
+	// This request is the first queued: take it and what follows.
+	n, size := 0, 0
+	for n < len(g.queue) && n < s.cfg.GroupCommit && (n == 0 || size+g.queue[n].size <= groupMaxBytes) {
+		size += g.queue[n].size
+		n++
+	}
+	batch := make([]*groupReq, n)
+	copy(batch, g.queue)
+	g.queue = append(g.queue[:0], g.queue[n:]...)
+	g.mu.Unlock()
+
+	s.writeGroup(batch)
+
+	g.mu.Lock()
+	if len(g.queue) > 0 {
+		g.queue[0].done <- true
+	} else {
+		g.leading = false
+	}
+	g.mu.Unlock()
+	for _, o := range batch[1:] {
+		o.done <- false
+	}
+	return r.ack, r.batch, r.err
+}
+
+// writeGroup stores the records of batch, setting each one's result.
+func (s *Spool) writeGroup(batch []*groupReq) {
+	live := batch[:0:0]
+	for _, r := range batch {
+		if err := r.ctx.Err(); err != nil {
+			// Its caller gave up while it waited: never sent.
+			r.err = err
+			continue
+		}
+		live = append(live, r)
+	}
+	if len(live) < groupMin {
+		var wg sync.WaitGroup
+		for _, r := range live {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(r.ctx, s.cfg.PublishTimeout/3)
+				defer cancel()
+				r.ack, r.err = s.js.PublishMsg(ctx, r.msg, jetstream.WithRetryAttempts(0))
+				r.batch = 1
+			})
+		}
+		wg.Wait()
+		return
+	}
+	msgs := make([]*nats.Msg, len(live))
+	for i, r := range live {
+		msgs[i] = r.msg
+	}
+	// The batch's own deadline: not the leader's context, whose end would
+	// fail the others' records with it.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(live[0].ctx), s.cfg.PublishTimeout/3)
+	defer cancel()
+	ack, err := jetstreamext.PublishMsgBatch(ctx, s.js, msgs, jetstreamext.BatchFlowControl{AckFirst: false})
+	for i, r := range live {
+		if err != nil {
+			r.err = errors.Join(errGroupFailed, err)
+			continue
+		}
+		// An atomic batch is stored contiguously; the ack names its last.
+		r.ack = &jetstream.PubAck{Stream: ack.Stream, Domain: ack.Domain, Sequence: ack.Sequence - uint64(len(live)-1-i)}
+		r.batch = len(live)
+	}
+}

@@ -1,0 +1,226 @@
+package spool_test
+
+import (
+	"context"
+
+	"sync"
+	"testing"
+
+	"github.com/jetmail/jetmail/spool"
+)
+
+// commitHeld commits the mails envs (with bodies and guards) concurrently
+// while the spool's group commit is held, so that they are all queued when
+// it is released and go out as one batch (or as many as GroupCommit allows).
+func commitHeld(t *testing.T, sp *spool.Spool, envs []*spool.Envelope, bodies [][]byte, guards []string, ctxs []context.Context) ([]spool.Result, []error) {
+	t.Helper()
+	bs := make([]*spool.Body, len(envs))
+	for i, e := range envs {
+		b, err := writeBody(t, sp, e.QueueID, bodies[i], 64<<10)
+		if err != nil {
+			t.Fatalf("body of %s: %v", e.QueueID, err)
+		}
+		bs[i] = b
+	}
+	waitQueued, release := spool.HoldGroupCommit(t, sp)
+	res, errs := make([]spool.Result, len(envs)), make([]error, len(envs))
+	var wg sync.WaitGroup
+	for i := range envs {
+		ctx := ctxT(t)
+		if ctxs != nil && ctxs[i] != nil {
+			ctx = ctxs[i]
+		}
+		wg.Go(func() { res[i], errs[i] = sp.Commit(ctx, envs[i], bs[i], guards[i]) })
+	}
+	waitQueued(len(envs))
+	release()
+	wg.Wait()
+	return res, errs
+}
+
+func TestGroupCommit(t *testing.T) {
+	next := queueIDs()
+	mails := func(n int, guard func(i int) string) ([]*spool.Envelope, [][]byte, []string) {
+		envs, bodies, guards := make([]*spool.Envelope, n), make([][]byte, n), make([]string, n)
+		for i := range envs {
+			envs[i] = newEnvelope(next())
+			bodies[i] = pattern(1000+i*37, byte(i))
+			guards[i] = guard(i)
+		}
+		return envs, bodies, guards
+	}
+	// checkStored fails unless every mail i with want[i] is queued once,
+	// under its own queue ID, at the sequence its Result names, with its
+	// own body.
+	checkStored := func(t *testing.T, sp *spool.Spool, envs []*spool.Envelope, bodies [][]byte, res []spool.Result) {
+		t.Helper()
+		for i, e := range envs {
+			m, body := readBack(t, sp, e.QueueID)
+			if m.Sequence != res[i].Sequence {
+				t.Errorf("%s: stored at sequence %d; its commit said %d", e.QueueID, m.Sequence, res[i].Sequence)
+			}
+			sameBytes(t, e.QueueID, body, bodies[i])
+		}
+	}
+
+	t.Run("concurrent commits are stored in one write, each at the sequence it is told", func(t *testing.T) {
+		sp, _, _ := newSpool(t, testConfig())
+		envs, bodies, guards := mails(20, guardFor)
+		res, errs := commitHeld(t, sp, envs, bodies, guards, nil)
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("commit %d: %v", i, err)
+			}
+			if res[i].Duplicate || res[i].QueueID != envs[i].QueueID || res[i].Batch != len(envs) {
+				t.Fatalf("commit %d = %+v; want %s stored in a batch of %d", i, res[i], envs[i].QueueID, len(envs))
+			}
+		}
+		checkStored(t, sp, envs, bodies, res)
+		if n := len(scanAll(t, sp)); n != len(envs) {
+			t.Fatalf("%d mails queued; want %d", n, len(envs))
+		}
+	})
+
+	t.Run("a batch is cut at GroupCommit records", func(t *testing.T) {
+		cfg := testConfig()
+		cfg.GroupCommit = 4
+		sp, _, _ := newSpool(t, cfg)
+		envs, bodies, guards := mails(10, guardFor)
+		res, errs := commitHeld(t, sp, envs, bodies, guards, nil)
+		sizes := map[int]int{}
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("commit %d: %v", i, err)
+			}
+			sizes[res[i].Batch]++
+		}
+		// 10 queued: batches of 4, 4 and 2 (two go out one by one).
+		if sizes[4] != 8 || sizes[1] != 2 {
+			t.Fatalf("records per batch size = %v; want 8 in batches of 4 and 2 alone", sizes)
+		}
+		checkStored(t, sp, envs, bodies, res)
+	})
+
+	t.Run("a retransmission in a batch is answered with the original; the others are stored once", func(t *testing.T) {
+		sp, _, _ := newSpool(t, testConfig())
+		orig := newEnvelope(next())
+		first := mustCommit(t, sp, orig, []byte("original\r\n"), guardFor(100))
+		envs, bodies, guards := mails(8, func(i int) string { return guardFor(200 + i) })
+		guards[3] = guardFor(100) // the retransmission
+		res, errs := commitHeld(t, sp, envs, bodies, guards, nil)
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("commit %d: %v", i, err)
+			}
+		}
+		if !res[3].Duplicate || res[3].QueueID != orig.QueueID || res[3].Sequence != first.Sequence {
+			t.Fatalf("retransmission = %+v; want a duplicate of %s at %d", res[3], orig.QueueID, first.Sequence)
+		}
+		if findQueued(t, sp, envs[3].QueueID) != nil {
+			t.Fatalf("the retransmission %s was queued", envs[3].QueueID)
+		}
+		for i := range envs {
+			if i == 3 {
+				continue
+			}
+			if res[i].Duplicate || res[i].QueueID != envs[i].QueueID {
+				t.Fatalf("commit %d = %+v; want %s stored", i, res[i], envs[i].QueueID)
+			}
+		}
+		if n := len(scanAll(t, sp)); n != 8 {
+			t.Fatalf("%d mails queued; want 8 (the original and 7 new)", n)
+		}
+	})
+
+	t.Run("two transmissions of one mail in the same batch are queued once", func(t *testing.T) {
+		// A retransmission racing its original, both waiting for the same
+		// write: the batch must not store both (the second would replace
+		// the first, whose client was told 250).
+		sp, _, _ := newSpool(t, testConfig())
+		envs, bodies, guards := mails(6, func(i int) string { return guardFor(300 + i) })
+		guards[4] = guards[1]
+		res, errs := commitHeld(t, sp, envs, bodies, guards, nil)
+		for i, err := range errs {
+			if err != nil {
+				t.Fatalf("commit %d: %v", i, err)
+			}
+		}
+		a, b := res[1], res[4]
+		if a.Duplicate == b.Duplicate {
+			t.Fatalf("results %+v and %+v; want exactly one duplicate", a, b)
+		}
+		winner, loser := 1, 4
+		if a.Duplicate {
+			winner, loser = 4, 1
+		}
+		if res[loser].QueueID != envs[winner].QueueID || res[loser].Sequence != res[winner].Sequence {
+			t.Fatalf("duplicate answered %+v; want %s at %d", res[loser], envs[winner].QueueID, res[winner].Sequence)
+		}
+		if findQueued(t, sp, envs[loser].QueueID) != nil {
+			t.Fatalf("both transmissions are queued")
+		}
+		m, body := readBack(t, sp, envs[winner].QueueID)
+		if m.Sequence != res[winner].Sequence {
+			t.Fatalf("original stored at %d; told %d", m.Sequence, res[winner].Sequence)
+		}
+		sameBytes(t, "original", body, bodies[winner])
+		if n := len(scanAll(t, sp)); n != 5 {
+			t.Fatalf("%d mails queued; want 5", n)
+		}
+	})
+
+	t.Run("a commit that gave up while it waited is not stored; the others are", func(t *testing.T) {
+		sp, _, _ := newSpool(t, testConfig())
+		envs, bodies, guards := mails(5, guardFor)
+		gone, cancel := context.WithCancel(context.Background())
+		cancel()
+		ctxs := make([]context.Context, 5)
+		ctxs[2] = gone
+		res, errs := commitHeld(t, sp, envs, bodies, guards, ctxs)
+		if errs[2] == nil {
+			t.Fatalf("the abandoned commit succeeded: %+v", res[2])
+		}
+		if findQueued(t, sp, envs[2].QueueID) != nil {
+			t.Fatalf("the abandoned commit's mail %s was queued", envs[2].QueueID)
+		}
+		for i, err := range errs {
+			if i != 2 && err != nil {
+				t.Fatalf("commit %d: %v", i, err)
+			}
+		}
+		if n := len(scanAll(t, sp)); n != 4 {
+			t.Fatalf("%d mails queued; want 4", n)
+		}
+	})
+
+	t.Run("a full queue refuses the batch's records one by one and stores nothing twice", func(t *testing.T) {
+		cfg := testConfig()
+		cfg.MaxQueueBytes = 20 << 10
+		sp, _, _ := newSpool(t, cfg)
+		envs, bodies, guards := mails(12, guardFor)
+		for i := range bodies {
+			bodies[i] = pattern(3000, byte(i))
+		}
+		res, errs := commitHeld(t, sp, envs, bodies, guards, nil)
+		stored := 0
+		for i, err := range errs {
+			if err == nil {
+				stored++
+				if res[i].QueueID != envs[i].QueueID || res[i].Duplicate {
+					t.Fatalf("commit %d = %+v", i, res[i])
+				}
+				continue
+			}
+			if findQueued(t, sp, envs[i].QueueID) != nil {
+				t.Fatalf("commit %d failed (%v) but %s is queued", i, err, envs[i].QueueID)
+			}
+		}
+		if stored == 0 || stored == len(envs) {
+			t.Fatalf("%d of %d stored; want the queue to fill part way", stored, len(envs))
+		}
+		if n := len(scanAll(t, sp)); n != stored {
+			t.Fatalf("%d mails queued; %d commits succeeded", n, stored)
+		}
+		t.Logf("%d of %d stored before the queue was full", stored, len(envs))
+	})
+}
