@@ -164,7 +164,7 @@ jm_metrics() {
   addr=$(grep -o '"msg":"metrics listening","addr":"[^"]*"' "$work/serve-$1.log" | head -1 | sed 's/.*"addr":"//; s/"$//' || true)
   [ -n "$addr" ] || { echo "  (no metrics address in the log)"; return 0; }
   curl -s --max-time 10 "http://$addr/metrics" |
-    grep -E '^jetmail_(smtp_transactions_total|smtp_duplicates_suppressed_total|smtp_deadline_kills_total|delivery_attempts_total|delivery_destination_busy_total|delivery_deadline_kills_total|delivery_expired_total|delivery_notifications_total|queue_messages)' |
+    grep -E '^jetmail_(smtp_transactions_total|smtp_duplicates_suppressed_total|smtp_deadline_kills_total|delivery_attempts_total|delivery_destination_busy_total|delivery_deadline_kills_total|delivery_expired_total|delivery_notifications_total|queue_messages|nats_received_(bytes|messages)_total)' |
     sed 's/^/  /' || true
 }
 # jm_log_report NAME: what the log says. The JSON logger is zap's production
@@ -330,8 +330,15 @@ EOF
   echo wait >"$work/phase"
   local w=$DRAIN_WAIT; [ "$w" -lt "$(left)" ] || w=$(( $(left) / 2 ))
   echo "waiting ${w}s with the destination down"
+  local rx0 rx1
+  rx0=$(jm_metrics drain | awk '$1 == "jetmail_nats_received_bytes_total" { b = $2 } $1 == "jetmail_nats_received_messages_total" { m = $2 } END { printf "%.0f %.0f", b, m }')
   sleep "$w"
+  rx1=$(jm_metrics drain | awk '$1 == "jetmail_nats_received_bytes_total" { b = $2 } $1 == "jetmail_nats_received_messages_total" { m = $2 } END { printf "%.0f %.0f", b, m }')
   echo "after the wait:"; "$work/jscount" -nkey "$JM_DATA/nats-user.nk" -url "nats://127.0.0.1:$NATS_PORT" | sed 's/^/  /' || true; jm_metrics drain
+  # Everything jetmail read from JetStream during the wait arrived on its
+  # NATS connection (jscount has its own): the read figure of issue 11.
+  echo "$rx0 $rx1" | awk -v n="$queued" -v w="$w" -v r="$RETRY" '{ rs = r + 0; if (r ~ /m$/) rs *= 60
+    printf "reads during the wait: %.0f bytes in %.0f NATS messages over %d s; %.2f bytes per queued message per retry interval (%s)\n", $3-$1, $4-$2, w, ($3-$1)/n/(w/rs), r }'
 
   echo drain >"$work/phase"
   local t_up sink_rc=0

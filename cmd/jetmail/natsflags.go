@@ -70,5 +70,11 @@ func natsConnected(reg prometheus.Registerer, nc *nats.Conn) {
 			return 1
 		}
 		return 0
-	}))
+	}), prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "jetmail_nats_received_bytes_total",
+		Help: "Octets this process received over its NATS connection: everything it read from JetStream (records, bodies, states), acknowledgements and watches included.",
+	}, func() float64 { return float64(nc.Stats().InBytes) }), prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "jetmail_nats_received_messages_total",
+		Help: "Messages this process received over its NATS connection.",
+	}, func() float64 { return float64(nc.Stats().InMsgs) }))
 }
