@@ -240,13 +240,13 @@ func (s *Spool) Complete(ctx context.Context, m *Message) error {
 	held := !m.Held.IsZero()
 	var err error
 	for try := 0; ; try++ {
-		err = errGroupFailed
-		if try == 0 && s.cfg.GroupCommit > 1 {
+		grouped := false
+		if try == 0 {
 			// With the records and tombstones of concurrent Commits and
 			// Completes (group.go).
-			_, _, err = s.group.commit(s, ctx, conditioned(msg, "", expect, s.cfg.DuplicateWindow))
+			_, grouped, err = s.grouped(ctx, QueueStream, msg, &expect, s.cfg.DuplicateWindow)
 		}
-		if err != nil && fallBack(err) && ctx.Err() == nil {
+		if !grouped {
 			_, err = s.js.PublishMsg(ctx, msg,
 				jetstream.WithExpectStream(QueueStream),
 				jetstream.WithExpectLastSequencePerSubject(expect),

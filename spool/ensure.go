@@ -46,7 +46,10 @@ func sameStreamConfig(want, have jetstream.StreamConfig) bool {
 func ensureKeyValue(ctx context.Context, js jetstream.JetStream, want jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
 	kv, err := js.KeyValue(ctx, want.Bucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
-		return js.CreateOrUpdateKeyValue(ctx, want)
+		if kv, err = js.CreateOrUpdateKeyValue(ctx, want); err != nil {
+			return nil, err
+		}
+		return kv, allowAtomicPublish(ctx, js, "KV_"+want.Bucket)
 	}
 	if err != nil {
 		return nil, err
@@ -58,8 +61,27 @@ func ensureKeyValue(ctx context.Context, js jetstream.JetStream, want jetstream.
 	have := s.CachedInfo().Config
 	if have.Description == want.Description && have.MaxMsgsPerSubject == int64(want.History) &&
 		have.Storage == want.Storage && have.Replicas == want.Replicas &&
-		have.SubjectDeleteMarkerTTL == want.LimitMarkerTTL {
+		have.SubjectDeleteMarkerTTL == want.LimitMarkerTTL && have.AllowAtomicPublish {
 		return kv, nil
 	}
-	return js.CreateOrUpdateKeyValue(ctx, want)
+	if kv, err = js.CreateOrUpdateKeyValue(ctx, want); err != nil {
+		return nil, err
+	}
+	return kv, allowAtomicPublish(ctx, js, "KV_"+want.Bucket)
+}
+
+// allowAtomicPublish turns on atomic batch publishing (group commit,
+// group.go) on a bucket's stream, which the bucket's settings cannot.
+func allowAtomicPublish(ctx context.Context, js jetstream.JetStream, stream string) error {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return err
+	}
+	cfg := s.CachedInfo().Config
+	if cfg.AllowAtomicPublish {
+		return nil
+	}
+	cfg.AllowAtomicPublish = true
+	_, err = js.UpdateStream(ctx, cfg)
+	return err
 }

@@ -5,11 +5,15 @@ import (
 	"time"
 )
 
-// HoldGroupCommit makes Commits on s queue as if a write were in flight.
-// waitQueued returns once n Commits are queued; release lets the first of
+// HoldGroupCommit makes writes to the queue stream (state false) or to the
+// state bucket (state true) on s queue as if a write were in flight.
+// waitQueued returns once n writes are queued; release lets the first of
 // them lead, as the end of a write would.
-func HoldGroupCommit(t testing.TB, s *Spool) (waitQueued func(n int), release func()) {
+func HoldGroupCommit(t testing.TB, s *Spool, state bool) (waitQueued func(n int), release func()) {
 	g := &s.group
+	if state {
+		g = &s.stateGroup
+	}
 	g.mu.Lock()
 	if g.leading {
 		g.mu.Unlock()

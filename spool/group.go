@@ -13,7 +13,9 @@ import (
 )
 
 // Group commit: the queue records of concurrent Commits (and the
-// tombstones of concurrent Completes) share one write.
+// tombstones of concurrent Completes) share one write; so do concurrent
+// writes to the state bucket (parks, claims, states), in a group of their
+// own, since an atomic batch holds the messages of one stream.
 //
 // With fsync on every write (the embedded server's sync_interval: always),
 // the disk's fsync rate caps intake: twenty sessions finishing DATA at
@@ -72,11 +74,11 @@ type groupReq struct {
 	done chan bool
 }
 
-// conditioned is a copy of msg with the headers of a conditional publish
-// to the queue stream: stored only if the subject's last sequence is
-// expect (0: the subject is empty), with msgID for deduplication and ttl
-// when they are set.
-func conditioned(msg *nats.Msg, msgID string, expect uint64, ttl time.Duration) *nats.Msg {
+// conditioned is a copy of msg with the headers of a publish to stream:
+// stored only if the subject's last sequence is *expect (0: the subject is
+// empty) when expect is set, with msgID for deduplication and ttl when
+// they are set.
+func conditioned(msg *nats.Msg, stream, msgID string, expect *uint64, ttl time.Duration) *nats.Msg {
 	m := *msg
 	m.Header = make(nats.Header, len(msg.Header)+4)
 	for k, v := range msg.Header {
@@ -85,8 +87,10 @@ func conditioned(msg *nats.Msg, msgID string, expect uint64, ttl time.Duration) 
 	if msgID != "" {
 		m.Header.Set(jetstream.MsgIDHeader, msgID)
 	}
-	m.Header.Set(jetstream.ExpectedStreamHeader, QueueStream)
-	m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(expect, 10))
+	m.Header.Set(jetstream.ExpectedStreamHeader, stream)
+	if expect != nil {
+		m.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(*expect, 10))
+	}
 	if ttl > 0 {
 		m.Header.Set(jetstream.MsgTTLHeader, ttl.String())
 	}
@@ -98,7 +102,8 @@ func conditioned(msg *nats.Msg, msgID string, expect uint64, ttl time.Duration) 
 // records shared the write. It falls back to storing msg alone (publish).
 func (s *Spool) store(ctx context.Context, msg *nats.Msg, msgID string) (ack *jetstream.PubAck, batch int, err error) {
 	if s.cfg.GroupCommit > 1 {
-		ack, batch, err = s.group.commit(s, ctx, conditioned(msg, msgID, 0, 0))
+		var empty uint64
+		ack, batch, err = s.group.commit(s, ctx, conditioned(msg, QueueStream, msgID, &empty, 0))
 		if err == nil || !fallBack(err) || ctx.Err() != nil {
 			return ack, batch, err
 		}
@@ -111,6 +116,27 @@ func (s *Spool) store(ctx context.Context, msg *nats.Msg, msgID string) (ack *je
 // stored alone: its batch failed, or its fate is unknown.
 func fallBack(err error) bool {
 	return errors.Is(err, errGroupFailed) || isTemporaryPublishError(err)
+}
+
+// grouped writes msg to stream, conditioned as conditioned says, with
+// the writes of concurrent callers (the queue's group, or the state
+// bucket's). ok is false when the caller must write msg alone itself: group
+// commit is off, its batch failed, or its fate is unknown. A conditional
+// write that finds another record in place fails its batch, so it is
+// always told on the caller's own path.
+func (s *Spool) grouped(ctx context.Context, stream string, msg *nats.Msg, expect *uint64, ttl time.Duration) (ack *jetstream.PubAck, ok bool, err error) {
+	if s.cfg.GroupCommit <= 1 {
+		return nil, false, nil
+	}
+	g := &s.group
+	if stream != QueueStream {
+		g = &s.stateGroup
+	}
+	ack, _, err = g.commit(s, ctx, conditioned(msg, stream, "", expect, ttl))
+	if err != nil && fallBack(err) && ctx.Err() == nil {
+		return nil, false, nil
+	}
+	return ack, true, err
 }
 
 func (g *groupCommit) commit(s *Spool, ctx context.Context, msg *nats.Msg) (*jetstream.PubAck, int, error) {

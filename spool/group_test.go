@@ -2,9 +2,11 @@ package spool_test
 
 import (
 	"context"
-
+	"errors"
+	"fmt"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jetmail/jetmail/spool"
 )
@@ -22,7 +24,7 @@ func commitHeld(t *testing.T, sp *spool.Spool, envs []*spool.Envelope, bodies []
 		}
 		bs[i] = b
 	}
-	waitQueued, release := spool.HoldGroupCommit(t, sp)
+	waitQueued, release := spool.HoldGroupCommit(t, sp, false)
 	res, errs := make([]spool.Result, len(envs)), make([]error, len(envs))
 	var wg sync.WaitGroup
 	for i := range envs {
@@ -223,4 +225,89 @@ func TestGroupCommit(t *testing.T) {
 		}
 		t.Logf("%d of %d stored before the queue was full", stored, len(envs))
 	})
+}
+
+func TestGroupCommitOfStates(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	next := queueIDs()
+	ctx := ctxT(t)
+	// Ten messages with a state, read at their current revision; the
+	// state of the fourth changes after it was read.
+	var states []*spool.DeliveryState
+	for range 10 {
+		qid := next()
+		if err := sp.SaveState(ctx, &spool.DeliveryState{QueueID: qid, Attempts: 1}); err != nil {
+			t.Fatal(err)
+		}
+		st, err := sp.LoadState(ctx, qid)
+		if err != nil || st == nil {
+			t.Fatalf("load %s: %v, %v", qid, st, err)
+		}
+		states = append(states, st)
+	}
+	claimHeld := func(states []*spool.DeliveryState, token string) []error {
+		waitQueued, release := spool.HoldGroupCommit(t, sp, true)
+		errs := make([]error, len(states))
+		var wg sync.WaitGroup
+		for i, st := range states {
+			wg.Go(func() {
+				errs[i] = sp.Claim(ctx, st, spool.Claim{Token: fmt.Sprintf("%s%d", token, i), Until: time.Now().Add(time.Minute)})
+			})
+		}
+		waitQueued(len(states))
+		release()
+		wg.Wait()
+		return errs
+	}
+	// Claims without a conflict go out in one batch, and each learns the
+	// revision it was stored at: claiming again from it works.
+	for round, token := range []string{"first", "again"} {
+		for i, err := range claimHeld(states, token) {
+			if err != nil {
+				t.Fatalf("round %d, claim %d (%s): %v", round, i, states[i].QueueID, err)
+			}
+		}
+	}
+	if err := sp.SaveState(ctx, &spool.DeliveryState{QueueID: states[3].QueueID, Attempts: 2}); err != nil {
+		t.Fatal(err)
+	}
+	// Two attempts of a message without a state, racing to claim it in the
+	// same batch, and two other new ones.
+	race := next()
+	states = append(states,
+		&spool.DeliveryState{QueueID: race}, &spool.DeliveryState{QueueID: race},
+		&spool.DeliveryState{QueueID: next()}, &spool.DeliveryState{QueueID: next()})
+
+	errs := claimHeld(states, "t")
+	for i, err := range errs {
+		switch {
+		case i == 3 || i == 10 || i == 11:
+		case err != nil:
+			t.Errorf("claim %d (%s): %v", i, states[i].QueueID, err)
+		}
+	}
+	if !errors.Is(errs[3], spool.ErrClaimed) {
+		t.Errorf("a claim of a state that changed since it was read: %v; want ErrClaimed", errs[3])
+	}
+	if (errs[10] == nil) == (errs[11] == nil) {
+		t.Fatalf("two claims of one new state: %v and %v; want exactly one to win", errs[10], errs[11])
+	}
+	for _, err := range errs[10:12] {
+		if err != nil && !errors.Is(err, spool.ErrClaimed) {
+			t.Errorf("the losing claim: %v; want ErrClaimed", err)
+		}
+	}
+	for i, st := range states {
+		if errs[i] != nil {
+			continue
+		}
+		got, err := sp.LoadState(ctx, st.QueueID)
+		if err != nil || got == nil || got.Claim == nil || got.Claim.Token != st.Claim.Token {
+			t.Errorf("state of %s after its claim: %+v, %v; want claim %s", st.QueueID, got, err, st.Claim.Token)
+		}
+	}
+	// The stale state kept the write that came between.
+	if got, _ := sp.LoadState(ctx, states[3].QueueID); got == nil || got.Attempts != 2 || got.Claim != nil {
+		t.Errorf("state changed under a claim: %+v", got)
+	}
 }

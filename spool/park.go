@@ -122,7 +122,11 @@ func (s *Spool) ParkState(ctx context.Context, st *DeliveryState, p *Park) error
 		return err
 	}
 	msg := &nats.Msg{Subject: stateSubject(st.QueueID), Header: p.header(), Data: b}
-	if _, err := s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream("KV_"+StateBucket)); err != nil {
+	_, grouped, err := s.grouped(ctx, stateStream, msg, nil, 0)
+	if !grouped {
+		_, err = s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(stateStream))
+	}
+	if err != nil {
 		return fmt.Errorf("spool: park %s: %w", st.QueueID, err)
 	}
 	st.park = p
@@ -130,6 +134,9 @@ func (s *Spool) ParkState(ctx context.Context, st *DeliveryState, p *Park) error
 }
 
 func stateSubject(qid string) string { return "$KV." + StateBucket + "." + qid }
+
+// stateStream is the state bucket's stream.
+const stateStream = "KV_" + StateBucket
 
 // ParkEvent is a write to the state bucket as the waker follows it.
 type ParkEvent struct {

@@ -93,7 +93,9 @@ type Spool struct {
 	state  jetstream.KeyValue
 	// inlineMax is the largest body stored inline with its envelope.
 	inlineMax int
-	group     groupCommit
+	// group and stateGroup commit concurrent writes to the queue stream
+	// and to the state bucket together (group.go).
+	group, stateGroup groupCommit
 }
 
 // Open connects the spool to JetStream through nc and creates or updates,

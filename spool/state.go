@@ -193,16 +193,31 @@ func (s *Spool) Claim(ctx context.Context, st *DeliveryState, c Claim) error {
 		p := *st.park
 		p.Due, p.Claimed = c.Until, true
 		msg := &nats.Msg{Subject: stateSubject(st.QueueID), Header: p.header(), Data: b}
-		var ack *jetstream.PubAck
-		ack, err = s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream("KV_"+StateBucket),
-			jetstream.WithExpectLastSequencePerSubject(st.revision))
+		ack, grouped, gerr := s.grouped(ctx, stateStream, msg, &st.revision, 0)
+		if err = gerr; !grouped {
+			ack, err = s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(stateStream),
+				jetstream.WithExpectLastSequencePerSubject(st.revision))
+		}
 		if err == nil {
 			rev, st.park = ack.Sequence, &p
 		}
-	case st.revision == 0:
-		rev, err = s.state.Create(ctx, st.QueueID, b)
 	default:
-		rev, err = s.state.Update(ctx, st.QueueID, b, st.revision)
+		// A new state (revision 0: the subject must be empty) or an
+		// update of the one read.
+		msg := &nats.Msg{Subject: stateSubject(st.QueueID), Data: b}
+		ack, grouped, gerr := s.grouped(ctx, stateStream, msg, &st.revision, 0)
+		switch {
+		case grouped && gerr == nil:
+			rev = ack.Sequence
+		case grouped:
+			err = gerr
+		case st.revision == 0:
+			// Alone, through the bucket: Create also takes the place
+			// of a delete marker (written before 2026-12).
+			rev, err = s.state.Create(ctx, st.QueueID, b)
+		default:
+			rev, err = s.state.Update(ctx, st.QueueID, b, st.revision)
+		}
 	}
 	var apiErr *jetstream.APIError
 	if errors.Is(err, jetstream.ErrKeyExists) || (errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence) {
@@ -227,7 +242,11 @@ func (s *Spool) SaveState(ctx context.Context, st *DeliveryState) error {
 	if err != nil {
 		return err
 	}
-	if _, err := s.state.Put(ctx, st.QueueID, b); err != nil {
+	_, grouped, err := s.grouped(ctx, stateStream, &nats.Msg{Subject: stateSubject(st.QueueID), Data: b}, nil, 0)
+	if !grouped {
+		_, err = s.state.Put(ctx, st.QueueID, b)
+	}
+	if err != nil {
 		return fmt.Errorf("spool: save state of %s: %w", st.QueueID, err)
 	}
 	return nil
