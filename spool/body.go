@@ -155,6 +155,15 @@ func randomToken(n int) string {
 // isTemporaryPublishError reports whether a publish may succeed if retried
 // with the same message ID.
 func isTemporaryPublishError(err error) bool {
+	var apiErr *jetstream.APIError
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
-		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse)
+		errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
+		// "duplicate message ID is in process": an earlier try with the
+		// same message ID (a timed-out publish or batch) is still being
+		// replicated, so its fate is not known yet.
+		errors.As(err, &apiErr) && apiErr.ErrorCode == errCodeMsgIDInProcess
 }
+
+// errCodeMsgIDInProcess is nats-server's JSStreamDuplicateMessageConflict
+// code for a message ID whose earlier publish is still in process.
+const errCodeMsgIDInProcess = 10158

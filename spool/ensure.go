@@ -43,11 +43,11 @@ func sameStreamConfig(want, have jetstream.StreamConfig) bool {
 
 // ensureKeyValue is EnsureStream for a bucket: created, or updated only if
 // its settings differ.
-func ensureKeyValue(ctx context.Context, js jetstream.JetStream, want jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+func ensureKeyValue(ctx context.Context, js jetstream.JetStream, atomic bool, want jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
 	kv, err := js.KeyValue(ctx, want.Bucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
-		if kv, err = js.CreateOrUpdateKeyValue(ctx, want); err != nil {
-			return nil, err
+		if kv, err = js.CreateOrUpdateKeyValue(ctx, want); err != nil || !atomic {
+			return kv, err
 		}
 		return kv, allowAtomicPublish(ctx, js, "KV_"+want.Bucket)
 	}
@@ -61,11 +61,11 @@ func ensureKeyValue(ctx context.Context, js jetstream.JetStream, want jetstream.
 	have := s.CachedInfo().Config
 	if have.Description == want.Description && have.MaxMsgsPerSubject == int64(want.History) &&
 		have.Storage == want.Storage && have.Replicas == want.Replicas &&
-		have.SubjectDeleteMarkerTTL == want.LimitMarkerTTL && have.AllowAtomicPublish {
+		have.SubjectDeleteMarkerTTL == want.LimitMarkerTTL && have.AllowAtomicPublish == atomic {
 		return kv, nil
 	}
-	if kv, err = js.CreateOrUpdateKeyValue(ctx, want); err != nil {
-		return nil, err
+	if kv, err = js.CreateOrUpdateKeyValue(ctx, want); err != nil || !atomic {
+		return kv, err
 	}
 	return kv, allowAtomicPublish(ctx, js, "KV_"+want.Bucket)
 }

@@ -48,3 +48,6 @@ func HoldGroupCommit(t testing.TB, s *Spool, state bool) (waitQueued func(n int)
 	}
 	return waitQueued, release
 }
+
+// ServerAtLeast is serverAtLeast, for its test.
+var ServerAtLeast = serverAtLeast

@@ -3,6 +3,7 @@ package spool
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"sync"
 	"time"
@@ -50,6 +51,8 @@ const (
 	// is synced too, so two records gain nothing from it; they are
 	// stored one by one, concurrently.
 	groupMin = 3
+	// groupLimit is nats-server's default limit on an atomic batch.
+	groupLimit = 1000
 )
 
 // errGroupFailed marks a record whose batch failed: store it alone.
@@ -104,7 +107,12 @@ func (s *Spool) store(ctx context.Context, msg *nats.Msg, msgID string) (ack *je
 	if s.cfg.GroupCommit > 1 {
 		var empty uint64
 		ack, batch, err = s.group.commit(s, ctx, conditioned(msg, QueueStream, msgID, &empty, 0))
-		if err == nil || !fallBack(err) || ctx.Err() != nil {
+		if cerr := ctx.Err(); err != nil && cerr != nil {
+			// Given up: whatever the batch said may be another
+			// record's error.
+			return nil, 0, errors.Join(cerr, err)
+		}
+		if err == nil || !fallBack(err) {
 			return ack, batch, err
 		}
 	}
@@ -133,7 +141,10 @@ func (s *Spool) grouped(ctx context.Context, stream string, msg *nats.Msg, expec
 		g = &s.stateGroup
 	}
 	ack, _, err = g.commit(s, ctx, conditioned(msg, stream, "", expect, ttl))
-	if err != nil && fallBack(err) && ctx.Err() == nil {
+	if cerr := ctx.Err(); err != nil && cerr != nil {
+		return nil, true, errors.Join(cerr, err)
+	}
+	if err != nil && fallBack(err) {
 		return nil, false, nil
 	}
 	return ack, true, err
@@ -145,8 +156,9 @@ func (g *groupCommit) commit(s *Spool, ctx context.Context, msg *nats.Msg) (*jet
 	g.queue = append(g.queue, r)
 	if g.leading {
 		g.mu.Unlock()
-		// Bounded: the batch this request is in ends within
-		// PublishTimeout/3, and every batch before it too.
+		// Bounded, though not by ctx: the batch this request is in
+		// ends within PublishTimeout/3, and so does every batch before
+		// it. A request whose ctx ended meanwhile is not sent.
 		if lead := <-r.done; !lead {
 			return r.ack, r.batch, r.err
 		}
@@ -164,18 +176,20 @@ func (g *groupCommit) commit(s *Spool, ctx context.Context, msg *nats.Msg) (*jet
 	g.queue = append(g.queue[:0], g.queue[n:]...)
 	g.mu.Unlock()
 
+	defer func() {
+		// Even if the write panicked: the others must not wait forever.
+		g.mu.Lock()
+		if len(g.queue) > 0 {
+			g.queue[0].done <- true
+		} else {
+			g.leading = false
+		}
+		g.mu.Unlock()
+		for _, o := range batch[1:] {
+			o.done <- false
+		}
+	}()
 	s.writeGroup(batch)
-
-	g.mu.Lock()
-	if len(g.queue) > 0 {
-		g.queue[0].done <- true
-	} else {
-		g.leading = false
-	}
-	g.mu.Unlock()
-	for _, o := range batch[1:] {
-		o.done <- false
-	}
 	return r.ack, r.batch, r.err
 }
 
@@ -214,7 +228,16 @@ func (s *Spool) writeGroup(batch []*groupReq) {
 	ack, err := jetstreamext.PublishMsgBatch(ctx, s.js, msgs, jetstreamext.BatchFlowControl{AckFirst: false})
 	for i, r := range live {
 		if err != nil {
-			r.err = errors.Join(errGroupFailed, err)
+			// Flattened: the batch's error may be another record's
+			// (a conflict), which this one's caller must not take
+			// for its own.
+			if isTemporaryPublishError(err) {
+				// Fate unknown (no conflict in it): kept, so that a
+				// Commit keeps the body of a record that may be stored.
+				r.err = fmt.Errorf("%w: %w", errGroupFailed, err)
+			} else {
+				r.err = fmt.Errorf("%w: %v", errGroupFailed, err)
+			}
 			continue
 		}
 		// An atomic batch is stored contiguously; the ack names its last.

@@ -268,34 +268,55 @@ func TestGroupCommitOfStates(t *testing.T) {
 			}
 		}
 	}
+	// They did go out as one batch (the fallback would store the same).
+	kvs, err := sp.JetStream().Stream(ctx, "KV_"+spool.StateBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range states {
+		raw, err := kvs.GetLastMsgForSubject(ctx, "$KV."+spool.StateBucket+"."+st.QueueID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if raw.Header.Get("Nats-Batch-Id") == "" {
+			t.Fatalf("the claim of %s was stored alone, not in a batch (headers %v)", st.QueueID, raw.Header)
+		}
+	}
 	if err := sp.SaveState(ctx, &spool.DeliveryState{QueueID: states[3].QueueID, Attempts: 2}); err != nil {
 		t.Fatal(err)
 	}
-	// Two attempts of a message without a state, racing to claim it in the
-	// same batch, and two other new ones.
+	// Two attempts of a message without a state, racing to claim it in a
+	// batch of their own (with two other new ones), so that the race is
+	// decided inside the batch.
 	race := next()
-	states = append(states,
-		&spool.DeliveryState{QueueID: race}, &spool.DeliveryState{QueueID: race},
-		&spool.DeliveryState{QueueID: next()}, &spool.DeliveryState{QueueID: next()})
+	racing := []*spool.DeliveryState{{QueueID: race}, {QueueID: race}, {QueueID: next()}, {QueueID: next()}}
+	rerrs := claimHeld(racing, "r")
+	if (rerrs[0] == nil) == (rerrs[1] == nil) {
+		t.Fatalf("two claims of one new state in one batch: %v and %v; want exactly one to win", rerrs[0], rerrs[1])
+	}
+	for i, err := range rerrs {
+		if err != nil && (i > 1 || !errors.Is(err, spool.ErrClaimed)) {
+			t.Errorf("claim %d of the racing batch: %v", i, err)
+		}
+	}
+	winner := racing[0]
+	if rerrs[0] != nil {
+		winner = racing[1]
+	}
+	if got, _ := sp.LoadState(ctx, race); got == nil || got.Claim == nil || got.Claim.Token != winner.Claim.Token {
+		t.Errorf("state of the raced message: %+v; want the winner's claim %s", got, winner.Claim.Token)
+	}
 
+	// A stale claim among fresh ones: the batch fails, each is then
+	// claimed alone.
 	errs := claimHeld(states, "t")
 	for i, err := range errs {
-		switch {
-		case i == 3 || i == 10 || i == 11:
-		case err != nil:
+		if i != 3 && err != nil {
 			t.Errorf("claim %d (%s): %v", i, states[i].QueueID, err)
 		}
 	}
 	if !errors.Is(errs[3], spool.ErrClaimed) {
 		t.Errorf("a claim of a state that changed since it was read: %v; want ErrClaimed", errs[3])
-	}
-	if (errs[10] == nil) == (errs[11] == nil) {
-		t.Fatalf("two claims of one new state: %v and %v; want exactly one to win", errs[10], errs[11])
-	}
-	for _, err := range errs[10:12] {
-		if err != nil && !errors.Is(err, spool.ErrClaimed) {
-			t.Errorf("the losing claim: %v; want ErrClaimed", err)
-		}
 	}
 	for i, st := range states {
 		if errs[i] != nil {
@@ -309,5 +330,47 @@ func TestGroupCommitOfStates(t *testing.T) {
 	// The stale state kept the write that came between.
 	if got, _ := sp.LoadState(ctx, states[3].QueueID); got == nil || got.Attempts != 2 || got.Claim != nil {
 		t.Errorf("state changed under a claim: %+v", got)
+	}
+}
+
+func TestAClaimWhoseAnswerWasLostIsNotRefusedByItself(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	ctx := ctxT(t)
+	qid := queueIDs()()
+	if err := sp.SaveState(ctx, &spool.DeliveryState{QueueID: qid, Attempts: 1}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := sp.LoadState(ctx, qid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := spool.Claim{Token: "mine", Until: time.Now().Add(time.Minute).Round(time.Millisecond)}
+	// The first try is stored, but its answer is lost: the caller still
+	// holds the state at the old revision and tries again.
+	if err := sp.Claim(ctx, st.Clone(), c); err != nil {
+		t.Fatal(err)
+	}
+	retry := st.Clone()
+	if err := sp.Claim(ctx, retry, c); err != nil {
+		t.Fatalf("the retry of a stored claim: %v; want it taken as done", err)
+	}
+	// ... and it holds the revision of what is stored: it can extend.
+	c.Until = c.Until.Add(time.Minute)
+	if err := sp.Claim(ctx, retry, c); err != nil {
+		t.Fatalf("extending after the retry: %v", err)
+	}
+	// Another attempt's claim, or a different one of ours, is refused.
+	for _, other := range []spool.Claim{{Token: "theirs", Until: c.Until}, {Token: "mine", Until: c.Until.Add(time.Hour)}} {
+		if err := sp.Claim(ctx, st.Clone(), other); !errors.Is(err, spool.ErrClaimed) {
+			t.Errorf("claim %+v from a stale state: %v; want ErrClaimed", other, err)
+		}
+	}
+}
+
+func TestGroupCommitNeedsNATSServer212(t *testing.T) {
+	for v, want := range map[string]bool{"2.15.2": true, "2.12.0": true, "2.11.9": false, "3.0.0": true, "1.99.0": false, "": false, "garbage": false} {
+		if got := spool.ServerAtLeast(v, 2, 12); got != want {
+			t.Errorf("serverAtLeast(%q, 2, 12) = %v; want %v", v, got, want)
+		}
 	}
 }

@@ -121,6 +121,16 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 	if int64(cfg.ChunkSize) > nc.MaxPayload()-4096 {
 		return nil, fmt.Errorf("spool: chunk size %d does not fit in the server's max payload %d", cfg.ChunkSize, nc.MaxPayload())
 	}
+	if cfg.GroupCommit > groupLimit {
+		return nil, fmt.Errorf("spool: group commit of %d records is over the server's atomic batch limit of %d", cfg.GroupCommit, groupLimit)
+	}
+	// Atomic batches (group commit) came with nats-server 2.12; against an
+	// older server each record is stored alone, and the streams are not
+	// asked for a setting it does not know.
+	atomic := serverAtLeast(nc.ConnectedServerVersion(), 2, 12)
+	if !atomic {
+		cfg.GroupCommit = 1
+	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, err
@@ -156,7 +166,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 		AllowMsgTTL: true,
 		// Group commit (group.go) stores the records of concurrent
 		// Commits as one atomic batch.
-		AllowAtomicPublish: true,
+		AllowAtomicPublish: atomic,
 		// No direct gets: a replica that is behind answers those, and a
 		// mail acknowledged a moment ago would not be found (the
 		// original of a retransmission, the envelope a tool asks for).
@@ -185,7 +195,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Spool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("spool: stream %s: %w", BodyStream, err)
 	}
-	s.state, err = ensureKeyValue(ctx, js, jetstream.KeyValueConfig{
+	s.state, err = ensureKeyValue(ctx, js, atomic, jetstream.KeyValueConfig{
 		Bucket:      StateBucket,
 		Description: "jetmail per-message delivery state",
 		History:     1,
@@ -228,6 +238,16 @@ func (s *Spool) Ping(ctx context.Context) error {
 	}
 	_, err := s.js.AccountInfo(ctx)
 	return err
+}
+
+// serverAtLeast tells whether a nats-server version ("2.15.2") is at least
+// major.minor.
+func serverAtLeast(version string, major, minor int) bool {
+	var ma, mi int
+	if _, err := fmt.Sscanf(version, "%d.%d", &ma, &mi); err != nil {
+		return false
+	}
+	return ma > major || (ma == major && mi >= minor)
 }
 
 func queueSubject(key string) string { return queuePrefix + key }

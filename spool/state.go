@@ -221,6 +221,13 @@ func (s *Spool) Claim(ctx context.Context, st *DeliveryState, c Claim) error {
 	}
 	var apiErr *jetstream.APIError
 	if errors.Is(err, jetstream.ErrKeyExists) || (errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence) {
+		// Another write came first, unless it was this very claim: a
+		// try whose answer was lost (a batch or publish that timed out
+		// and was stored after all) before the one refused.
+		if cur, lerr := s.LoadState(ctx, st.QueueID); lerr == nil && cur != nil && cur.Claim != nil && cur.Claim.Token == c.Token && cur.Claim.Until.Equal(c.Until) {
+			st.revision, st.park = cur.revision, cur.park
+			return nil
+		}
 		return fmt.Errorf("spool: claim %s: %w", st.QueueID, ErrClaimed)
 	}
 	if err != nil {
