@@ -104,17 +104,10 @@ func conditioned(msg *nats.Msg, stream, msgID string, expect *uint64, ttl time.D
 // together with the records of concurrent Commits; batch is how many
 // records shared the write. It falls back to storing msg alone (publish).
 func (s *Spool) store(ctx context.Context, msg *nats.Msg, msgID string) (ack *jetstream.PubAck, batch int, err error) {
-	if s.cfg.GroupCommit > 1 {
-		var empty uint64
-		ack, batch, err = s.group.commit(s, ctx, conditioned(msg, QueueStream, msgID, &empty, 0))
-		if cerr := ctx.Err(); err != nil && cerr != nil {
-			// Given up: whatever the batch said may be another
-			// record's error.
-			return nil, 0, errors.Join(cerr, err)
-		}
-		if err == nil || !fallBack(err) {
-			return ack, batch, err
-		}
+	var empty uint64
+	ack, batch, ok, err := s.groupWrite(ctx, QueueStream, msg, msgID, &empty, 0)
+	if ok {
+		return ack, batch, err
 	}
 	ack, err = s.publish(ctx, msg, msgID)
 	return ack, 1, err
@@ -133,21 +126,30 @@ func fallBack(err error) bool {
 // write that finds another record in place fails its batch, so it is
 // always told on the caller's own path.
 func (s *Spool) grouped(ctx context.Context, stream string, msg *nats.Msg, expect *uint64, ttl time.Duration) (ack *jetstream.PubAck, ok bool, err error) {
+	ack, _, ok, err = s.groupWrite(ctx, stream, msg, "", expect, ttl)
+	return ack, ok, err
+}
+
+// groupWrite is grouped with a message ID, and tells how many records
+// shared the write.
+func (s *Spool) groupWrite(ctx context.Context, stream string, msg *nats.Msg, msgID string, expect *uint64, ttl time.Duration) (ack *jetstream.PubAck, batch int, ok bool, err error) {
 	if s.cfg.GroupCommit <= 1 {
-		return nil, false, nil
+		return nil, 0, false, nil
 	}
 	g := &s.group
 	if stream != QueueStream {
 		g = &s.stateGroup
 	}
-	ack, _, err = g.commit(s, ctx, conditioned(msg, stream, "", expect, ttl))
+	ack, batch, err = g.commit(s, ctx, conditioned(msg, stream, msgID, expect, ttl))
 	if cerr := ctx.Err(); err != nil && cerr != nil {
-		return nil, true, errors.Join(cerr, err)
+		// Given up: whatever the batch said may be another record's
+		// error.
+		return nil, 0, true, errors.Join(cerr, err)
 	}
 	if err != nil && fallBack(err) {
-		return nil, false, nil
+		return nil, 0, false, nil
 	}
-	return ack, true, err
+	return ack, batch, true, err
 }
 
 func (g *groupCommit) commit(s *Spool, ctx context.Context, msg *nats.Msg) (*jetstream.PubAck, int, error) {
