@@ -17,14 +17,18 @@ import (
 // writeCounter counts the JetStream writes the streams of the spool take
 // from its start: every stored record (envelope, tombstone, state, claim,
 // marker) advances its stream's last sequence. The state bucket's
-// writes are followed one by one, to leave out the waker's lease renewals
-// (a write every few seconds whatever the traffic).
+// writes are followed one by one to find the waker's lease renewals (a
+// write every few seconds whatever the traffic), which are left out. The
+// message states are counted from the sequences, not from what the follow
+// saw: a state purged a moment after it was written (the message left) can
+// be gone before the follow reads it.
 type writeCounter struct {
 	e      *e2eEnv
 	queue0 uint64
+	state0 uint64
 	cc     jetstream.ConsumeContext
 	mu     sync.Mutex
-	state  uint64 // writes to message states
+	leases uint64 // lease writes seen
 	last   uint64 // the last state bucket sequence seen
 }
 
@@ -32,7 +36,8 @@ func (e *e2eEnv) countWrites() *writeCounter {
 	e.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	w := &writeCounter{e: e, queue0: e.lastSeq(spool.QueueStream), last: e.lastSeq("KV_" + spool.StateBucket)}
+	w := &writeCounter{e: e, queue0: e.lastSeq(spool.QueueStream), state0: e.lastSeq("KV_" + spool.StateBucket)}
+	w.last = w.state0
 	ks, err := e.sp.JetStream().Stream(ctx, "KV_"+spool.StateBucket)
 	if err != nil {
 		e.t.Fatal(err)
@@ -49,8 +54,8 @@ func (e *e2eEnv) countWrites() *writeCounter {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		w.last = md.Sequence.Stream
-		if !strings.HasPrefix(m.Subject(), "$KV."+spool.StateBucket+".lease.") {
-			w.state++
+		if strings.HasPrefix(m.Subject(), "$KV."+spool.StateBucket+".lease.") {
+			w.leases++
 		}
 	})
 	if err != nil {
@@ -106,7 +111,7 @@ func (w *writeCounter) writes() (queue, state uint64) {
 	})
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.e.lastSeq(spool.QueueStream) - w.queue0, w.state
+	return w.e.lastSeq(spool.QueueStream) - w.queue0, end - w.state0 - w.leases
 }
 
 // TestWritesPerMessage counts the JetStream writes (each one fsynced with
