@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -114,10 +115,10 @@ func (a *attempt) expire() {
 // run attempts delivery to every pending recipient, one session per
 // destination, destinations in parallel.
 func (a *attempt) run(ctx context.Context) {
-	// The body is read once, by the first destination that gets as far as
-	// a session slot: mail for a destination that is down or busy is
-	// deferred without reading it.
-	body := sync.OnceValues(func() ([]byte, error) { return a.d.cfg.Spool.ReadBody(ctx, a.m) })
+	// Each destination that gets as far as a session slot opens the body
+	// and sends it as it is read, a chunk at a time (queuedBody): mail for
+	// a destination that is down or busy is deferred without reading it,
+	// and a large body is never held whole.
 	groups := map[string][]spool.Rcpt{}
 	var domains []string
 	for _, r := range a.due() {
@@ -142,7 +143,7 @@ func (a *attempt) run(ctx context.Context) {
 		go func() {
 			defer wg.Done()
 			start := time.Now()
-			res, skipped := a.deliverDomain(ctx, dom, groups[dom], body)
+			res, skipped := a.deliverDomain(ctx, dom, groups[dom])
 			g := groupResult{dom: dom, rcpts: groups[dom], results: res, elapsed: time.Since(start), skipped: skipped, cut: ctx.Err() != nil}
 			mu.Lock()
 			left--
@@ -250,7 +251,7 @@ func (a *attempt) recordGroup(g groupResult) {
 
 // deliverDomain routes and delivers one domain's recipients. skipped is
 // true when the destination had no free session slot.
-func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spool.Rcpt, body func() ([]byte, error)) ([]outbound.RcptResult, bool) {
+func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spool.Rcpt) ([]outbound.RcptResult, bool) {
 	d := a.d
 	all := func(e *failure.Error) []outbound.RcptResult {
 		st := spool.RcptDeferred
@@ -305,13 +306,13 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 		return nil, true
 	}
 	defer d.freeSlot(dest)
-	data, err := body()
+	body, err := a.d.cfg.Spool.OpenBody(ctx, a.m)
 	if err != nil {
 		a.log.Error("reading the message body", zap.Error(err))
 		return all(failure.Temporary(451, "4.3.0", "queue read error")), false
 	}
 	t := &outbound.Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts,
-		Header: a.m.Envelope.Headers, Body: data}
+		Header: a.m.Envelope.Headers, Body: &queuedBody{size: body.Size(), first: body, reopen: func() (*spool.BodyReader, error) { return a.d.cfg.Spool.OpenBody(ctx, a.m) }}}
 	// The same snapshot decides whether the connection may carry another
 	// message after this one: messagesPerConnection applies without a
 	// restart, like every other setting.
@@ -654,4 +655,23 @@ func (a *attempt) retryLater(err error) {
 // as well.
 func deadlineKill(e *failure.Error) bool {
 	return e != nil && e.Reason == failure.DeadlineKill
+}
+
+// queuedBody is a Transfer's body read from the spool. It is opened before
+// the session, so a body that is not there defers its recipients without a
+// connection, and is read while it is sent.
+type queuedBody struct {
+	size   int64
+	first  *spool.BodyReader // for the first Open
+	reopen func() (*spool.BodyReader, error)
+}
+
+func (b *queuedBody) Size() int64 { return b.size }
+
+func (b *queuedBody) Open() (io.Reader, error) {
+	if r := b.first; r != nil {
+		b.first = nil
+		return r, nil
+	}
+	return b.reopen()
 }

@@ -274,4 +274,50 @@ func TestDelivererEndToEndNotices(t *testing.T) {
 		r.stop(t)
 		mxtest.CheckServersClosed(t, mx.Counter)
 	})
+
+	t.Run("a chunked body that is not the one stored is never delivered", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.dns.Add(t, "big.test. 60 IN MX 10 mx1.big.test.", "mx1.big.test. 60 IN A "+e2eMX1)
+		mx := e.startMX(e2eMX1, &mxtest.MX{})
+		body := []byte("Subject: big\r\n\r\n" + strings.Repeat(strings.Repeat("x", 78)+"\r\n", 3<<20/80))
+		m := e.message(e.enqueueMail(e2eSender, []spool.Rcpt{e2eRcpt("pat@big.test")}, body))
+		if m.Envelope.Body.Chunks < 4 {
+			t.Fatalf("body stored in %d chunks", m.Envelope.Body.Chunks)
+		}
+		// One octet of the last chunk changed: the deliverer sends all of
+		// it before the digest can tell, and must then withhold the dot.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		subj := fmt.Sprintf("jetmail.body.%s.%d", m.Envelope.Body.ID, m.Envelope.Body.Chunks-1)
+		last, err := e.sp.JetStream().Stream(ctx, spool.BodyStream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, err := last.GetLastMsgForSubject(ctx, subj)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bad := append([]byte(nil), raw.Data...)
+		bad[len(bad)/2] = 'y'
+		if _, err := e.sp.JetStream().Publish(ctx, subj, bad); err != nil {
+			t.Fatal(err)
+		}
+		r := e.startDeliverer()
+		var st *spool.DeliveryState
+		mxtest.Within(t, 15*time.Second, "the attempt to be recorded", func() bool {
+			st, err = e.sp.LoadState(ctx, m.Envelope.QueueID)
+			return err == nil && st != nil && st.Attempts > 0
+		})
+		r.stop(t)
+		if rs := st.Rcpts[0]; rs.Status != spool.RcptDeferred || rs.Enhanced != "4.3.0" {
+			t.Errorf("recipient after the attempt: %+v; want deferred with 4.3.0", rs)
+		}
+		// Each attempt (the test environment retries within a second)
+		// sends a DATA and never its end.
+		if n := mx.Traffic.Count("DATA\r\n"); n < 1 || len(mx.Transactions()) != 0 {
+			t.Errorf("MX got %d DATA commands and stored %d messages; want DATA and nothing stored", n, len(mx.Transactions()))
+		}
+		mxtest.CheckServersClosed(t, mx.Counter)
+	})
 }

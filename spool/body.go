@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"io"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -118,26 +119,131 @@ func (b *Body) Discard() {
 	b.chunks = 0
 }
 
-// readChunks reassembles a chunked body.
-func (s *Spool) readChunks(ctx context.Context, id string, n int, size int64) ([]byte, error) {
-	out := make([]byte, 0, size)
-	for i := 0; i < n; i++ {
-		m, err := s.bodies.GetLastMsgForSubject(ctx, bodySubject(id, i))
-		if err != nil {
-			return nil, fmt.Errorf("spool: read body chunk %d of %s: %w", i, id, err)
-		}
-		out = append(out, m.Data...)
-	}
-	return out, nil
+// BodyReader reads a queued body one piece at a time: the inline bytes of
+// the envelope, or one chunk of the body stream per read from the store, so
+// sending a 20 MiB mail needs one chunk of memory, not 20 MiB. It checks the
+// body against its envelope's size and digest as it goes. A body that does
+// not match ends in ErrBodyCorrupt instead of io.EOF, so whoever copies it
+// somewhere must not finish (send the final dot, say) before seeing io.EOF.
+type BodyReader struct {
+	s      *Spool
+	ctx    context.Context
+	ref    BodyRef
+	qid    string
+	cur    []byte // unread part of the current piece
+	chunk  int    // next chunk to read
+	h      hash.Hash
+	n      int64
+	err    error // sticky: io.EOF at a good end
+	inline bool
 }
 
-func checkDigest(body []byte, ref BodyRef) error {
-	if int64(len(body)) != ref.Size {
-		return fmt.Errorf("%w: size %d, envelope says %d", ErrBodyCorrupt, len(body), ref.Size)
+// OpenBody starts reading m's body. An inline body is checked whole here;
+// for a chunked one, the first chunk is read, so that a body that is not
+// there at all fails before anything was sent.
+func (s *Spool) OpenBody(ctx context.Context, m *Message) (*BodyReader, error) {
+	if m.Tombstone {
+		return nil, fmt.Errorf("spool: %s has left the queue", m.Envelope.QueueID)
 	}
-	sum := sha256.Sum256(body)
-	if hex.EncodeToString(sum[:]) != ref.SHA256 {
-		return ErrBodyCorrupt
+	r := &BodyReader{s: s, ctx: ctx, ref: m.Envelope.Body, qid: m.Envelope.QueueID, h: sha256.New()}
+	if r.ref.Chunks == 0 {
+		r.inline = true
+		r.cur = m.inline
+		r.h.Write(m.inline)
+		r.n = int64(len(m.inline))
+		if err := r.check(); err != nil {
+			return nil, err
+		}
+		return r, nil
+	}
+	if err := r.fill(); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// Size is the body's size as its envelope gives it.
+func (r *BodyReader) Size() int64 { return r.ref.Size }
+
+// Read implements io.Reader.
+func (r *BodyReader) Read(p []byte) (int, error) {
+	for len(r.cur) == 0 {
+		if r.err != nil {
+			return 0, r.err
+		}
+		r.err = r.fill()
+	}
+	n := copy(p, r.cur)
+	r.cur = r.cur[n:]
+	return n, nil
+}
+
+// WriteTo implements io.WriterTo: each piece is written as it was read,
+// without a copy.
+func (r *BodyReader) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for {
+		p, err := r.next()
+		if len(p) > 0 {
+			n, werr := w.Write(p)
+			total += int64(n)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// next returns the rest of the current piece, or the next one.
+func (r *BodyReader) next() ([]byte, error) {
+	for len(r.cur) == 0 {
+		if r.err != nil {
+			return nil, r.err
+		}
+		r.err = r.fill()
+	}
+	p := r.cur
+	r.cur = nil
+	return p, nil
+}
+
+// fill reads the next chunk into cur. At the end of the body it returns
+// io.EOF, or ErrBodyCorrupt when what was read is not the body the
+// envelope describes.
+func (r *BodyReader) fill() error {
+	if r.inline || r.chunk >= r.ref.Chunks {
+		if err := r.check(); err != nil {
+			return err
+		}
+		return io.EOF
+	}
+	m, err := r.s.bodies.GetLastMsgForSubject(r.ctx, bodySubject(r.ref.ID, r.chunk))
+	if err != nil {
+		return fmt.Errorf("spool: read body chunk %d of %s: %w", r.chunk, r.ref.ID, err)
+	}
+	r.chunk++
+	r.n += int64(len(m.Data))
+	if r.n > r.ref.Size {
+		return fmt.Errorf("%s: %w: more than the %d octets the envelope says", r.qid, ErrBodyCorrupt, r.ref.Size)
+	}
+	r.h.Write(m.Data)
+	r.cur = m.Data
+	return nil
+}
+
+// check compares what was read with the envelope's size and digest.
+func (r *BodyReader) check() error {
+	if r.n != r.ref.Size {
+		return fmt.Errorf("%s: %w: size %d, envelope says %d", r.qid, ErrBodyCorrupt, r.n, r.ref.Size)
+	}
+	if hex.EncodeToString(r.h.Sum(nil)) != r.ref.SHA256 {
+		return fmt.Errorf("%s: %w", r.qid, ErrBodyCorrupt)
 	}
 	return nil
 }

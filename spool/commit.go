@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -200,24 +201,25 @@ func decode(subject string, seq uint64, hdr nats.Header, data []byte) (*Message,
 	return m, nil
 }
 
-// ReadBody returns the body of m, checked against the digest in its
-// envelope. A mismatch is ErrBodyCorrupt.
+// ReadBody returns the whole body of m, checked against the digest in its
+// envelope. A mismatch is ErrBodyCorrupt. It holds the body in memory: the
+// deliverer sends bodies with OpenBody instead.
 func (s *Spool) ReadBody(ctx context.Context, m *Message) ([]byte, error) {
-	if m.Tombstone {
-		return nil, fmt.Errorf("spool: %s has left the queue", m.Envelope.QueueID)
+	r, err := s.OpenBody(ctx, m)
+	if err != nil {
+		return nil, err
 	}
-	body := m.inline
-	if m.Envelope.Body.Chunks > 0 {
-		var err error
-		body, err = s.readChunks(ctx, m.Envelope.Body.ID, m.Envelope.Body.Chunks, m.Envelope.Body.Size)
+	out := make([]byte, 0, m.Envelope.Body.Size)
+	for {
+		p, err := r.next()
+		out = append(out, p...)
+		if err == io.EOF {
+			return out, nil
+		}
 		if err != nil {
 			return nil, err
 		}
 	}
-	if err := checkDigest(body, m.Envelope.Body); err != nil {
-		return nil, fmt.Errorf("%s: %w", m.Envelope.QueueID, err)
-	}
-	return body, nil
 }
 
 // ErrNotQueued is Complete's answer when the mail's envelope was replaced

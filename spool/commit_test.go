@@ -1,10 +1,12 @@
 package spool_test
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"reflect"
 	"strings"
 	"sync"
@@ -118,15 +120,22 @@ func TestABodyJustOverTheInlineLimitIsChunked(t *testing.T) {
 	}
 }
 
-func TestACorruptedChunkFailsTheDigestCheck(t *testing.T) {
-	sp, _, _ := newSpool(t, testConfig())
-	data := pattern(3<<20, 11)
+// commitChunked queues a 3 MiB body of at least 4 chunks.
+func commitChunked(t *testing.T, sp *spool.Spool, seed byte) (*spool.Message, []byte) {
+	t.Helper()
+	data := pattern(3<<20, seed)
 	env := newEnvelope(spool.NewQueueID(time.Now()))
 	mustCommit(t, sp, env, data, "")
 	m, _ := readBack(t, sp, env.QueueID)
 	if m.Envelope.Body.Chunks < 4 {
 		t.Fatalf("3 MiB body has %d chunks; the test needs at least 4", m.Envelope.Body.Chunks)
 	}
+	return m, data
+}
+
+func TestACorruptedChunkFailsTheDigestCheck(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	m, _ := commitChunked(t, sp, 11)
 
 	// Same length, one flipped octet: only the digest can tell.
 	subj := fmt.Sprintf("jetmail.body.%s.%d", m.Envelope.Body.ID, 2)
@@ -155,6 +164,116 @@ func TestACorruptedChunkFailsTheDigestCheck(t *testing.T) {
 	if body, err := sp.ReadBody(ctxT(t), m); err == nil {
 		t.Fatalf("ReadBody with a missing chunk returned %d octets and no error", len(body))
 	}
+}
+
+// The deliverer sends bodies with OpenBody: one chunk in memory at a time,
+// and a body that is not the one stored never reaches io.EOF, so a sender
+// that waits for io.EOF before its final dot never delivers it.
+func TestOpenBodyReadsAChunkAtATimeAndEndsInErrBodyCorruptForABadBody(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	m, data := commitChunked(t, sp, 5)
+	n := m.Envelope.Body.Chunks
+
+	r, err := sp.OpenBody(ctxT(t), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Size() != int64(len(data)) {
+		t.Fatalf("Size = %d; want %d", r.Size(), len(data))
+	}
+	var pieces recorder
+	if _, err := r.WriteTo(&pieces); err != nil {
+		t.Fatalf("WriteTo: %v", err)
+	}
+	sameBytes(t, "streamed body", pieces.buf.Bytes(), data)
+	if pieces.writes != n || pieces.largest > sp.Config().ChunkSize {
+		t.Fatalf("WriteTo made %d writes of up to %d octets; want %d, one per chunk of at most %d", pieces.writes, pieces.largest, n, sp.Config().ChunkSize)
+	}
+
+	// Read with a small buffer, as io.Copy into a network connection does.
+	r, err = sp.OpenBody(ctxT(t), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(io.LimitReader(struct{ io.Reader }{r}, 1<<30))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameBytes(t, "read body", got, data)
+
+	// One flipped octet in the third chunk: every octet can be read, and
+	// the end is ErrBodyCorrupt, not io.EOF.
+	subj := fmt.Sprintf("jetmail.body.%s.%d", m.Envelope.Body.ID, 2)
+	orig, err := getLast(t, sp, spool.BodyStream, subj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := append([]byte(nil), orig.Data...)
+	bad[7] ^= 1
+	if _, err := sp.JetStream().Publish(ctxT(t), subj, bad); err != nil {
+		t.Fatal(err)
+	}
+	r, err = sp.OpenBody(ctxT(t), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copied, err := io.Copy(io.Discard, struct{ io.Reader }{r})
+	if !errors.Is(err, spool.ErrBodyCorrupt) || copied != int64(len(data)) {
+		t.Fatalf("copy of a body with a flipped octet: %d octets, %v; want all %d and ErrBodyCorrupt", copied, err, len(data))
+	}
+
+	// A chunk longer than it was: refused as soon as the body outgrows
+	// its size, before the rest is read.
+	last := fmt.Sprintf("jetmail.body.%s.%d", m.Envelope.Body.ID, n-1)
+	lm, err := getLast(t, sp, spool.BodyStream, last)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sp.JetStream().Publish(ctxT(t), last, append(lm.Data, 'x')); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sp.JetStream().Publish(ctxT(t), subj, orig.Data); err != nil {
+		t.Fatal(err)
+	}
+	r, err = sp.OpenBody(ctxT(t), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(io.Discard, struct{ io.Reader }{r}); !errors.Is(err, spool.ErrBodyCorrupt) {
+		t.Fatalf("copy of a body with an octet too many = %v; want ErrBodyCorrupt", err)
+	}
+
+	// A missing middle chunk is an error after the chunks before it; a
+	// missing first chunk fails the open, before anything was read.
+	if err := purgeSubject(t, sp, subj); err != nil {
+		t.Fatal(err)
+	}
+	r, err = sp.OpenBody(ctxT(t), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copied, err = io.Copy(io.Discard, struct{ io.Reader }{r})
+	if err == nil || errors.Is(err, spool.ErrBodyCorrupt) || copied != 2*int64(sp.Config().ChunkSize) {
+		t.Fatalf("copy with chunk 2 missing: %d octets, %v; want the 2 chunks before it and a read error", copied, err)
+	}
+	if err := purgeSubject(t, sp, fmt.Sprintf("jetmail.body.%s.0", m.Envelope.Body.ID)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sp.OpenBody(ctxT(t), m); err == nil {
+		t.Fatal("OpenBody with chunk 0 missing succeeded")
+	}
+}
+
+// recorder counts the writes made to it.
+type recorder struct {
+	buf             bytes.Buffer
+	writes, largest int
+}
+
+func (w *recorder) Write(p []byte) (int, error) {
+	w.writes++
+	w.largest = max(w.largest, len(p))
+	return w.buf.Write(p)
 }
 
 func TestACorruptedInlineBodyFailsTheDigestCheck(t *testing.T) {

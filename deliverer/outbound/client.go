@@ -6,6 +6,7 @@ package outbound
 // pool.go.
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
 	"errors"
@@ -44,12 +45,33 @@ type Transfer struct {
 	// DKIM signatures made at acceptance), kept apart so the stored body
 	// is sent as it was read, without a copy.
 	Header string
-	// Body is the message with CRLF line ends, not dot-stuffed.
-	Body []byte
+	// Body is the message with CRLF line ends, not dot-stuffed. It is
+	// opened when a server has accepted DATA (at most once per Deliver)
+	// and copied to it as it is read.
+	Body Body
 }
 
+// Body is a message body to send.
+type Body interface {
+	// Size is the number of octets Open reads.
+	Size() int64
+	// Open starts reading the body. An error from the reader before
+	// io.EOF ends the session without the final dot, so the server
+	// discards what it got, and defers the recipients.
+	Open() (io.Reader, error)
+}
+
+// Bytes is a Body held in memory.
+type Bytes []byte
+
+// Size implements Body.
+func (b Bytes) Size() int64 { return int64(len(b)) }
+
+// Open implements Body.
+func (b Bytes) Open() (io.Reader, error) { return bytes.NewReader(b), nil }
+
 // size is the octets sent as the message.
-func (t *Transfer) size() int64 { return int64(len(t.Header) + len(t.Body)) }
+func (t *Transfer) size() int64 { return int64(len(t.Header)) + t.Body.Size() }
 
 // RcptResult is the outcome for one recipient of a Transfer.
 type RcptResult struct {
@@ -334,8 +356,27 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	cn.dc.startData(to.DataBlock, to.MinDataRate, to.DataRateGrace)
 	step := stepBody
 	_, err = io.WriteString(w, t.Header)
+	var body io.Reader
 	if err == nil {
-		_, err = w.Write(t.Body)
+		body, err = t.Body.Open()
+		if err != nil {
+			err = &readError{err}
+		}
+	}
+	if err == nil {
+		// Only the reader's own errors are readErrors: a failed write to
+		// the server stays a network error.
+		_, err = io.Copy(w, readErrors{body})
+	}
+	if re := (*readError)(nil); errors.As(err, &re) {
+		// Our side failed (a chunk missing, a body that does not match its
+		// digest): close without the final dot, so the server keeps
+		// nothing of it.
+		cn.dc.endData()
+		cn.broken = true
+		e := failure.Temporary(451, "4.3.0", "queue read error: %v", re.err)
+		finishAccepted(spool.RcptDeferred, e)
+		return true, nil
 	}
 	var resp *smtp.DataResponse
 	if err == nil {
@@ -539,4 +580,23 @@ func hopName(h resolve.Hop) string {
 		return h.Host
 	}
 	return h.Addr.String()
+}
+
+// readError marks an error of the body's reader, as opposed to one of the
+// connection it is copied to.
+type readError struct{ err error }
+
+func (e *readError) Error() string { return e.err.Error() }
+func (e *readError) Unwrap() error { return e.err }
+
+// readErrors wraps a body's reader so that io.Copy's error says which side
+// failed.
+type readErrors struct{ r io.Reader }
+
+func (r readErrors) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF {
+		err = &readError{err}
+	}
+	return n, err
 }

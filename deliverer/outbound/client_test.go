@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"net/netip"
@@ -12,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -53,7 +55,7 @@ func shortTimeouts() policy.OutboundTimeouts {
 const transferBody = "From: sender@example.org\r\nTo: rcpt@example.com\r\nSubject: test\r\n\r\nHello.\r\n.leading dot\r\n"
 
 func testTransfer(rcpts ...string) *Transfer {
-	t := &Transfer{QueueID: "Q1", From: "sender@example.org", Body: []byte(transferBody)}
+	t := &Transfer{QueueID: "Q1", From: "sender@example.org", Body: Bytes(transferBody)}
 	for _, r := range rcpts {
 		t.Rcpts = append(t.Rcpts, spool.Rcpt{Addr: r})
 	}
@@ -665,7 +667,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		to := shortTimeouts()
 		to.DataBlock, to.Session = time.Second, 3*time.Second
 		tr := testTransfer("a@example.com")
-		tr.Body = bigBody(16 << 20)
+		tr.Body = Bytes(bigBody(16 << 20))
 		start := time.Now()
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, to, 0, tr)
 		took := time.Since(start)
@@ -694,7 +696,7 @@ func TestDeliverDeadlines(t *testing.T) {
 		to.DataBlock, to.Session = 10*time.Second, 10*time.Second
 		to.MinDataRate, to.DataRateGrace = 20<<20, 300*time.Millisecond
 		tr := testTransfer("a@example.com")
-		tr.Body = bigBody(16 << 20)
+		tr.Body = Bytes(bigBody(16 << 20))
 		start := time.Now()
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, to, 0, tr)
 		took := time.Since(start)
@@ -702,6 +704,30 @@ func TestDeliverDeadlines(t *testing.T) {
 		wantRcptErr(t, res[0], 451, "4.4.2", "slower than")
 		if took > 5*time.Second {
 			t.Errorf("attempt took %s, want well under the 10s data block timeout", took)
+		}
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
+	})
+
+	t.Run("a body that fails while it is sent ends the session without the final dot", func(t *testing.T) {
+		srv := mxtest.Start(t, &mxtest.MX{})
+		c := newTestClient(t)
+		tr := testTransfer("a@example.com")
+		good := bigBody(4 << 20)
+		tr.Body = &failingBody{data: good[:1<<20], size: int64(len(good)), err: errors.New("chunk 4 is gone")}
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, tr)
+		wantStatuses(t, res, spool.RcptDeferred)
+		wantRcptErr(t, res[0], 451, "4.3.0", "chunk 4 is gone")
+		if n := srv.Traffic.Count("DATA\r\n"); n != 1 || len(srv.Transactions()) != 0 {
+			t.Fatalf("server got %d DATA commands and %d completed transactions; want the DATA and nothing stored", n, len(srv.Transactions()))
+		}
+		// The connection is not reused: the next message gets a new one
+		// and arrives whole.
+		tr = testTransfer("b@example.com")
+		tr.Body = Bytes(good)
+		res = c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, shortTimeouts(), 0, tr)
+		wantStatuses(t, res, spool.RcptDelivered)
+		if txns := srv.Transactions(); len(txns) != 1 || !bytes.Equal(txns[0].Body, good) || srv.Accepted.Load() != 2 {
+			t.Fatalf("after the failed body: %d transactions over %d connections; want the good body over a second connection", len(txns), srv.Accepted.Load())
 		}
 		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
@@ -929,4 +955,18 @@ func TestDeliverErrorMapping(t *testing.T) {
 	if _, text := parseEnhanced("not.an.code here"); text != "not.an.code here" {
 		t.Errorf("parseEnhanced kept %q", text)
 	}
+}
+
+// failingBody reads data, then fails with err: a body whose chunk went
+// missing while it was sent.
+type failingBody struct {
+	data []byte
+	size int64
+	err  error
+}
+
+func (b *failingBody) Size() int64 { return b.size }
+
+func (b *failingBody) Open() (io.Reader, error) {
+	return io.MultiReader(bytes.NewReader(b.data), iotest.ErrReader(b.err)), nil
 }
