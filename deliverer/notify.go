@@ -33,6 +33,10 @@ func (a *attempt) failedReport(rs spool.RcptState) dsn.Recipient {
 	return r
 }
 
+// maxNoticeHead bounds what is read of a message for a notice that returns
+// its headers only: a header section longer than this is cut there.
+const maxNoticeHead = 1 << 20
+
 // notify queues a DSN about rcpts to the sender (or, for a message with a
 // null sender, to the postmaster if one is configured; a bounce is never
 // bounced).
@@ -56,11 +60,20 @@ func (a *attempt) notify(ctx context.Context, rcpts []dsn.Recipient, kind string
 		to = a.pol.Postmaster
 		env.From = to
 	}
-	original, err := a.d.cfg.Spool.ReadBody(ctx, a.m)
+	// Only a notice that returns the whole message reads it whole; the
+	// others need its headers, the first piece of a large body.
+	var original []byte
+	var err error
+	if dsn.ReturnsWhole(&env) {
+		original, err = a.d.cfg.Spool.ReadBody(ctx, a.m)
+	} else {
+		original, err = a.d.cfg.Spool.ReadHead(ctx, a.m, maxNoticeHead)
+	}
 	if err != nil {
 		return err
 	}
-	report := &dsn.Report{ReportingMTA: a.d.cfg.Hostname, Envelope: &env, Original: original, Recipients: wanted, Now: a.d.cfg.Now()}
+	report := &dsn.Report{ReportingMTA: a.d.cfg.Hostname, Envelope: &env, Original: original, OriginalSize: env.Body.Size,
+		Recipients: wanted, Now: a.d.cfg.Now()}
 	body, err := report.Build()
 	if err != nil {
 		return err

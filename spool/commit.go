@@ -222,6 +222,36 @@ func (s *Spool) ReadBody(ctx context.Context, m *Message) ([]byte, error) {
 	}
 }
 
+// ReadHead returns the start of m's body, read a piece at a time until it
+// holds the header section (up to the first empty line), the whole body, or
+// at least limit octets: what a notice that returns only the headers needs,
+// without the rest of a large body. An inline body is checked against its
+// digest; a chunked one cannot be before its end, which is not read.
+func (s *Spool) ReadHead(ctx context.Context, m *Message, limit int) ([]byte, error) {
+	r, err := s.OpenBody(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	var out []byte
+	for len(out) < limit && !hasHeaderEnd(out) {
+		p, err := r.next()
+		out = append(out, p...)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// hasHeaderEnd reports whether msg holds an empty line.
+func hasHeaderEnd(msg []byte) bool {
+	return bytes.HasPrefix(msg, []byte("\r\n")) || bytes.HasPrefix(msg, []byte("\n")) ||
+		bytes.Contains(msg, []byte("\n\r\n")) || bytes.Contains(msg, []byte("\n\n"))
+}
+
 // ErrNotQueued is Complete's answer when the mail's envelope was replaced
 // by something other than its own tombstone (an administrator removed it):
 // there is nothing left to complete.

@@ -264,6 +264,43 @@ func TestOpenBodyReadsAChunkAtATimeAndEndsInErrBodyCorruptForABadBody(t *testing
 	}
 }
 
+func TestReadHeadReadsUpToTheHeaderSectionNotTheBody(t *testing.T) {
+	sp, _, _ := newSpool(t, testConfig())
+	head := "Subject: big\r\nX-Pad: " + strings.Repeat("h", 300<<10) + "\r\n\r\n"
+	cases := map[string]struct {
+		body       string
+		limit      int
+		wantAtMost int
+	}{
+		// The header section ends in the second chunk: two chunks read.
+		"a 3 MiB body whose headers span two chunks": {head + strings.Repeat("b", 3<<20), 1 << 20, 2 * sp.Config().ChunkSize},
+		// No empty line at all: the limit stops it, at the chunk that
+		// crosses it.
+		"a 3 MiB body without an empty line": {strings.Repeat("h", 3<<20), 600 << 10, 3 * sp.Config().ChunkSize},
+		"an inline body is returned whole":   {"Subject: x\r\n\r\nsmall\r\n", 1 << 20, 100},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			env := newEnvelope(spool.NewQueueID(time.Now()))
+			mustCommit(t, sp, env, []byte(tc.body), "")
+			m, _ := readBack(t, sp, env.QueueID)
+			got, err := sp.ReadHead(ctxT(t), m, tc.limit)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) > tc.wantAtMost || !strings.HasPrefix(tc.body, string(got)) {
+				t.Fatalf("ReadHead returned %d octets (a prefix: %v); want a prefix of at most %d", len(got), strings.HasPrefix(tc.body, string(got)), tc.wantAtMost)
+			}
+			if strings.Contains(tc.body, "\r\n\r\n") && !strings.Contains(string(got), "\r\n\r\n") {
+				t.Fatalf("ReadHead returned %d octets without the end of the header section", len(got))
+			}
+			if !strings.Contains(tc.body, "\r\n\r\n") && len(got) < tc.limit {
+				t.Fatalf("ReadHead returned %d octets of a body without an empty line; want at least the limit %d", len(got), tc.limit)
+			}
+		})
+	}
+}
+
 // recorder counts the writes made to it.
 type recorder struct {
 	buf             bytes.Buffer

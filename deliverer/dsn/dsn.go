@@ -76,14 +76,26 @@ type Report struct {
 	ReportingMTA string
 	// Envelope is the original message's envelope.
 	Envelope *spool.Envelope
-	// Original is the original message as stored (headers and body, CRLF).
-	// It may be nil when the body could not be read; the notice then says so.
+	// Original is the original message as stored (headers and body, CRLF),
+	// or, when the notice does not return it whole (ReturnsWhole), at
+	// least its header section. It may be nil when the body could not be
+	// read; the notice then says so.
 	Original []byte
+	// OriginalSize is the size of the whole original; 0 means
+	// len(Original).
+	OriginalSize int64
 	// Recipients are the recipients to report on, in the order to list them.
 	// Build leaves out those that did not ask for their Action (WantsNotice).
 	Recipients []Recipient
 	// Now is the notice's Date; zero means time.Now().
 	Now time.Time
+}
+
+// ReturnsWhole reports whether a notice about env returns the original
+// message whole: its sender asked for it (RET=FULL) and it is no larger than
+// MaxReturnedBody. Otherwise the notice needs only its header section.
+func ReturnsWhole(env *spool.Envelope) bool {
+	return strings.EqualFold(env.Mail.Ret, "FULL") && env.Body.Size <= MaxReturnedBody
 }
 
 // WantsNotice reports whether rcpt asked to be told about action (RFC 3461
@@ -289,12 +301,13 @@ func (d *Report) returned() returnedPart {
 			note:        "The original message could not be read, so it is not included.",
 		}
 	}
+	size := max(int64(len(orig)), d.OriginalSize)
 	var note string
 	if strings.EqualFold(d.Envelope.Mail.Ret, "FULL") {
 		switch {
-		case len(orig) > MaxReturnedBody:
+		case size > MaxReturnedBody:
 			note = fmt.Sprintf("Your message was %d bytes, more than the %d MiB we return, so only its headers are included below.",
-				len(orig), MaxReturnedBody>>20)
+				size, MaxReturnedBody>>20)
 		case !lineSafe(orig):
 			note = "Your message could not be included unchanged, so only its headers are included below."
 		default:

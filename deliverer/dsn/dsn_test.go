@@ -8,6 +8,7 @@ import (
 	"mime"
 	"net/mail"
 	"net/textproto"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -610,11 +611,17 @@ func TestDSNReturnFallsBackToHeaders(t *testing.T) {
 		strings.Repeat(strings.Repeat("b", 78)+"\r\n", MaxReturnedBody/80+1)
 	tests := map[string]struct {
 		original string
+		size     int64
 		textHas  string
 	}{
 		"an original over MaxReturnedBody is returned as headers only": {
 			original: huge,
 			textHas:  "only its headers are included",
+		},
+		"an original over MaxReturnedBody given as its first piece is returned as headers only": {
+			original: huge[:64<<10],
+			size:     int64(len(huge)),
+			textHas:  fmt.Sprintf("Your message was %d bytes", len(huge)),
 		},
 		"an original with bare LF is returned as headers only": {
 			original: strings.ReplaceAll(dsnTestOriginal, "\r\n", "\n"),
@@ -630,6 +637,7 @@ func TestDSNReturnFallsBackToHeaders(t *testing.T) {
 				ReportingMTA: "mx1.jetmail.test",
 				Envelope:     dsnTestEnvelope("FULL", ""),
 				Original:     []byte(tc.original),
+				OriginalSize: tc.size,
 				Recipients:   []Recipient{{Rcpt: spool.Rcpt{Addr: "bob@example.net"}, Action: ActionFailed, Status: "5.2.3"}},
 				Now:          dsnTestNow,
 			}
