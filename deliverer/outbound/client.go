@@ -366,7 +366,7 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	if err == nil {
 		// Only the reader's own errors are readErrors: a failed write to
 		// the server stays a network error.
-		_, err = io.Copy(w, readErrors{body})
+		_, err = io.Copy(w, readErrors{r: body, dc: cn.dc})
 	}
 	if re := (*readError)(nil); errors.As(err, &re) {
 		// Our side failed (a chunk missing, a body that does not match its
@@ -590,11 +590,17 @@ func (e *readError) Error() string { return e.err.Error() }
 func (e *readError) Unwrap() error { return e.err }
 
 // readErrors wraps a body's reader so that io.Copy's error says which side
-// failed.
-type readErrors struct{ r io.Reader }
+// failed, and so that the time its reads take (a chunk fetched from the
+// store) does not count against the server's minimum data rate.
+type readErrors struct {
+	r  io.Reader
+	dc *deadlineConn
+}
 
 func (r readErrors) Read(p []byte) (int, error) {
+	start := time.Now()
 	n, err := r.r.Read(p)
+	r.dc.excuse(time.Since(start))
 	if err != nil && err != io.EOF {
 		err = &readError{err}
 	}

@@ -732,6 +732,24 @@ func TestDeliverDeadlines(t *testing.T) {
 		mxtest.CheckNoConnLeak(t, c, srv.Counter)
 	})
 
+	t.Run("time spent reading the body from the store does not count against the server's rate", func(t *testing.T) {
+		srv := mxtest.Start(t, &mxtest.MX{})
+		c := newTestClient(t)
+		to := shortTimeouts()
+		to.MinDataRate, to.DataRateGrace = 20<<20, 300*time.Millisecond
+		tr := testTransfer("a@example.com")
+		good := bigBody(2 << 20)
+		// The store answers slowly (a leader change, say): 1.5 s before
+		// the second half, five times the grace at 20 MB/s.
+		tr.Body = &stallingBody{data: good, stall: 1500 * time.Millisecond}
+		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, to, 0, tr)
+		wantStatuses(t, res, spool.RcptDelivered)
+		if txns := srv.Transactions(); len(txns) != 1 || !bytes.Equal(txns[0].Body, good) {
+			t.Fatalf("server got %d transactions; want the body whole", len(txns))
+		}
+		mxtest.CheckNoConnLeak(t, c, srv.Counter)
+	})
+
 	t.Run("cancelling the context aborts the session promptly and defers", func(t *testing.T) {
 		srv := mxtest.StartScripted(t, false, (&mxtest.Script{Ehlo: func(c net.Conn) bool {
 			mxtest.Dribble(c, "250-DRIBBLE\r\n", 200*time.Millisecond)
@@ -969,4 +987,33 @@ func (b *failingBody) Size() int64 { return b.size }
 
 func (b *failingBody) Open() (io.Reader, error) {
 	return io.MultiReader(bytes.NewReader(b.data), iotest.ErrReader(b.err)), nil
+}
+
+// stallingBody reads the first half of data, waits stall, then reads the
+// rest.
+type stallingBody struct {
+	data  []byte
+	stall time.Duration
+}
+
+func (b *stallingBody) Size() int64 { return int64(len(b.data)) }
+
+func (b *stallingBody) Open() (io.Reader, error) {
+	half := len(b.data) / 2
+	return io.MultiReader(bytes.NewReader(b.data[:half]), &sleepReader{d: b.stall, r: bytes.NewReader(b.data[half:])}), nil
+}
+
+// sleepReader sleeps d before its first read.
+type sleepReader struct {
+	d     time.Duration
+	slept bool
+	r     io.Reader
+}
+
+func (s *sleepReader) Read(p []byte) (int, error) {
+	if !s.slept {
+		s.slept = true
+		time.Sleep(s.d)
+	}
+	return s.r.Read(p)
 }

@@ -91,6 +91,17 @@ func (d *deadlineConn) startData(block time.Duration, rate int64, grace time.Dur
 	d.mu.Unlock()
 }
 
+// excuse takes d off the time the minimum rate is measured over: time
+// spent reading the message from our own store, which is not the
+// server's doing.
+func (d *deadlineConn) excuse(t time.Duration) {
+	d.mu.Lock()
+	if d.data {
+		d.dataStart = d.dataStart.Add(t)
+	}
+	d.mu.Unlock()
+}
+
 // endData leaves data mode; it reports whether a write timed out at a
 // deadline set by the minimum rate, to name the cause of the failure.
 func (d *deadlineConn) endData() bool {
