@@ -736,12 +736,14 @@ func TestDeliverDeadlines(t *testing.T) {
 		srv := mxtest.Start(t, &mxtest.MX{})
 		c := newTestClient(t)
 		to := shortTimeouts()
-		to.MinDataRate, to.DataRateGrace = 20<<20, 300*time.Millisecond
+		// 1 MB/s: far below what loopback takes even on a loaded
+		// machine, so only the stall can break it.
+		to.MinDataRate, to.DataRateGrace = 1<<20, 300*time.Millisecond
 		tr := testTransfer("a@example.com")
 		good := bigBody(2 << 20)
-		// The store answers slowly (a leader change, say): 1.5 s before
-		// the second half, five times the grace at 20 MB/s.
-		tr.Body = &stallingBody{data: good, stall: 1500 * time.Millisecond}
+		// The store answers slowly (a leader change, say): 3 s before the
+		// second half, when the first MiB was due within one.
+		tr.Body = &stallingBody{data: good, stall: 3 * time.Second}
 		res := c.Deliver(context.Background(), []resolve.Hop{srv.Hop}, Security{Level: policy.TLSNone}, nil, to, 0, tr)
 		wantStatuses(t, res, spool.RcptDelivered)
 		if txns := srv.Transactions(); len(txns) != 1 || !bytes.Equal(txns[0].Body, good) {
