@@ -312,7 +312,7 @@ func (a *attempt) deliverDomain(ctx context.Context, domain string, rcpts []spoo
 		return all(failure.Temporary(451, "4.3.0", "queue read error")), false
 	}
 	t := &outbound.Transfer{QueueID: a.m.Envelope.QueueID, From: a.m.Envelope.From, Mail: a.m.Envelope.Mail, Rcpts: rcpts,
-		Header: a.m.Envelope.Headers, Body: &queuedBody{size: body.Size(), first: body, reopen: func() (*spool.BodyReader, error) { return a.d.cfg.Spool.OpenBody(ctx, a.m) }}}
+		Header: a.m.Envelope.Headers, Body: &queuedBody{r: body}}
 	// The same snapshot decides whether the connection may carry another
 	// message after this one: messagesPerConnection applies without a
 	// restart, like every other setting.
@@ -659,19 +659,19 @@ func deadlineKill(e *failure.Error) bool {
 
 // queuedBody is a Transfer's body read from the spool. It is opened before
 // the session, so a body that is not there defers its recipients without a
-// connection, and is read while it is sent.
+// connection, and is read while it is sent. Deliver opens a body at most
+// once (only the hop that accepted MAIL FROM gets a DATA).
 type queuedBody struct {
-	size   int64
-	first  *spool.BodyReader // for the first Open
-	reopen func() (*spool.BodyReader, error)
+	r      *spool.BodyReader
+	opened bool
 }
 
-func (b *queuedBody) Size() int64 { return b.size }
+func (b *queuedBody) Size() int64 { return b.r.Size() }
 
 func (b *queuedBody) Open() (io.Reader, error) {
-	if r := b.first; r != nil {
-		b.first = nil
-		return r, nil
+	if b.opened {
+		return nil, errors.New("the message body was already sent once in this attempt")
 	}
-	return b.reopen()
+	b.opened = true
+	return b.r, nil
 }

@@ -126,16 +126,15 @@ func (b *Body) Discard() {
 // not match ends in ErrBodyCorrupt instead of io.EOF, so whoever copies it
 // somewhere must not finish (send the final dot, say) before seeing io.EOF.
 type BodyReader struct {
-	s      *Spool
-	ctx    context.Context
-	ref    BodyRef
-	qid    string
-	cur    []byte // unread part of the current piece
-	chunk  int    // next chunk to read
-	h      hash.Hash
-	n      int64
-	err    error // sticky: io.EOF at a good end
-	inline bool
+	s     *Spool
+	ctx   context.Context
+	ref   BodyRef
+	qid   string
+	cur   []byte // unread part of the current piece
+	chunk int    // next chunk to read
+	h     hash.Hash
+	n     int64
+	err   error // sticky: io.EOF at a good end
 }
 
 // OpenBody starts reading m's body. An inline body is checked whole here;
@@ -147,7 +146,8 @@ func (s *Spool) OpenBody(ctx context.Context, m *Message) (*BodyReader, error) {
 	}
 	r := &BodyReader{s: s, ctx: ctx, ref: m.Envelope.Body, qid: m.Envelope.QueueID, h: sha256.New()}
 	if r.ref.Chunks == 0 {
-		r.inline = true
+		// Inline: the one piece there is, hashed here; fill finds no
+		// chunk to read and checks again at the end.
 		r.cur = m.inline
 		r.h.Write(m.inline)
 		r.n = int64(len(m.inline))
@@ -167,14 +167,12 @@ func (r *BodyReader) Size() int64 { return r.ref.Size }
 
 // Read implements io.Reader.
 func (r *BodyReader) Read(p []byte) (int, error) {
-	for len(r.cur) == 0 {
-		if r.err != nil {
-			return 0, r.err
-		}
-		r.err = r.fill()
+	piece, err := r.next()
+	if err != nil {
+		return 0, err
 	}
-	n := copy(p, r.cur)
-	r.cur = r.cur[n:]
+	n := copy(p, piece)
+	r.cur = piece[n:]
 	return n, nil
 }
 
@@ -217,7 +215,7 @@ func (r *BodyReader) next() ([]byte, error) {
 // io.EOF, or ErrBodyCorrupt when what was read is not the body the
 // envelope describes.
 func (r *BodyReader) fill() error {
-	if r.inline || r.chunk >= r.ref.Chunks {
+	if r.chunk >= r.ref.Chunks {
 		if err := r.check(); err != nil {
 			return err
 		}

@@ -209,17 +209,11 @@ func (s *Spool) ReadBody(ctx context.Context, m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make([]byte, 0, m.Envelope.Body.Size)
-	for {
-		p, err := r.next()
-		out = append(out, p...)
-		if err == io.EOF {
-			return out, nil
-		}
-		if err != nil {
-			return nil, err
-		}
+	out := bytes.NewBuffer(make([]byte, 0, m.Envelope.Body.Size))
+	if _, err := r.WriteTo(out); err != nil {
+		return nil, err
 	}
+	return out.Bytes(), nil
 }
 
 // ReadHead returns the start of m's body, read a piece at a time until it
