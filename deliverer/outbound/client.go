@@ -366,7 +366,10 @@ func (cn *smtpConn) transact(t *Transfer, to policy.OutboundTimeouts, res []Rcpt
 	if err == nil {
 		// Only the reader's own errors are readErrors: a failed write to
 		// the server stays a network error.
-		_, err = io.Copy(w, readErrors{r: body, dc: cn.dc})
+		// A buffer the size of the body, up to 32 KiB: io.Copy's own
+		// would be 32 KiB for every message, thirty times a 1 KB one.
+		buf := make([]byte, min(32<<10, max(512, t.Body.Size())))
+		_, err = io.CopyBuffer(w, readErrors{r: body, dc: cn.dc}, buf)
 	}
 	if re := (*readError)(nil); errors.As(err, &re) {
 		// Our side failed (a chunk missing, a body that does not match its
