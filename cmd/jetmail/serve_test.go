@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -18,6 +17,8 @@ import (
 
 	"github.com/jetmail/jetmail/internal/smtptest"
 	"github.com/jetmail/jetmail/spool"
+
+	"github.com/jetmail/jetmail/internal/freeport"
 )
 
 // buildJetmail builds the real binary once per test run.
@@ -33,12 +34,7 @@ func buildJetmail(t *testing.T) string {
 
 func freePort(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return freeport.Addr(t)
 }
 
 // syncBuffer collects a child's output while the test reads it.

@@ -26,7 +26,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -37,6 +36,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/jetmail/jetmail/internal/freeport"
 )
 
 // world is one run: its folder, the child processes, and the clock that
@@ -285,34 +286,12 @@ next:
 	return out
 }
 
-// freePort returns a loopback TCP port that was free a moment ago.
+// freePort returns a loopback TCP port that is free and was not returned
+// before in this run (freeport: never one the kernel hands out by itself).
 func freePort(t *testing.T) int {
 	t.Helper()
-	portsMu.Lock()
-	defer portsMu.Unlock()
-	// The kernel may hand a port just closed out again: never give the
-	// same one twice in a run (a NATS monitor port was once another
-	// node's client port).
-	for range 100 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		if !portsGiven[port] {
-			portsGiven[port] = true
-			return port
-		}
-	}
-	t.Fatal("no fresh loopback port in 100 tries")
-	return 0
+	return freeport.Port(t)
 }
-
-var (
-	portsMu    sync.Mutex
-	portsGiven = map[int]bool{}
-)
 
 // poll calls cond every interval until it returns nil or timeout passes,
 // and returns its last error.

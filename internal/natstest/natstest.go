@@ -6,12 +6,13 @@ package natstest
 
 import (
 	"fmt"
-	"net"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+
+	"github.com/jetmail/jetmail/internal/freeport"
 )
 
 // Options of a test server. The zero value is a server on a free loopback
@@ -170,22 +171,12 @@ func (c *Cluster) Connect(t testing.TB, opts ...nats.Option) *nats.Conn {
 	return nc
 }
 
-// freePorts reserves n distinct free loopback ports. They are free when
-// this returns; a server takes each soon after.
+// freePorts returns n distinct free loopback ports (freeport).
 func freePorts(t testing.TB, n int) []int {
 	t.Helper()
-	var ports []int
-	var ls []net.Listener
-	for i := 0; i < n; i++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	for _, l := range ls {
-		l.Close()
+	ports := make([]int, n)
+	for i := range ports {
+		ports[i] = freeport.Port(t)
 	}
 	return ports
 }
