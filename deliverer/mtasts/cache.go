@@ -180,11 +180,18 @@ func (p *Policies) cached(ctx context.Context, domain string, now time.Time) (*P
 // bucket; concurrent callers for one domain share one fetch, and a failed
 // fetch is not tried again for failBackoff.
 func (p *Policies) fetch(ctx context.Context, domain, id string, now time.Time) (*Policy, error) {
-	m := p.memoOf(domain)
-	if m != nil && now.Before(m.failedUntil) {
-		return nil, &FetchError{Domain: domain, Result: ResultFetchError, Err: fmt.Errorf("the last fetch failed; next try after %s", m.failedUntil.Format(time.RFC3339))}
-	}
 	v, err, _ := p.group.Do(domain, func() (any, error) {
+		// A fetch for the same id that finished between this caller's
+		// look at the cache and here has done the work already; one that
+		// failed is not tried again yet.
+		if m := p.memoOf(domain); m != nil {
+			if m.pol != nil && m.pol.ID == id && now.Before(m.pol.Fetched.Add(refreshAfter(m.pol))) {
+				return m.pol, nil
+			}
+			if now.Before(m.failedUntil) {
+				return nil, &FetchError{Domain: domain, Result: ResultFetchError, Err: fmt.Errorf("the last fetch failed; next try after %s", m.failedUntil.Format(time.RFC3339))}
+			}
+		}
 		// Shared by every caller waiting for it: not cut short when the
 		// first one's context ends (Fetch has its own deadline).
 		ctx := context.WithoutCancel(ctx)
