@@ -42,7 +42,7 @@ func (d *Deliverer) claim(ctx context.Context, st *spool.DeliveryState) (*claimK
 
 // lateClaim claims the message qid for a first attempt that has run for a
 // while (see handle): from the state stored now, or a new one.
-func (d *Deliverer) lateClaim(ctx context.Context, qid string) (*claimKeeper, error) {
+func (d *Deliverer) lateClaim(ctx context.Context, qid, subject string) (*claimKeeper, error) {
 	cctx, cancel := context.WithTimeout(ctx, recordTry)
 	defer cancel()
 	st, err := d.cfg.Spool.LoadState(cctx, qid)
@@ -52,6 +52,7 @@ func (d *Deliverer) lateClaim(ctx context.Context, qid string) (*claimKeeper, er
 	if st == nil {
 		st = &spool.DeliveryState{QueueID: qid}
 	}
+	st.SetRecord(subject)
 	if st.Claim.Held("", d.cfg.Now()) {
 		return nil, spool.ErrClaimed
 	}

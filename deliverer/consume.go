@@ -228,6 +228,7 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 			st.Rcpts = append(st.Rcpts, spool.RcptState{Addr: r.Addr, Status: spool.RcptQueued})
 		}
 	}
+	st.SetRecord(msg.Subject())
 	if st.Claim.Held("", now) {
 		// Another attempt holds it: JetStream handed it out again early
 		// (a consumer leader change). That attempt finishes it, or its
@@ -322,7 +323,7 @@ func (d *Deliverer) handle(ctx context.Context, msg queueMsg) {
 					late.extend(ctx)
 				case !tried && !finished:
 					tried = true
-					if k, err := d.lateClaim(ctx, env.QueueID); err == nil {
+					if k, err := d.lateClaim(ctx, env.QueueID, msg.Subject()); err == nil {
 						late = k
 					} else {
 						log.Info("claiming a long first attempt", zap.Error(err))

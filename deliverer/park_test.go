@@ -11,6 +11,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	dto "github.com/prometheus/client_model/go"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/jetmail/jetmail/api/v1alpha1"
@@ -22,6 +24,8 @@ import (
 func TestMain(m *testing.M) {
 	// A waker that died is replaced within seconds here, not 20 s.
 	leaseFor, leaseRenew = 3*time.Second, time.Second
+	// A sweep looks at states not written for 2 s, not 10 min.
+	staleState = 2 * time.Second
 	os.Exit(m.Run())
 }
 
@@ -345,5 +349,77 @@ func TestParking(t *testing.T) {
 		}
 		r.stop(t)
 		mxtest.CheckServersClosed(t, mx.Counter)
+	})
+}
+
+// TestStatesOfMailThatLeft: an attempt ends a message by completing its
+// record and then removing its state, two writes. A deliverer killed
+// between the two leaves a state that no attempt would ever remove; the
+// waker finds and removes it.
+func TestStatesOfMailThatLeft(t *testing.T) {
+	noState := func(e *e2eEnv, qid string) func() bool {
+		return func() bool {
+			st, err := e.sp.LoadState(context.Background(), qid)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return st == nil
+		}
+	}
+	complete := func(e *e2eEnv, qid string) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := e.sp.Complete(ctx, e.find(qid)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	t.Run("parked: removed when it is woken, and nothing is attempted", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		e.retryEvery(2 * time.Second)
+		mx := e.startMXOf("left.test", &mxtest.MX{Rcpt: func(string) error {
+			return e2eSMTPError(451, [3]int{4, 2, 1}, "come back later")
+		}})
+		e.startDeliverer(parkAll())
+		qid := e.enqueue(e2eSender, "ann@left.test")
+		st := e.waitState(qid, 10*time.Second, "the parked state", func(st *spool.DeliveryState) bool { return st.Parked() != nil })
+		// What a deliverer killed between the two writes leaves.
+		complete(e, qid)
+		mxtest.Within(t, st.Parked().Due.Sub(time.Now())+10*time.Second, "the state of the completed message to be removed", noState(e, qid))
+		if n := mx.RcptCount("ann@left.test"); n != 1 {
+			t.Errorf("%d RCPTs for the recipient, want 1 (the attempt before the completion)", n)
+		}
+	})
+
+	t.Run("not parked: removed by the waker's sweep, while the state of mail still queued stays", func(t *testing.T) {
+		t.Parallel()
+		e := newE2E(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		// Two messages queued before any deliverer runs, each with a
+		// state as an attempt of a consumer's delivery writes it (not
+		// parked); the first then left the queue, the second is held (its
+		// record replaced, so that no deliverer attempts it).
+		gone, held := e.enqueue(e2eSender, "bob@left.test"), e.enqueue(e2eSender, "cy@left.test")
+		for _, qid := range []string{gone, held} {
+			st := &spool.DeliveryState{QueueID: qid, Attempts: 1, Rcpts: []spool.RcptState{{Addr: "x@left.test", Status: spool.RcptDeferred}}}
+			st.SetRecord(e.find(qid).Subject)
+			if err := e.sp.SaveState(ctx, st); err != nil {
+				t.Fatal(err)
+			}
+		}
+		complete(e, gone)
+		e.act("hold", (*spool.Spool).Hold, held)
+		time.Sleep(staleState + time.Second)
+		var logs *observer.ObservedLogs
+		e.startDeliverer(observed(&logs))
+		mxtest.Within(t, 10*time.Second, "the state of the message that left to be removed", noState(e, gone))
+		mxtest.Within(t, 5*time.Second, "the sweep to end", func() bool {
+			return logs.FilterMessage("swept the delivery states of mail not parked").FilterField(zap.Int64("looked_up", 2)).FilterField(zap.Int64("removed", 1)).Len() == 1
+		})
+		if st, err := e.sp.LoadState(ctx, held); err != nil || st == nil || st.Attempts != 1 {
+			t.Fatalf("the state of the held message: %+v, %v", st, err)
+		}
 	})
 }

@@ -110,6 +110,7 @@ func (d *Deliverer) takeWoken(ctx, work context.Context, req *nats.Msg, slots ch
 	switch {
 	case errors.Is(err, spool.ErrChanged):
 		answer(spool.WakeChanged)
+		d.clearIfLeft(ctx, p.QueueID, p.Subject)
 		return
 	case err != nil:
 		d.log.Warn("reading a woken message", zap.String("queue_id", p.QueueID), zap.Error(err))
@@ -121,4 +122,20 @@ func (d *Deliverer) takeWoken(ctx, work context.Context, req *nats.Msg, slots ch
 	// message first.
 	d.handle(work, &wokenMsg{subject: p.Subject, hdr: hdr, data: data,
 		md: jetstream.MsgMetadata{Sequence: jetstream.SequencePair{Stream: p.Seq}, NumDelivered: 2, Timestamp: stored}})
+}
+
+// clearIfLeft removes the delivery state of qid if its mail left the queue
+// (spool.ClearIfLeft): the state of a message whose attempt was killed
+// between completing it and removing its state.
+func (d *Deliverer) clearIfLeft(ctx context.Context, qid, subject string) bool {
+	cctx, cancel := context.WithTimeout(ctx, recordTry)
+	defer cancel()
+	left, err := d.cfg.Spool.ClearIfLeft(cctx, qid, subject)
+	switch {
+	case err != nil:
+		d.log.Warn("removing the delivery state of mail that left the queue", zap.String("queue_id", qid), zap.Error(err))
+	case left:
+		d.log.Info("removed the delivery state of mail that had left the queue", zap.String("queue_id", qid))
+	}
+	return left && err == nil
 }

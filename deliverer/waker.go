@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -47,6 +48,10 @@ const (
 	fullPassEvery = 10 * time.Minute
 )
 
+// staleState is how long ago a state that is not parked must have been
+// written for a sweep to look its mail up (a variable for the tests).
+var staleState = fullPassEvery
+
 // destLine is what the waker knows of one destination.
 type destLine struct {
 	// next is the earliest due time seen since the last pass; deadNext the
@@ -71,6 +76,9 @@ type waker struct {
 	passing, fresh bool
 	lastPass       time.Time
 	retryPass      time.Time
+	// lastSweep is when a pass last looked for states whose mail left
+	// the queue (see pass).
+	lastSweep time.Time
 }
 
 // runWaker takes the waker lease whenever it is free and wakes parked mail
@@ -304,8 +312,13 @@ func (w *waker) tick(ctx context.Context, wg *sync.WaitGroup) {
 			}
 		}()
 	}
+	sweep := now.Sub(w.lastSweep) >= fullPassEvery
+	pass = pass || sweep
 	if pass && !w.passing {
 		w.passing, w.retryPass = true, time.Time{}
+		if sweep {
+			w.lastSweep = now
+		}
 		for _, l := range w.dests {
 			// The pass finds them again; the follow adds what is parked
 			// meanwhile.
@@ -314,18 +327,44 @@ func (w *waker) tick(ctx context.Context, wg *sync.WaitGroup) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			w.pass(ctx)
+			w.pass(ctx, sweep)
 		}()
 	}
 }
 
-// pass walks every parked state and wakes what is due.
-func (w *waker) pass(ctx context.Context) {
+// pass walks every parked state and wakes what is due. A sweep also
+// looks at the states that are not parked and were last written more than
+// fullPassEvery ago (an attempt in progress writes its state more often):
+// the mail of each is looked up, and a state whose mail left the queue is
+// removed. Parked mail that left is found when it is woken.
+func (w *waker) pass(ctx context.Context, sweep bool) {
 	start := w.d.cfg.Now()
 	sem := make(chan struct{}, wakeWorkers)
 	var wg sync.WaitGroup
 	seen, woken := 0, 0
-	err := w.d.cfg.Spool.Parked(ctx, func(p *spool.Park) error {
+	var looked, removed atomic.Int64
+	err := w.d.cfg.Spool.StateHeads(ctx, func(h spool.StateHead) error {
+		p := h.Park
+		if p == nil {
+			if !sweep || h.Record == "" || start.Sub(h.Stored) < staleState {
+				return nil
+			}
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			looked.Add(1)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				if w.d.clearIfLeft(ctx, h.QueueID, h.Record) {
+					removed.Add(1)
+				}
+			}()
+			return nil
+		}
 		seen++
 		now := w.d.cfg.Now()
 		w.mu.Lock()
@@ -384,6 +423,9 @@ func (w *waker) pass(ctx context.Context) {
 		// left it parked and due, and wrote nothing the follow sees:
 		// look again once such a claim would have run out.
 		w.retryPass = earliest(w.retryPass, w.d.cfg.Now().Add(2*w.d.cfg.AckWait))
+	}
+	if sweep {
+		w.log.Info("swept the delivery states of mail not parked", zap.Int64("looked_up", looked.Load()), zap.Int64("removed", removed.Load()))
 	}
 	w.log.Debug("pass over parked mail", zap.Int("parked", seen), zap.Int("woken", woken), zap.Duration("took", w.d.cfg.Now().Sub(start)))
 }

@@ -278,6 +278,8 @@ func (s *Spool) States(ctx context.Context, fn func(*DeliveryState) error) error
 			return fmt.Errorf("spool: decode state at %s: %w", raw.Subject(), err)
 		}
 		st.revision = md.Sequence.Stream
+		st.park = parkFrom(st.QueueID, raw.Headers())
+		st.record = recordOf(raw.Headers())
 		return fn(&st)
 	})
 	if errors.Is(err, errWalkIncomplete) {

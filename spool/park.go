@@ -133,6 +133,15 @@ func (s *Spool) ParkState(ctx context.Context, st *DeliveryState, p *Park) error
 	return nil
 }
 
+// recordOf is the queue record's subject a state record names, if it
+// does (states written before 2026-12-03 without a park do not).
+func recordOf(h nats.Header) string {
+	if r := h.Get(HeaderStateRecord); r != "" {
+		return r
+	}
+	return h.Get(HeaderParkSubject)
+}
+
 func stateSubject(qid string) string { return "$KV." + StateBucket + "." + qid }
 
 // stateStream is the state bucket's stream.
@@ -161,18 +170,30 @@ func parkEventOf(raw jetstream.Msg) (ParkEvent, bool) {
 	return ParkEvent{QueueID: qid, Park: parkFrom(qid, h)}, true
 }
 
-// Parked calls fn for every parked message, reading the state bucket's
-// headers only (no state is decoded, no queue record read).
-func (s *Spool) Parked(ctx context.Context, fn func(*Park) error) error {
+// StateHead is what the headers of a message's delivery state say.
+type StateHead struct {
+	QueueID string
+	// Park is how the message is parked; nil if it is not.
+	Park *Park
+	// Record is the subject of the message's queue record, "" if the
+	// state does not say (see HeaderStateRecord).
+	Record string
+	Stored time.Time
+}
+
+// StateHeads calls fn for every message's delivery state, reading the
+// state bucket's headers only (no state is decoded, no queue record read).
+func (s *Spool) StateHeads(ctx context.Context, fn func(StateHead) error) error {
 	ks, err := s.js.Stream(ctx, "KV_"+StateBucket)
 	if err != nil {
 		return fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
 	}
-	err = s.walk(ctx, ks, walkFrom{headersOnly: true}, func(raw jetstream.Msg, _ *jetstream.MsgMetadata) error {
-		if ev, ok := parkEventOf(raw); ok && ev.Park != nil {
-			return fn(ev.Park)
+	err = s.walk(ctx, ks, walkFrom{headersOnly: true}, func(raw jetstream.Msg, md *jetstream.MsgMetadata) error {
+		ev, ok := parkEventOf(raw)
+		if !ok || ev.Gone {
+			return nil
 		}
-		return nil
+		return fn(StateHead{QueueID: ev.QueueID, Park: ev.Park, Record: recordOf(raw.Headers()), Stored: md.Timestamp})
 	})
 	if errors.Is(err, errWalkIncomplete) {
 		return nil
@@ -220,6 +241,19 @@ func (s *Spool) FollowParks(ctx context.Context, started func(), fn func(ParkEve
 		}
 	}
 	return ctx.Err()
+}
+
+// ClearIfLeft removes the delivery state of qid if its mail left the
+// queue: the record under subject (HeaderStateRecord) is its tombstone,
+// another message's, or gone. That mends what a process killed between a
+// message's completion (or removal) and the removal of its state left
+// behind: a state no attempt would ever remove. left says whether it did.
+func (s *Spool) ClearIfLeft(ctx context.Context, qid, subject string) (left bool, err error) {
+	queued, _, err := s.StillQueued(ctx, &Message{Subject: subject, Envelope: Envelope{QueueID: qid}})
+	if err != nil || queued {
+		return false, err
+	}
+	return true, s.ClearState(ctx, qid)
 }
 
 // WakeSubject is where the waker hands parked mail to the deliverers (a

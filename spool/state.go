@@ -53,8 +53,28 @@ type DeliveryState struct {
 	// revision is the bucket revision this state was read at (0: none
 	// stored), for Claim's compare-and-set.
 	revision uint64
+	// record is the subject of the message's queue record (SetRecord),
+	// carried by every write in HeaderStateRecord.
+	record string
 	// park is how it was parked, if it was (see park.go).
 	park *Park
+}
+
+// HeaderStateRecord names, on a delivery state record, the subject of its
+// message's queue record: a walk of the states' headers can then tell a
+// state whose mail left the queue (see ClearIfLeft).
+const HeaderStateRecord = "Jetmail-Record"
+
+// SetRecord says which queue record (its subject) the state belongs to;
+// every write of the state says so from then on.
+func (st *DeliveryState) SetRecord(subject string) { st.record = subject }
+
+// header is what a write of st carries besides park headers.
+func (st *DeliveryState) header() nats.Header {
+	if st.record == "" {
+		return nil
+	}
+	return nats.Header{HeaderStateRecord: []string{st.record}}
 }
 
 // Parked is how the state was parked when it was read (nil: not parked).
@@ -172,6 +192,7 @@ func (s *Spool) LoadState(ctx context.Context, qid string) (*DeliveryState, erro
 	}
 	st.revision = seq
 	st.park = parkFrom(qid, hdr)
+	st.record = recordOf(hdr)
 	return &st, nil
 }
 
@@ -204,19 +225,22 @@ func (s *Spool) Claim(ctx context.Context, st *DeliveryState, c Claim) error {
 	default:
 		// A new state (revision 0: the subject must be empty) or an
 		// update of the one read.
-		msg := &nats.Msg{Subject: stateSubject(st.QueueID), Data: b}
+		msg := &nats.Msg{Subject: stateSubject(st.QueueID), Header: st.header(), Data: b}
 		ack, grouped, gerr := s.grouped(ctx, stateStream, msg, &st.revision, 0)
 		switch {
 		case grouped && gerr == nil:
 			rev = ack.Sequence
 		case grouped:
 			err = gerr
-		case st.revision == 0:
-			// Alone, through the bucket: Create also takes the place
-			// of a delete marker (written before 2026-12).
-			rev, err = s.state.Create(ctx, st.QueueID, b)
 		default:
-			rev, err = s.state.Update(ctx, st.QueueID, b, st.revision)
+			// Alone, with the same condition (a delete marker left by a
+			// version before 2026-12 expires within LimitMarkerTTL).
+			var pack *jetstream.PubAck
+			pack, err = s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(stateStream),
+				jetstream.WithExpectLastSequencePerSubject(st.revision))
+			if err == nil {
+				rev = pack.Sequence
+			}
 		}
 	}
 	var apiErr *jetstream.APIError
@@ -249,9 +273,10 @@ func (s *Spool) SaveState(ctx context.Context, st *DeliveryState) error {
 	if err != nil {
 		return err
 	}
-	_, grouped, err := s.grouped(ctx, stateStream, &nats.Msg{Subject: stateSubject(st.QueueID), Data: b}, nil, 0)
+	msg := &nats.Msg{Subject: stateSubject(st.QueueID), Header: st.header(), Data: b}
+	_, grouped, err := s.grouped(ctx, stateStream, msg, nil, 0)
 	if !grouped {
-		_, err = s.state.Put(ctx, st.QueueID, b)
+		_, err = s.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(stateStream))
 	}
 	if err != nil {
 		return fmt.Errorf("spool: save state of %s: %w", st.QueueID, err)
