@@ -19,6 +19,7 @@ type metrics struct {
 	parked           prometheus.Counter
 	woken            *prometheus.CounterVec
 	wakerLeader      prometheus.Gauge
+	wakerPasses      prometheus.Histogram
 	destinationsDown prometheus.Gauge
 	deadlineKills    prometheus.Counter
 	queueMessages    prometheus.Gauge
@@ -68,6 +69,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "jetmail_delivery_waker_leader",
 			Help: "1 while this deliverer holds the waker lease.",
 		}),
+		wakerPasses: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "jetmail_delivery_waker_pass_seconds",
+			Help:    "Walks of every delivery state's headers by the waker (when parked mail is due, at least every 10 minutes), by how long each took: their count and length grow with the parked mail.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 4, 10),
+		}),
 		suspended: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "jetmail_delivery_suspended_total",
 			Help: "Recipients deferred without a connection because their destination was found down (deadDestinationTime).",
@@ -110,7 +116,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.deferrals, m.tls, m.stsFetches)
-		reg.MustRegister(m.attempts, m.latency, m.sessionsOpen, m.notifications, m.expired, m.destinationBusy, m.suspended, m.parked, m.woken, m.wakerLeader, m.destinationsDown, m.deadlineKills, m.queueMessages, m.queueOldestAge, m.recordRetries)
+		reg.MustRegister(m.attempts, m.latency, m.sessionsOpen, m.notifications, m.expired, m.destinationBusy, m.suspended, m.parked, m.woken, m.wakerLeader, m.wakerPasses, m.destinationsDown, m.deadlineKills, m.queueMessages, m.queueOldestAge, m.recordRetries)
 	}
 	return m
 }

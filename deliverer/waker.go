@@ -407,6 +407,7 @@ func (w *waker) pass(ctx context.Context, sweep bool) {
 		return nil
 	})
 	wg.Wait()
+	w.d.metrics.wakerPasses.Observe(w.d.cfg.Now().Sub(start).Seconds())
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.passing, w.fresh = false, false

@@ -164,7 +164,7 @@ jm_metrics() {
   addr=$(grep -o '"msg":"metrics listening","addr":"[^"]*"' "$work/serve-$1.log" | head -1 | sed 's/.*"addr":"//; s/"$//' || true)
   [ -n "$addr" ] || { echo "  (no metrics address in the log)"; return 0; }
   curl -s --max-time 10 "http://$addr/metrics" |
-    grep -E '^jetmail_(smtp_transactions_total|smtp_duplicates_suppressed_total|smtp_deadline_kills_total|delivery_attempts_total|delivery_destination_busy_total|delivery_deadline_kills_total|delivery_expired_total|delivery_notifications_total|queue_messages|nats_received_(bytes|messages)_total)' |
+    grep -E '^jetmail_(smtp_transactions_total|smtp_duplicates_suppressed_total|smtp_deadline_kills_total|delivery_attempts_total|delivery_destination_busy_total|delivery_deadline_kills_total|delivery_expired_total|delivery_notifications_total|delivery_waker_pass_seconds_(count|sum)|queue_messages|nats_received_(bytes|messages)_total)' |
     sed 's/^/  /' || true
 }
 # jm_log_report NAME: what the log says. The JSON logger is zap's production
