@@ -59,12 +59,13 @@ var e2eIPs = []string{e2eMX1, e2eMX2, e2eCapture}
 // e2eEnv is one test's world: NATS, spool, DNS, and a port free on every
 // address of e2eIPs.
 type e2eEnv struct {
-	t    *testing.T
-	url  string
-	sp   *spool.Spool
-	dns  *dnstest.Server
-	port uint16
-	src  *policy.Source
+	t        *testing.T
+	url      string
+	spoolCfg spool.Config
+	sp       *spool.Spool
+	dns      *dnstest.Server
+	port     uint16
+	src      *policy.Source
 
 	mu   sync.Mutex
 	held map[string]net.Listener // reserved, not serving yet
@@ -86,7 +87,14 @@ func newE2E(t *testing.T) *e2eEnv {
 		ns.Shutdown()
 		ns.WaitForShutdown()
 	})
-	e := &e2eEnv{t: t, url: ns.ClientURL(), dns: dnstest.Start(t), held: map[string]net.Listener{}}
+	return newE2EAt(t, ns.ClientURL(), spool.DefaultConfig())
+}
+
+// newE2EAt is newE2E on the NATS server or cluster at url, with the spool
+// set up as cfg says.
+func newE2EAt(t *testing.T, url string, cfg spool.Config) *e2eEnv {
+	t.Helper()
+	e := &e2eEnv{t: t, url: url, spoolCfg: cfg, dns: dnstest.Start(t), held: map[string]net.Listener{}}
 	e.sp = e.openSpool(e.connect())
 	e.reservePort()
 	e.dns.Add(t,
@@ -109,7 +117,7 @@ func (e *e2eEnv) connectTo(url string) *nats.Conn {
 }
 
 func (e *e2eEnv) openSpool(nc *nats.Conn) *spool.Spool {
-	cfg := spool.DefaultConfig()
+	cfg := e.spoolCfg
 	cfg.PublishTimeout = 3 * time.Second
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -101,6 +101,50 @@ func (l *Listener) Accept() (net.Conn, error) {
 	return &countedConn{Conn: c, cnt: l.Counter}, nil
 }
 
+// Throttled is a listener whose connections read at about a given rate:
+// a slow remote, which makes a client's transfer last long enough to be
+// broken in the middle. Its connections' receive buffers are small, so
+// the sender is held back as soon as the reader is.
+type Throttled struct {
+	net.Listener
+	rate int
+	// Read counts the bytes its connections have read.
+	Read atomic.Int64
+}
+
+// Throttle makes ln's connections read about rate bytes per second.
+func Throttle(ln net.Listener, rate int) *Throttled { return &Throttled{Listener: ln, rate: rate} }
+
+func (l *Throttled) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetReadBuffer(128 << 10)
+	}
+	return &slowConn{Conn: c, l: l, start: time.Now()}, nil
+}
+
+type slowConn struct {
+	net.Conn
+	l     *Throttled
+	start time.Time
+	read  int64
+}
+
+// Read waits, after each read, until the bytes read so far are due at the
+// rate: the pace holds whatever the reads' sizes.
+func (c *slowConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p[:min(len(p), 16<<10)])
+	if n > 0 {
+		c.l.Read.Add(int64(n))
+		c.read += int64(n)
+		time.Sleep(time.Until(c.start.Add(time.Duration(c.read) * time.Second / time.Duration(c.l.rate))))
+	}
+	return n, err
+}
+
 // Hop is the listener's address as a next hop named host.
 func (l *Listener) Hop(host string) resolve.Hop {
 	return resolve.Hop{Host: host, Addr: netip.MustParseAddrPort(l.Addr().String())}
