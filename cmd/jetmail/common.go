@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -179,7 +180,10 @@ func serveMetrics(ctx context.Context, addr string, reg *prometheus.Registry, re
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	if os.Getenv("JETMAIL_PPROF") != "" {
-		// Profiling on the metrics port, for diagnosis only.
+		// Profiling on the metrics port, for diagnosis only; with the
+		// block and mutex profiles (where goroutines wait), sampled.
+		runtime.SetBlockProfileRate(int(time.Millisecond))
+		runtime.SetMutexProfileFraction(100)
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	}
