@@ -2,6 +2,7 @@ package deliverer
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"strings"
 	"sync"
@@ -392,7 +393,7 @@ func TestStatesOfMailThatLeft(t *testing.T) {
 		}
 	})
 
-	t.Run("not parked: removed by the waker's sweep, while the state of mail still queued stays", func(t *testing.T) {
+	t.Run("not parked, and markers of mail no longer held: removed by the waker's sweep, while those of mail still queued or held stay", func(t *testing.T) {
 		t.Parallel()
 		e := newE2E(t)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -411,15 +412,44 @@ func TestStatesOfMailThatLeft(t *testing.T) {
 		}
 		complete(e, gone)
 		e.act("hold", (*spool.Spool).Hold, held)
+		// Two more held and then released, and removed: each with the
+		// marker a process killed between the two writes of the release
+		// (or the removal) leaves.
+		released, removed := e.enqueue(e2eSender, "dee@left.test"), e.enqueue(e2eSender, "eve@left.test")
+		subjects := map[string]string{released: e.find(released).Subject, removed: e.find(removed).Subject}
+		e.act("hold", (*spool.Spool).Hold, released)
+		e.act("hold", (*spool.Spool).Hold, removed)
+		e.act("release", (*spool.Spool).Release, released)
+		e.act("remove", (*spool.Spool).Remove, removed)
+		for qid, subject := range subjects {
+			b, _ := json.Marshal(spool.HeldMarker{QueueID: qid, Subject: subject, Since: time.Now()})
+			if _, err := e.sp.State().Put(ctx, "held."+qid, b); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if st, err := e.sp.Stats(ctx); err != nil || st.Held != 3 {
+			t.Fatalf("held markers before the sweep: %+v, %v", st, err)
+		}
 		time.Sleep(staleState + time.Second)
 		var logs *observer.ObservedLogs
 		e.startDeliverer(observed(&logs))
 		mxtest.Within(t, 10*time.Second, "the state of the message that left to be removed", noState(e, gone))
+		defer func() {
+			if t.Failed() {
+				for _, l := range logs.All() {
+					t.Logf("%s %v", l.Message, l.ContextMap())
+				}
+			}
+		}()
 		mxtest.Within(t, 5*time.Second, "the sweep to end", func() bool {
-			return logs.FilterMessage("swept the delivery states of mail not parked").FilterField(zap.Int64("looked_up", 2)).FilterField(zap.Int64("removed", 1)).Len() == 1
+			return logs.FilterMessage("swept the delivery states of mail not parked and the markers of held mail").
+				FilterField(zap.Int64("looked_up", 5)).FilterField(zap.Int64("removed", 1)).FilterField(zap.Int64("held_markers_removed", 2)).Len() == 1
 		})
 		if st, err := e.sp.LoadState(ctx, held); err != nil || st == nil || st.Attempts != 1 {
 			t.Fatalf("the state of the held message: %+v, %v", st, err)
+		}
+		if st, err := e.sp.Stats(ctx); err != nil || st.Held != 1 {
+			t.Fatalf("held markers after the sweep: %+v, %v; want the held message's only", st, err)
 		}
 	})
 }

@@ -139,3 +139,18 @@ func (d *Deliverer) clearIfLeft(ctx context.Context, qid, subject string) bool {
 	}
 	return left && err == nil
 }
+
+// clearHeldIfReleased removes the marker of held mail qid if the mail is
+// not held any more (spool.ClearHeldIfReleased).
+func (d *Deliverer) clearHeldIfReleased(ctx context.Context, qid string) bool {
+	cctx, cancel := context.WithTimeout(ctx, recordTry)
+	defer cancel()
+	cleared, err := d.cfg.Spool.ClearHeldIfReleased(cctx, qid)
+	switch {
+	case err != nil:
+		d.log.Warn("removing the marker of mail no longer held", zap.String("queue_id", qid), zap.Error(err))
+	case cleared:
+		d.log.Info("removed the marker of mail no longer held", zap.String("queue_id", qid))
+	}
+	return cleared && err == nil
+}

@@ -336,17 +336,19 @@ func (w *waker) tick(ctx context.Context, wg *sync.WaitGroup) {
 // looks at the states that are not parked and were last written more than
 // fullPassEvery ago (an attempt in progress writes its state more often):
 // the mail of each is looked up, and a state whose mail left the queue is
-// removed. Parked mail that left is found when it is woken.
+// removed. Parked mail that left is found when it is woken. The markers of
+// held mail as old are looked at too: one whose mail is not held any more
+// is removed.
 func (w *waker) pass(ctx context.Context, sweep bool) {
 	start := w.d.cfg.Now()
 	sem := make(chan struct{}, wakeWorkers)
 	var wg sync.WaitGroup
 	seen, woken := 0, 0
-	var looked, removed atomic.Int64
+	var looked, removed, heldRemoved atomic.Int64
 	err := w.d.cfg.Spool.StateHeads(ctx, func(h spool.StateHead) error {
 		p := h.Park
 		if p == nil {
-			if !sweep || h.Record == "" || start.Sub(h.Stored) < staleState {
+			if !sweep || (h.Record == "" && !h.Held) || start.Sub(h.Stored) < staleState {
 				return nil
 			}
 			select {
@@ -359,7 +361,12 @@ func (w *waker) pass(ctx context.Context, sweep bool) {
 			go func() {
 				defer wg.Done()
 				defer func() { <-sem }()
-				if w.d.clearIfLeft(ctx, h.QueueID, h.Record) {
+				switch {
+				case h.Held:
+					if w.d.clearHeldIfReleased(ctx, h.QueueID) {
+						heldRemoved.Add(1)
+					}
+				case w.d.clearIfLeft(ctx, h.QueueID, h.Record):
 					removed.Add(1)
 				}
 			}()
@@ -426,7 +433,8 @@ func (w *waker) pass(ctx context.Context, sweep bool) {
 		w.retryPass = earliest(w.retryPass, w.d.cfg.Now().Add(2*w.d.cfg.AckWait))
 	}
 	if sweep {
-		w.log.Info("swept the delivery states of mail not parked", zap.Int64("looked_up", looked.Load()), zap.Int64("removed", removed.Load()))
+		w.log.Info("swept the delivery states of mail not parked and the markers of held mail", zap.Int64("looked_up", looked.Load()),
+			zap.Int64("removed", removed.Load()), zap.Int64("held_markers_removed", heldRemoved.Load()))
 	}
 	w.log.Debug("pass over parked mail", zap.Int("parked", seen), zap.Int("woken", woken), zap.Duration("took", w.d.cfg.Now().Sub(start)))
 }

@@ -179,6 +179,8 @@ type StateHead struct {
 	// state does not say (see HeaderStateRecord).
 	Record string
 	Stored time.Time
+	// Held is set for the marker of held mail (Spool.Hold), not a state.
+	Held bool
 }
 
 // StateHeads calls fn for every message's delivery state, reading the
@@ -189,6 +191,9 @@ func (s *Spool) StateHeads(ctx context.Context, fn func(StateHead) error) error 
 		return fmt.Errorf("spool: bucket %s: %w", StateBucket, err)
 	}
 	err = s.walk(ctx, ks, walkFrom{headersOnly: true}, func(raw jetstream.Msg, md *jetstream.MsgMetadata) error {
+		if qid, ok := strings.CutPrefix(raw.Subject(), stateSubject(heldPrefix)); ok {
+			return fn(StateHead{QueueID: qid, Held: true, Stored: md.Timestamp})
+		}
 		ev, ok := parkEventOf(raw)
 		if !ok || ev.Gone {
 			return nil
@@ -254,6 +259,39 @@ func (s *Spool) ClearIfLeft(ctx context.Context, qid, subject string) (left bool
 		return false, err
 	}
 	return true, s.ClearState(ctx, qid)
+}
+
+// ClearHeldIfReleased removes the marker of held mail qid (see Hold) if
+// its mail is not held any more: its record was released, or it left the
+// queue. That mends what a process killed between Release's (or Remove's)
+// two writes left behind, which `queue stat` would count as held for ever.
+// Only the marker as read is removed: one written again meanwhile (held
+// again) stays.
+func (s *Spool) ClearHeldIfReleased(ctx context.Context, qid string) (cleared bool, err error) {
+	subject := stateSubject(heldPrefix + qid)
+	_, data, rev, err := s.leaderGet(ctx, stateStream, subject)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	var hm HeldMarker
+	if err := json.Unmarshal(data, &hm); err != nil || hm.Subject == "" {
+		return false, fmt.Errorf("spool: held marker of %s: %q does not name its record", qid, data)
+	}
+	hdr, _, _, err := s.leaderGet(ctx, QueueStream, hm.Subject)
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+	case err != nil:
+		return false, err
+	case hdr.Get(HeaderQueueID) == qid && hdr.Get(HeaderTombstone) == "" && hdr.Get(HeaderHeld) != "":
+		return false, nil // still held
+	}
+	if err := s.purgeSubjectBefore(ctx, stateStream, subject, rev+1); err != nil {
+		return false, fmt.Errorf("spool: held marker of %s: %w", qid, err)
+	}
+	return true, nil
 }
 
 // WakeSubject is where the waker hands parked mail to the deliverers (a

@@ -298,9 +298,16 @@ func (s *Spool) ClearState(ctx context.Context, qid string) error {
 
 // purgeSubject removes every record of subject from stream.
 func (s *Spool) purgeSubject(ctx context.Context, stream, subject string) error {
+	return s.purgeSubjectBefore(ctx, stream, subject, 0)
+}
+
+// purgeSubjectBefore removes the records of subject from stream whose
+// sequence is below before (0: all of them).
+func (s *Spool) purgeSubjectBefore(ctx context.Context, stream, subject string, before uint64) error {
 	req, err := json.Marshal(struct {
 		Filter string `json:"filter"`
-	}{subject})
+		Seq    uint64 `json:"seq,omitempty"`
+	}{subject, before})
 	if err != nil {
 		return err
 	}
