@@ -128,29 +128,31 @@ func (d *Deliverer) takeWoken(ctx, work context.Context, req *nats.Msg, slots ch
 // (spool.ClearIfLeft): the state of a message whose attempt was killed
 // between completing it and removing its state.
 func (d *Deliverer) clearIfLeft(ctx context.Context, qid, subject string) bool {
-	cctx, cancel := context.WithTimeout(ctx, recordTry)
-	defer cancel()
-	left, err := d.cfg.Spool.ClearIfLeft(cctx, qid, subject)
-	switch {
-	case err != nil:
-		d.log.Warn("removing the delivery state of mail that left the queue", zap.String("queue_id", qid), zap.Error(err))
-	case left:
-		d.log.Info("removed the delivery state of mail that had left the queue", zap.String("queue_id", qid))
-	}
-	return left && err == nil
+	return d.mend(ctx, qid, "the delivery state of mail that left the queue", func(c context.Context) (bool, error) {
+		return d.cfg.Spool.ClearIfLeft(c, qid, subject)
+	})
 }
 
 // clearHeldIfReleased removes the marker of held mail qid if the mail is
 // not held any more (spool.ClearHeldIfReleased).
 func (d *Deliverer) clearHeldIfReleased(ctx context.Context, qid string) bool {
+	return d.mend(ctx, qid, "the marker of mail no longer held", func(c context.Context) (bool, error) {
+		return d.cfg.Spool.ClearHeldIfReleased(c, qid)
+	})
+}
+
+// mend runs remove, which removes what about qid (a record a process
+// killed between two writes left behind) if it is stale, logs what it did,
+// and says whether it removed it.
+func (d *Deliverer) mend(ctx context.Context, qid, what string, remove func(context.Context) (bool, error)) bool {
 	cctx, cancel := context.WithTimeout(ctx, recordTry)
 	defer cancel()
-	cleared, err := d.cfg.Spool.ClearHeldIfReleased(cctx, qid)
+	removed, err := remove(cctx)
 	switch {
 	case err != nil:
-		d.log.Warn("removing the marker of mail no longer held", zap.String("queue_id", qid), zap.Error(err))
-	case cleared:
-		d.log.Info("removed the marker of mail no longer held", zap.String("queue_id", qid))
+		d.log.Warn("removing "+what, zap.String("queue_id", qid), zap.Error(err))
+	case removed:
+		d.log.Info("removed "+what, zap.String("queue_id", qid))
 	}
-	return cleared && err == nil
+	return removed && err == nil
 }
